@@ -1,0 +1,137 @@
+// Tensor operations. All take and return contiguous float32 tensors unless stated otherwise.
+//
+// Layouts: spatial feature maps inside the models are channels-last, [N, H, W, C] ("NHWC"): it is
+// the layout oneDNN's convolutions run fastest on without reorders, layer norm over channels reads
+// contiguous rows, and a 1x1 convolution is a plain matrix product. Models convert to the
+// reference's [N, C, H, W] only for the outputs they return (`nhwc_to_nchw`).
+//
+// Weighted layers (Conv2d, Linear) are objects built once at load: the weights are reordered into
+// the layout oneDNN prefers and primitives are cached per input shape, so forward() does no setup.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace vf {
+
+// ---- threads ------------------------------------------------------------------------------------
+void set_num_threads(int n);  // <= 0: all cores
+int num_threads();
+
+// ---- activations --------------------------------------------------------------------------------
+enum class Act { None, Relu, Gelu, GeluTanh, Silu, Selu, Sigmoid, Tanh, QuickGelu, Relu6, LeakyRelu };
+// transformers' ACT2FN names: "relu", "gelu", "gelu_new"/"gelu_pytorch_tanh", "silu"/"swish",
+// "selu", "sigmoid", "tanh", "quick_gelu", "relu6", "leaky_relu". Unknown names throw.
+Act act_from_name(const std::string& name);
+void act_inplace(Tensor& x, Act act);
+Tensor act(const Tensor& x, Act act);
+
+// ---- convolution and matrix products (oneDNN) --------------------------------------------------
+struct Conv2dOptions {
+  int stride_h = 1, stride_w = 1;
+  int pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
+  int dilation_h = 1, dilation_w = 1;
+  int groups = 1;
+  // TensorFlow 'SAME': padding computed from each input's size (what BiT's DynamicPad2d does).
+  bool dynamic_same = false;
+  Act act = Act::None;  // fused after the bias (and after the residual sum)
+};
+
+class Conv2d {
+ public:
+  Conv2d() = default;
+  // weight [out, in/groups, kh, kw] (PyTorch layout); bias [out] or undefined.
+  Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt);
+  // x: [N, H, W, in] -> [N, OH, OW, out]. `residual` (same shape as the output) is added before act.
+  Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
+  int64_t out_channels() const { return out_; }
+  int64_t in_channels() const { return in_; }
+  bool defined() const { return impl_ != nullptr; }
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+  int64_t out_ = 0, in_ = 0;
+};
+
+class Linear {
+ public:
+  Linear() = default;
+  // weight [out, in] (PyTorch layout); bias [out] or undefined.
+  Linear(const Tensor& weight, const Tensor& bias, Act act = Act::None);
+  // x: [..., in] -> [..., out]: y = act(x W^T + b) + residual (the order of a residual branch).
+  Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
+  int64_t out_features() const { return out_; }
+  int64_t in_features() const { return in_; }
+  bool defined() const { return impl_ != nullptr; }
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+  int64_t out_ = 0, in_ = 0;
+};
+
+// Batched matrix product: a [B..., M, K] x b [B..., K, N] -> [B..., M, N]; with trans_b, b is
+// [B..., N, K]. Batch dims must match exactly. `alpha` scales the product.
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b = false, float alpha = 1.0f);
+
+// ---- normalisation ----------------------------------------------------------------------------
+// Over the last dimension (nn.LayerNorm, and ConvNeXt's channels_last on NHWC).
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps);
+// GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation.
+Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
+                       Act act = Act::None);
+// y = x * scale[c] + shift[c] (a folded batch norm) over the last dim, optional activation.
+Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act act = Act::None);
+// ConvNeXt V2's global response norm on NHWC.
+Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-6f);
+// Softmax over the last dimension, in place.
+void softmax_lastdim_inplace(Tensor& x);
+
+// ---- pooling (NHWC) -----------------------------------------------------------------------------
+// Padding is symmetric; `pad_value` lets TF-SAME max pooling pad with -inf or 0 as the reference.
+Tensor max_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad_top, int pad_left, int pad_bottom,
+                       int pad_right, bool ceil_mode = false);
+Tensor avg_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad, bool count_include_pad = true);
+// Adaptive average to 1x1 -> [N, C].
+Tensor global_avg_pool_nhwc(const Tensor& x);
+
+// ---- layout and shape ---------------------------------------------------------------------------
+Tensor nchw_to_nhwc(const Tensor& x);
+Tensor nhwc_to_nchw(const Tensor& x);
+// General permutation (any rank, any dtype of size 1/2/4/8).
+Tensor permute(const Tensor& x, const std::vector<int>& perm);
+Tensor transpose_last2(const Tensor& x);
+// Concatenate along `dim` (all other dims equal, same dtype).
+Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
+// Sub-range along any dim: [begin, end).
+Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length);
+
+// ---- elementwise --------------------------------------------------------------------------------
+// Broadcasting binary ops (numpy rules). Any float32 shapes.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+void add_inplace(Tensor& a, const Tensor& b);  // same shape
+Tensor scale(const Tensor& x, float s);
+// y = x * gamma[c] over the last dim (layer scale), optionally + residual.
+Tensor mul_lastdim(const Tensor& x, const Tensor& gamma);
+
+// ---- resampling (NCHW, like torch.nn.functional.interpolate) -------------------------------------
+Tensor interpolate_bilinear(const Tensor& x, int64_t out_h, int64_t out_w, bool align_corners = false);
+Tensor interpolate_nearest(const Tensor& x, int64_t out_h, int64_t out_w);
+
+// ---- reductions ---------------------------------------------------------------------------------
+double max_abs(const Tensor& x);
+double max_abs_diff(const Tensor& a, const Tensor& b);
+
+}  // namespace vf

@@ -1,0 +1,113 @@
+// A small dense tensor: row-major, contiguous, reference-counted storage.
+//
+// Views share storage (reshape, a slice along the first dimension); every other op returns a new
+// tensor. Buffers come from a size-bucketed pool, so a forward pass that allocates the same shapes
+// again (the next layer, the next image) reuses memory instead of going back to the system.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace vf {
+
+enum class DType : uint8_t { F32, F64, F16, BF16, I64, I32, I16, I8, U8, Bool };
+
+size_t dtype_size(DType t);
+const char* dtype_name(DType t);
+
+using Shape = std::vector<int64_t>;
+
+std::string shape_str(const Shape& s);
+int64_t shape_numel(const Shape& s);  // throws on overflow or negative dims
+
+// Thrown for anything the caller handed us that is wrong (files, shapes, options).
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <class T> struct dtype_of;
+template <> struct dtype_of<float> { static constexpr DType value = DType::F32; };
+template <> struct dtype_of<double> { static constexpr DType value = DType::F64; };
+template <> struct dtype_of<int64_t> { static constexpr DType value = DType::I64; };
+template <> struct dtype_of<int32_t> { static constexpr DType value = DType::I32; };
+template <> struct dtype_of<uint8_t> { static constexpr DType value = DType::U8; };
+template <> struct dtype_of<bool> { static constexpr DType value = DType::Bool; };
+
+class Tensor {
+ public:
+  Tensor() = default;
+
+  static Tensor empty(Shape shape, DType dtype = DType::F32);
+  static Tensor zeros(Shape shape, DType dtype = DType::F32);
+  static Tensor full(Shape shape, float value);
+  // Wraps memory owned by `owner` (an mmap'd file, another tensor) without copying.
+  static Tensor wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner);
+  template <class T>
+  static Tensor from(Shape shape, std::initializer_list<T> values) {
+    return from_vector<T>(std::move(shape), std::vector<T>(values));
+  }
+  template <class T>
+  static Tensor from_vector(Shape shape, const std::vector<T>& values) {
+    Tensor t = empty(std::move(shape), dtype_of<T>::value);
+    if (static_cast<int64_t>(values.size()) != t.numel())
+      throw Error("Tensor::from_vector: " + std::to_string(values.size()) + " values for shape " +
+                  shape_str(t.shape()));
+    std::copy(values.begin(), values.end(), t.data<T>());
+    return t;
+  }
+
+  bool defined() const { return holder_ != nullptr; }
+  const Shape& shape() const { return shape_; }
+  int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
+  int64_t size(int64_t d) const;  // negative d counts from the end
+  int64_t numel() const { return shape_numel(shape_); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  DType dtype() const { return dtype_; }
+
+  void* raw() { return data_; }
+  const void* raw() const { return data_; }
+  template <class T> T* data() { check_dtype(dtype_of<T>::value); return static_cast<T*>(data_); }
+  template <class T> const T* data() const {
+    check_dtype(dtype_of<T>::value);
+    return static_cast<const T*>(data_);
+  }
+  float* f32() { return data<float>(); }
+  const float* f32() const { return data<float>(); }
+
+  // Views (no copy).
+  Tensor reshape(Shape shape) const;         // one dim may be -1
+  Tensor slice0(int64_t begin, int64_t end) const;  // rows [begin, end) of dim 0
+  Tensor operator[](int64_t i) const;       // row i of dim 0, dim 0 dropped
+
+  Tensor clone() const;
+  Tensor to(DType dtype) const;  // value conversion (float <-> integer types, f16/bf16 -> f32)
+  void copy_from(const Tensor& src);  // same numel and dtype
+  void fill(float value);
+
+  // Element access for small tensors and tests (slow: not for hot loops).
+  double item() const;
+  double at(int64_t flat_index) const;
+
+ private:
+  void check_dtype(DType want) const;
+  std::shared_ptr<void> holder_;
+  void* data_ = nullptr;
+  Shape shape_;
+  DType dtype_ = DType::F32;
+};
+
+// Bytes currently held by the buffer pool (free, ready for reuse) and in use.
+struct PoolStats {
+  size_t cached_bytes = 0;
+  size_t live_bytes = 0;
+  size_t peak_live_bytes = 0;
+};
+PoolStats pool_stats();
+void pool_release_cached();
+
+}  // namespace vf

@@ -1,0 +1,77 @@
+#include "core/weights.h"
+
+namespace vf {
+
+void WeightStore::add(const std::string& name, Tensor t) { tensors_[name] = std::move(t); }
+
+const Tensor* WeightStore::find(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+std::vector<std::string> WeightStore::names() const {
+  std::vector<std::string> r;
+  for (auto& [k, v] : tensors_) r.push_back(k);
+  return r;
+}
+
+void WeightStore::note_used(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  used_.insert(name);
+}
+
+void WeightStore::note_missing(const std::string& name, const Shape& shape) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  missing_.push_back(name + " " + shape_str(shape));
+}
+
+void WeightStore::check_complete() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (missing_.empty()) return;
+  std::string msg = std::to_string(missing_.size()) + " tensor(s) missing from the checkpoint:";
+  size_t shown = 0;
+  for (auto& m : missing_) {
+    if (++shown > 20) { msg += " ..."; break; }
+    msg += " " + m + (shown < missing_.size() ? "," : "");
+  }
+  throw Error(msg);
+}
+
+std::vector<std::string> WeightStore::unused() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::string> r;
+  for (auto& [k, v] : tensors_)
+    if (!used_.count(k)) r.push_back(k);
+  return r;
+}
+
+Weights Weights::pp(const std::string& name) const { return Weights(store_, path(name)); }
+
+bool Weights::has(const std::string& name) const { return store_ && store_->has(path(name)); }
+
+void Weights::ignore(const std::string& name) const {
+  if (has(name)) store_->note_used(path(name));
+}
+
+Tensor Weights::get_unchecked(const std::string& name) const {
+  std::string full = path(name);
+  const Tensor* t = store_ ? store_->find(full) : nullptr;
+  if (!t) throw Error("missing tensor " + full);
+  store_->note_used(full);
+  return t->dtype() == DType::F32 ? *t : t->to(DType::F32);
+}
+
+Tensor Weights::get(const std::string& name, const Shape& shape) const {
+  std::string full = path(name);
+  const Tensor* t = store_ ? store_->find(full) : nullptr;
+  if (!t) {
+    if (store_) store_->note_missing(full, shape);
+    return Tensor::zeros(shape);
+  }
+  store_->note_used(full);
+  if (t->shape() != shape)
+    throw Error("tensor " + full + " has shape " + shape_str(t->shape()) + ", the config implies " + shape_str(shape));
+  return t->dtype() == DType::F32 ? *t : t->to(DType::F32);
+}
+
+}  // namespace vf

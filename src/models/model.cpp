@@ -1,0 +1,116 @@
+#include "models/model.h"
+
+#include <map>
+#include <mutex>
+
+#include "models/registry.h"
+
+namespace vf {
+
+void ModelOutput::set(const std::string& name, Tensor t) {
+  for (auto& [k, v] : items_)
+    if (k == name) { v = std::move(t); return; }
+  items_.emplace_back(name, std::move(t));
+}
+
+bool ModelOutput::has(const std::string& name) const {
+  for (auto& [k, v] : items_)
+    if (k == name) return true;
+  return false;
+}
+
+const Tensor& ModelOutput::get(const std::string& name) const {
+  for (auto& [k, v] : items_)
+    if (k == name) return v;
+  throw Error("model output has no '" + name + "'");
+}
+
+void ModelOutput::set_list(const std::string& name, const std::vector<Tensor>& ts) {
+  for (size_t i = 0; i < ts.size(); ++i) set(name + "." + std::to_string(i), ts[i]);
+}
+
+namespace {
+std::vector<ModelRegistration>& registry() {
+  static std::vector<ModelRegistration> r;
+  return r;
+}
+void ensure_registered() {
+  static std::once_flag once;
+  std::call_once(once, [] { register_all_models(); });
+}
+// TF classes of the docs are the same models: "TFConvNextForImageClassification" -> PyTorch name.
+std::string strip_tf(const std::string& arch) {
+  return arch.rfind("TF", 0) == 0 ? arch.substr(2) : arch;
+}
+const ModelRegistration* find_reg(const std::string& model_type) {
+  ensure_registered();
+  for (auto& r : registry())
+    if (r.model_type == model_type) return &r;
+  return nullptr;
+}
+}  // namespace
+
+void register_model(ModelRegistration reg) { registry().push_back(std::move(reg)); }
+
+bool is_supported_model_type(const std::string& model_type) { return find_reg(model_type) != nullptr; }
+
+bool is_supported_architecture(const std::string& model_type, const std::string& architecture) {
+  auto* r = find_reg(model_type);
+  if (!r) return false;
+  for (auto& a : r->architectures)
+    if (a == strip_tf(architecture)) return true;
+  return false;
+}
+
+std::vector<std::string> supported_model_types() {
+  ensure_registered();
+  std::vector<std::string> r;
+  for (auto& reg : registry()) r.push_back(reg.model_type);
+  return r;
+}
+
+std::unique_ptr<Model> create_model(const json& config, const std::string& architecture, const Weights& w) {
+  std::string model_type = cfg_get<std::string>(config, "model_type", "");
+  if (model_type.empty()) throw Error("config.json has no model_type");
+  auto* r = find_reg(model_type);
+  if (!r) {
+    std::string known;
+    for (auto& t : supported_model_types()) known += (known.empty() ? "" : ", ") + t;
+    throw Error("unknown model_type '" + model_type + "' (supported: " + known + ")");
+  }
+  std::string arch = architecture;
+  if (arch.empty()) {
+    auto archs = cfg_get<std::vector<std::string>>(config, "architectures", {});
+    arch = archs.empty() ? r->architectures.front() : archs.front();
+  }
+  arch = strip_tf(arch);
+  if (!is_supported_architecture(model_type, arch))
+    throw Error("model_type '" + model_type + "' has no architecture '" + arch + "'");
+  auto model = r->build(config, arch, w);
+  model->model_type = model_type;
+  model->architecture = arch;
+  if (model->id2label.empty()) model->id2label = read_id2label(config);
+  return model;
+}
+
+std::vector<std::string> read_id2label(const json& config) {
+  std::vector<std::string> labels;
+  auto it = config.find("id2label");
+  if (it == config.end() || !it->is_object()) return labels;
+  std::map<int64_t, std::string> m;
+  for (auto& [k, v] : it->items()) {
+    try {
+      m[std::stoll(k)] = v.is_string() ? v.get<std::string>() : v.dump();
+    } catch (const std::exception&) {
+      throw Error("config id2label has a non-integer key '" + k + "'");
+    }
+  }
+  if (m.empty()) return labels;
+  if (m.begin()->first < 0 || m.rbegin()->first > 1000000) throw Error("config id2label has out-of-range ids");
+  labels.resize(m.rbegin()->first + 1);
+  for (size_t i = 0; i < labels.size(); ++i) labels[i] = "LABEL_" + std::to_string(i);
+  for (auto& [k, v] : m) labels[k] = v;
+  return labels;
+}
+
+}  // namespace vf

@@ -1,0 +1,78 @@
+// The model interface every family implements, and the auto-factory keyed by model_type.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/config.h"
+#include "core/tensor.h"
+#include "core/weights.h"
+
+namespace vf {
+
+// An ordered name -> tensor map, like transformers' ModelOutput. Nested outputs are flattened the
+// way the goldens name them: "hidden_states.0", "feature_maps.2", "loss_dict.loss_ce".
+class ModelOutput {
+ public:
+  void set(const std::string& name, Tensor t);
+  bool has(const std::string& name) const;
+  const Tensor& get(const std::string& name) const;  // throws if absent
+  const std::vector<std::pair<std::string, Tensor>>& items() const { return items_; }
+  // Appends name.0, name.1, ... for a tuple output.
+  void set_list(const std::string& name, const std::vector<Tensor>& ts);
+
+ private:
+  std::vector<std::pair<std::string, Tensor>> items_;
+};
+
+// One image's detection targets, as the DETR family's `labels` (boxes: normalised cx, cy, w, h).
+struct DetectionTarget {
+  Tensor class_labels;  // int64 [n]
+  Tensor boxes;         // float32 [n, 4]
+  Tensor masks;         // float32 [n, H, W] for segmentation losses (optional)
+};
+
+struct ModelInputs {
+  Tensor pixel_values;     // float32 [B, 3, H, W]
+  Tensor pixel_mask;       // int64 [B, H, W], 1 on real pixels (DETR family; all ones if absent)
+  Tensor bool_masked_pos;  // bool [B, num_patches] (masked image modeling)
+  Tensor head_mask;        // float32 [num_layers, num_heads] or [num_heads]
+  Tensor labels;           // int64 [B] class indices, or float32 for regression / multi-label
+  std::vector<DetectionTarget> targets;  // DETR family labels
+  bool output_hidden_states = false;
+  bool output_attentions = false;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual ModelOutput forward(const ModelInputs& inputs) const = 0;
+  // Label names of classification / detection heads (config id2label), empty if none.
+  std::vector<std::string> id2label;
+  std::string model_type;
+  std::string architecture;
+};
+
+using ModelBuilder =
+    std::function<std::unique_ptr<Model>(const json& config, const std::string& architecture, const Weights& w)>;
+
+struct ModelRegistration {
+  std::string model_type;
+  std::vector<std::string> architectures;  // class names; TF aliases ("TFConvNextModel") map to these
+  ModelBuilder build;
+};
+
+void register_model(ModelRegistration reg);
+// Builds `architecture` (or config.architectures[0] when empty) for config["model_type"].
+std::unique_ptr<Model> create_model(const json& config, const std::string& architecture, const Weights& w);
+bool is_supported_model_type(const std::string& model_type);
+bool is_supported_architecture(const std::string& model_type, const std::string& architecture);
+std::vector<std::string> supported_model_types();
+
+// Reads config["id2label"] into a dense vector (missing ids get "LABEL_i").
+std::vector<std::string> read_id2label(const json& config);
+
+}  // namespace vf

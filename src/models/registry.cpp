@@ -1,0 +1,17 @@
+#include "models/registry.h"
+
+namespace vf {
+
+// Each family file defines its registration function. Listed here (not via static initialisers)
+// so that linking the static library never silently drops a family.
+void register_bit_models();
+void register_convnext_models();
+void register_convnextv2_models();
+
+void register_all_models() {
+  register_bit_models();
+  register_convnext_models();
+  register_convnextv2_models();
+}
+
+}  // namespace vf

@@ -1,0 +1,2 @@
+#include <cstdio>
+int main() { std::puts("vf: work in progress"); return 0; }
