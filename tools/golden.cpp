@@ -1,0 +1,51 @@
+#include "golden.h"
+
+#include <cmath>
+#include <cstdio>
+
+#include "core/ops.h"
+
+namespace vf::check {
+
+void CheckReport::compare(const std::string& name, const Tensor& ours, const Tensor& ref, double abs_tol) {
+  ++checked_;
+  if (ours.shape() != ref.shape()) {
+    fail(name, "shape " + shape_str(ours.shape()) + ", expected " + shape_str(ref.shape()));
+    return;
+  }
+  Tensor a = ours.to(DType::F64), b = ref.to(DType::F64);
+  const double* pa = a.data<double>();
+  const double* pb = b.data<double>();
+  double err = 0;
+  bool nan = false;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    if (std::isnan(pa[i]) != std::isnan(pb[i])) nan = true;
+    if (!std::isnan(pa[i]) && !std::isnan(pb[i])) err = std::max(err, std::fabs(pa[i] - pb[i]));
+  }
+  bool good = !nan && err <= abs_tol;
+  std::printf("  %-40s max|err| = %.3g  (tol %.3g)  %s\n", name.c_str(), err, abs_tol,
+              good ? "ok" : (nan ? "FAIL (NaN mismatch)" : "FAIL"));
+  if (!good) ++failures_;
+}
+
+void CheckReport::compare_scaled(const std::string& name, const Tensor& ours, const Tensor& ref, double rel_tol) {
+  double scale = 1.0;
+  Tensor b = ref.to(DType::F64);
+  for (int64_t i = 0; i < b.numel(); ++i)
+    if (std::isfinite(b.data<double>()[i])) scale = std::max(scale, std::fabs(b.data<double>()[i]));
+  compare(name, ours, ref, rel_tol * scale);
+}
+
+void CheckReport::pass(const std::string& name, const std::string& detail) {
+  ++checked_;
+  std::printf("  %-40s %s  ok\n", name.c_str(), detail.c_str());
+}
+
+void CheckReport::fail(const std::string& name, const std::string& detail) {
+  ++failures_;
+  std::printf("  %-40s %s  FAIL\n", name.c_str(), detail.c_str());
+}
+
+bool Case::synthetic_full_size() const { return spec.value("weights", "") == "synthetic"; }
+
+}  // namespace vf::check
