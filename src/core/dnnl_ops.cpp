@@ -1,0 +1,314 @@
+// Conv2d, Linear and matmul on oneDNN.
+//
+// Each weighted layer keeps its weights in the layout the chosen primitive wants (reordered once,
+// the first time an input shape is seen) and caches its primitives per input shape: forward() only
+// executes. Bias, the residual sum and the activation run as post-ops of the same primitive.
+#include <omp.h>
+
+#include <dnnl.hpp>
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "core/ops.h"
+
+namespace vf {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+// oneDNN executes on the calling thread's OpenMP team; one stream serves every call.
+dnnl::stream& stream() {
+  static dnnl::stream s(engine());
+  return s;
+}
+
+bool append_act(dnnl::post_ops& po, Act act) {
+  switch (act) {
+    case Act::None: return true;
+    case Act::Relu: po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f); return true;
+    case Act::Gelu: po.append_eltwise(1.f, dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f); return true;
+    case Act::GeluTanh: po.append_eltwise(1.f, dnnl::algorithm::eltwise_gelu_tanh, 0.f, 0.f); return true;
+    case Act::Silu: po.append_eltwise(1.f, dnnl::algorithm::eltwise_swish, 1.f, 0.f); return true;
+    case Act::Sigmoid: po.append_eltwise(1.f, dnnl::algorithm::eltwise_logistic, 0.f, 0.f); return true;
+    case Act::Tanh: po.append_eltwise(1.f, dnnl::algorithm::eltwise_tanh, 0.f, 0.f); return true;
+    default: return false;  // applied by act_inplace afterwards
+  }
+}
+
+std::mutex& dnnl_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Weights reordered into a primitive's preferred layout; reused by every primitive that wants it.
+struct PreparedWeights {
+  std::vector<std::pair<memory::desc, memory>> by_desc;
+  memory get(const memory& plain, const memory::desc& want) {
+    for (auto& [d, m] : by_desc)
+      if (d == want) return m;
+    memory m = plain;
+    if (!(plain.get_desc() == want)) {
+      m = memory(want, engine());
+      memory src = plain;
+      dnnl::reorder(src, m).execute(stream(), src, m);
+      stream().wait();
+    }
+    by_desc.emplace_back(want, m);
+    return m;
+  }
+};
+
+}  // namespace
+
+// ---- Conv2d --------------------------------------------------------------------------------------
+
+struct Conv2d::Impl {
+  Tensor weight, bias;  // OIHW (grouped: GOIHW view) and [out]
+  Conv2dOptions opt;
+  int64_t out, in, kh, kw;
+  memory plain_weights;
+  PreparedWeights prepared;
+  struct Prim {
+    dnnl::convolution_forward prim;
+    memory weights;
+    int64_t oh, ow;
+  };
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Prim> cache;
+  std::mutex mu;
+
+  memory::dims weight_dims() const {
+    if (opt.groups == 1) return {out, in, kh, kw};
+    return {opt.groups, out / opt.groups, in / opt.groups, kh, kw};
+  }
+
+  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto key = std::make_tuple(n, h, w, residual);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+
+    int pt = opt.pad_top, pl = opt.pad_left, pb = opt.pad_bottom, pr = opt.pad_right;
+    if (opt.dynamic_same) {
+      auto same = [](int64_t size, int64_t k, int s, int d, int& lo, int& hi) {
+        int64_t outn = (size + s - 1) / s;
+        int64_t pad = std::max<int64_t>((outn - 1) * s + (k - 1) * d + 1 - size, 0);
+        lo = static_cast<int>(pad / 2);
+        hi = static_cast<int>(pad - pad / 2);
+      };
+      same(h, kh, opt.stride_h, opt.dilation_h, pt, pb);
+      same(w, kw, opt.stride_w, opt.dilation_w, pl, pr);
+    }
+    int64_t ekh = (kh - 1) * opt.dilation_h + 1, ekw = (kw - 1) * opt.dilation_w + 1;
+    int64_t oh = (h + pt + pb - ekh) / opt.stride_h + 1;
+    int64_t ow = (w + pl + pr - ekw) / opt.stride_w + 1;
+    if (oh <= 0 || ow <= 0)
+      throw Error("conv2d: input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the kernel");
+
+    memory::desc src_md({n, in, h, w}, dt::f32, tag::nhwc);
+    memory::desc dst_md({n, out, oh, ow}, dt::f32, tag::nhwc);
+    memory::desc w_md(weight_dims(), dt::f32, tag::any);
+    memory::desc b_md({out}, dt::f32, tag::x);
+    dnnl::post_ops po;
+    if (residual) po.append_sum(1.f);
+    append_act(po, opt.act);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+                                      src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
+                                      {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
+    dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
+    Prim p{dnnl::convolution_forward(pd), prepared.get(plain_weights, pd.weights_desc()), oh, ow};
+    return cache.emplace(key, std::move(p)).first->second;
+  }
+};
+
+Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt) {
+  if (weight.dim() != 4) throw Error("conv2d weight must be 4-D, got " + shape_str(weight.shape()));
+  auto impl = std::make_shared<Impl>();
+  impl->weight = weight.clone();
+  impl->opt = opt;
+  impl->out = weight.size(0);
+  impl->in = weight.size(1) * opt.groups;
+  impl->kh = weight.size(2);
+  impl->kw = weight.size(3);
+  if (impl->out % opt.groups) throw Error("conv2d: out channels not divisible by groups");
+  impl->bias = bias.defined() ? bias.clone() : Tensor::zeros({impl->out});
+  if (impl->bias.numel() != impl->out) throw Error("conv2d: bias of " + shape_str(bias.shape()));
+  auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
+  impl->plain_weights = memory(memory::desc(impl->weight_dims(), dt::f32, plain_tag), engine(), impl->weight.raw());
+  out_ = impl->out;
+  in_ = impl->in;
+  impl_ = std::move(impl);
+}
+
+Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
+  if (x.dim() != 4 || x.size(3) != in_)
+    throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  int64_t n = x.size(0), h = x.size(1), w = x.size(2);
+  auto& p = impl_->prim_for(n, h, w, residual != nullptr);
+  Tensor y;
+  if (residual) {
+    if (residual->shape() != Shape{n, p.oh, p.ow, out_})
+      throw Error("conv2d residual has shape " + shape_str(residual->shape()));
+    y = residual->clone();
+  } else {
+    y = Tensor::empty({n, p.oh, p.ow, out_});
+  }
+  memory src(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+  memory dst(memory::desc({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc), engine(), y.raw());
+  memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
+  p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
+                            {DNNL_ARG_DST, dst}});
+  stream().wait();
+  Act a = impl_->opt.act;
+  dnnl::post_ops probe;
+  if (!append_act(probe, a)) act_inplace(y, a);
+  return y;
+}
+
+// ---- Linear --------------------------------------------------------------------------------------
+
+struct Linear::Impl {
+  Tensor weight, bias;  // [out, in], [out]
+  Act act;
+  memory plain_weights;  // viewed as [in, out] (tag ba)
+  PreparedWeights prepared;
+  struct Prim {
+    dnnl::matmul prim;
+    memory weights;
+  };
+  std::map<std::pair<int64_t, bool>, Prim> cache;
+  std::mutex mu;
+
+  Prim& prim_for(int64_t m, bool residual) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto key = std::make_pair(m, residual);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    int64_t out = weight.size(0), in = weight.size(1);
+    memory::desc src_md({m, in}, dt::f32, tag::ab);
+    memory::desc w_md({in, out}, dt::f32, tag::any);
+    memory::desc b_md({1, out}, dt::f32, tag::ab);
+    memory::desc dst_md({m, out}, dt::f32, tag::ab);
+    dnnl::post_ops po;
+    append_act(po, act);
+    if (residual) po.append_sum(1.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
+    dnnl::matmul::primitive_desc pd(d, attr, engine());
+    Prim p{dnnl::matmul(pd), prepared.get(plain_weights, pd.weights_desc())};
+    return cache.emplace(key, std::move(p)).first->second;
+  }
+};
+
+Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
+  if (weight.dim() != 2) throw Error("linear weight must be 2-D, got " + shape_str(weight.shape()));
+  auto impl = std::make_shared<Impl>();
+  impl->weight = weight.clone();
+  impl->act = act;
+  out_ = weight.size(0);
+  in_ = weight.size(1);
+  impl->bias = bias.defined() ? bias.clone() : Tensor::zeros({out_});
+  if (impl->bias.numel() != out_) throw Error("linear: bias of " + shape_str(bias.shape()));
+  impl->plain_weights = memory(memory::desc({in_, out_}, dt::f32, tag::ba), engine(), impl->weight.raw());
+  dnnl::post_ops probe;
+  if (!append_act(probe, act))
+    throw Error("linear: activation cannot be fused; apply it separately");
+  impl_ = std::move(impl);
+}
+
+Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
+  if (x.dim() < 1 || x.size(-1) != in_)
+    throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  int64_t m = x.numel() / in_;
+  Shape out_shape = x.shape();
+  out_shape.back() = out_;
+  Tensor y;
+  if (residual) {
+    if (residual->numel() != m * out_) throw Error("linear residual has shape " + shape_str(residual->shape()));
+    y = residual->clone().reshape(out_shape);
+  } else {
+    y = Tensor::empty(out_shape);
+  }
+  if (m == 0) return y;
+  auto& p = impl_->prim_for(m, residual != nullptr);
+  memory src(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
+  memory dst(memory::desc({m, out_}, dt::f32, tag::ab), engine(), y.raw());
+  memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
+  p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
+                            {DNNL_ARG_DST, dst}});
+  stream().wait();
+  return y;
+}
+
+// ---- batched matmul ------------------------------------------------------------------------------
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
+  if (a.dim() < 2 || a.dim() != b.dim())
+    throw Error("matmul: shapes " + shape_str(a.shape()) + " and " + shape_str(b.shape()));
+  int64_t M = a.size(-2), K = a.size(-1);
+  int64_t N = trans_b ? b.size(-2) : b.size(-1);
+  int64_t Kb = trans_b ? b.size(-1) : b.size(-2);
+  if (K != Kb) throw Error("matmul: inner dims differ: " + shape_str(a.shape()) + " x " + shape_str(b.shape()));
+  int64_t batch = 1;
+  Shape out_shape;
+  for (int64_t i = 0; i + 2 < a.dim(); ++i) {
+    if (a.size(i) != b.size(i)) throw Error("matmul: batch dims differ");
+    batch *= a.size(i);
+    out_shape.push_back(a.size(i));
+  }
+  out_shape.push_back(M);
+  out_shape.push_back(N);
+  Tensor y = Tensor::empty(out_shape);
+  if (y.numel() == 0) return y;
+  if (K == 0) { y.fill(0); return y; }
+
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, float>, dnnl::matmul> cache;
+  dnnl::matmul prim;
+  {
+    std::lock_guard<std::mutex> lock(dnnl_mutex());
+    auto key = std::make_tuple(batch, M, K, N, trans_b, alpha);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      memory::desc a_md({batch, M, K}, dt::f32, tag::abc);
+      memory::desc b_md({batch, K, N}, dt::f32, trans_b ? tag::acb : tag::abc);
+      memory::desc c_md({batch, M, N}, dt::f32, tag::abc);
+      dnnl::primitive_attr attr;
+      if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+      dnnl::matmul::desc d(a_md, b_md, c_md);
+      dnnl::matmul::primitive_desc pd(d, attr, engine());
+      if (cache.size() > 512) cache.clear();
+      it = cache.emplace(key, dnnl::matmul(pd)).first;
+    }
+    prim = it->second;
+  }
+  memory am(memory::desc({batch, M, K}, dt::f32, tag::abc), engine(), const_cast<void*>(a.raw()));
+  memory bm(memory::desc({batch, K, N}, dt::f32, trans_b ? tag::acb : tag::abc), engine(), const_cast<void*>(b.raw()));
+  memory cm(memory::desc({batch, M, N}, dt::f32, tag::abc), engine(), y.raw());
+  prim.execute(stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream().wait();
+  return y;
+}
+
+// ---- threads -------------------------------------------------------------------------------------
+
+void set_num_threads(int n) {
+  if (n <= 0) n = omp_get_num_procs();
+  omp_set_num_threads(n);
+}
+
+int num_threads() { return omp_get_max_threads(); }
+
+}  // namespace vf

@@ -1,0 +1,553 @@
+// The non-oneDNN ops: activations, normalisation, pooling, layout, elementwise, resampling.
+// Loops are parallelised over the outermost independent dimension with OpenMP.
+#include "core/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace vf {
+
+namespace {
+void require_f32(const Tensor& x, const char* op) {
+  if (!x.defined()) throw Error(std::string(op) + ": undefined tensor");
+  if (x.dtype() != DType::F32) throw Error(std::string(op) + ": expected float32, got " + dtype_name(x.dtype()));
+}
+
+inline float gelu_erf(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+inline float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+}  // namespace
+
+// ---- activations ---------------------------------------------------------------------------------
+
+Act act_from_name(const std::string& name) {
+  if (name == "relu") return Act::Relu;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return Act::GeluTanh;
+  if (name == "silu" || name == "swish") return Act::Silu;
+  if (name == "selu") return Act::Selu;
+  if (name == "sigmoid") return Act::Sigmoid;
+  if (name == "tanh") return Act::Tanh;
+  if (name == "quick_gelu") return Act::QuickGelu;
+  if (name == "relu6") return Act::Relu6;
+  if (name == "leaky_relu") return Act::LeakyRelu;
+  if (name == "linear" || name == "identity") return Act::None;
+  throw Error("unknown activation function '" + name + "'");
+}
+
+void act_inplace(Tensor& x, Act a) {
+  if (a == Act::None) return;
+  require_f32(x, "act");
+  float* p = x.f32();
+  int64_t n = x.numel();
+  switch (a) {
+    case Act::None: break;
+#define VF_ACT_LOOP(expr) \
+  _Pragma("omp parallel for simd") for (int64_t i = 0; i < n; ++i) { float v = p[i]; p[i] = (expr); }
+    case Act::Relu: VF_ACT_LOOP(v > 0.f ? v : 0.f) break;
+    case Act::Gelu: VF_ACT_LOOP(gelu_erf(v)) break;
+    case Act::GeluTanh: VF_ACT_LOOP(gelu_tanh(v)) break;
+    case Act::Silu: VF_ACT_LOOP(v * sigmoid(v)) break;
+    case Act::Selu: VF_ACT_LOOP(1.0507009873554804934193349852946f *
+                                (v > 0.f ? v : 1.6732632423543772848170429916717f * (std::exp(v) - 1.f))) break;
+    case Act::Sigmoid: VF_ACT_LOOP(sigmoid(v)) break;
+    case Act::Tanh: VF_ACT_LOOP(std::tanh(v)) break;
+    case Act::QuickGelu: VF_ACT_LOOP(v * sigmoid(1.702f * v)) break;
+    case Act::Relu6: VF_ACT_LOOP(std::min(std::max(v, 0.f), 6.f)) break;
+    case Act::LeakyRelu: VF_ACT_LOOP(v > 0.f ? v : 0.01f * v) break;
+#undef VF_ACT_LOOP
+  }
+}
+
+Tensor act(const Tensor& x, Act a) {
+  Tensor y = x.clone();
+  act_inplace(y, a);
+  return y;
+}
+
+// ---- normalisation -------------------------------------------------------------------------------
+
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps) {
+  require_f32(x, "layer_norm");
+  int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
+  if (weight.numel() != c || bias.numel() != c) throw Error("layer_norm: weight/bias do not match " + shape_str(x.shape()));
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  const float* w = weight.f32();
+  const float* b = bias.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = px + r * c;
+    float* out = py + r * c;
+    float mean = 0.f;
+    for (int64_t i = 0; i < c; ++i) mean += in[i];
+    mean /= c;
+    float var = 0.f;
+    for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
+    var /= c;
+    float inv = 1.0f / std::sqrt(var + eps);
+    for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
+  }
+  return y;
+}
+
+Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a) {
+  require_f32(x, "group_norm");
+  if (x.dim() != 4) throw Error("group_norm expects NHWC, got " + shape_str(x.shape()));
+  int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
+  if (groups <= 0 || c % groups) throw Error("group_norm: " + std::to_string(c) + " channels in " + std::to_string(groups) + " groups");
+  int64_t cg = c / groups;
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  float* py = y.f32();
+  const float* w = weight.f32();
+  const float* b = bias.f32();
+  std::vector<float> scale(n * c), shift(n * c);
+#pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      double sum = 0, sq = 0;
+      for (int64_t p = 0; p < hw; ++p) {
+        const float* row = px + (i * hw + p) * c + g * cg;
+        for (int64_t k = 0; k < cg; ++k) { sum += row[k]; sq += double(row[k]) * row[k]; }
+      }
+      double cnt = double(hw * cg);
+      double mean = sum / cnt;
+      double var = std::max(sq / cnt - mean * mean, 0.0);
+      float inv = float(1.0 / std::sqrt(var + eps));
+      for (int64_t k = 0; k < cg; ++k) {
+        int64_t ch = g * cg + k;
+        scale[i * c + ch] = inv * w[ch];
+        shift[i * c + ch] = b[ch] - float(mean) * inv * w[ch];
+      }
+    }
+#pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t p = 0; p < hw; ++p) {
+      const float* in = px + (i * hw + p) * c;
+      float* out = py + (i * hw + p) * c;
+      const float* s = scale.data() + i * c;
+      const float* t = shift.data() + i * c;
+      for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+    }
+  act_inplace(y, a);
+  return y;
+}
+
+Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act a) {
+  require_f32(x, "channel_affine");
+  int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  const float* s = scale.f32();
+  const float* t = shift.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < c; ++k) py[r * c + k] = px[r * c + k] * s[k] + t[k];
+  act_inplace(y, a);
+  return y;
+}
+
+Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) {
+  // ConvNeXt V2: Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_c Gx + eps);
+  // y = gamma * (x * Nx) + beta + x.
+  require_f32(x, "grn");
+  int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  float* py = y.f32();
+  const float* g = gamma.f32();
+  const float* b = beta.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> sq(c, 0.0);
+    const float* xi = px + i * hw * c;
+    for (int64_t p = 0; p < hw; ++p)
+      for (int64_t k = 0; k < c; ++k) sq[k] += double(xi[p * c + k]) * xi[p * c + k];
+    std::vector<float> gx(c), nx(c);
+    double mean = 0;
+    for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
+    mean /= c;
+    for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
+    float* yi = py + i * hw * c;
+#pragma omp parallel for
+    for (int64_t p = 0; p < hw; ++p)
+      for (int64_t k = 0; k < c; ++k) {
+        float v = xi[p * c + k];
+        yi[p * c + k] = g[k] * (v * nx[k]) + b[k] + v;
+      }
+  }
+  return y;
+}
+
+void softmax_lastdim_inplace(Tensor& x) {
+  require_f32(x, "softmax");
+  int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
+  float* p = x.f32();
+#pragma omp parallel for
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = p + r * c;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < c; ++i) m = std::max(m, row[i]);
+    float s = 0.f;
+    for (int64_t i = 0; i < c; ++i) { row[i] = std::exp(row[i] - m); s += row[i]; }
+    float inv = 1.0f / s;
+    for (int64_t i = 0; i < c; ++i) row[i] *= inv;
+  }
+}
+
+// ---- pooling -------------------------------------------------------------------------------------
+
+Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, int pr, bool ceil_mode) {
+  require_f32(x, "max_pool2d");
+  int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  auto out_size = [&](int64_t size, int lo, int hi) {
+    int64_t num = size + lo + hi - k;
+    int64_t o = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
+    if (ceil_mode && (o - 1) * s >= size + lo) --o;  // last window must start inside the input
+    return o;
+  };
+  int64_t oh = out_size(h, pt, pb), ow = out_size(w, pl, pr);
+  if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input too small");
+  Tensor y = Tensor::empty({n, oh, ow, c});
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t oy = 0; oy < oh; ++oy)
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        float* out = py + ((i * oh + oy) * ow + ox) * c;
+        std::fill_n(out, c, -std::numeric_limits<float>::infinity());
+        for (int64_t ky = 0; ky < k; ++ky) {
+          int64_t iy = oy * s - pt + ky;
+          if (iy < 0 || iy >= h) continue;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            int64_t ix = ox * s - pl + kx;
+            if (ix < 0 || ix >= w) continue;
+            const float* in = px + ((i * h + iy) * w + ix) * c;
+            for (int64_t ch = 0; ch < c; ++ch) out[ch] = std::max(out[ch], in[ch]);
+          }
+        }
+      }
+  return y;
+}
+
+Tensor avg_pool2d_nhwc(const Tensor& x, int k, int s, int pad, bool count_include_pad) {
+  require_f32(x, "avg_pool2d");
+  int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  int64_t oh = (h + 2 * pad - k) / s + 1, ow = (w + 2 * pad - k) / s + 1;
+  if (oh <= 0 || ow <= 0) throw Error("avg_pool2d: input too small");
+  Tensor y = Tensor::empty({n, oh, ow, c});
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t oy = 0; oy < oh; ++oy)
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        float* out = py + ((i * oh + oy) * ow + ox) * c;
+        std::fill_n(out, c, 0.f);
+        int64_t cnt = 0;
+        for (int64_t ky = 0; ky < k; ++ky) {
+          int64_t iy = oy * s - pad + ky;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            int64_t ix = ox * s - pad + kx;
+            bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+            if (inside) {
+              const float* in = px + ((i * h + iy) * w + ix) * c;
+              for (int64_t ch = 0; ch < c; ++ch) out[ch] += in[ch];
+            }
+            if (inside || count_include_pad) ++cnt;
+          }
+        }
+        float inv = 1.0f / float(std::max<int64_t>(cnt, 1));
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] *= inv;
+      }
+  return y;
+}
+
+Tensor global_avg_pool_nhwc(const Tensor& x) {
+  require_f32(x, "global_avg_pool");
+  int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
+  Tensor y = Tensor::zeros({n, c});
+  const float* px = x.f32();
+  float* py = y.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> acc(c, 0.0);
+    for (int64_t p = 0; p < hw; ++p)
+      for (int64_t k = 0; k < c; ++k) acc[k] += px[(i * hw + p) * c + k];
+    for (int64_t k = 0; k < c; ++k) py[i * c + k] = float(acc[k] / double(hw));
+  }
+  return y;
+}
+
+// ---- layout --------------------------------------------------------------------------------------
+
+Tensor permute(const Tensor& x, const std::vector<int>& perm) {
+  int64_t d = x.dim();
+  if (static_cast<int64_t>(perm.size()) != d) throw Error("permute: wrong number of dims");
+  Shape out_shape(d);
+  std::vector<int64_t> in_strides(d, 1), src_stride(d);
+  for (int64_t i = d - 2; i >= 0; --i) in_strides[i] = in_strides[i + 1] * x.size(i + 1);
+  for (int64_t i = 0; i < d; ++i) {
+    out_shape[i] = x.size(perm[i]);
+    src_stride[i] = in_strides[perm[i]];
+  }
+  Tensor y = Tensor::empty(out_shape, x.dtype());
+  size_t es = dtype_size(x.dtype());
+  int64_t total = y.numel();
+  if (total == 0) return y;
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(y.raw());
+  int64_t inner = out_shape[d - 1], inner_stride = src_stride[d - 1];
+  int64_t outer = total / inner;
+#pragma omp parallel for
+  for (int64_t o = 0; o < outer; ++o) {
+    int64_t rem = o, off = 0;
+    for (int64_t i = d - 2; i >= 0; --i) {
+      off += (rem % out_shape[i]) * src_stride[i];
+      rem /= out_shape[i];
+    }
+    char* out = dst + o * inner * es;
+    if (es == 4) {
+      const float* s = reinterpret_cast<const float*>(src) + off;
+      float* t = reinterpret_cast<float*>(out);
+      for (int64_t j = 0; j < inner; ++j) t[j] = s[j * inner_stride];
+    } else {
+      for (int64_t j = 0; j < inner; ++j) std::memcpy(out + j * es, src + (off + j * inner_stride) * es, es);
+    }
+  }
+  return y;
+}
+
+Tensor nchw_to_nhwc(const Tensor& x) { return permute(x, {0, 2, 3, 1}); }
+Tensor nhwc_to_nchw(const Tensor& x) { return permute(x, {0, 3, 1, 2}); }
+
+Tensor transpose_last2(const Tensor& x) {
+  std::vector<int> perm(x.dim());
+  for (int i = 0; i < x.dim(); ++i) perm[i] = i;
+  std::swap(perm[x.dim() - 1], perm[x.dim() - 2]);
+  return permute(x, perm);
+}
+
+Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
+  if (xs.empty()) throw Error("cat of nothing");
+  int64_t d = xs[0].dim();
+  if (dim < 0) dim += d;
+  Shape out_shape = xs[0].shape();
+  out_shape[dim] = 0;
+  for (auto& t : xs) {
+    if (t.dim() != d || t.dtype() != xs[0].dtype()) throw Error("cat: mismatched tensors");
+    for (int64_t i = 0; i < d; ++i)
+      if (i != dim && t.size(i) != xs[0].size(i)) throw Error("cat: shapes " + shape_str(t.shape()) + " and " + shape_str(xs[0].shape()));
+    out_shape[dim] += t.size(dim);
+  }
+  Tensor y = Tensor::empty(out_shape, xs[0].dtype());
+  size_t es = dtype_size(y.dtype());
+  int64_t outer = 1, inner = 1;
+  for (int64_t i = 0; i < dim; ++i) outer *= out_shape[i];
+  for (int64_t i = dim + 1; i < d; ++i) inner *= out_shape[i];
+  char* dst = static_cast<char*>(y.raw());
+  int64_t row = out_shape[dim] * inner * es;
+  int64_t offset = 0;
+  for (auto& t : xs) {
+    int64_t chunk = t.size(dim) * inner * es;
+    const char* src = static_cast<const char*>(t.raw());
+    for (int64_t o = 0; o < outer; ++o) std::memcpy(dst + o * row + offset, src + o * chunk, chunk);
+    offset += chunk;
+  }
+  return y;
+}
+
+Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
+  int64_t d = x.dim();
+  if (dim < 0) dim += d;
+  if (begin < 0 || length < 0 || begin + length > x.size(dim)) throw Error("narrow: out of range");
+  Shape out_shape = x.shape();
+  out_shape[dim] = length;
+  Tensor y = Tensor::empty(out_shape, x.dtype());
+  size_t es = dtype_size(x.dtype());
+  int64_t outer = 1, inner = 1;
+  for (int64_t i = 0; i < dim; ++i) outer *= x.size(i);
+  for (int64_t i = dim + 1; i < d; ++i) inner *= x.size(i);
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(y.raw());
+  for (int64_t o = 0; o < outer; ++o)
+    std::memcpy(dst + o * length * inner * es, src + (o * x.size(dim) + begin) * inner * es, length * inner * es);
+  return y;
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------
+
+namespace {
+template <class F>
+Tensor broadcast_binary(const Tensor& a, const Tensor& b, F f, const char* name) {
+  require_f32(a, name);
+  require_f32(b, name);
+  if (a.shape() == b.shape()) {
+    Tensor y = Tensor::empty(a.shape());
+    const float* pa = a.f32();
+    const float* pb = b.f32();
+    float* py = y.f32();
+    int64_t n = a.numel();
+#pragma omp parallel for simd
+    for (int64_t i = 0; i < n; ++i) py[i] = f(pa[i], pb[i]);
+    return y;
+  }
+  int64_t d = std::max(a.dim(), b.dim());
+  Shape out(d), sa(d, 0), sb(d, 0);
+  int64_t stra = 1, strb = 1;
+  for (int64_t i = d - 1; i >= 0; --i) {
+    int64_t ia = i - (d - a.dim()), ib = i - (d - b.dim());
+    int64_t da = ia >= 0 ? a.size(ia) : 1, db = ib >= 0 ? b.size(ib) : 1;
+    if (da != db && da != 1 && db != 1)
+      throw Error(std::string(name) + ": cannot broadcast " + shape_str(a.shape()) + " with " + shape_str(b.shape()));
+    out[i] = std::max(da, db);
+    sa[i] = da == 1 ? 0 : stra;
+    sb[i] = db == 1 ? 0 : strb;
+    stra *= da;
+    strb *= db;
+  }
+  Tensor y = Tensor::empty(out);
+  const float* pa = a.f32();
+  const float* pb = b.f32();
+  float* py = y.f32();
+  int64_t n = y.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rem = i, oa = 0, ob = 0;
+    for (int64_t k = d - 1; k >= 0; --k) {
+      int64_t idx = rem % out[k];
+      rem /= out[k];
+      oa += idx * sa[k];
+      ob += idx * sb[k];
+    }
+    py[i] = f(pa[oa], pb[ob]);
+  }
+  return y;
+}
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x + y; }, "add"); }
+Tensor sub(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x - y; }, "sub"); }
+Tensor mul(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x * y; }, "mul"); }
+Tensor div(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x / y; }, "div"); }
+
+void add_inplace(Tensor& a, const Tensor& b) {
+  require_f32(a, "add_inplace");
+  require_f32(b, "add_inplace");
+  if (a.numel() != b.numel()) throw Error("add_inplace: " + shape_str(a.shape()) + " += " + shape_str(b.shape()));
+  float* pa = a.f32();
+  const float* pb = b.f32();
+  int64_t n = a.numel();
+#pragma omp parallel for simd
+  for (int64_t i = 0; i < n; ++i) pa[i] += pb[i];
+}
+
+Tensor scale(const Tensor& x, float s) {
+  require_f32(x, "scale");
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  float* py = y.f32();
+  int64_t n = x.numel();
+#pragma omp parallel for simd
+  for (int64_t i = 0; i < n; ++i) py[i] = px[i] * s;
+  return y;
+}
+
+Tensor mul_lastdim(const Tensor& x, const Tensor& gamma) {
+  require_f32(x, "mul_lastdim");
+  int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
+  if (gamma.numel() != c) throw Error("mul_lastdim: " + shape_str(gamma.shape()) + " for " + shape_str(x.shape()));
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  const float* g = gamma.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < c; ++k) py[r * c + k] = px[r * c + k] * g[k];
+  return y;
+}
+
+// ---- resampling ----------------------------------------------------------------------------------
+
+Tensor interpolate_bilinear(const Tensor& x, int64_t oh, int64_t ow, bool align_corners) {
+  // torch's upsample_bilinear2d: source index = (dst + 0.5) * scale - 0.5 clamped at 0
+  // (align_corners=False), or dst * (in-1)/(out-1) (align_corners=True).
+  require_f32(x, "interpolate_bilinear");
+  if (x.dim() != 4) throw Error("interpolate_bilinear expects NCHW");
+  int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  Tensor y = Tensor::empty({n, c, oh, ow});
+  struct Tap { int64_t i0, i1; float l0, l1; };
+  auto taps = [&](int64_t in, int64_t out) {
+    std::vector<Tap> t(out);
+    float sc = align_corners ? (out > 1 ? float(in - 1) / float(out - 1) : 0.f) : float(in) / float(out);
+    for (int64_t o = 0; o < out; ++o) {
+      float src = align_corners ? o * sc : std::max((o + 0.5f) * sc - 0.5f, 0.f);
+      int64_t i0 = std::min<int64_t>(static_cast<int64_t>(src), in - 1);
+      int64_t i1 = i0 + (i0 < in - 1 ? 1 : 0);
+      float l1 = src - i0;
+      t[o] = {i0, i1, 1.f - l1, l1};
+    }
+    return t;
+  };
+  auto ty = taps(h, oh), tx = taps(w, ow);
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t p = 0; p < n * c; ++p) {
+    const float* in = px + p * h * w;
+    float* out = py + p * oh * ow;
+    for (int64_t oy = 0; oy < oh; ++oy) {
+      const Tap& a = ty[oy];
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const Tap& b = tx[ox];
+        out[oy * ow + ox] = a.l0 * (b.l0 * in[a.i0 * w + b.i0] + b.l1 * in[a.i0 * w + b.i1]) +
+                            a.l1 * (b.l0 * in[a.i1 * w + b.i0] + b.l1 * in[a.i1 * w + b.i1]);
+      }
+    }
+  }
+  return y;
+}
+
+Tensor interpolate_nearest(const Tensor& x, int64_t oh, int64_t ow) {
+  // torch 'nearest': src = floor(dst * in / out) computed in float.
+  require_f32(x, "interpolate_nearest");
+  int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  Tensor y = Tensor::empty({n, c, oh, ow});
+  std::vector<int64_t> iy(oh), ix(ow);
+  float sy = float(h) / float(oh), sx = float(w) / float(ow);
+  for (int64_t o = 0; o < oh; ++o) iy[o] = std::min<int64_t>(static_cast<int64_t>(std::floor(o * sy)), h - 1);
+  for (int64_t o = 0; o < ow; ++o) ix[o] = std::min<int64_t>(static_cast<int64_t>(std::floor(o * sx)), w - 1);
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t p = 0; p < n * c; ++p)
+    for (int64_t oy = 0; oy < oh; ++oy)
+      for (int64_t ox = 0; ox < ow; ++ox) py[(p * oh + oy) * ow + ox] = px[(p * h + iy[oy]) * w + ix[ox]];
+  return y;
+}
+
+// ---- reductions ----------------------------------------------------------------------------------
+
+double max_abs(const Tensor& x) {
+  Tensor d = x.to(DType::F64);
+  double m = 0;
+  for (int64_t i = 0; i < d.numel(); ++i) m = std::max(m, std::fabs(d.data<double>()[i]));
+  return m;
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  if (a.numel() != b.numel()) throw Error("max_abs_diff: sizes differ");
+  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
+  double m = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) m = std::max(m, std::fabs(x.data<double>()[i] - y.data<double>()[i]));
+  return m;
+}
+
+}  // namespace vf

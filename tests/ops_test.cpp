@@ -1,0 +1,134 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/ops.h"
+
+using namespace vf;
+
+namespace {
+Tensor randn(Shape s, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d;
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(g);
+  return t;
+}
+
+// Plain NCHW convolution written directly from the definition.
+Tensor conv_reference(const Tensor& x_nchw, const Tensor& w, const Tensor& b, int stride, int pad, int dil, int groups) {
+  int64_t n = x_nchw.size(0), c = x_nchw.size(1), h = x_nchw.size(2), wd = x_nchw.size(3);
+  int64_t o = w.size(0), cg = w.size(1), kh = w.size(2), kw = w.size(3);
+  int64_t oh = (h + 2 * pad - dil * (kh - 1) - 1) / stride + 1, ow = (wd + 2 * pad - dil * (kw - 1) - 1) / stride + 1;
+  Tensor y = Tensor::zeros({n, o, oh, ow});
+  int64_t og = o / groups;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t oc = 0; oc < o; ++oc)
+      for (int64_t yy = 0; yy < oh; ++yy)
+        for (int64_t xx = 0; xx < ow; ++xx) {
+          double acc = b.defined() ? b.f32()[oc] : 0.0;
+          int64_t g = oc / og;
+          for (int64_t ic = 0; ic < cg; ++ic)
+            for (int64_t ky = 0; ky < kh; ++ky)
+              for (int64_t kx = 0; kx < kw; ++kx) {
+                int64_t iy = yy * stride - pad + ky * dil, ix = xx * stride - pad + kx * dil;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
+                acc += double(x_nchw.f32()[((i * c + g * cg + ic) * h + iy) * wd + ix]) *
+                       w.f32()[((oc * cg + ic) * kh + ky) * kw + kx];
+              }
+          y.f32()[((i * o + oc) * oh + yy) * ow + xx] = float(acc);
+        }
+  return y;
+}
+}  // namespace
+
+TEST(Ops, Conv2dMatchesDefinition) {
+  struct Case { int c, o, k, stride, pad, dil, groups; };
+  for (Case cs : {Case{3, 8, 3, 2, 1, 1, 1}, Case{8, 8, 7, 1, 3, 1, 8}, Case{4, 6, 3, 1, 2, 2, 2}, Case{5, 7, 1, 1, 0, 1, 1}}) {
+    Tensor x = randn({2, cs.c, 11, 9}, 1);
+    Tensor w = randn({cs.o, cs.c / cs.groups, cs.k, cs.k}, 2);
+    Tensor b = randn({cs.o}, 3);
+    Conv2dOptions opt;
+    opt.stride_h = opt.stride_w = cs.stride;
+    opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = cs.pad;
+    opt.dilation_h = opt.dilation_w = cs.dil;
+    opt.groups = cs.groups;
+    Conv2d conv(w, b, opt);
+    Tensor ours = nhwc_to_nchw(conv.forward(nchw_to_nhwc(x)));
+    Tensor ref = conv_reference(x, w, b, cs.stride, cs.pad, cs.dil, cs.groups);
+    ASSERT_EQ(ours.shape(), ref.shape());
+    EXPECT_LT(max_abs_diff(ours, ref), 1e-4) << "k=" << cs.k << " groups=" << cs.groups;
+  }
+}
+
+TEST(Ops, Conv2dFusesResidualThenActivation) {
+  Tensor x = randn({1, 5, 5, 4}, 4), w = randn({4, 4, 1, 1}, 5), r = randn({1, 5, 5, 4}, 6);
+  Conv2dOptions opt;
+  opt.act = Act::Relu;
+  Tensor plain = Conv2d(w, Tensor(), Conv2dOptions{}).forward(x);
+  Tensor fused = Conv2d(w, Tensor(), opt).forward(x, &r);
+  Tensor expect = act(add(plain, r), Act::Relu);
+  EXPECT_LT(max_abs_diff(fused, expect), 1e-5);
+}
+
+TEST(Ops, LinearAndMatmul) {
+  Tensor x = randn({2, 3, 16}, 7), w = randn({10, 16}, 8), b = randn({10}, 9);
+  Tensor y = Linear(w, b).forward(x);
+  ASSERT_EQ(y.shape(), (Shape{2, 3, 10}));
+  for (int r = 0; r < 6; ++r)
+    for (int o = 0; o < 10; ++o) {
+      double acc = b.f32()[o];
+      for (int k = 0; k < 16; ++k) acc += double(x.f32()[r * 16 + k]) * w.f32()[o * 16 + k];
+      EXPECT_NEAR(y.f32()[r * 10 + o], acc, 1e-4);
+    }
+  Tensor bt = randn({2, 10, 16}, 10);
+  Tensor m = matmul(x, bt, /*trans_b=*/true, 0.5f);
+  ASSERT_EQ(m.shape(), (Shape{2, 3, 10}));
+  // Batch 1, row 1, column 4.
+  double acc = 0;
+  for (int k = 0; k < 16; ++k) acc += double(x.f32()[(3 + 1) * 16 + k]) * bt.f32()[(10 + 4) * 16 + k];
+  EXPECT_NEAR(m.f32()[(3 + 1) * 10 + 4], 0.5 * acc, 1e-4);
+}
+
+TEST(Ops, LayerNormAndSoftmax) {
+  Tensor x = randn({4, 32}, 11);
+  Tensor y = layer_norm(x, Tensor::full({32}, 2.0f), Tensor::full({32}, 1.0f), 1e-6f);
+  double mean = 0, var = 0;
+  for (int i = 0; i < 32; ++i) mean += y.f32()[32 + i];
+  mean /= 32;
+  for (int i = 0; i < 32; ++i) var += (y.f32()[32 + i] - mean) * (y.f32()[32 + i] - mean);
+  EXPECT_NEAR(mean, 1.0, 1e-5);
+  EXPECT_NEAR(var / 32, 4.0, 1e-3);
+  softmax_lastdim_inplace(x);
+  double s = 0;
+  for (int i = 0; i < 32; ++i) s += x.f32()[i];
+  EXPECT_NEAR(s, 1.0, 1e-5);
+}
+
+TEST(Ops, PermuteCatNarrowRoundTrip) {
+  Tensor x = randn({2, 3, 4, 5}, 12);
+  Tensor back = nhwc_to_nchw(nchw_to_nhwc(x));
+  EXPECT_EQ(max_abs_diff(back, x), 0.0);
+  EXPECT_FLOAT_EQ(nchw_to_nhwc(x).f32()[1], x.f32()[4 * 5]);  // (0,0,0,1) <- (0,1,0,0)
+  Tensor c = cat({narrow(x, 1, 0, 1), narrow(x, 1, 1, 2)}, 1);
+  EXPECT_EQ(max_abs_diff(c, x), 0.0);
+}
+
+TEST(Ops, BilinearMatchesTorchHalfPixelRule) {
+  // 1x1x1x2 -> 1x1x1x4: sources -0.25 (clamped 0), 0.25, 0.75, 1.25 (i1 clamps): [a, .75a+.25b, .25a+.75b, b]
+  Tensor x = Tensor::from<float>({1, 1, 1, 2}, {1.0f, 5.0f});
+  Tensor y = interpolate_bilinear(x, 1, 4);
+  EXPECT_FLOAT_EQ(y.f32()[0], 1.0f);
+  EXPECT_FLOAT_EQ(y.f32()[1], 2.0f);
+  EXPECT_FLOAT_EQ(y.f32()[2], 4.0f);
+  EXPECT_FLOAT_EQ(y.f32()[3], 5.0f);
+}
+
+TEST(Ops, GroupNormNormalisesEachGroup) {
+  Tensor x = randn({1, 3, 3, 4}, 13);
+  Tensor y = group_norm_nhwc(x, 2, Tensor::full({4}, 1.f), Tensor::zeros({4}), 1e-5f);
+  double s = 0;
+  for (int p = 0; p < 9; ++p) s += y.f32()[p * 4] + y.f32()[p * 4 + 1];
+  EXPECT_NEAR(s, 0.0, 1e-4);
+}
