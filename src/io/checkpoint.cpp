@@ -1,0 +1,112 @@
+#include "io/checkpoint.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <vector>
+
+#include "io/json.h"
+#include "io/safetensors.h"
+#include "io/torch_checkpoint.h"
+
+namespace vf {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// torch.save files start with a zip local header ("PK\3\4"; "PK\5\6" for an empty archive) or,
+// in the legacy format, with a pickle PROTO opcode (0x80).
+bool looks_like_torch(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return false;  // the loader reports the error
+  unsigned char b[4] = {0, 0, 0, 0};
+  size_t n = std::fread(b, 1, 4, f);
+  std::fclose(f);
+  if (n >= 4 && b[0] == 'P' && b[1] == 'K' && ((b[2] == 3 && b[3] == 4) || (b[2] == 5 && b[3] == 6))) return true;
+  return n >= 1 && b[0] == 0x80;
+}
+
+void load_one_file(const std::string& path, WeightStore& store) {
+  if (looks_like_torch(path))
+    load_torch_checkpoint(path, store);
+  else
+    load_safetensors(path, store);
+}
+
+// A sharded checkpoint: {"metadata": ..., "weight_map": {tensor name: shard file}}. Every shard is
+// loaded, and the names found in the shards must be exactly those the map assigns to them.
+void load_sharded(const std::string& index_path, WeightStore& store) {
+  json index = read_json_file(index_path);
+  auto wm = index.find("weight_map");
+  if (!index.is_object() || wm == index.end() || !wm->is_object())
+    throw Error(index_path + ": shard index has no 'weight_map' object");
+  const fs::path dir = fs::path(index_path).parent_path();
+  std::vector<std::string> files;  // in order of first appearance
+  std::map<std::string, std::string> file_of;
+  for (auto& [name, file] : wm->items()) {
+    if (!file.is_string()) throw Error(index_path + ": weight_map entry '" + name + "' is not a file name");
+    std::string f = file.get<std::string>();
+    fs::path fp(f);
+    bool bad = f.empty() || fp.is_absolute();
+    for (auto& part : fp) bad = bad || part == "..";
+    if (bad) throw Error(index_path + ": shard file name '" + f + "' must be a relative path inside the model folder");
+    if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
+    file_of[name] = f;
+  }
+  if (files.empty()) throw Error(index_path + ": weight_map is empty");
+  for (auto& f : files) {
+    std::string shard_path = (dir / f).string();
+    if (!fs::exists(shard_path)) throw Error(index_path + ": shard '" + f + "' is missing (" + shard_path + ")");
+    WeightStore shard;
+    load_one_file(shard_path, shard);
+    for (auto& name : shard.names()) {
+      auto it = file_of.find(name);
+      if (it == file_of.end())
+        throw Error(shard_path + ": tensor '" + name + "' is not in the weight_map of " + index_path);
+      if (it->second != f)
+        throw Error(shard_path + ": tensor '" + name + "' is mapped to '" + it->second + "' by " + index_path);
+      if (store.has(name)) throw Error(shard_path + ": tensor '" + name + "' is already loaded");
+      store.add(name, *shard.find(name));
+    }
+  }
+  std::vector<std::string> missing;
+  for (auto& [name, f] : file_of)
+    if (!store.has(name)) missing.push_back(name + " (" + f + ")");
+  if (!missing.empty()) {
+    std::string msg = index_path + ": " + std::to_string(missing.size()) + " tensor(s) of the weight_map are not in their shard:";
+    for (size_t i = 0; i < missing.size() && i < 10; ++i) msg += " " + missing[i];
+    if (missing.size() > 10) msg += " ...";
+    throw Error(msg);
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<WeightStore> load_weights_file(const std::string& path) {
+  if (!fs::exists(path)) throw Error(path + ": weights file not found");
+  auto store = std::make_shared<WeightStore>();
+  if (ends_with(path, ".json"))
+    load_sharded(path, *store);
+  else
+    load_one_file(path, *store);
+  return store;
+}
+
+std::shared_ptr<WeightStore> load_checkpoint(const std::string& model_dir) {
+  if (!fs::is_directory(model_dir)) throw Error(model_dir + ": model folder not found");
+  for (const char* name : {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "pytorch_model.bin.index.json"}) {
+    fs::path p = fs::path(model_dir) / name;
+    if (fs::exists(p)) return load_weights_file(p.string());
+  }
+  throw Error(model_dir + ": no weights found (expected model.safetensors, model.safetensors.index.json, "
+              "pytorch_model.bin or pytorch_model.bin.index.json)");
+}
+
+}  // namespace vf

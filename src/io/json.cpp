@@ -1,0 +1,56 @@
+#include "io/json.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sys/stat.h>
+
+#include "core/tensor.h"
+
+namespace vf {
+
+namespace {
+// Line and column (both 1-based) of byte offset `pos` in `text`.
+std::string position_str(const std::string& text, size_t pos) {
+  pos = std::min(pos, text.size());
+  size_t line = 1, col = 1;
+  for (size_t i = 0; i < pos; ++i) {
+    if (text[i] == '\n') { ++line; col = 1; } else { ++col; }
+  }
+  return "line " + std::to_string(line) + ", column " + std::to_string(col);
+}
+}  // namespace
+
+json parse_json_text(const std::string& text, const std::string& origin) {
+  try {
+    return json::parse(text);
+  } catch (const json::parse_error& e) {
+    // e.byte is 1-based: the byte at which parsing stopped.
+    size_t pos = e.byte > 0 ? e.byte - 1 : 0;
+    std::string what = e.what();
+    // nlohmann prefixes "[json.exception.parse_error.101] parse error at line L, column C: ..."
+    auto colon = what.find(": ");
+    std::string detail = colon == std::string::npos ? what : what.substr(colon + 2);
+    throw Error(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
+  }
+}
+
+json read_json_file(const std::string& path, size_t max_bytes) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0)
+    throw Error(path + ": cannot open JSON file: " + std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) throw Error(path + ": expected a JSON file, found a directory");
+  if (static_cast<uint64_t>(st.st_size) > max_bytes)
+    throw Error(path + ": JSON file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
+                std::to_string(max_bytes));
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error(path + ": cannot open JSON file: " + std::strerror(errno));
+  std::string text;
+  text.resize(static_cast<size_t>(st.st_size));
+  f.read(text.data(), static_cast<std::streamsize>(text.size()));
+  if (f.gcount() != static_cast<std::streamsize>(text.size()))
+    throw Error(path + ": short read (" + std::to_string(f.gcount()) + " of " + std::to_string(text.size()) + " bytes)");
+  return parse_json_text(text, path);
+}
+
+}  // namespace vf

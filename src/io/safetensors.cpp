@@ -1,0 +1,240 @@
+#include "io/safetensors.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <unistd.h>
+
+#include "io/mapped_file.h"
+
+namespace vf {
+
+namespace {
+
+// As the reference (safetensors/src/tensor.rs, MAX_HEADER_SIZE).
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
+struct DtypeName {
+  const char* name;
+  DType dtype;
+};
+constexpr DtypeName kDtypes[] = {
+    {"F64", DType::F64}, {"F32", DType::F32}, {"F16", DType::F16}, {"BF16", DType::BF16},
+    {"I64", DType::I64}, {"I32", DType::I32}, {"I16", DType::I16}, {"I8", DType::I8},
+    {"U8", DType::U8},   {"BOOL", DType::Bool},
+};
+
+bool parse_dtype(const std::string& s, DType* out) {
+  for (auto& d : kDtypes)
+    if (s == d.name) {
+      *out = d.dtype;
+      return true;
+    }
+  return false;
+}
+
+std::string supported_dtypes() {
+  std::string r;
+  for (auto& d : kDtypes) r += (r.empty() ? "" : " ") + std::string(d.name);
+  return r;
+}
+
+uint64_t read_u64_le(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// A non-negative JSON integer (nlohmann parses those as unsigned).
+bool as_u64(const nlohmann::ordered_json& v, uint64_t* out) {
+  if (v.is_number_unsigned()) {
+    *out = v.get<uint64_t>();
+    return true;
+  }
+  if (v.is_number_integer() && v.get<int64_t>() >= 0) {
+    *out = static_cast<uint64_t>(v.get<int64_t>());
+    return true;
+  }
+  return false;
+}
+
+struct Entry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  uint64_t begin, end;
+};
+
+}  // namespace
+
+const char* safetensors_dtype_name(DType t) {
+  for (auto& d : kDtypes)
+    if (d.dtype == t) return d.name;
+  return "?";
+}
+
+std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& path) {
+  auto fail = [&](const std::string& what) -> Error { return Error(path + ": invalid safetensors file: " + what); };
+
+  MappedFile file = MappedFile::open(path);
+  if (file.size < 8)
+    throw fail("the file is " + std::to_string(file.size) + " bytes, too short for the 8-byte header length");
+  uint64_t n = read_u64_le(file.data);
+  if (n > kMaxHeaderBytes)
+    throw fail("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
+               " bytes (a corrupt or non-safetensors file?)");
+  if (8 + n > file.size)
+    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(file.size) +
+               " bytes; truncated?)");
+  const uint64_t data_size = file.size - 8 - n;
+  const uint8_t* data = file.data + 8 + n;
+
+  nlohmann::ordered_json header;
+  try {
+    header = nlohmann::ordered_json::parse(file.data + 8, file.data + 8 + n);
+  } catch (const nlohmann::ordered_json::parse_error& e) {
+    throw fail("header is not valid JSON (at byte " + std::to_string(e.byte) + " of the header): " + e.what());
+  }
+  if (!header.is_object()) throw fail("header is not a JSON object");
+
+  std::vector<Entry> entries;
+  entries.reserve(header.size());
+  for (auto& [name, info] : header.items()) {
+    if (name == "__metadata__") {
+      if (!info.is_object()) throw fail("__metadata__ is not a JSON object");
+      for (auto& [k, v] : info.items())
+        if (!v.is_string()) throw fail("__metadata__ value for '" + k + "' is not a string");
+      continue;
+    }
+    const std::string where = "tensor '" + name + "'";
+    if (!info.is_object()) throw fail(where + ": entry is not a JSON object");
+    auto dt = info.find("dtype");
+    auto sh = info.find("shape");
+    auto off = info.find("data_offsets");
+    if (dt == info.end() || !dt->is_string()) throw fail(where + ": missing or non-string 'dtype'");
+    if (sh == info.end() || !sh->is_array()) throw fail(where + ": missing or non-array 'shape'");
+    if (off == info.end() || !off->is_array() || off->size() != 2)
+      throw fail(where + ": 'data_offsets' must be an array [begin, end]");
+    Entry e;
+    e.name = name;
+    if (!parse_dtype(dt->get<std::string>(), &e.dtype))
+      throw fail(where + ": unsupported dtype '" + dt->get<std::string>() + "' (supported: " + supported_dtypes() + ")");
+    for (auto& d : *sh) {
+      uint64_t v;
+      if (!as_u64(d, &v) || v > static_cast<uint64_t>(INT64_MAX))
+        throw fail(where + ": shape " + sh->dump() + " has an entry that is not a non-negative integer");
+      e.shape.push_back(static_cast<int64_t>(v));
+    }
+    if (!as_u64((*off)[0], &e.begin) || !as_u64((*off)[1], &e.end))
+      throw fail(where + ": data_offsets " + off->dump() + " are not non-negative integers");
+    if (e.begin > e.end) throw fail(where + ": data_offsets " + off->dump() + " have begin > end");
+    if (e.end > data_size)
+      throw fail(where + ": data_offsets " + off->dump() + " run past the end of the data section (" +
+                 std::to_string(data_size) + " bytes; truncated file?)");
+    // numel * dtype size, overflow-checked.
+    uint64_t bytes = dtype_size(e.dtype);
+    for (int64_t d : e.shape) {
+      if (d != 0 && bytes > UINT64_MAX / static_cast<uint64_t>(d))
+        throw fail(where + ": shape " + shape_str(e.shape) + " overflows");
+      bytes *= static_cast<uint64_t>(d);
+    }
+    if (bytes != e.end - e.begin)
+      throw fail(where + ": " + std::string(dt->get<std::string>()) + " shape " + shape_str(e.shape) + " needs " +
+                 std::to_string(bytes) + " bytes, data_offsets " + off->dump() + " hold " +
+                 std::to_string(e.end - e.begin));
+    entries.push_back(std::move(e));
+  }
+
+  // The data section must be covered exactly: sorted by offsets, each tensor starts where the
+  // previous one ended, and the last ends at the end of the file.
+  std::vector<const Entry*> sorted;
+  for (auto& e : entries) sorted.push_back(&e);
+  std::sort(sorted.begin(), sorted.end(), [](const Entry* a, const Entry* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t pos = 0;
+  const Entry* prev = nullptr;
+  for (const Entry* e : sorted) {
+    if (e->begin < pos)
+      throw fail("tensor '" + e->name + "' (bytes " + std::to_string(e->begin) + ".." + std::to_string(e->end) +
+                 ") overlaps tensor '" + prev->name + "' (bytes " + std::to_string(prev->begin) + ".." +
+                 std::to_string(prev->end) + ")");
+    if (e->begin > pos)
+      throw fail("bytes " + std::to_string(pos) + ".." + std::to_string(e->begin) +
+                 " of the data section belong to no tensor (before tensor '" + e->name + "')");
+    pos = e->end;
+    prev = e;
+  }
+  if (pos != data_size)
+    throw fail("the tensors cover " + std::to_string(pos) + " bytes but the data section holds " +
+               std::to_string(data_size) + " (trailing bytes)");
+
+  std::vector<std::pair<std::string, Tensor>> out;
+  out.reserve(entries.size());
+  for (auto& e : entries) {
+    void* p = const_cast<uint8_t*>(data + e.begin);
+    Tensor t;
+    if (reinterpret_cast<uintptr_t>(p) % dtype_size(e.dtype) == 0) {
+      t = Tensor::wrap(p, e.shape, e.dtype, file.owner);
+    } else {
+      // A header length that is not a multiple of 8 leaves the bytes misaligned: copy them.
+      t = Tensor::empty(e.shape, e.dtype);
+      if (t.nbytes()) std::memcpy(t.raw(), p, t.nbytes());
+    }
+    out.emplace_back(std::move(e.name), std::move(t));
+  }
+  return out;
+}
+
+void load_safetensors(const std::string& path, WeightStore& store) {
+  for (auto& [name, t] : read_safetensors(path)) {
+    if (store.has(name)) throw Error(path + ": tensor '" + name + "' is already loaded (from another file?)");
+    store.add(name, std::move(t));
+  }
+}
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  std::set<std::string> seen;
+  uint64_t offset = 0;
+  for (auto& [name, t] : tensors) {
+    if (name == "__metadata__") throw Error(path + ": '__metadata__' cannot be a tensor name");
+    if (!seen.insert(name).second) throw Error(path + ": tensor name '" + name + "' appears twice");
+    if (!t.defined()) throw Error(path + ": tensor '" + name + "' is undefined");
+    uint64_t n = t.nbytes();
+    header[name] = {{"dtype", safetensors_dtype_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // as the reference: data starts 8-byte aligned
+
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) throw Error(tmp + ": cannot create: " + std::strerror(errno));
+    uint8_t len[8];
+    uint64_t hn = h.size();
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(hn >> (8 * i));
+    f.write(reinterpret_cast<const char*>(len), 8);
+    f.write(h.data(), static_cast<std::streamsize>(h.size()));
+    for (auto& [name, t] : tensors)
+      if (t.nbytes()) f.write(static_cast<const char*>(t.raw()), static_cast<std::streamsize>(t.nbytes()));
+    f.flush();
+    if (!f) {
+      f.close();
+      std::remove(tmp.c_str());
+      throw Error(tmp + ": write failed: " + std::strerror(errno));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename " + tmp + " into place: " + std::strerror(err));
+  }
+}
+
+}  // namespace vf
