@@ -1,0 +1,211 @@
+#include "core/boxes.h"
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+
+namespace vf {
+
+namespace {
+
+void require_boxes(const Tensor& t, const char* what, bool two_dims) {
+  if (!t.defined()) throw Error(std::string(what) + ": boxes tensor is undefined");
+  if (t.dtype() != DType::F32) throw Error(std::string(what) + ": boxes must be float32, got " + dtype_name(t.dtype()));
+  if (t.dim() < 1 || t.size(-1) != 4 || (two_dims && t.dim() != 2))
+    throw Error(std::string(what) + ": boxes must have shape " + (two_dims ? "[N, 4]" : "[..., 4]") + ", got " +
+                shape_str(t.shape()));
+}
+
+// Indices sorted by decreasing score; equal scores keep their input order (torch's stable sort).
+std::vector<int64_t> order_by_score(const float* scores, int64_t n) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
+  return order;
+}
+
+}  // namespace
+
+Tensor center_to_corners(const Tensor& boxes) {
+  require_boxes(boxes, "center_to_corners", false);
+  Tensor out = Tensor::empty(boxes.shape());
+  const float* b = boxes.f32();
+  float* o = out.f32();
+  const int64_t n = boxes.numel() / 4;
+  for (int64_t i = 0; i < n; ++i) {
+    const float cx = b[4 * i], cy = b[4 * i + 1], w = b[4 * i + 2], h = b[4 * i + 3];
+    o[4 * i] = cx - 0.5f * w;
+    o[4 * i + 1] = cy - 0.5f * h;
+    o[4 * i + 2] = cx + 0.5f * w;
+    o[4 * i + 3] = cy + 0.5f * h;
+  }
+  return out;
+}
+
+Tensor corners_to_center(const Tensor& boxes) {
+  require_boxes(boxes, "corners_to_center", false);
+  Tensor out = Tensor::empty(boxes.shape());
+  const float* b = boxes.f32();
+  float* o = out.f32();
+  const int64_t n = boxes.numel() / 4;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x0 = b[4 * i], y0 = b[4 * i + 1], x1 = b[4 * i + 2], y1 = b[4 * i + 3];
+    o[4 * i] = (x0 + x1) / 2;
+    o[4 * i + 1] = (y0 + y1) / 2;
+    o[4 * i + 2] = x1 - x0;
+    o[4 * i + 3] = y1 - y0;
+  }
+  return out;
+}
+
+Tensor box_area(const Tensor& boxes) {
+  require_boxes(boxes, "box_area", true);
+  const int64_t n = boxes.size(0);
+  Tensor out = Tensor::empty({n});
+  const float* b = boxes.f32();
+  for (int64_t i = 0; i < n; ++i) out.f32()[i] = (b[4 * i + 2] - b[4 * i]) * (b[4 * i + 3] - b[4 * i + 1]);
+  return out;
+}
+
+BoxIou box_iou(const Tensor& a, const Tensor& b) {
+  require_boxes(a, "box_iou", true);
+  require_boxes(b, "box_iou", true);
+  const int64_t n = a.size(0), m = b.size(0);
+  Tensor area_a = box_area(a), area_b = box_area(b);
+  BoxIou r{Tensor::empty({n, m}), Tensor::empty({n, m})};
+  const float* pa = a.f32();
+  const float* pb = b.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* bi = pa + 4 * i;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* bj = pb + 4 * j;
+      const float w = std::max(std::min(bi[2], bj[2]) - std::max(bi[0], bj[0]), 0.0f);
+      const float h = std::max(std::min(bi[3], bj[3]) - std::max(bi[1], bj[1]), 0.0f);
+      const float inter = w * h;
+      const float uni = area_a.f32()[i] + area_b.f32()[j] - inter;
+      r.iou.f32()[i * m + j] = inter / uni;
+      r.union_area.f32()[i * m + j] = uni;
+    }
+  }
+  return r;
+}
+
+Tensor generalized_box_iou(const Tensor& a, const Tensor& b) {
+  require_boxes(a, "generalized_box_iou", true);
+  require_boxes(b, "generalized_box_iou", true);
+  for (const Tensor* t : {&a, &b}) {
+    const float* p = t->f32();
+    for (int64_t i = 0; i < t->size(0); ++i)
+      if (!(p[4 * i + 2] >= p[4 * i] && p[4 * i + 3] >= p[4 * i + 1]))
+        throw Error("generalized_box_iou: box " + std::to_string(i) + " is not in (x0, y0, x1, y1) corner format " +
+                    "with x1 >= x0 and y1 >= y0");
+  }
+  BoxIou iu = box_iou(a, b);
+  const int64_t n = a.size(0), m = b.size(0);
+  Tensor out = Tensor::empty({n, m});
+  const float* pa = a.f32();
+  const float* pb = b.f32();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* bi = pa + 4 * i;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* bj = pb + 4 * j;
+      const float w = std::max(std::max(bi[2], bj[2]) - std::min(bi[0], bj[0]), 0.0f);
+      const float h = std::max(std::max(bi[3], bj[3]) - std::min(bi[1], bj[1]), 0.0f);
+      const float enclosing = w * h;
+      const float uni = iu.union_area.f32()[i * m + j];
+      out.f32()[i * m + j] = iu.iou.f32()[i * m + j] - (enclosing - uni) / enclosing;
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> nms(const float* boxes, const float* scores, int64_t n, double iou_threshold) {
+  std::vector<int64_t> keep;
+  if (n <= 0) return keep;
+  std::vector<float> area(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    area[i] = (boxes[4 * i + 2] - boxes[4 * i]) * (boxes[4 * i + 3] - boxes[4 * i + 1]);
+  const std::vector<int64_t> order = order_by_score(scores, n);
+  std::vector<uint8_t> suppressed(static_cast<size_t>(n), 0);
+  for (int64_t oi = 0; oi < n; ++oi) {
+    const int64_t i = order[oi];
+    if (suppressed[i]) continue;
+    keep.push_back(i);
+    const float* bi = boxes + 4 * i;
+    for (int64_t oj = oi + 1; oj < n; ++oj) {
+      const int64_t j = order[oj];
+      if (suppressed[j]) continue;
+      const float* bj = boxes + 4 * j;
+      const float w = std::max(0.0f, std::min(bi[2], bj[2]) - std::max(bi[0], bj[0]));
+      const float h = std::max(0.0f, std::min(bi[3], bj[3]) - std::max(bi[1], bj[1]));
+      const float inter = w * h;
+      const float iou = inter / (area[i] + area[j] - inter);
+      if (iou > iou_threshold) suppressed[j] = 1;
+    }
+  }
+  return keep;
+}
+
+std::vector<int64_t> nms(const Tensor& boxes, const Tensor& scores, double iou_threshold) {
+  require_boxes(boxes, "nms", true);
+  if (scores.dtype() != DType::F32 || scores.dim() != 1 || scores.size(0) != boxes.size(0))
+    throw Error("nms: scores must be float32 [" + std::to_string(boxes.size(0)) + "], got " +
+                dtype_name(scores.dtype()) + " " + shape_str(scores.shape()));
+  return nms(boxes.f32(), scores.f32(), boxes.size(0), iou_threshold);
+}
+
+std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, const Tensor& group_ids,
+                                 double iou_threshold) {
+  require_boxes(boxes, "batched_nms", true);
+  const int64_t n = boxes.size(0);
+  if (scores.dtype() != DType::F32 || scores.dim() != 1 || scores.size(0) != n)
+    throw Error("batched_nms: scores must be float32 [" + std::to_string(n) + "], got " +
+                dtype_name(scores.dtype()) + " " + shape_str(scores.shape()));
+  if (group_ids.dim() != 1 || group_ids.size(0) != n)
+    throw Error("batched_nms: group ids must have shape [" + std::to_string(n) + "], got " +
+                shape_str(group_ids.shape()));
+  if (n == 0) return {};
+  const Tensor ids = group_ids.dtype() == DType::I64 ? group_ids : group_ids.to(DType::I64);
+  const int64_t* gid = ids.data<int64_t>();
+  const float* b = boxes.f32();
+  const float* s = scores.f32();
+
+  // torchvision switches strategy on boxes.numel() > 4000 (on CPU).
+  if (boxes.numel() <= 4000) {
+    float max_coord = b[0];
+    for (int64_t i = 1; i < 4 * n; ++i) max_coord = std::max(max_coord, b[i]);
+    std::vector<float> shifted(static_cast<size_t>(4 * n));
+    for (int64_t i = 0; i < n; ++i) {
+      const float offset = static_cast<float>(gid[i]) * (max_coord + 1.0f);
+      for (int k = 0; k < 4; ++k) shifted[4 * i + k] = b[4 * i + k] + offset;
+    }
+    return nms(shifted.data(), s, n, iou_threshold);
+  }
+
+  std::vector<int64_t> groups(gid, gid + n);
+  std::sort(groups.begin(), groups.end());
+  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+  std::vector<uint8_t> kept(static_cast<size_t>(n), 0);
+  std::vector<int64_t> members;
+  std::vector<float> gb, gs;
+  for (int64_t g : groups) {
+    members.clear();
+    gb.clear();
+    gs.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (gid[i] == g) {
+        members.push_back(i);
+        gb.insert(gb.end(), b + 4 * i, b + 4 * i + 4);
+        gs.push_back(s[i]);
+      }
+    for (int64_t k : nms(gb.data(), gs.data(), static_cast<int64_t>(members.size()), iou_threshold))
+      kept[members[k]] = 1;
+  }
+  std::vector<int64_t> keep;
+  for (int64_t i = 0; i < n; ++i)
+    if (kept[i]) keep.push_back(i);
+  std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
+  return keep;
+}
+
+}  // namespace vf

@@ -1,0 +1,49 @@
+// Bounding-box operations shared by the DETR family: format conversions, IoU / generalized IoU
+// (transformers' loss_for_object_detection box utilities) and non-maximum suppression
+// (torchvision.ops.nms / batched_nms semantics).
+//
+// All boxes are float32. "Corners" is (x0, y0, x1, y1); "center" is (cx, cy, w, h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace vf {
+
+// [..., 4] center -> corners: (cx - 0.5 w, cy - 0.5 h, cx + 0.5 w, cy + 0.5 h).
+Tensor center_to_corners(const Tensor& boxes);
+// [..., 4] corners -> center: ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0).
+Tensor corners_to_center(const Tensor& boxes);
+
+// [N, 4] corners -> [N]: (x1 - x0) * (y1 - y0).
+Tensor box_area(const Tensor& boxes);
+
+// Pairwise IoU of corner boxes a [N, 4] and b [M, 4]: iou [N, M] and the union areas [N, M].
+struct BoxIou {
+  Tensor iou;
+  Tensor union_area;
+};
+BoxIou box_iou(const Tensor& a, const Tensor& b);
+
+// Pairwise generalized IoU [N, M] (https://giou.stanford.edu). Throws, as the reference does, when
+// a box has x1 < x0 or y1 < y0 (degenerate boxes give inf / NaN).
+Tensor generalized_box_iou(const Tensor& a, const Tensor& b);
+
+// torchvision.ops.nms: visits boxes by score, highest first (a stable sort, so equal scores keep
+// their input order), keeps a box unless a kept box overlaps it with IoU > iou_threshold. Returns
+// the kept indices in that visiting order. boxes [N, 4] corners, scores [N].
+std::vector<int64_t> nms(const Tensor& boxes, const Tensor& scores, double iou_threshold);
+// The same on raw arrays (boxes: n x 4 floats).
+std::vector<int64_t> nms(const float* boxes, const float* scores, int64_t n, double iou_threshold);
+
+// torchvision.ops.batched_nms: NMS within each group of `group_ids` (int64 [N], e.g. class labels
+// or feature levels), never across groups. Reproduces torchvision's two CPU code paths, which can
+// differ in the last float bit of an IoU: up to 4000 box coordinates it offsets each group's boxes
+// by id * (max coordinate + 1) and runs one NMS; above that it runs NMS per group. Returns kept
+// indices sorted by decreasing score.
+std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, const Tensor& group_ids,
+                                 double iou_threshold);
+
+}  // namespace vf

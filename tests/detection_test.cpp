@@ -1,0 +1,184 @@
+// Detection machinery: boxes, NMS, linear sum assignment, DETR-family post-processing and losses.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "core/assignment.h"
+#include "core/boxes.h"
+
+using namespace vf;
+
+namespace {
+
+double assignment_cost(const std::vector<double>& c, int64_t cols, const std::vector<std::pair<int64_t, int64_t>>& a) {
+  double s = 0;
+  for (auto [r, k] : a) s += c[r * cols + k];
+  return s;
+}
+
+// Minimal cost over every injective map of the smaller side into the larger, by enumeration.
+double brute_force_min(const std::vector<double>& c, int64_t rows, int64_t cols,
+                       std::vector<std::pair<int64_t, int64_t>>* best_pairs) {
+  const bool tr = rows > cols;
+  const int64_t small = tr ? cols : rows, large = tr ? rows : cols;
+  std::vector<int64_t> perm(large);
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  double best = INFINITY;
+  do {
+    double s = 0;
+    for (int64_t i = 0; i < small; ++i) s += tr ? c[perm[i] * cols + i] : c[i * cols + perm[i]];
+    if (s < best) {
+      best = s;
+      best_pairs->clear();
+      for (int64_t i = 0; i < small; ++i) best_pairs->emplace_back(tr ? perm[i] : i, tr ? i : perm[i]);
+      std::sort(best_pairs->begin(), best_pairs->end());
+    }
+  } while (std::next_permutation(perm.begin(), perm.end()));
+  return best;
+}
+
+}  // namespace
+
+TEST(DetBoxes, FormatRoundTrip) {
+  Tensor c = Tensor::from<float>({2, 4}, {0.5f, 0.5f, 0.4f, 0.6f, 0.3f, 0.7f, 0.2f, 0.1f});
+  Tensor k = center_to_corners(c);
+  EXPECT_FLOAT_EQ(k.f32()[0], 0.3f);
+  EXPECT_FLOAT_EQ(k.f32()[1], 0.2f);
+  EXPECT_FLOAT_EQ(k.f32()[2], 0.7f);
+  EXPECT_FLOAT_EQ(k.f32()[3], 0.8f);
+  Tensor back = corners_to_center(k);
+  for (int i = 0; i < 8; ++i) EXPECT_NEAR(back.f32()[i], c.f32()[i], 1e-7);
+  Tensor a = box_area(k);
+  EXPECT_NEAR(a.f32()[0], 0.24f, 1e-7);
+  EXPECT_NEAR(a.f32()[1], 0.02f, 1e-7);
+  EXPECT_THROW(center_to_corners(Tensor::zeros({3, 3})), Error);
+}
+
+TEST(DetBoxes, IouAndGeneralizedIou) {
+  Tensor a = Tensor::from<float>({2, 4}, {0, 0, 2, 2, 0, 0, 1, 1});
+  Tensor b = Tensor::from<float>({3, 4}, {1, 1, 3, 3, 0, 0, 2, 2, 5, 5, 6, 6});
+  BoxIou iu = box_iou(a, b);
+  ASSERT_EQ(iu.iou.shape(), (Shape{2, 3}));
+  EXPECT_NEAR(iu.iou.f32()[0], 1.0 / 7.0, 1e-7);
+  EXPECT_NEAR(iu.union_area.f32()[0], 7.0, 1e-6);
+  EXPECT_NEAR(iu.iou.f32()[1], 1.0, 1e-7);
+  EXPECT_NEAR(iu.iou.f32()[2], 0.0, 1e-7);
+  EXPECT_NEAR(iu.iou.f32()[3], 0.0, 1e-7);  // (0,0,1,1) vs (1,1,3,3) touch at a corner
+  EXPECT_NEAR(iu.iou.f32()[4], 0.25, 1e-7);
+  Tensor g = generalized_box_iou(a, b);
+  EXPECT_NEAR(g.f32()[0], 1.0 / 7.0 - 2.0 / 9.0, 1e-6);
+  EXPECT_NEAR(g.f32()[1], 1.0, 1e-6);
+  EXPECT_NEAR(g.f32()[2], 0.0 - (36.0 - 5.0) / 36.0, 1e-6);
+  EXPECT_NEAR(g.f32()[5], 0.0 - (36.0 - 2.0) / 36.0, 1e-6);
+  Tensor bad = Tensor::from<float>({1, 4}, {2, 0, 1, 1});
+  EXPECT_THROW(generalized_box_iou(a, bad), Error);
+}
+
+TEST(DetNms, SuppressesByScoreOrder) {
+  // Box 1 has the best score; box 0 overlaps it with IoU 0.6, box 2 with IoU ~0.077, box 3 is apart.
+  Tensor boxes = Tensor::from<float>({4, 4}, {0, 0, 10, 10, 0, 0, 10, 6, 0, 5, 10, 13, 20, 20, 30, 30});
+  Tensor scores = Tensor::from<float>({4}, {0.8f, 0.9f, 0.7f, 0.1f});
+  EXPECT_EQ(nms(boxes, scores, 0.5), (std::vector<int64_t>{1, 2, 3}));
+  // IoU(1,0) = 0.6 < 0.61: kept; IoU(0,2) = 50/130 ~ 0.385.
+  EXPECT_EQ(nms(boxes, scores, 0.61), (std::vector<int64_t>{1, 0, 2, 3}));
+  // IoU(1,2) = 10/130 ~ 0.077.
+  EXPECT_EQ(nms(boxes, scores, 0.05), (std::vector<int64_t>{1, 3}));
+  // A suppressed box does not suppress others: 0 would suppress 2 (IoU 0.29) but 1 removes 0 first
+  // (IoU 0.33), and 1 does not touch 2.
+  Tensor b2 = Tensor::from<float>({3, 4}, {0, 0, 10, 10, 0, -5, 10, 5, 0, 5.5f, 10, 15.5f});
+  Tensor s2 = Tensor::from<float>({3}, {0.8f, 0.9f, 0.7f});
+  EXPECT_EQ(nms(b2, s2, 0.25), (std::vector<int64_t>{1, 2}));
+  // Equal scores keep input order.
+  Tensor s3 = Tensor::from<float>({4}, {0.5f, 0.5f, 0.5f, 0.5f});
+  EXPECT_EQ(nms(boxes, s3, 0.5), (std::vector<int64_t>{0, 2, 3}));
+  EXPECT_TRUE(nms(Tensor::zeros({0, 4}), Tensor::zeros({0}), 0.5).empty());
+}
+
+TEST(DetNms, BatchedKeepsGroupsApartOnBothPaths) {
+  Tensor boxes = Tensor::from<float>({4, 4}, {0, 0, 10, 10, 0, 0, 10, 9, 0, 0, 10, 8, 50, 50, 60, 60});
+  Tensor scores = Tensor::from<float>({4}, {0.9f, 0.8f, 0.95f, 0.1f});
+  Tensor groups = Tensor::from<int64_t>({4}, {0, 0, 1, 0});
+  EXPECT_EQ(batched_nms(boxes, scores, groups, 0.5), (std::vector<int64_t>{2, 0, 3}));
+
+  // Many random boxes: the offset path (<= 4000 coordinates) and the per-group path (> 4000) must
+  // both equal a plain per-group NMS.
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(0.f, 100.f), ws(1.f, 30.f), sc(0.f, 1.f);
+  for (int n : {300, 1500}) {
+    std::vector<float> b(4 * n), s(n);
+    std::vector<int64_t> g(n);
+    for (int i = 0; i < n; ++i) {
+      float x = u(rng), y = u(rng);
+      b[4 * i] = x, b[4 * i + 1] = y, b[4 * i + 2] = x + ws(rng), b[4 * i + 3] = y + ws(rng);
+      s[i] = sc(rng);
+      g[i] = i % 5;
+    }
+    auto keep = batched_nms(Tensor::from_vector<float>({n, 4}, b), Tensor::from_vector<float>({n}, s),
+                            Tensor::from_vector<int64_t>({n}, g), 0.5);
+    std::vector<int64_t> expect;
+    for (int grp = 0; grp < 5; ++grp) {
+      std::vector<float> gb, gs;
+      std::vector<int64_t> idx;
+      for (int i = 0; i < n; ++i)
+        if (g[i] == grp) {
+          idx.push_back(i);
+          gs.push_back(s[i]);
+          gb.insert(gb.end(), b.begin() + 4 * i, b.begin() + 4 * i + 4);
+        }
+      for (int64_t k : nms(gb.data(), gs.data(), static_cast<int64_t>(idx.size()), 0.5)) expect.push_back(idx[k]);
+    }
+    std::sort(expect.begin(), expect.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
+    EXPECT_EQ(keep, expect) << "n = " << n;
+    EXPECT_LT(keep.size(), static_cast<size_t>(n));
+  }
+}
+
+TEST(DetAssignment, MatchesBruteForceOnRandomMatrices) {
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<double> u(-3.0, 5.0);
+  int checked = 0;
+  for (int rows = 1; rows <= 6; ++rows)
+    for (int cols = 1; cols <= 6; ++cols)
+      for (int rep = 0; rep < 6; ++rep) {
+        std::vector<double> c(rows * cols);
+        for (double& x : c) x = u(rng);
+        auto got = linear_sum_assignment(c.data(), rows, cols);
+        std::vector<std::pair<int64_t, int64_t>> want;
+        double best = brute_force_min(c, rows, cols, &want);
+        ASSERT_EQ(got.size(), static_cast<size_t>(std::min(rows, cols)));
+        EXPECT_NEAR(assignment_cost(c, cols, got), best, 1e-9) << rows << "x" << cols;
+        EXPECT_EQ(got, want) << rows << "x" << cols;  // continuous costs: the optimum is unique
+        ++checked;
+      }
+  EXPECT_EQ(checked, 216);
+}
+
+TEST(DetAssignment, TiesAndIntegerCosts) {
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<int> u(0, 3);
+  for (int rep = 0; rep < 200; ++rep) {
+    int rows = 1 + rep % 5, cols = 1 + (rep / 5) % 5;
+    std::vector<double> c(rows * cols);
+    for (double& x : c) x = u(rng);
+    auto got = linear_sum_assignment(c.data(), rows, cols);
+    std::vector<std::pair<int64_t, int64_t>> want;
+    double best = brute_force_min(c, rows, cols, &want);
+    EXPECT_DOUBLE_EQ(assignment_cost(c, cols, got), best);
+    std::vector<int64_t> rs, cs;
+    for (auto [r, k] : got) rs.push_back(r), cs.push_back(k);
+    EXPECT_TRUE(std::is_sorted(rs.begin(), rs.end()));
+    std::sort(cs.begin(), cs.end());
+    EXPECT_EQ(std::unique(cs.begin(), cs.end()), cs.end());
+  }
+  // scipy's documented example.
+  Tensor cost = Tensor::from<float>({3, 3}, {4, 1, 3, 2, 0, 5, 3, 2, 2});
+  auto a = linear_sum_assignment(cost);
+  EXPECT_EQ(a, (std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 0}, {2, 2}}));
+  std::vector<double> nan_cost = {1.0, NAN};
+  EXPECT_THROW(linear_sum_assignment(nan_cost.data(), 1, 2), Error);
+  std::vector<double> inf_cost = {INFINITY, INFINITY, INFINITY, INFINITY};
+  EXPECT_THROW(linear_sum_assignment(inf_cost.data(), 2, 2), Error);
+}
