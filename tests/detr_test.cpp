@@ -85,3 +85,36 @@ TEST(DetrBackbone, TransformersResNetThroughInputProjection) {
   Tensor x = proj.forward(maps.back().features);
   expect_close(x.reshape({x.size(0), -1, 16}), exp["encoder_hidden_states.0"], "projected features");
 }
+
+namespace {
+
+// Runs a golden case's model on its pixel_values / pixel_mask and compares every float output the
+// case lists (except the processor's), returning how many were compared.
+int run_and_compare(const std::string& case_name) {
+  std::string dir = test::golden_case(case_name);
+  json config = read_json_file(dir + "/config.json");
+  json cs = read_json_file(dir + "/case.json");
+  auto store = load_checkpoint(dir);
+  auto model = create_model(config, cs["model_class"].get<std::string>(), Weights(store));
+  EXPECT_NO_THROW(store->check_complete());
+  EXPECT_TRUE(store->unused().empty()) << "unused: " << store->unused().front();
+  auto exp = read_expected(dir);
+  ModelInputs in;
+  in.pixel_values = exp["pixel_values"];
+  in.pixel_mask = exp["pixel_mask"];
+  in.output_hidden_states = true;
+  ModelOutput out = model->forward(in);
+  int compared = 0;
+  for (auto& name : cs["outputs"].get<std::vector<std::string>>()) {
+    if (name == "pixel_values" || name == "pixel_mask" || name.rfind("loss", 0) == 0) continue;
+    EXPECT_TRUE(out.has(name)) << case_name << " lacks " << name;
+    if (!out.has(name)) continue;
+    expect_close(out.get(name), exp[name], case_name + " " + name);
+    ++compared;
+  }
+  return compared;
+}
+
+}  // namespace
+
+TEST(DetrModel, MatchesGoldenTinyModel) { EXPECT_EQ(run_and_compare("detr-tiny-model"), 7); }
