@@ -1,0 +1,36 @@
+// Fused multi-head scaled-dot-product attention: softmax(scale * Q K^T) V, per head.
+//
+// Q, K and V are read in the layout the projections write them, tokens by rows with the heads side
+// by side in the last dimension ([B, L, heads * head_dim]), so no permute is needed on either side
+// and the context comes back as [B, Lq, heads * head_dim], ready for the output projection.
+//
+// The work is split over (batch, head, block of query rows) and each block does its two matrix
+// products with oneDNN's sgemm (strided, no packing copies) and the softmax in between, so the full
+// [Lq, Lk] score matrix of a head only exists when the caller asks for the probabilities.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace vf {
+
+struct AttentionOptions {
+  float scale = 1.0f;                // applied to Q K^T before the softmax
+  // Optional per-head factor on the probabilities after the softmax (transformers' head_mask as
+  // the 4.x self-attention applies it: probs * head_mask[h]). Float32, numel == heads; or undefined.
+  Tensor head_mask;
+  // When set, *probs receives the probabilities [B, heads, Lq, Lk] (after the head mask, as the
+  // reference returns them with output_attentions).
+  Tensor* probs = nullptr;
+};
+
+// q: [B, Lq, heads*dk], k: [B, Lk, heads*dk], v: [B, Lk, heads*dv] -> [B, Lq, heads*dv].
+Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
+                            const AttentionOptions& opt);
+
+// Packed projections: qkv [B, L, 3*heads*d] holding Q | K | V along the last dimension (one fused
+// Linear) -> [B, L, heads*d].
+Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt);
+
+}  // namespace vf

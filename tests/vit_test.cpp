@@ -1,0 +1,295 @@
+// Vision transformers: the fused attention kernel, DeiT and CvT against their golden cases.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "core/attention.h"
+#include "core/ops.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "models/model.h"
+#include "test_util.h"
+
+using namespace vf;
+
+namespace {
+
+Tensor random_tensor(const Shape& shape, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  Tensor t = Tensor::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = dist(gen);
+  return t;
+}
+
+// Plain multi-head attention, one element at a time, in double: context and probabilities.
+void plain_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, float scale, const float* head_mask,
+                     Tensor* context, Tensor* probs) {
+  const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), dk = q.size(2) / H, dv = v.size(2) / H;
+  *context = Tensor::zeros({B, Lq, H * dv});
+  *probs = Tensor::zeros({B, H, Lq, Lk});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Lq; ++i) {
+        std::vector<double> s(Lk);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < dk; ++c)
+            dot += double(q.f32()[(b * Lq + i) * H * dk + h * dk + c]) * k.f32()[(b * Lk + j) * H * dk + h * dk + c];
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        const double f = head_mask ? head_mask[h] : 1.0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const double p = s[j] / sum * f;
+          probs->f32()[((b * H + h) * Lq + i) * Lk + j] = static_cast<float>(p);
+          for (int64_t c = 0; c < dv; ++c)
+            context->f32()[(b * Lq + i) * H * dv + h * dv + c] +=
+                static_cast<float>(p * v.f32()[(b * Lk + j) * H * dv + h * dv + c]);
+        }
+      }
+}
+
+std::map<std::string, Tensor> read_expected(const std::string& case_dir) {
+  std::map<std::string, Tensor> m;
+  for (auto& [name, t] : read_safetensors(case_dir + "/expected.safetensors")) m[name] = t;
+  return m;
+}
+
+json read_json(const std::string& path) {
+  std::ifstream f(path);
+  return json::parse(f);
+}
+
+struct LoadedCase {
+  std::string dir;
+  json config, spec;
+  std::shared_ptr<WeightStore> store;
+  std::unique_ptr<Model> model;
+  std::map<std::string, Tensor> expected;
+};
+
+LoadedCase load_case(const std::string& name) {
+  LoadedCase c;
+  c.dir = test::golden_case(name);
+  c.config = read_json(c.dir + "/config.json");
+  c.spec = read_json(c.dir + "/case.json");
+  c.store = load_checkpoint(c.dir);
+  c.model = create_model(c.config, c.spec["model_class"].get<std::string>(), Weights(c.store));
+  c.store->check_complete();
+  EXPECT_TRUE(c.store->unused().empty()) << "unused weight " << c.store->unused().front();
+  c.expected = read_expected(c.dir);
+  return c;
+}
+
+// The goldens' tolerance for tiny cases: max|ours - ref| <= 1e-4 * max(1, max|ref|).
+void expect_close(const std::string& name, const ModelOutput& out, const Tensor& ref) {
+  ASSERT_TRUE(out.has(name)) << "no output " << name;
+  const Tensor& ours = out.get(name);
+  ASSERT_EQ(ours.numel(), ref.numel()) << name << ": " << shape_str(ours.shape()) << " vs " << shape_str(ref.shape());
+  if (ref.dim() > 0) EXPECT_EQ(ours.shape(), ref.shape()) << name;
+  const double tol = 1e-4 * std::max(1.0, max_abs(ref));
+  EXPECT_LE(max_abs_diff(ours.reshape(ref.shape()), ref), tol) << name;
+}
+
+// Runs a golden case with hidden states and compares every output the case lists.
+void check_golden(const std::string& name) {
+  LoadedCase c = load_case(name);
+  ModelInputs in;
+  in.pixel_values = c.expected.at("pixel_values");
+  in.output_hidden_states = true;
+  ModelOutput out = c.model->forward(in);
+  int compared = 0;
+  for (auto& o : c.spec["outputs"]) {
+    std::string n = o.get<std::string>();
+    if (n == "pixel_values") continue;
+    expect_close(n, out, c.expected.at(n));
+    ++compared;
+  }
+  EXPECT_GE(compared, 4);
+}
+
+}  // namespace
+
+TEST(VitAttention, MatchesPlainComputation) {
+  const int64_t B = 2, Lq = 37, Lk = 29, H = 3, dk = 8, dv = 5;
+  Tensor q = random_tensor({B, Lq, H * dk}, 1), k = random_tensor({B, Lk, H * dk}, 2),
+         v = random_tensor({B, Lk, H * dv}, 3);
+  const float scale = 0.7f;
+  Tensor ref_ctx, ref_probs;
+  plain_attention(q, k, v, H, scale, nullptr, &ref_ctx, &ref_probs);
+
+  AttentionOptions opt;
+  opt.scale = scale;
+  Tensor ctx = multi_head_attention(q, k, v, H, opt);
+  EXPECT_EQ(ctx.shape(), (Shape{B, Lq, H * dv}));
+  EXPECT_LT(max_abs_diff(ctx, ref_ctx), 1e-5);
+
+  Tensor probs;
+  opt.probs = &probs;
+  Tensor ctx2 = multi_head_attention(q, k, v, H, opt);
+  EXPECT_EQ(max_abs_diff(ctx, ctx2), 0.0);
+  ASSERT_EQ(probs.shape(), (Shape{B, H, Lq, Lk}));
+  EXPECT_LT(max_abs_diff(probs, ref_probs), 1e-6);
+  for (int64_t r = 0; r < B * H * Lq; ++r) {
+    double s = 0;
+    for (int64_t j = 0; j < Lk; ++j) s += probs.f32()[r * Lk + j];
+    EXPECT_NEAR(s, 1.0, 1e-5);
+  }
+}
+
+TEST(VitAttention, PackedEqualsSeparate) {
+  const int64_t B = 2, L = 50, H = 4, d = 16, C = H * d;
+  Tensor qkv = random_tensor({B, L, 3 * C}, 4, -2.0f, 2.0f);
+  Tensor q = narrow(qkv, 2, 0, C), k = narrow(qkv, 2, C, C), v = narrow(qkv, 2, 2 * C, C);
+  AttentionOptions opt;
+  opt.scale = 0.25f;
+  Tensor a = multi_head_attention_packed(qkv, H, opt);
+  Tensor b = multi_head_attention(q, k, v, H, opt);
+  EXPECT_EQ(max_abs_diff(a, b), 0.0);
+  Tensor ref_ctx, ref_probs;
+  plain_attention(q, k, v, H, 0.25f, nullptr, &ref_ctx, &ref_probs);
+  EXPECT_LT(max_abs_diff(a, ref_ctx), 1e-5);
+}
+
+TEST(VitAttention, HeadMaskScalesProbabilities) {
+  const int64_t B = 1, L = 20, H = 3, d = 4;
+  Tensor q = random_tensor({B, L, H * d}, 5), k = random_tensor({B, L, H * d}, 6), v = random_tensor({B, L, H * d}, 7);
+  Tensor mask = Tensor::from<float>({H}, {1.0f, 0.0f, 0.5f});
+  Tensor probs, ref_ctx, ref_probs;
+  AttentionOptions opt;
+  opt.scale = 0.5f;
+  opt.head_mask = mask;
+  opt.probs = &probs;
+  Tensor ctx = multi_head_attention(q, k, v, H, opt);
+  plain_attention(q, k, v, H, 0.5f, mask.f32(), &ref_ctx, &ref_probs);
+  EXPECT_LT(max_abs_diff(ctx, ref_ctx), 1e-5);
+  EXPECT_LT(max_abs_diff(probs, ref_probs), 1e-6);
+  // Head 1 is switched off: zero probabilities and zero context; head 2's rows sum to one half.
+  double s1 = 0, s2 = 0, c1 = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    s1 += std::fabs(probs.f32()[(1 * L + 3) * L + j]);
+    s2 += probs.f32()[(2 * L + 3) * L + j];
+  }
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t c = 0; c < d; ++c) c1 += std::fabs(ctx.f32()[i * H * d + 1 * d + c]);
+  EXPECT_EQ(s1, 0.0);
+  EXPECT_EQ(c1, 0.0);
+  EXPECT_NEAR(s2, 0.5, 1e-5);
+  EXPECT_THROW(multi_head_attention(q, k, v, H, AttentionOptions{0.5f, Tensor::zeros({2}), nullptr}), Error);
+}
+
+TEST(VitDeiT, GoldenTinyModel) { check_golden("deit-tiny-model"); }
+
+TEST(VitCvt, GoldenTinyModel) { check_golden("cvt-tiny-model"); }
+
+// output_attentions on the golden DeiT: shapes, rows summing to one, and layer 0's probabilities
+// recomputed by hand from the embeddings (hidden_states.0) and the checkpoint's weights.
+TEST(VitDeiT, OutputAttentions) {
+  LoadedCase c = load_case("deit-tiny-model");
+  ModelInputs in;
+  in.pixel_values = c.expected.at("pixel_values");
+  in.output_hidden_states = true;
+  in.output_attentions = true;
+  ModelOutput out = c.model->forward(in);
+  const int64_t H = c.config["num_attention_heads"].get<int64_t>(), C = c.config["hidden_size"].get<int64_t>();
+  const int64_t layers = c.config["num_hidden_layers"].get<int64_t>(), L = out.get("last_hidden_state").size(1);
+  for (int64_t i = 0; i < layers; ++i) {
+    const Tensor& a = out.get("attentions." + std::to_string(i));
+    ASSERT_EQ(a.shape(), (Shape{1, H, L, L}));
+    for (int64_t r = 0; r < H * L; r += 7) {
+      double s = 0;
+      for (int64_t j = 0; j < L; ++j) s += a.f32()[r * L + j];
+      EXPECT_NEAR(s, 1.0, 1e-5);
+    }
+  }
+  EXPECT_FALSE(out.has("attentions." + std::to_string(layers)));
+  // Attentions do not change the other outputs.
+  expect_close("last_hidden_state", out, c.expected.at("last_hidden_state"));
+
+  // Layer 0 by hand: LayerNorm (eps 1e-12), query/key projections (this config has no qkv bias),
+  // softmax(q k^T / sqrt(head_dim)).
+  const Tensor& x = c.expected.at("hidden_states.0");
+  auto w = [&](const std::string& n) { return *c.store->find("encoder.layer.0." + n); };
+  Tensor lnw = w("layernorm_before.weight"), lnb = w("layernorm_before.bias");
+  Tensor wq = w("attention.attention.query.weight"), wk = w("attention.attention.key.weight");
+  std::vector<double> ln(L * C), q(L * C), k(L * C);
+  for (int64_t t = 0; t < L; ++t) {
+    double mean = 0, var = 0;
+    for (int64_t j = 0; j < C; ++j) mean += x.f32()[t * C + j];
+    mean /= C;
+    for (int64_t j = 0; j < C; ++j) var += std::pow(x.f32()[t * C + j] - mean, 2);
+    var /= C;
+    for (int64_t j = 0; j < C; ++j)
+      ln[t * C + j] = (x.f32()[t * C + j] - mean) / std::sqrt(var + 1e-12) * lnw.f32()[j] + lnb.f32()[j];
+    for (int64_t o = 0; o < C; ++o) {
+      double sq = 0, sk = 0;
+      for (int64_t j = 0; j < C; ++j) {
+        sq += ln[t * C + j] * wq.f32()[o * C + j];
+        sk += ln[t * C + j] * wk.f32()[o * C + j];
+      }
+      q[t * C + o] = sq;
+      k[t * C + o] = sk;
+    }
+  }
+  const int64_t d = C / H;
+  const Tensor& a0 = out.get("attentions.0");
+  double worst = 0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < L; i += 5) {
+      std::vector<double> s(L);
+      double mx = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < L; ++j) {
+        double dot = 0;
+        for (int64_t e = 0; e < d; ++e) dot += q[i * C + h * d + e] * k[j * C + h * d + e];
+        s[j] = dot / std::sqrt(double(d));
+        mx = std::max(mx, s[j]);
+      }
+      for (auto& z : s) sum += (z = std::exp(z - mx));
+      for (int64_t j = 0; j < L; ++j) worst = std::max(worst, std::fabs(s[j] / sum - a0.f32()[(h * L + i) * L + j]));
+    }
+  EXPECT_LT(worst, 1e-5);
+}
+
+TEST(VitDeiT, HeadMask) {
+  LoadedCase c = load_case("deit-tiny-model");
+  const int64_t H = c.config["num_attention_heads"].get<int64_t>();
+  const int64_t layers = c.config["num_hidden_layers"].get<int64_t>();
+  ModelInputs in;
+  in.pixel_values = c.expected.at("pixel_values");
+  in.output_attentions = true;
+
+  // All ones: the same as no mask.
+  in.head_mask = Tensor::full({layers, H}, 1.0f);
+  ModelOutput ones = c.model->forward(in);
+  expect_close("last_hidden_state", ones, c.expected.at("last_hidden_state"));
+  EXPECT_EQ(max_abs_diff(ones.get("last_hidden_state"), c.model->forward(ModelInputs{in.pixel_values}).get("last_hidden_state")), 0.0);
+
+  // Head 2 of layer 0 off: its probabilities are zero, the others untouched, the output changes.
+  Tensor mask = Tensor::full({layers, H}, 1.0f);
+  mask.f32()[2] = 0.0f;
+  in.head_mask = mask;
+  ModelOutput masked = c.model->forward(in);
+  const Tensor& a = masked.get("attentions.0");
+  const Tensor& a_ref = ones.get("attentions.0");
+  const int64_t L = a.size(2);
+  EXPECT_EQ(max_abs(narrow(a, 1, 2, 1)), 0.0);
+  EXPECT_EQ(max_abs_diff(narrow(a, 1, 0, 2), narrow(a_ref, 1, 0, 2)), 0.0);
+  EXPECT_GT(max_abs_diff(masked.get("last_hidden_state"), ones.get("last_hidden_state")), 1e-3);
+  (void)L;
+
+  // A [num_heads] mask applies to every layer.
+  Tensor per_head = Tensor::full({H}, 1.0f);
+  per_head.f32()[0] = 0.0f;
+  in.head_mask = per_head;
+  ModelOutput all = c.model->forward(in);
+  for (int64_t i = 0; i < layers; ++i) EXPECT_EQ(max_abs(narrow(all.get("attentions." + std::to_string(i)), 1, 0, 1)), 0.0);
+
+  in.head_mask = Tensor::full({H + 1}, 1.0f);
+  EXPECT_THROW(c.model->forward(in), Error);
+}
