@@ -335,6 +335,20 @@ Tensor transpose_last2(const Tensor& x) {
   return permute(x, perm);
 }
 
+Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float value) {
+  require_f32(x, "pad");
+  int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  int64_t oh = h + top + bottom, ow = w + left + right;
+  Tensor y = Tensor::full({n, oh, ow, c}, value);
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < h; ++r)
+      std::memcpy(py + ((i * oh + r + top) * ow + left) * c, px + (i * h + r) * w * c, w * c * sizeof(float));
+  return y;
+}
+
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   if (xs.empty()) throw Error("cat of nothing");
   int64_t d = xs[0].dim();

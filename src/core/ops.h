@@ -110,6 +110,8 @@ Tensor nhwc_to_nchw(const Tensor& x);
 // General permutation (any rank, any dtype of size 1/2/4/8).
 Tensor permute(const Tensor& x, const std::vector<int>& perm);
 Tensor transpose_last2(const Tensor& x);
+// Constant padding of an NHWC map (nn.functional.pad on the H and W dims).
+Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float value = 0.0f);
 // Concatenate along `dim` (all other dims equal, same dtype).
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
 // Sub-range along any dim: [begin, end).

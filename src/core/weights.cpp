@@ -9,6 +9,11 @@ const Tensor* WeightStore::find(const std::string& name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
+bool WeightStore::has_prefix(const std::string& prefix) const {
+  auto it = tensors_.lower_bound(prefix);
+  return it != tensors_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+}
+
 std::vector<std::string> WeightStore::names() const {
   std::vector<std::string> r;
   for (auto& [k, v] : tensors_) r.push_back(k);
@@ -48,6 +53,8 @@ std::vector<std::string> WeightStore::unused() const {
 Weights Weights::pp(const std::string& name) const { return Weights(store_, path(name)); }
 
 bool Weights::has(const std::string& name) const { return store_ && store_->has(path(name)); }
+
+bool Weights::has_module(const std::string& name) const { return store_ && store_->has_prefix(path(name) + "."); }
 
 void Weights::ignore(const std::string& name) const {
   if (has(name)) store_->note_used(path(name));

@@ -21,6 +21,7 @@ class WeightStore {
  public:
   void add(const std::string& name, Tensor t);
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  bool has_prefix(const std::string& prefix) const;
   const Tensor* find(const std::string& name) const;
   std::vector<std::string> names() const;
   size_t size() const { return tensors_.size(); }
@@ -55,6 +56,8 @@ class Weights {
   // As get(), without a shape check (integer buffers, optional tensors of free shape).
   Tensor get_unchecked(const std::string& name) const;
   bool has(const std::string& name) const;
+  // Whether any tensor lives under `prefix.name.` (a submodule is present in the checkpoint).
+  bool has_module(const std::string& name) const;
   // Marks the tensor as consumed (an alias of a tied tensor, an ignored buffer).
   void ignore(const std::string& name) const;
   std::string path(const std::string& name) const { return prefix_.empty() ? name : prefix_ + "." + name; }
