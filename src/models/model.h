@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/detection_target.h"
 #include "core/tensor.h"
 #include "core/weights.h"
 
@@ -26,13 +27,6 @@ class ModelOutput {
 
  private:
   std::vector<std::pair<std::string, Tensor>> items_;
-};
-
-// One image's detection targets, as the DETR family's `labels` (boxes: normalised cx, cy, w, h).
-struct DetectionTarget {
-  Tensor class_labels;  // int64 [n]
-  Tensor boxes;         // float32 [n, 4]
-  Tensor masks;         // float32 [n, H, W] for segmentation losses (optional)
 };
 
 struct ModelInputs {
