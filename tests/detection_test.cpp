@@ -182,3 +182,199 @@ TEST(DetAssignment, TiesAndIntegerCosts) {
   std::vector<double> inf_cost = {INFINITY, INFINITY, INFINITY, INFINITY};
   EXPECT_THROW(linear_sum_assignment(inf_cost.data(), 2, 2), Error);
 }
+
+// ---- post-processing ------------------------------------------------------------------------------
+#include "check_post.h"
+#include "io/json.h"
+#include "io/safetensors.h"
+#include "processors/detr_postprocess.h"
+#include "test_util.h"
+
+namespace {
+
+check::Case load_case(const std::string& name) {
+  check::Case c;
+  c.dir = vf::test::golden_case(name);
+  c.spec = read_json_file(c.dir + "/case.json");
+  for (auto& [k, t] : read_safetensors(c.dir + "/expected.safetensors")) c.expected[k] = t;
+  return c;
+}
+
+// Runs the case's `post` entries on `outputs`; returns (failures, checked).
+std::pair<int, int> run_post_on(const check::Case& c, const std::map<std::string, Tensor>& outputs) {
+  check::CheckReport report;
+  check::run_post(c, outputs, report);
+  return {report.failures(), report.checked()};
+}
+
+}  // namespace
+
+TEST(DetPost, KindFromFamilyOrProcessor) {
+  EXPECT_EQ(detr_post_kind("detr"), DetrPostKind::Detr);
+  EXPECT_EQ(detr_post_kind("DetrImageProcessor"), DetrPostKind::Detr);
+  EXPECT_EQ(detr_post_kind("conditional_detr"), DetrPostKind::ConditionalDetr);
+  EXPECT_EQ(detr_post_kind("DeformableDetrImageProcessorFast"), DetrPostKind::DeformableDetr);
+  EXPECT_EQ(detr_post_kind("deta"), DetrPostKind::Deta);
+  EXPECT_EQ(detr_post_kind("DetaImageProcessor"), DetrPostKind::Deta);
+  EXPECT_THROW(detr_post_kind("vit"), Error);
+}
+
+TEST(DetPost, DetrSoftmaxDetections) {
+  // Two queries, classes {0, 1} + no-object. Query 0: class 1 wins (p ~ 0.84); query 1: no-object
+  // dominates, its best real class has p ~ 0.11.
+  Tensor logits = Tensor::from<float>({1, 2, 3}, {0.f, 2.f, 0.f, 0.f, 0.f, 2.f});
+  Tensor boxes = Tensor::from<float>({1, 2, 4}, {0.5f, 0.5f, 0.2f, 0.4f, 0.25f, 0.25f, 0.5f, 0.5f});
+  ObjectDetectionOptions opt;
+  opt.threshold = 0.5;
+  opt.target_sizes = {{100, 200}};
+  auto d = post_process_object_detection(DetrPostKind::Detr, logits, boxes, opt);
+  ASSERT_EQ(d.size(), 1u);
+  ASSERT_EQ(d[0].scores.numel(), 1);
+  const double e2 = std::exp(2.0);
+  EXPECT_NEAR(d[0].scores.f32()[0], e2 / (e2 + 2), 1e-6);
+  EXPECT_EQ(d[0].labels.data<int64_t>()[0], 1);
+  const float want[4] = {0.4f * 200, 0.3f * 100, 0.6f * 200, 0.7f * 100};
+  for (int k = 0; k < 4; ++k) EXPECT_NEAR(d[0].boxes.f32()[k], want[k], 1e-4);
+  opt.threshold = 0.1;
+  opt.target_sizes.clear();
+  d = post_process_object_detection(DetrPostKind::Detr, logits, boxes, opt);
+  ASSERT_EQ(d[0].scores.numel(), 2);  // query order, relative boxes
+  EXPECT_NEAR(d[0].scores.f32()[1], 1 / (e2 + 2), 1e-6);
+  EXPECT_EQ(d[0].labels.data<int64_t>()[1], 0);
+  EXPECT_NEAR(d[0].boxes.f32()[4], 0.0f, 1e-7);
+  EXPECT_NEAR(d[0].boxes.f32()[7], 0.5f, 1e-7);
+  opt.target_sizes = {{1, 1}, {2, 2}};
+  EXPECT_THROW(post_process_object_detection(DetrPostKind::Detr, logits, boxes, opt), Error);
+}
+
+TEST(DetPost, SigmoidTopKAndDetaNms) {
+  // Query 0 and 1 are the same box; query 2 elsewhere. Two classes.
+  Tensor logits = Tensor::from<float>({1, 3, 2}, {3.f, -1.f, 2.f, 1.f, -2.f, 0.5f});
+  Tensor boxes = Tensor::from<float>({1, 3, 4}, {0.5f, 0.5f, 0.2f, 0.2f, 0.5f, 0.5f, 0.2f, 0.2f, 0.2f, 0.2f, 0.1f, 0.1f});
+  ObjectDetectionOptions opt;
+  opt.threshold = 0.0;
+  opt.top_k = 3;
+  auto d = post_process_object_detection(DetrPostKind::DeformableDetr, logits, boxes, opt);
+  // Sorted pairs: (q0,c0) 3, (q1,c0) 2, (q1,c1) 1 ...
+  ASSERT_EQ(d[0].scores.numel(), 3);
+  EXPECT_NEAR(d[0].scores.f32()[0], 1 / (1 + std::exp(-3.0)), 1e-6);
+  EXPECT_EQ(std::vector<int64_t>(d[0].labels.data<int64_t>(), d[0].labels.data<int64_t>() + 3),
+            (std::vector<int64_t>{0, 0, 1}));
+  EXPECT_NEAR(d[0].boxes.f32()[8], 0.4f, 1e-7);  // third pick is query 1
+  // DETA: per class, the same box of queries 0 and 1 survives once: (q1,c0) falls to (q0,c0) and
+  // (q0,c1) to (q1,c1); query 2's box stays in both classes.
+  opt.nms_threshold = 0.7;
+  d = post_process_object_detection(DetrPostKind::Deta, logits, boxes, opt);
+  ASSERT_EQ(d[0].scores.numel(), 4);
+  EXPECT_EQ(std::vector<int64_t>(d[0].labels.data<int64_t>(), d[0].labels.data<int64_t>() + 4),
+            (std::vector<int64_t>{0, 1, 1, 0}));
+  EXPECT_NEAR(d[0].scores.f32()[1], 1 / (1 + std::exp(-1.0)), 1e-6);
+}
+
+TEST(DetPost, PanopticAndInstanceSegments) {
+  // Classes {0, 1, 2} + no-object (3). Queries: 0 -> class 1 (left column), 1 -> class 2 (right
+  // column, top), 2 -> class 1 (right column, bottom), 3 -> no-object.
+  const float hi = 4.f, lo = -4.f;
+  Tensor logits = Tensor::from<float>({1, 4, 4}, {0, 5, 0, 0, 0, 0, 5, 0, 0, 5, 0, 0, 0, 0, 0, 5});
+  Tensor masks = Tensor::from<float>({1, 4, 2, 2}, {hi, lo, hi, lo, lo, hi, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi});
+  SegmentationOptions opt;
+  auto inst = post_process_instance_segmentation(DetrPostKind::Detr, logits, masks, opt);
+  ASSERT_EQ(inst.size(), 1u);
+  ASSERT_EQ(inst[0].segmentation.dtype(), DType::I32);
+  const int32_t* s = inst[0].segmentation.data<int32_t>();
+  EXPECT_EQ(std::vector<int32_t>(s, s + 4), (std::vector<int32_t>{1, 2, 1, 3}));
+  ASSERT_EQ(inst[0].segments_info.size(), 3u);
+  EXPECT_EQ(inst[0].segments_info[2].label_id, 1);
+  EXPECT_FALSE(inst[0].segments_info[2].was_fused);
+  const double e5 = std::exp(5.0);
+  EXPECT_NEAR(inst[0].segments_info[0].score, e5 / (e5 + 3), 1e-6);
+
+  // Fusing class 1: queries 0 and 2 share segment 1; the reference then continues counting from
+  // the reused id, so query 2's successor would get id 2 again.
+  opt.label_ids_to_fuse = {1};
+  auto pan = post_process_panoptic_segmentation(DetrPostKind::Detr, logits, masks, opt);
+  s = pan[0].segmentation.data<int32_t>();
+  EXPECT_EQ(std::vector<int32_t>(s, s + 4), (std::vector<int32_t>{1, 2, 1, 1}));
+  ASSERT_EQ(pan[0].segments_info.size(), 3u);
+  EXPECT_EQ(pan[0].segments_info[2].id, 1);
+  EXPECT_TRUE(pan[0].segments_info[2].was_fused);
+  EXPECT_FALSE(pan[0].segments_info[1].was_fused);
+
+  // A target size resizes the masks first; the overlap rule drops query 2 when its own mask is
+  // mostly taken by others.
+  opt.label_ids_to_fuse.clear();
+  opt.target_sizes = {{4, 4}};
+  pan = post_process_panoptic_segmentation(DetrPostKind::Detr, logits, masks, opt);
+  EXPECT_EQ(pan[0].segmentation.shape(), (Shape{4, 4}));
+  EXPECT_EQ(pan[0].segmentation.data<int32_t>()[0], 1);
+  EXPECT_EQ(pan[0].segmentation.data<int32_t>()[15], 3);
+
+  // Nothing above the threshold: a float map of -1.
+  opt.threshold = 0.99;
+  pan = post_process_panoptic_segmentation(DetrPostKind::Detr, logits, masks, opt);
+  EXPECT_EQ(pan[0].segmentation.dtype(), DType::F32);
+  EXPECT_EQ(pan[0].segmentation.shape(), (Shape{4, 4}));
+  EXPECT_EQ(pan[0].segmentation.f32()[5], -1.0f);
+  EXPECT_TRUE(pan[0].segments_info.empty());
+
+  // COCO run-length encoding of the instance map.
+  opt.threshold = 0.5;
+  opt.target_sizes.clear();
+  opt.return_coco_annotation = true;
+  inst = post_process_instance_segmentation(DetrPostKind::Detr, logits, masks, opt);
+  ASSERT_TRUE(inst[0].has_rle);
+  ASSERT_EQ(inst[0].rle.size(), 3u);  // values 1, 2, 3 on the map [1, 2, 1, 3]
+  EXPECT_EQ(inst[0].rle[0], (std::vector<int64_t>{1, 1, 3, 1}));
+  EXPECT_EQ(inst[0].rle[2], (std::vector<int64_t>{4, 1}));
+  EXPECT_THROW(post_process_panoptic_segmentation(DetrPostKind::DeformableDetr, logits, masks, opt), Error);
+}
+
+TEST(DetPost, SemanticSegmentation) {
+  // DETR drops the no-object column; Conditional DETR keeps every class.
+  Tensor logits = Tensor::from<float>({1, 2, 3}, {4, 0, 0, 0, 4, 6});
+  Tensor masks = Tensor::from<float>({1, 2, 1, 2}, {5, -5, -5, 5});
+  auto m = post_process_semantic_segmentation(DetrPostKind::Detr, logits, masks);
+  ASSERT_EQ(m[0].shape(), (Shape{1, 2}));
+  EXPECT_EQ(m[0].data<int64_t>()[0], 0);
+  EXPECT_EQ(m[0].data<int64_t>()[1], 1);
+  m = post_process_semantic_segmentation(DetrPostKind::ConditionalDetr, logits, masks, {{3, 5}});
+  ASSERT_EQ(m[0].shape(), (Shape{3, 5}));
+  EXPECT_EQ(m[0].data<int64_t>()[0], 0);
+  EXPECT_EQ(m[0].data<int64_t>()[4], 2);
+}
+
+TEST(DetPost, GoldenPostprocCases) {
+  for (const char* name : {"postproc-deformable-detr", "postproc-deta"}) {
+    check::Case c = load_case(name);
+    auto [failures, checked] = run_post_on(c, c.expected);
+    EXPECT_EQ(failures, 0) << name;
+    EXPECT_GE(checked, 4) << name;
+  }
+}
+
+TEST(DetPost, GoldenModelCasesOnReferenceOutputs) {
+  for (const char* name : {"conditional-detr-tiny-det", "deformable-detr-tiny-det"}) {
+    check::Case c = load_case(name);
+    auto [failures, checked] = run_post_on(c, c.expected);
+    EXPECT_EQ(failures, 0) << name;
+    EXPECT_EQ(checked, 2) << name;
+  }
+}
+
+TEST(DetPost, GoldenComparisonCatchesWrongOutputs) {
+  check::Case c = load_case("postproc-deta");
+  std::map<std::string, Tensor> outs = c.expected;
+  // Lower the best logit of image 0: its top detection drops in score and must be reported.
+  Tensor logits = outs["logits"].clone();
+  float* l = logits.f32();
+  int64_t best = std::max_element(l, l + logits.size(1) * logits.size(2)) - l;
+  l[best] -= 3.0f;
+  outs["logits"] = logits;
+  EXPECT_GT(run_post_on(c, outs).first, 0);
+  // Shift the boxes by more than the tolerance.
+  outs = c.expected;
+  Tensor boxes = outs["pred_boxes"].clone();
+  for (int64_t i = 0; i < boxes.numel(); i += 4) boxes.f32()[i] += 0.01f;
+  outs["pred_boxes"] = boxes;
+  EXPECT_GT(run_post_on(c, outs).first, 0);
+}

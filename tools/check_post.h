@@ -1,0 +1,17 @@
+// `vf check`, post-processing stage: runs every entry of case.json `post` through the DETR-family
+// post-processing and compares with the reference results (tolerances: goldens README).
+#pragma once
+
+#include <map>
+#include <string>
+
+#include "golden.h"
+
+namespace vf::check {
+
+// `model_outputs` supplies logits / pred_boxes / pred_masks (for `postproc-*` cases, pass
+// c.expected). The processor variant comes from case.json `family` (else `processor`, else the
+// config's model_type). One report line per compared result.
+void run_post(const Case& c, const std::map<std::string, Tensor>& model_outputs, CheckReport& report);
+
+}  // namespace vf::check
