@@ -7,6 +7,7 @@ namespace vf {
 void register_bit_models();
 void register_convnext_models();
 void register_convnextv2_models();
+void register_detr_models();
 void register_deit_models();
 void register_cvt_models();
 
@@ -14,6 +15,7 @@ void register_all_models() {
   register_bit_models();
   register_convnext_models();
   register_convnextv2_models();
+  register_detr_models();
   register_deit_models();
   register_cvt_models();
 }

@@ -1,0 +1,500 @@
+#include "models/detr.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace vf {
+
+// ---- config -------------------------------------------------------------------------------------
+
+void read_detr_config_fields(const json& cfg, DetrConfig& c) {
+  c.num_channels = cfg_get<int64_t>(cfg, "num_channels", c.num_channels);
+  c.num_queries = cfg_get<int64_t>(cfg, "num_queries", c.num_queries);
+  c.encoder_layers = cfg_get<int64_t>(cfg, "encoder_layers", c.encoder_layers);
+  c.encoder_ffn_dim = cfg_get<int64_t>(cfg, "encoder_ffn_dim", c.encoder_ffn_dim);
+  c.encoder_attention_heads = cfg_get<int64_t>(cfg, "encoder_attention_heads", c.encoder_attention_heads);
+  c.decoder_layers = cfg_get<int64_t>(cfg, "decoder_layers", c.decoder_layers);
+  c.decoder_ffn_dim = cfg_get<int64_t>(cfg, "decoder_ffn_dim", c.decoder_ffn_dim);
+  c.decoder_attention_heads = cfg_get<int64_t>(cfg, "decoder_attention_heads", c.decoder_attention_heads);
+  c.activation_function = cfg_get<std::string>(cfg, "activation_function", c.activation_function);
+  c.d_model = cfg_get<int64_t>(cfg, "d_model", c.d_model);
+  c.auxiliary_loss = cfg_get<bool>(cfg, "auxiliary_loss", c.auxiliary_loss);
+  c.position_embedding_type = cfg_get<std::string>(cfg, "position_embedding_type", c.position_embedding_type);
+  c.class_cost = cfg_get<double>(cfg, "class_cost", c.class_cost);
+  c.bbox_cost = cfg_get<double>(cfg, "bbox_cost", c.bbox_cost);
+  c.giou_cost = cfg_get<double>(cfg, "giou_cost", c.giou_cost);
+  c.mask_loss_coefficient = cfg_get<double>(cfg, "mask_loss_coefficient", c.mask_loss_coefficient);
+  c.dice_loss_coefficient = cfg_get<double>(cfg, "dice_loss_coefficient", c.dice_loss_coefficient);
+  c.bbox_loss_coefficient = cfg_get<double>(cfg, "bbox_loss_coefficient", c.bbox_loss_coefficient);
+  c.giou_loss_coefficient = cfg_get<double>(cfg, "giou_loss_coefficient", c.giou_loss_coefficient);
+  c.eos_coefficient = cfg_get<double>(cfg, "eos_coefficient", c.eos_coefficient);
+  // PretrainedConfig: num_labels is len(id2label) when given, else the num_labels key (default 2).
+  auto labels = read_id2label(cfg);
+  c.num_labels = !labels.empty() ? static_cast<int64_t>(labels.size()) : cfg_get<int64_t>(cfg, "num_labels", 2);
+  c.backbone = read_detr_backbone_config(cfg, {1, 2, 3, 4}, {"stage4"});
+
+  if (c.d_model <= 0 || c.encoder_attention_heads <= 0 || c.decoder_attention_heads <= 0 ||
+      c.d_model % c.encoder_attention_heads || c.d_model % c.decoder_attention_heads)
+    throw Error("config: d_model " + std::to_string(c.d_model) + " is not divisible by the attention heads");
+  if (c.position_embedding_type != "sine" && c.position_embedding_type != "learned")
+    throw Error("config: position_embedding_type '" + c.position_embedding_type + "' is not 'sine' or 'learned'");
+  if (c.num_queries <= 0) throw Error("config: num_queries must be positive");
+}
+
+DetrConfig DetrConfig::from_json(const json& cfg) {
+  DetrConfig c;
+  read_detr_config_fields(cfg, c);
+  return c;
+}
+
+std::string find_checkpoint_prefix(const Weights& w, const std::string& probe,
+                                   const std::vector<std::string>& candidates) {
+  for (auto& p : candidates)
+    if (w.has(p + probe)) return p;
+  return candidates.front();
+}
+
+// ---- attention ----------------------------------------------------------------------------------
+
+Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads, float scaling,
+                           const Tensor& key_mask) {
+  const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
+  const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
+  Tensor qh = permute(q.reshape({B, Lq, num_heads, dk}), {0, 2, 1, 3});
+  Tensor kh = permute(k.reshape({B, Lk, num_heads, dk}), {0, 2, 1, 3});
+  Tensor vh = permute(v.reshape({B, Lk, num_heads, dv}), {0, 2, 1, 3});
+  Tensor scores = matmul(qh, kh, /*trans_b=*/true, scaling);  // [B, H, Lq, Lk]
+  if (key_mask.defined()) {
+    // The reference adds finfo.min on padded keys; setting it gives the same softmax.
+    const uint8_t* m = key_mask.data<uint8_t>();
+    float* s = scores.f32();
+    const float lowest = std::numeric_limits<float>::lowest();
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = 0; r < num_heads * Lq; ++r) {
+        float* row = s + (b * num_heads * Lq + r) * Lk;
+        const uint8_t* mb = m + b * Lk;
+        for (int64_t j = 0; j < Lk; ++j)
+          if (!mb[j]) row[j] = lowest;
+      }
+  }
+  softmax_lastdim_inplace(scores);
+  Tensor out = matmul(scores, vh);  // [B, H, Lq, dv]
+  return permute(out, {0, 2, 1, 3}).reshape({B, Lq, num_heads * dv});
+}
+
+DetrAttention::DetrAttention(const Weights& w, int64_t d_model, int64_t num_heads) : num_heads_(num_heads) {
+  auto lin = [&](const std::string& name) {
+    return Linear(w.get(name + ".weight", {d_model, d_model}), w.get(name + ".bias", {d_model}));
+  };
+  q_proj_ = lin("q_proj");
+  k_proj_ = lin("k_proj");
+  v_proj_ = lin("v_proj");
+  out_proj_ = lin("out_proj");
+  scaling_ = 1.0f / std::sqrt(static_cast<float>(d_model / num_heads));
+}
+
+Tensor DetrAttention::forward(const Tensor& hidden, const Tensor& position_embeddings, const Tensor& key_value_states,
+                              const Tensor& key_position_embeddings, const Tensor& key_mask,
+                              const Tensor* residual) const {
+  const Tensor& kv = key_value_states.defined() ? key_value_states : hidden;
+  const Tensor& kv_pos = key_value_states.defined() ? key_position_embeddings : position_embeddings;
+  Tensor q_in = position_embeddings.defined() ? add(hidden, position_embeddings) : hidden;
+  Tensor k_in = kv_pos.defined() ? (key_value_states.defined() ? add(kv, kv_pos) : q_in) : kv;
+  Tensor attn = multihead_attention(q_proj_.forward(q_in), k_proj_.forward(k_in), v_proj_.forward(kv), num_heads_,
+                                    scaling_, key_mask);
+  return out_proj_.forward(attn, residual);
+}
+
+DetrFeedForward::DetrFeedForward(const Weights& w, int64_t d_model, int64_t ffn_dim, Act act)
+    : fc1(w.get("fc1.weight", {ffn_dim, d_model}), w.get("fc1.bias", {ffn_dim}), act),
+      fc2(w.get("fc2.weight", {d_model, ffn_dim}), w.get("fc2.bias", {d_model})) {}
+
+Tensor DetrFeedForward::forward(const Tensor& x) const { return fc2.forward(fc1.forward(x), &x); }
+
+LayerNorm::LayerNorm(const Weights& w, int64_t dim) : weight(w.get("weight", {dim})), bias(w.get("bias", {dim})) {}
+
+// ---- encoder ------------------------------------------------------------------------------------
+
+DetrEncoderLayer::DetrEncoderLayer(const Weights& w, const DetrConfig& cfg)
+    : self_attn_(w.pp("self_attn"), cfg.d_model, cfg.encoder_attention_heads),
+      self_attn_layer_norm_(w.pp("self_attn_layer_norm"), cfg.d_model),
+      final_layer_norm_(w.pp("final_layer_norm"), cfg.d_model),
+      mlp_(w, cfg.d_model, cfg.encoder_ffn_dim, act_from_name(cfg.activation_function)) {}
+
+Tensor DetrEncoderLayer::forward(const Tensor& hidden, const Tensor& key_mask,
+                                 const Tensor& spatial_position_embeddings) const {
+  Tensor h = self_attn_.forward(hidden, spatial_position_embeddings, Tensor(), Tensor(), key_mask, &hidden);
+  h = self_attn_layer_norm_.forward(h);
+  return final_layer_norm_.forward(mlp_.forward(h));
+}
+
+DetrEncoder::DetrEncoder(const Weights& w, const DetrConfig& cfg) {
+  for (int64_t i = 0; i < cfg.encoder_layers; ++i) layers_.emplace_back(w.pp("layers").pp(i), cfg);
+}
+
+DetrEncoderOutput DetrEncoder::forward(const Tensor& inputs_embeds, const Tensor& key_mask,
+                                       const Tensor& spatial_position_embeddings, bool output_hidden_states) const {
+  DetrEncoderOutput out;
+  Tensor h = inputs_embeds;
+  if (output_hidden_states) out.hidden_states.push_back(h);
+  for (auto& layer : layers_) {
+    h = layer.forward(h, key_mask, spatial_position_embeddings);
+    if (output_hidden_states) out.hidden_states.push_back(h);
+  }
+  out.last_hidden_state = h;
+  return out;
+}
+
+// ---- decoder ------------------------------------------------------------------------------------
+
+DetrDecoderLayer::DetrDecoderLayer(const Weights& w, const DetrConfig& cfg)
+    : self_attn_(w.pp("self_attn"), cfg.d_model, cfg.decoder_attention_heads),
+      encoder_attn_(w.pp("encoder_attn"), cfg.d_model, cfg.decoder_attention_heads),
+      self_attn_layer_norm_(w.pp("self_attn_layer_norm"), cfg.d_model),
+      encoder_attn_layer_norm_(w.pp("encoder_attn_layer_norm"), cfg.d_model),
+      final_layer_norm_(w.pp("final_layer_norm"), cfg.d_model),
+      mlp_(w, cfg.d_model, cfg.decoder_ffn_dim, act_from_name(cfg.activation_function)) {}
+
+Tensor DetrDecoderLayer::forward(const Tensor& hidden, const Tensor& spatial_position_embeddings,
+                                 const Tensor& object_queries_position_embeddings,
+                                 const Tensor& encoder_hidden_states, const Tensor& encoder_key_mask) const {
+  Tensor h = self_attn_.forward(hidden, object_queries_position_embeddings, Tensor(), Tensor(), Tensor(), &hidden);
+  h = self_attn_layer_norm_.forward(h);
+  Tensor c = encoder_attn_.forward(h, object_queries_position_embeddings, encoder_hidden_states,
+                                   spatial_position_embeddings, encoder_key_mask, &h);
+  c = encoder_attn_layer_norm_.forward(c);
+  return final_layer_norm_.forward(mlp_.forward(c));
+}
+
+DetrDecoder::DetrDecoder(const Weights& w, const DetrConfig& cfg)
+    : layernorm_(w.pp("layernorm"), cfg.d_model), auxiliary_loss_(cfg.auxiliary_loss) {
+  for (int64_t i = 0; i < cfg.decoder_layers; ++i) layers_.emplace_back(w.pp("layers").pp(i), cfg);
+}
+
+DetrDecoderOutput DetrDecoder::forward(const Tensor& inputs_embeds, const Tensor& encoder_hidden_states,
+                                       const Tensor& encoder_key_mask, const Tensor& spatial_position_embeddings,
+                                       const Tensor& object_queries_position_embeddings,
+                                       bool output_hidden_states) const {
+  DetrDecoderOutput out;
+  Tensor h = inputs_embeds;
+  std::vector<Tensor> intermediate;
+  if (output_hidden_states) out.hidden_states.push_back(h);
+  for (auto& layer : layers_) {
+    h = layer.forward(h, spatial_position_embeddings, object_queries_position_embeddings, encoder_hidden_states,
+                      encoder_key_mask);
+    if (output_hidden_states) out.hidden_states.push_back(h);
+    if (auxiliary_loss_) {
+      // The reference normalises the running state itself here (not a copy) when auxiliary_loss is on.
+      h = layernorm_.forward(h);
+      intermediate.push_back(h.reshape({1, h.size(0), h.size(1), h.size(2)}));
+    }
+  }
+  out.last_hidden_state = layernorm_.forward(h);
+  // The reference's hidden_states end with the normalised output, not the last layer's.
+  if (output_hidden_states) out.hidden_states.back() = out.last_hidden_state;
+  if (auxiliary_loss_ && !intermediate.empty()) out.intermediate_hidden_states = cat(intermediate, 0);
+  return out;
+}
+
+// ---- front end ----------------------------------------------------------------------------------
+
+DetrConvModel::DetrConvModel(const Weights& w, const DetrConfig& cfg) {
+  Weights bw = w.pp("backbone");
+  conv_encoder_ = DetrConvEncoder(cfg.backbone, bw.pp("conv_encoder").pp("model"));
+  const int64_t half = cfg.d_model / 2;
+  if (cfg.position_embedding_type == "learned") {
+    // Hub checkpoints keep it inside the backbone wrapper (DetrConvModel); newer ones on the model.
+    Weights pw = bw.has("position_embedding.row_embeddings.weight") ? bw.pp("position_embedding")
+                                                                    : w.pp("position_embedding");
+    learned_ = LearnedPositionEmbedding(pw, half);
+  } else {
+    sine_.num_position_features = half;
+    sine_.normalize = true;
+  }
+  const int64_t c = conv_encoder_.intermediate_channel_sizes().back();
+  input_projection_ = Conv2d(w.get("input_projection.weight", {cfg.d_model, c, 1, 1}),
+                             w.get("input_projection.bias", {cfg.d_model}), Conv2dOptions{});
+}
+
+DetrFrontOutput DetrConvModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask) const {
+  DetrFrontOutput out;
+  out.features = conv_encoder_.forward(pixel_values, pixel_mask);
+  const DetrFeatureMap& last = out.features.back();
+  const int64_t B = last.features.size(0), h = last.features.size(1), w = last.features.size(2);
+  out.projected_feature_map = input_projection_.forward(last.features);
+  const int64_t D = out.projected_feature_map.size(3);
+  out.flattened_features = out.projected_feature_map.reshape({B, h * w, D});
+  Tensor pos = learned_.defined() ? learned_.forward(B, h, w) : sine_position_embedding(last.mask, sine_);
+  out.spatial_position_embeddings = pos.reshape({B, h * w, pos.size(3)});
+  out.flattened_mask = last.mask.reshape({B, h * w});
+  return out;
+}
+
+// ---- DetrModel ----------------------------------------------------------------------------------
+
+DetrModel::DetrModel(const Weights& w, const DetrConfig& cfg)
+    : backbone_(w, cfg),
+      query_position_embeddings_(w.get("query_position_embeddings.weight", {cfg.num_queries, cfg.d_model})),
+      encoder_(w.pp("encoder"), cfg),
+      decoder_(w.pp("decoder"), cfg) {}
+
+DetrModelOutputs DetrModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask,
+                                    bool output_hidden_states) const {
+  DetrModelOutputs out;
+  out.front = backbone_.forward(pixel_values, pixel_mask);
+  out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
+                                 out.front.spatial_position_embeddings, output_hidden_states);
+  const int64_t B = pixel_values.size(0), Q = query_position_embeddings_.size(0), D = query_position_embeddings_.size(1);
+  Tensor query_pos = Tensor::empty({B, Q, D});
+  for (int64_t b = 0; b < B; ++b) query_pos[b].copy_from(query_position_embeddings_);
+  Tensor queries = Tensor::zeros({B, Q, D});
+  out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
+                                 out.front.spatial_position_embeddings, query_pos, output_hidden_states);
+  return out;
+}
+
+void DetrModelOutputs::write(ModelOutput& out) const {
+  out.set("last_hidden_state", decoder.last_hidden_state);
+  if (!decoder.hidden_states.empty()) out.set_list("decoder_hidden_states", decoder.hidden_states);
+  out.set("encoder_last_hidden_state", encoder.last_hidden_state);
+  if (!encoder.hidden_states.empty()) out.set_list("encoder_hidden_states", encoder.hidden_states);
+}
+
+// ---- heads --------------------------------------------------------------------------------------
+
+DetrMLPPredictionHead::DetrMLPPredictionHead(const Weights& w, int64_t input_dim, int64_t hidden_dim,
+                                             int64_t output_dim, int num_layers) {
+  for (int i = 0; i < num_layers; ++i) {
+    const int64_t in = i == 0 ? input_dim : hidden_dim;
+    const int64_t out = i == num_layers - 1 ? output_dim : hidden_dim;
+    Weights lw = w.pp("layers").pp(i);
+    layers_.emplace_back(lw.get("weight", {out, in}), lw.get("bias", {out}),
+                         i < num_layers - 1 ? Act::Relu : Act::None);
+  }
+}
+
+Tensor DetrMLPPredictionHead::forward(const Tensor& x) const {
+  Tensor h = x;
+  for (auto& l : layers_) h = l.forward(h);
+  return h;
+}
+
+void sigmoid_inplace(Tensor& x) { act_inplace(x, Act::Sigmoid); }
+
+DetrMHAttentionMap::DetrMHAttentionMap(const Weights& w, int64_t d_model, int64_t num_heads)
+    : q_linear_(w.get("q_linear.weight", {d_model, d_model}), w.get("q_linear.bias", {d_model})),
+      k_linear_(w.get("k_linear.weight", {d_model, d_model}), w.get("k_linear.bias", {d_model})),
+      num_heads_(num_heads),
+      scaling_(1.0f / std::sqrt(static_cast<float>(d_model / num_heads))) {}
+
+Tensor DetrMHAttentionMap::forward(const Tensor& queries, const Tensor& memory, const Tensor& key_mask, int64_t h,
+                                   int64_t w) const {
+  const int64_t B = queries.size(0), Q = queries.size(1), D = queries.size(2), H = num_heads_, dh = D / H;
+  const int64_t L = memory.size(1);
+  // (q * scaling) k^T per head: [B, H, Q, L].
+  Tensor q = permute(q_linear_.forward(queries).reshape({B, Q, H, dh}), {0, 2, 1, 3});
+  Tensor k = permute(k_linear_.forward(memory).reshape({B, L, H, dh}), {0, 2, 1, 3});
+  Tensor scores = matmul(scale(q, scaling_), k, /*trans_b=*/true);
+  // -> [B, Q, L, H]: softmax runs over heads and positions together, and this order is the mask
+  // head's channels-last input.
+  Tensor s = permute(scores, {0, 2, 3, 1});
+  if (key_mask.defined()) {
+    const uint8_t* m = key_mask.data<uint8_t>();
+    float* p = s.f32();
+    const float lowest = std::numeric_limits<float>::lowest();
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t qi = 0; qi < Q; ++qi)
+        for (int64_t l = 0; l < L; ++l)
+          if (!m[b * L + l])
+            for (int64_t n = 0; n < H; ++n) p[((b * Q + qi) * L + l) * H + n] = lowest;
+  }
+  Tensor flat = s.reshape({B, Q, L * H});
+  softmax_lastdim_inplace(flat);
+  return flat.reshape({B * Q, h, w, H});
+}
+
+DetrMaskHeadSmallConv::DetrMaskHeadSmallConv(const Weights& w, int64_t input_channels,
+                                             const std::vector<int64_t>& fpn_channels, int64_t hidden_size, Act act)
+    : act_(act) {
+  if (input_channels % 8 != 0)
+    throw Error("mask head: input_channels must be divisible by 8, got " + std::to_string(input_channels));
+  if (fpn_channels.size() != 3) throw Error("mask head: needs 3 FPN levels from the backbone");
+  const int64_t dims[6] = {input_channels, hidden_size / 2, hidden_size / 4, hidden_size / 8, hidden_size / 16, 0};
+  Conv2dOptions same3;
+  same3.pad_top = same3.pad_left = same3.pad_bottom = same3.pad_right = 1;
+  // lay1: input -> input, lay2: input -> D/2, lay3..5: halving.
+  const int64_t ins[5] = {input_channels, input_channels, dims[1], dims[2], dims[3]};
+  const int64_t outs[5] = {input_channels, dims[1], dims[2], dims[3], dims[4]};
+  for (int i = 0; i < 5; ++i) {
+    std::string n = std::to_string(i + 1);
+    lay_.emplace_back(w.get("lay" + n + ".weight", {outs[i], ins[i], 3, 3}), w.get("lay" + n + ".bias", {outs[i]}),
+                      same3);
+    gn_w_.push_back(w.get("gn" + n + ".weight", {outs[i]}));
+    gn_b_.push_back(w.get("gn" + n + ".bias", {outs[i]}));
+    gn_groups_.push_back(static_cast<int>(std::min<int64_t>(8, outs[i])));
+  }
+  for (int i = 0; i < 3; ++i) {
+    std::string n = std::to_string(i + 1);
+    adapter_.emplace_back(w.get("adapter" + n + ".weight", {outs[i + 1], fpn_channels[i], 1, 1}),
+                          w.get("adapter" + n + ".bias", {outs[i + 1]}), Conv2dOptions{});
+  }
+  out_lay_ = Conv2d(w.get("out_lay.weight", {1, dims[4], 3, 3}), w.get("out_lay.bias", {1}), same3);
+}
+
+Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& attention_masks,
+                                      const std::vector<Tensor>& fpn_features) const {
+  const int64_t B = features.size(0), h = features.size(1), w = features.size(2), D = features.size(3);
+  const int64_t BQ = attention_masks.size(0), Q = BQ / B, heads = attention_masks.size(3);
+  // cat([features expanded over queries, attention masks], channels).
+  Tensor x = Tensor::empty({BQ, h, w, D + heads});
+  {
+    const float* f = features.f32();
+    const float* a = attention_masks.f32();
+    float* o = x.f32();
+#pragma omp parallel for
+    for (int64_t bq = 0; bq < BQ; ++bq) {
+      const int64_t b = bq / Q;
+      for (int64_t p = 0; p < h * w; ++p) {
+        float* dst = o + (bq * h * w + p) * (D + heads);
+        std::copy_n(f + (b * h * w + p) * D, D, dst);
+        std::copy_n(a + (bq * h * w + p) * heads, heads, dst + D);
+      }
+    }
+  }
+  auto block = [&](int i, const Tensor& in) {
+    return group_norm_nhwc(lay_[i].forward(in), gn_groups_[i], gn_w_[i], gn_b_[i], 1e-5f, act_);
+  };
+  x = block(0, x);
+  x = block(1, x);
+  for (int s = 0; s < 3; ++s) {
+    // The adapter runs once per image; its output is shared by the image's queries.
+    Tensor fpn = adapter_[s].forward(fpn_features[s]);
+    const int64_t fh = fpn.size(1), fw = fpn.size(2), C = fpn.size(3);
+    Tensor up = interpolate_nearest_nhwc(x, fh, fw);
+    float* u = up.f32();
+    const float* pf = fpn.f32();
+#pragma omp parallel for
+    for (int64_t bq = 0; bq < BQ; ++bq) {
+      const float* src = pf + (bq / Q) * fh * fw * C;
+      float* dst = u + bq * fh * fw * C;
+      for (int64_t i = 0; i < fh * fw * C; ++i) dst[i] = src[i] + dst[i];
+    }
+    x = block(2 + s, up);
+  }
+  Tensor out = out_lay_.forward(x);  // [B*Q, H', W', 1]
+  return out.reshape({B, Q, out.size(1), out.size(2)});
+}
+
+DetrSegmentationHead::DetrSegmentationHead(const Weights& w, const DetrConfig& cfg,
+                                           const std::vector<int64_t>& backbone_channels)
+    : bbox_attention_(w.pp("bbox_attention"), cfg.d_model, cfg.encoder_attention_heads) {
+  if (backbone_channels.size() < 4)
+    throw Error("segmentation needs 4 backbone feature levels (out_features stage1..stage4), got " +
+                std::to_string(backbone_channels.size()));
+  // intermediate_channel_sizes[::-1][-3:]: the first three levels, coarsest first.
+  std::vector<int64_t> fpn = {backbone_channels[2], backbone_channels[1], backbone_channels[0]};
+  mask_head_ = DetrMaskHeadSmallConv(w.pp("mask_head"), cfg.d_model + cfg.encoder_attention_heads, fpn,
+                                     cfg.d_model, act_from_name(cfg.activation_function));
+}
+
+Tensor DetrSegmentationHead::forward(const Tensor& sequence_output, const Tensor& encoder_last_hidden_state,
+                                     const DetrFrontOutput& front) const {
+  const Tensor& proj = front.projected_feature_map;
+  Tensor bbox_mask = bbox_attention_.forward(sequence_output, encoder_last_hidden_state, front.flattened_mask,
+                                             proj.size(1), proj.size(2));
+  return mask_head_.forward(proj, bbox_mask,
+                            {front.features[2].features, front.features[1].features, front.features[0].features});
+}
+
+Tensor interpolate_nearest_nhwc(const Tensor& x, int64_t out_h, int64_t out_w) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  auto src_index = [](int64_t dst, int64_t in, int64_t out) -> int64_t {
+    if (in == out) return dst;
+    if (out == 2 * in) return dst >> 1;
+    const float s = static_cast<float>(in) / static_cast<float>(out);
+    return std::min(static_cast<int64_t>(std::floor(static_cast<float>(dst) * s)), in - 1);
+  };
+  std::vector<int64_t> ys(out_h), xs(out_w);
+  for (int64_t i = 0; i < out_h; ++i) ys[i] = src_index(i, H, out_h);
+  for (int64_t j = 0; j < out_w; ++j) xs[j] = src_index(j, W, out_w);
+  Tensor y = Tensor::empty({N, out_h, out_w, C});
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for collapse(2)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < out_h; ++i)
+      for (int64_t j = 0; j < out_w; ++j)
+        std::copy_n(px + ((n * H + ys[i]) * W + xs[j]) * C, C, py + ((n * out_h + i) * out_w + j) * C);
+  return y;
+}
+
+// ---- the models ---------------------------------------------------------------------------------
+
+namespace {
+
+// The transformers model classes as vf::Model: DetrModel, DetrForObjectDetection, DetrForSegmentation.
+class DetrRunner : public Model {
+ public:
+  DetrRunner(const json& config, const std::string& arch, const Weights& w) : cfg_(DetrConfig::from_json(config)) {
+    const bool segmentation = arch == "DetrForSegmentation";
+    const bool detection = arch != "DetrModel";
+    // Where the base model sits: DetrModel "", DetrForObjectDetection "model.",
+    // DetrForSegmentation "detr.model." (a checkpoint of another head loads too, as in the reference).
+    const std::string base = find_checkpoint_prefix(w, "query_position_embeddings.weight",
+                                                    segmentation ? std::vector<std::string>{"detr.model.", "model.", ""}
+                                                                 : std::vector<std::string>{"model.", "", "detr.model."});
+    Weights bw = base.empty() ? w : w.pp(base.substr(0, base.size() - 1));
+    model_ = DetrModel(bw, cfg_);
+    if (detection) {
+      std::string root = base.size() >= 6 ? base.substr(0, base.size() - 6) : "";  // strip "model."
+      Weights hw = root.empty() ? w : w.pp(root.substr(0, root.size() - 1));
+      class_labels_classifier_ = Linear(hw.get("class_labels_classifier.weight", {cfg_.num_labels + 1, cfg_.d_model}),
+                                        hw.get("class_labels_classifier.bias", {cfg_.num_labels + 1}));
+      bbox_predictor_ = DetrMLPPredictionHead(hw.pp("bbox_predictor"), cfg_.d_model, cfg_.d_model, 4, 3);
+    }
+    if (segmentation) seg_head_ = DetrSegmentationHead(w, cfg_, model_.backbone().intermediate_channel_sizes());
+    detection_ = detection;
+    segmentation_ = segmentation;
+  }
+
+  ModelOutput forward(const ModelInputs& in) const override {
+    DetrModelOutputs o = model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states);
+    ModelOutput out;
+    o.write(out);
+    if (!detection_) {
+      if (o.decoder.intermediate_hidden_states.defined())
+        out.set("intermediate_hidden_states", o.decoder.intermediate_hidden_states);
+      return out;
+    }
+    const Tensor& seq = o.decoder.last_hidden_state;
+    out.set("logits", class_labels_classifier_.forward(seq));
+    Tensor boxes = bbox_predictor_.forward(seq);
+    sigmoid_inplace(boxes);
+    out.set("pred_boxes", boxes);
+    if (segmentation_) out.set("pred_masks", seg_head_.forward(seq, o.encoder.last_hidden_state, o.front));
+    return out;
+  }
+
+ private:
+  DetrConfig cfg_;
+  DetrModel model_;
+  Linear class_labels_classifier_;
+  DetrMLPPredictionHead bbox_predictor_;
+  DetrSegmentationHead seg_head_;
+  bool detection_ = false, segmentation_ = false;
+};
+
+}  // namespace
+
+void register_detr_models() {
+  register_model({"detr",
+                  {"DetrModel", "DetrForObjectDetection", "DetrForSegmentation"},
+                  [](const json& config, const std::string& arch, const Weights& w) -> std::unique_ptr<Model> {
+                    return std::make_unique<DetrRunner>(config, arch, w);
+                  }});
+}
+
+}  // namespace vf

@@ -1,0 +1,401 @@
+#include "models/detr_backbone.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace vf {
+
+// ---- config -------------------------------------------------------------------------------------
+
+DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vector<int>& timm_out_indices,
+                                             const std::vector<std::string>& default_out_features,
+                                             bool timm_default) {
+  DetrBackboneConfig c;
+  c.num_channels = cfg_get<int64_t>(config, "num_channels", 3);
+  const bool has_backbone_config = cfg_has(config, "backbone_config");
+  // A config that carries a backbone_config uses it (the reference refuses both at once).
+  c.use_timm_backbone = has_backbone_config ? false : cfg_get<bool>(config, "use_timm_backbone", timm_default);
+  json backbone_kwargs = cfg_get<json>(config, "backbone_kwargs", json::object());
+
+  if (c.use_timm_backbone) {
+    c.backbone = cfg_get<std::string>(config, "backbone", "resnet50");
+    c.dilation = cfg_get<bool>(config, "dilation", false);
+    if (cfg_has(backbone_kwargs, "output_stride")) c.dilation = backbone_kwargs["output_stride"].get<int>() == 16;
+    c.out_indices = cfg_get<std::vector<int>>(backbone_kwargs, "out_indices", timm_out_indices);
+    c.num_channels = cfg_get<int64_t>(backbone_kwargs, "in_chans", c.num_channels);
+    std::sort(c.out_indices.begin(), c.out_indices.end());
+    return c;
+  }
+
+  json bc = has_backbone_config ? config["backbone_config"] : json::object();
+  std::string model_type = cfg_get<std::string>(bc, "model_type", "resnet");
+  if (model_type != "resnet")
+    throw Error("backbone_config.model_type '" + model_type + "' is not supported (only 'resnet')");
+  c.num_channels = cfg_get<int64_t>(bc, "num_channels", 3);
+  c.embedding_size = cfg_get<int64_t>(bc, "embedding_size", c.embedding_size);
+  c.hidden_sizes = cfg_get<std::vector<int64_t>>(bc, "hidden_sizes", c.hidden_sizes);
+  c.depths = cfg_get<std::vector<int64_t>>(bc, "depths", c.depths);
+  c.layer_type = cfg_get<std::string>(bc, "layer_type", c.layer_type);
+  c.hidden_act = cfg_get<std::string>(bc, "hidden_act", c.hidden_act);
+  c.downsample_in_first_stage = cfg_get<bool>(bc, "downsample_in_first_stage", false);
+  c.downsample_in_bottleneck = cfg_get<bool>(bc, "downsample_in_bottleneck", false);
+  if (c.layer_type != "bottleneck" && c.layer_type != "basic")
+    throw Error("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
+  if (c.depths.size() != c.hidden_sizes.size())
+    throw Error("backbone_config: depths and hidden_sizes differ in length");
+
+  std::vector<std::string> stage_names = {"stem"};
+  for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
+  std::vector<std::string> requested;
+  if (cfg_has(bc, "out_features")) {
+    requested = bc["out_features"].get<std::vector<std::string>>();
+  } else if (cfg_has(bc, "out_indices")) {
+    for (int idx : bc["out_indices"].get<std::vector<int>>()) {
+      int i = idx < 0 ? idx + static_cast<int>(stage_names.size()) : idx;
+      if (i < 0 || i >= static_cast<int>(stage_names.size()))
+        throw Error("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
+      requested.push_back(stage_names[i]);
+    }
+  } else if (!has_backbone_config) {
+    requested = default_out_features;
+  } else {
+    requested = {stage_names.back()};  // BackboneConfigMixin: the last stage by default
+  }
+  // Stage order, as the reference's backbones return them.
+  for (auto& name : stage_names)
+    if (std::find(requested.begin(), requested.end(), name) != requested.end()) c.out_features.push_back(name);
+  if (c.out_features.size() != requested.size())
+    throw Error("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
+                std::to_string(c.depths.size()) + ")");
+  return c;
+}
+
+// ---- the ResNet ---------------------------------------------------------------------------------
+
+namespace {
+
+constexpr float kFrozenBatchNormEps = 1e-5f;
+
+// A convolution followed by a frozen batch norm, folded: W' = W * s, b' = bias - mean * s with
+// s = weight * rsqrt(var + eps) (FrozenBatchNorm2d's own arithmetic).
+Conv2d conv_bn(const Weights& conv_w, const std::string& conv_name, const Weights& bn_w, int64_t out, int64_t in,
+               int k, Conv2dOptions opt) {
+  Tensor weight = conv_w.get(conv_name, {out, in / opt.groups, k, k}).clone();
+  Tensor gamma = bn_w.get("weight", {out});
+  Tensor beta = bn_w.get("bias", {out});
+  Tensor mean = bn_w.get("running_mean", {out});
+  Tensor var = bn_w.get("running_var", {out});
+  bn_w.ignore("num_batches_tracked");
+  Tensor bias = Tensor::empty({out});
+  const int64_t per_out = weight.numel() / out;
+  float* wp = weight.f32();
+  for (int64_t o = 0; o < out; ++o) {
+    float s = gamma.f32()[o] * (1.0f / std::sqrt(var.f32()[o] + kFrozenBatchNormEps));
+    bias.f32()[o] = beta.f32()[o] - mean.f32()[o] * s;
+    for (int64_t i = 0; i < per_out; ++i) wp[o * per_out + i] *= s;
+  }
+  return Conv2d(weight, bias, opt);
+}
+
+Conv2dOptions conv_opts(int k, int stride, int dilation, Act act, int groups = 1) {
+  Conv2dOptions o;
+  o.stride_h = o.stride_w = stride;
+  o.dilation_h = o.dilation_w = dilation;
+  int pad = k == 1 ? 0 : dilation * (k - 1) / 2;
+  o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = pad;
+  o.groups = groups;
+  o.act = act;
+  return o;
+}
+
+// One residual block: basic (conv1, conv2) or bottleneck (conv1, conv2, conv3); the last
+// convolution takes the shortcut as its residual and applies the block's activation.
+struct ResidualBlock {
+  std::vector<Conv2d> convs;
+  Conv2d shortcut;  // undefined: identity
+
+  Tensor forward(const Tensor& x) const {
+    Tensor h = x;
+    for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward(h);
+    if (shortcut.defined()) {
+      Tensor sc = shortcut.forward(x);
+      return convs.back().forward(h, &sc);
+    }
+    return convs.back().forward(h, &x);
+  }
+};
+
+struct TimmResNetSpec {
+  bool bottleneck;
+  std::vector<int64_t> depths;
+  int cardinality = 1;
+  int base_width = 64;
+};
+
+TimmResNetSpec timm_spec(const std::string& name) {
+  if (name == "resnet18") return {false, {2, 2, 2, 2}};
+  if (name == "resnet34") return {false, {3, 4, 6, 3}};
+  if (name == "resnet26") return {true, {2, 2, 2, 2}};
+  if (name == "resnet50") return {true, {3, 4, 6, 3}};
+  if (name == "resnet101") return {true, {3, 4, 23, 3}};
+  if (name == "resnet152") return {true, {3, 8, 36, 3}};
+  if (name == "resnext50_32x4d") return {true, {3, 4, 6, 3}, 32, 4};
+  if (name == "resnext101_32x8d") return {true, {3, 4, 23, 3}, 32, 8};
+  if (name == "wide_resnet50_2") return {true, {3, 4, 6, 3}, 1, 128};
+  if (name == "wide_resnet101_2") return {true, {3, 4, 23, 3}, 1, 128};
+  throw Error("timm backbone '" + name +
+              "' is not supported (resnet18/26/34/50/101/152, resnext50_32x4d, resnext101_32x8d, "
+              "wide_resnet50_2, wide_resnet101_2)");
+}
+
+}  // namespace
+
+struct DetrConvEncoder::Impl {
+  Conv2d stem;
+  bool pool_before_stem_output = false;  // transformers' "stem" feature is after the max pool
+  std::vector<std::vector<ResidualBlock>> stages;
+  std::vector<int> out_levels;  // 0 = stem, i = stage i
+};
+
+DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w) {
+  auto impl = std::make_shared<Impl>();
+  const Act relu = Act::Relu;
+  if (cfg.use_timm_backbone) {
+    TimmResNetSpec spec = timm_spec(cfg.backbone);
+    impl->stem = conv_bn(w, "conv1.weight", w.pp("bn1"), 64, cfg.num_channels, 7, conv_opts(7, 2, 1, relu));
+    impl->pool_before_stem_output = false;
+    const int expansion = spec.bottleneck ? 4 : 1;
+    const int64_t planes_of[4] = {64, 128, 256, 512};
+    const int output_stride = cfg.dilation ? 16 : 32;
+    int64_t inplanes = 64;
+    int net_stride = 4, dilation = 1, prev_dilation = 1;
+    std::vector<int64_t> channels_all = {64};
+    for (size_t s = 0; s < spec.depths.size(); ++s) {
+      const int64_t planes = planes_of[s];
+      int stride = s == 0 ? 1 : 2;
+      if (net_stride >= output_stride) {
+        dilation *= stride;
+        stride = 1;
+      } else {
+        net_stride *= stride;
+      }
+      const int64_t outplanes = planes * expansion;
+      const int64_t width = (planes * spec.base_width / 64) * spec.cardinality;
+      Weights lw = w.pp("layer" + std::to_string(s + 1));
+      std::vector<ResidualBlock> blocks;
+      for (int64_t b = 0; b < spec.depths[s]; ++b) {
+        Weights bw = lw.pp(b);
+        const int bstride = b == 0 ? stride : 1;
+        const int first_dilation = prev_dilation;
+        ResidualBlock blk;
+        if (spec.bottleneck) {
+          blk.convs.push_back(conv_bn(bw, "conv1.weight", bw.pp("bn1"), width, inplanes, 1, conv_opts(1, 1, 1, relu)));
+          Conv2dOptions o2 = conv_opts(3, bstride, first_dilation, relu, spec.cardinality);
+          blk.convs.push_back(conv_bn(bw, "conv2.weight", bw.pp("bn2"), width, width, 3, o2));
+          blk.convs.push_back(
+              conv_bn(bw, "conv3.weight", bw.pp("bn3"), outplanes, width, 1, conv_opts(1, 1, 1, relu)));
+        } else {
+          blk.convs.push_back(conv_bn(bw, "conv1.weight", bw.pp("bn1"), planes, inplanes, 3,
+                                      conv_opts(3, bstride, first_dilation, relu)));
+          blk.convs.push_back(
+              conv_bn(bw, "conv2.weight", bw.pp("bn2"), outplanes, planes, 3, conv_opts(3, 1, dilation, relu)));
+        }
+        if (b == 0 && (stride != 1 || inplanes != outplanes)) {
+          Weights dw = bw.pp("downsample");
+          blk.shortcut = conv_bn(dw, "0.weight", dw.pp("1"), outplanes, inplanes, 1,
+                                 conv_opts(1, stride, 1, Act::None));
+        }
+        blocks.push_back(std::move(blk));
+        prev_dilation = dilation;
+        inplanes = outplanes;
+      }
+      impl->stages.push_back(std::move(blocks));
+      channels_all.push_back(outplanes);
+    }
+    for (int idx : cfg.out_indices) {
+      if (idx < 0 || idx > static_cast<int>(spec.depths.size()))
+        throw Error("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
+                    std::to_string(spec.depths.size()));
+      impl->out_levels.push_back(idx);
+      channels_.push_back(channels_all[idx]);
+    }
+  } else {
+    const Act act = act_from_name(cfg.hidden_act);
+    Weights ew = w.pp("embedder").pp("embedder");
+    impl->stem = conv_bn(ew.pp("convolution"), "weight", ew.pp("normalization"), cfg.embedding_size,
+                         cfg.num_channels, 7, conv_opts(7, 2, 1, act));
+    impl->pool_before_stem_output = true;
+    const bool bottleneck = cfg.layer_type == "bottleneck";
+    std::vector<int64_t> channels_all = {cfg.embedding_size};
+    int64_t in = cfg.embedding_size;
+    for (size_t s = 0; s < cfg.depths.size(); ++s) {
+      const int64_t out = cfg.hidden_sizes[s];
+      const int stride = s == 0 ? (cfg.downsample_in_first_stage ? 2 : 1) : 2;
+      Weights sw = w.pp("encoder").pp("stages").pp(static_cast<int64_t>(s)).pp("layers");
+      std::vector<ResidualBlock> blocks;
+      for (int64_t b = 0; b < cfg.depths[s]; ++b) {
+        Weights bw = sw.pp(b);
+        const int64_t bin = b == 0 ? in : out;
+        const int bstride = b == 0 ? stride : 1;
+        Weights lw = bw.pp("layer");
+        auto conv_layer = [&](int idx, int64_t o, int64_t i, int k, int st, Act a) {
+          Weights cw = lw.pp(idx);
+          return conv_bn(cw.pp("convolution"), "weight", cw.pp("normalization"), o, i, k, conv_opts(k, st, 1, a));
+        };
+        ResidualBlock blk;
+        if (bottleneck) {
+          const int64_t reduced = out / 4;
+          const bool in_1x1 = cfg.downsample_in_bottleneck;
+          blk.convs.push_back(conv_layer(0, reduced, bin, 1, in_1x1 ? bstride : 1, act));
+          blk.convs.push_back(conv_layer(1, reduced, reduced, 3, in_1x1 ? 1 : bstride, act));
+          blk.convs.push_back(conv_layer(2, out, reduced, 1, 1, act));
+        } else {
+          blk.convs.push_back(conv_layer(0, out, bin, 3, bstride, act));
+          blk.convs.push_back(conv_layer(1, out, out, 3, 1, act));
+        }
+        if (bin != out || bstride != 1) {
+          Weights scw = bw.pp("shortcut");
+          blk.shortcut = conv_bn(scw.pp("convolution"), "weight", scw.pp("normalization"), out, bin, 1,
+                                 conv_opts(1, bstride, 1, Act::None));
+        }
+        blocks.push_back(std::move(blk));
+      }
+      impl->stages.push_back(std::move(blocks));
+      channels_all.push_back(out);
+      in = out;
+    }
+    for (auto& name : cfg.out_features) {
+      int idx = name == "stem" ? 0 : std::stoi(name.substr(5));
+      impl->out_levels.push_back(idx);
+      channels_.push_back(channels_all[idx]);
+    }
+  }
+  if (impl->out_levels.empty()) throw Error("DETR backbone: no output feature level selected");
+  impl_ = std::move(impl);
+}
+
+std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values, const Tensor& pixel_mask) const {
+  if (!impl_) throw Error("DetrConvEncoder: not built");
+  if (pixel_values.dim() != 4) throw Error("pixel_values must be [B, C, H, W], got " + shape_str(pixel_values.shape()));
+  const int64_t B = pixel_values.size(0), H = pixel_values.size(2), W = pixel_values.size(3);
+  Tensor mask = pixel_mask;
+  if (!mask.defined()) {
+    mask = Tensor::empty({B, H, W}, DType::U8);
+    std::fill_n(mask.data<uint8_t>(), mask.numel(), uint8_t(1));
+  } else if (mask.shape() != Shape{B, H, W}) {
+    throw Error("pixel_mask must be " + shape_str({B, H, W}) + ", got " + shape_str(mask.shape()));
+  }
+
+  const int last = *std::max_element(impl_->out_levels.begin(), impl_->out_levels.end());
+  std::vector<Tensor> levels(last + 1);
+  Tensor x = impl_->stem.forward(nchw_to_nhwc(pixel_values));
+  if (!impl_->pool_before_stem_output) levels[0] = x;
+  if (last > 0 || impl_->pool_before_stem_output) {
+    x = max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1);
+    if (impl_->pool_before_stem_output) levels[0] = x;
+  }
+  for (int s = 1; s <= last; ++s) {
+    for (auto& blk : impl_->stages[s - 1]) x = blk.forward(x);
+    levels[s] = x;
+  }
+  std::vector<DetrFeatureMap> out;
+  for (int idx : impl_->out_levels) {
+    const Tensor& f = levels[idx];
+    out.push_back({f, downsample_pixel_mask(mask, f.size(1), f.size(2))});
+  }
+  return out;
+}
+
+// ---- masks and position embeddings --------------------------------------------------------------
+
+namespace {
+// PyTorch's nearest source index for an output size given explicitly (scale = in / out in float).
+int64_t nearest_source(int64_t dst, int64_t in, int64_t out) {
+  if (in == out) return dst;
+  if (out == 2 * in) return dst >> 1;
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  return std::min(static_cast<int64_t>(std::floor(static_cast<float>(dst) * scale)), in - 1);
+}
+}  // namespace
+
+Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w) {
+  if (mask.dim() != 3) throw Error("pixel_mask must be [B, H, W], got " + shape_str(mask.shape()));
+  const int64_t B = mask.size(0), H = mask.size(1), W = mask.size(2);
+  Tensor m = mask.dtype() == DType::F32 ? mask : mask.to(DType::F32);
+  const float* src = m.f32();
+  Tensor out = Tensor::empty({B, h, w}, DType::U8);
+  uint8_t* dst = out.data<uint8_t>();
+  std::vector<int64_t> xs(w);
+  for (int64_t j = 0; j < w; ++j) xs[j] = nearest_source(j, W, w);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < h; ++i) {
+      const float* row = src + (b * H + nearest_source(i, H, h)) * W;
+      for (int64_t j = 0; j < w; ++j) dst[(b * h + i) * w + j] = row[xs[j]] != 0.0f;
+    }
+  return out;
+}
+
+Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt) {
+  if (mask.dim() != 3 || mask.dtype() != DType::U8) throw Error("sine_position_embedding: mask must be uint8 [B, h, w]");
+  const int64_t B = mask.size(0), h = mask.size(1), w = mask.size(2), F = opt.num_position_features;
+  // dim_t = temperature ** (2 * (i // 2) / F), in float32 like the reference.
+  std::vector<float> inv_dim_t(F), dim_t(F);
+  for (int64_t i = 0; i < F; ++i)
+    dim_t[i] = std::pow(opt.temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
+  Tensor out = Tensor::empty({B, h, w, 2 * F});
+  const uint8_t* m = mask.data<uint8_t>();
+  float* o = out.f32();
+#pragma omp parallel for
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* mb = m + b * h * w;
+    std::vector<float> y_embed(h * w), x_embed(h * w);
+    for (int64_t j = 0; j < w; ++j) {  // cumsum over rows
+      float acc = 0;
+      for (int64_t i = 0; i < h; ++i) y_embed[i * w + j] = acc += mb[i * w + j];
+    }
+    for (int64_t i = 0; i < h; ++i) {  // cumsum over columns
+      float acc = 0;
+      for (int64_t j = 0; j < w; ++j) x_embed[i * w + j] = acc += mb[i * w + j];
+    }
+    if (opt.normalize) {
+      const float eps = 1e-6f, off = opt.deformable_offset ? 0.5f : 0.0f;
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j) {
+          y_embed[i * w + j] = (y_embed[i * w + j] - off) / (y_embed[(h - 1) * w + j] + eps) * opt.scale;
+          x_embed[i * w + j] = (x_embed[i * w + j] - off) / (x_embed[i * w + w - 1] + eps) * opt.scale;
+        }
+    }
+    for (int64_t p = 0; p < h * w; ++p) {
+      float* dst = o + (b * h * w + p) * 2 * F;
+      for (int64_t k = 0; k < F; ++k) {
+        const float vy = y_embed[p] / dim_t[k], vx = x_embed[p] / dim_t[k];
+        dst[k] = (k % 2 == 0) ? std::sin(vy) : std::cos(vy);
+        dst[F + k] = (k % 2 == 0) ? std::sin(vx) : std::cos(vx);
+      }
+    }
+  }
+  return out;
+}
+
+LearnedPositionEmbedding::LearnedPositionEmbedding(const Weights& w, int64_t embedding_dim) : dim_(embedding_dim) {
+  row_ = w.get("row_embeddings.weight", {50, embedding_dim});
+  column_ = w.get("column_embeddings.weight", {50, embedding_dim});
+}
+
+Tensor LearnedPositionEmbedding::forward(int64_t batch, int64_t h, int64_t w) const {
+  if (h > 50 || w > 50)
+    throw Error("learned position embedding covers 50x50 feature positions, got " + std::to_string(h) + "x" +
+                std::to_string(w));
+  Tensor out = Tensor::empty({batch, h, w, 2 * dim_});
+  float* o = out.f32();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < h; ++i)
+      for (int64_t j = 0; j < w; ++j) {
+        float* dst = o + ((b * h + i) * w + j) * 2 * dim_;
+        std::copy_n(column_.f32() + j * dim_, dim_, dst);
+        std::copy_n(row_.f32() + i * dim_, dim_, dst + dim_);
+      }
+  return out;
+}
+
+}  // namespace vf
