@@ -10,6 +10,7 @@
 
 #include "core/attention.h"
 #include "core/ops.h"
+#include "models/common.h"
 #include "models/image_classification.h"
 #include "models/model.h"
 
@@ -378,8 +379,8 @@ class CvtForImageClassification : public Model {
  public:
   CvtForImageClassification(const CvtConfig& c, const json& cfg, const Weights& w, const Weights& base)
       : cvt_(c, base), use_cls_token_(c.cls_token.back()), layernorm_(c.embed_dim.back(), w.pp("layernorm")),
-        loss_cfg_(ClassificationLossConfig::from_json(cfg)),
-        classifier_(c.embed_dim.back(), loss_cfg_.num_labels, w.pp("classifier")) {}
+        config_(cfg),
+        classifier_(c.embed_dim.back(), config_num_labels(cfg), w.pp("classifier")) {}
 
   ModelOutput forward(const ModelInputs& in) const override {
     CvtModelOutput o = cvt_.run(in);
@@ -401,7 +402,7 @@ class CvtForImageClassification : public Model {
       }
     Tensor logits = classifier_.forward(mean);
     ModelOutput out;
-    if (in.labels.defined()) out.set("loss", image_classification_loss(logits, in.labels, loss_cfg_));
+    if (in.labels.defined()) out.set("loss", classification_loss(logits, in.labels, config_));
     out.set("logits", logits);
     out.set_list("hidden_states", o.hidden_states);
     return out;
@@ -411,7 +412,7 @@ class CvtForImageClassification : public Model {
   CvtModel cvt_;
   bool use_cls_token_;
   LayerNorm layernorm_;
-  ClassificationLossConfig loss_cfg_;
+  json config_;  // problem_type, for the loss
   ClassifierHead classifier_;
 };
 

@@ -9,6 +9,7 @@
 
 #include "core/attention.h"
 #include "core/ops.h"
+#include "models/common.h"
 #include "models/image_classification.h"
 #include "models/model.h"
 
@@ -455,14 +456,14 @@ class DeiTForImageClassification : public Model {
  public:
   DeiTForImageClassification(const DeiTConfig& c, const json& cfg, const Weights& w, const Weights& base)
       : deit_(c, base, /*add_pooling_layer=*/false, /*use_mask_token=*/false),
-        loss_cfg_(ClassificationLossConfig::from_json(cfg)),
-        classifier_(c.hidden_size, loss_cfg_.num_labels, w.pp("classifier")) {}
+        config_(cfg),
+        classifier_(c.hidden_size, config_num_labels(cfg), w.pp("classifier")) {}
 
   ModelOutput forward(const ModelInputs& in) const override {
     DeiTModel::Output o = deit_.run(in);
     Tensor logits = classifier_.forward(token(o.last_hidden_state, 0));
     ModelOutput out;
-    if (in.labels.defined()) out.set("loss", image_classification_loss(logits, in.labels, loss_cfg_));
+    if (in.labels.defined()) out.set("loss", classification_loss(logits, in.labels, config_));
     out.set("logits", logits);
     out.set_list("hidden_states", o.hidden_states);
     out.set_list("attentions", o.attentions);
@@ -471,7 +472,7 @@ class DeiTForImageClassification : public Model {
 
  private:
   DeiTModel deit_;
-  ClassificationLossConfig loss_cfg_;
+  json config_;  // problem_type, for the loss
   ClassifierHead classifier_;
 };
 
