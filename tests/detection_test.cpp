@@ -378,3 +378,123 @@ TEST(DetPost, GoldenComparisonCatchesWrongOutputs) {
   outs["pred_boxes"] = boxes;
   EXPECT_GT(run_post_on(c, outs).first, 0);
 }
+
+// ---- losses -------------------------------------------------------------------------------------------
+#include "core/ops.h"
+#include "models/detr_loss.h"
+
+namespace {
+
+DetectionTarget make_target(std::vector<int64_t> labels, std::vector<float> boxes) {
+  DetectionTarget t;
+  const int64_t n = static_cast<int64_t>(labels.size());
+  t.class_labels = Tensor::from_vector<int64_t>({n}, labels);
+  t.boxes = Tensor::from_vector<float>({n, 4}, boxes);
+  return t;
+}
+
+double dict_value(const DetrLossOutput& out, const std::string& key) {
+  for (auto& [k, v] : out.loss_dict)
+    if (k == key) return v.f32()[0];
+  ADD_FAILURE() << "loss_dict has no " << key;
+  return NAN;
+}
+
+}  // namespace
+
+TEST(DetLoss, DetrCrossEntropyBoxesCardinality) {
+  // Query 0 predicts class 0 on a box twice as tall as the target; query 1 predicts no-object.
+  DetrLossInputs in;
+  in.outputs.logits = Tensor::from<float>({1, 2, 2}, {2, 0, 0, 2});
+  in.outputs.pred_boxes = Tensor::from<float>({1, 2, 4}, {0.5f, 0.5f, 0.2f, 0.4f, 0.1f, 0.1f, 0.1f, 0.1f});
+  in.targets.push_back(make_target({0}, {0.5f, 0.5f, 0.2f, 0.2f}));
+  DetrLossConfig cfg = detr_loss_config(json{{"model_type", "detr"}}, "DetrForObjectDetection");
+  auto match = detr_hungarian_match(in.outputs, in.targets, cfg);
+  ASSERT_EQ(match.size(), 1u);
+  EXPECT_EQ(match[0], (std::vector<std::pair<int64_t, int64_t>>{{0, 0}}));
+  DetrLossOutput out = detr_loss(in, cfg);
+  const double nll = std::log1p(std::exp(-2.0));  // -log softmax of the larger logit
+  EXPECT_NEAR(dict_value(out, "loss_ce"), (nll + 0.1 * nll) / 1.1, 1e-6);
+  EXPECT_NEAR(dict_value(out, "loss_bbox"), 0.2, 1e-6);
+  EXPECT_NEAR(dict_value(out, "loss_giou"), 0.5, 1e-6);  // IoU 0.5, the enclosing box is the union
+  EXPECT_NEAR(dict_value(out, "cardinality_error"), 0.0, 1e-9);
+  EXPECT_NEAR(out.loss.f32()[0], nll + 5 * 0.2 + 2 * 0.5, 1e-5);
+  EXPECT_EQ(out.loss_dict.size(), 4u);
+  EXPECT_EQ(out.loss_dict[0].first, "loss_ce");
+  EXPECT_EQ(out.loss_dict[3].first, "cardinality_error");
+
+  // Auxiliary layers repeat every term with a suffix, and weigh into the total.
+  cfg.auxiliary_loss = true;
+  cfg.decoder_layers = 2;
+  in.auxiliary.push_back(in.outputs);
+  out = detr_loss(in, cfg);
+  EXPECT_EQ(out.loss_dict.size(), 8u);
+  EXPECT_NEAR(dict_value(out, "loss_giou_0"), 0.5, 1e-6);
+  EXPECT_NEAR(out.loss.f32()[0], 2 * (nll + 5 * 0.2 + 2 * 0.5), 1e-5);
+
+  // Segmentation adds focal and dice terms on the matched masks (resized to the target's size).
+  in.auxiliary.clear();
+  cfg = detr_loss_config(json{{"model_type", "detr"}}, "DetrForSegmentation");
+  in.outputs.pred_masks = Tensor::zeros({1, 2, 1, 1});  // p = 0.5 everywhere once upsampled
+  in.targets[0].masks = Tensor::from<float>({1, 2, 2}, {1, 0, 0, 0});
+  out = detr_loss(in, cfg);
+  const double ce = std::log(2.0);
+  EXPECT_NEAR(dict_value(out, "loss_mask"), (ce * 0.25 * 0.25 + 3 * ce * 0.25 * 0.75) / 4, 1e-6);
+  EXPECT_NEAR(dict_value(out, "loss_dice"), 1 - (2 * 0.5 + 1) / (2.0 + 1 + 1), 1e-6);
+  EXPECT_NEAR(out.loss.f32()[0], nll + 5 * 0.2 + 2 * 0.5 + dict_value(out, "loss_mask") + dict_value(out, "loss_dice"),
+              1e-5);
+}
+
+TEST(DetLoss, DetaSecondStageAssignsByIoU) {
+  // Queries 0 and 1 overlap the target (IoU 1 and 0.8); the rest are far. With num_queries 20 up to
+  // 5 positives are sampled, so the target is given its 2 best-overlapping queries.
+  DetrLossInputs in;
+  std::vector<float> ref = {0.5f, 0.5f, 0.2f, 0.2f, 0.5f, 0.52f, 0.2f, 0.2f};
+  for (int q = 2; q < 6; ++q) ref.insert(ref.end(), {0.1f * q - 0.1f, 0.9f, 0.05f, 0.05f});
+  in.outputs.init_reference = Tensor::from_vector<float>({1, 6, 4}, ref);
+  in.outputs.pred_boxes = in.outputs.init_reference.clone();
+  in.outputs.logits = Tensor::zeros({1, 6, 3});
+  in.targets.push_back(make_target({1}, {0.5f, 0.5f, 0.2f, 0.2f}));
+  DetrLossConfig cfg = detr_loss_config(json{{"model_type", "deta"}, {"num_queries", 20}}, "DetaForObjectDetection");
+  EXPECT_TRUE(cfg.assign_second_stage);
+  DetrLossOutput out = detr_loss(in, cfg);
+  EXPECT_NEAR(dict_value(out, "loss_bbox"), 0.02, 1e-6);  // query 1's center is 0.02 off
+  // With num_queries 4 only one positive is sampled: the target keeps its best query alone.
+  cfg.num_queries = 4;
+  out = detr_loss(in, cfg);
+  EXPECT_NEAR(dict_value(out, "loss_bbox"), 0.0, 1e-7);
+  // The focal class loss: every logit is 0 (p = 0.5), one positive (query 0, class 1).
+  const double ce = std::log(2.0);
+  EXPECT_NEAR(dict_value(out, "loss_ce"), ce * 0.25 * 0.25 + 17 * ce * 0.25 * 0.75, 1e-5);
+  // Argmax cardinality: argmax of equal logits is class 0, not the last class: 6 predicted, 1 true.
+  EXPECT_NEAR(dict_value(out, "cardinality_error"), 5.0, 1e-9);
+}
+
+TEST(DetLoss, GoldenFocalLosses) {
+  for (const char* name : {"conditional-detr-tiny-det", "deformable-detr-tiny-det"}) {
+    check::Case c = load_case(name);
+    const json config = read_json_file(c.dir + "/config.json");
+    DetrLossInputs in;
+    in.outputs.logits = c.expected.at("logits");
+    in.outputs.pred_boxes = c.expected.at("pred_boxes");
+    for (const json& l : c.spec.at("labels")) {
+      std::vector<float> boxes;
+      for (const json& b : l.at("boxes"))
+        for (const json& v : b) boxes.push_back(v.get<float>());
+      in.targets.push_back(make_target(l.at("class_labels").get<std::vector<int64_t>>(), boxes));
+    }
+    const DetrLossConfig cfg = detr_loss_config(config, c.spec.at("model_class").get<std::string>());
+    EXPECT_EQ(cfg.match_cost, DetrMatchCost::Focal);
+    const DetrLossOutput out = detr_loss(in, cfg);
+    const float ref = c.expected.at("loss").f32()[0];
+    EXPECT_NEAR(out.loss.f32()[0], ref, 1e-4 * std::fabs(ref)) << name;
+    EXPECT_EQ(out.loss.shape(), c.expected.at("loss").shape());
+    int compared = 0;
+    for (auto& [k, v] : out.loss_dict) {
+      const Tensor& r = c.expected.at("loss_dict." + k);
+      EXPECT_NEAR(v.f32()[0], r.f32()[0], 1e-4 * std::max(1.0f, std::fabs(r.f32()[0]))) << name << " " << k;
+      ++compared;
+    }
+    EXPECT_EQ(compared, 4) << name;
+  }
+}
