@@ -207,18 +207,25 @@ void require_segmentation_inputs(DetrPostKind kind, const Tensor& logits, const 
 // first plane wins ties, like torch.argmax.
 template <class Out>
 void argmax_planes(const float* planes, int64_t count, int64_t n, Out* out) {
+  // Blocks of positions, planes visited in order within a block: contiguous reads.
+  constexpr int64_t kBlock = 2048;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for
-  for (int64_t p = 0; p < n; ++p) {
-    float best = planes[p];
-    int64_t arg = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t p0 = blk * kBlock, len = std::min(kBlock, n - p0);
+    float best[kBlock];
+    int64_t arg[kBlock];
+    std::copy(planes + p0, planes + p0 + len, best);
+    std::fill(arg, arg + len, int64_t{0});
     for (int64_t k = 1; k < count; ++k) {
-      const float v = planes[k * n + p];
-      if (v > best) {
-        best = v;
-        arg = k;
-      }
+      const float* plane = planes + k * n + p0;
+      for (int64_t i = 0; i < len; ++i)
+        if (plane[i] > best[i]) {
+          best[i] = plane[i];
+          arg[i] = k;
+        }
     }
-    out[p] = static_cast<Out>(arg);
+    for (int64_t i = 0; i < len; ++i) out[p0 + i] = static_cast<Out>(arg[i]);
   }
 }
 
