@@ -77,6 +77,10 @@ CvtConfig CvtConfig::from_json(const json& cfg) {
     if (c.embed_dim[s] <= 0 || c.num_heads[s] <= 0 || c.embed_dim[s] % c.num_heads[s] != 0)
       throw Error("Cvt config: stage " + std::to_string(s) + " embed_dim " + std::to_string(c.embed_dim[s]) +
                   " is not a multiple of num_heads " + std::to_string(c.num_heads[s]));
+    const std::string& m = c.qkv_projection_method[s];
+    if (m != "dw_bn" && m != "avg" && m != "linear")
+      throw Error("Cvt config: stage " + std::to_string(s) + " qkv_projection_method '" + m +
+                  "' is not one of dw_bn, avg, linear");
     if (c.depth[s] < 0 || c.patch_sizes[s] <= 0 || c.patch_stride[s] <= 0 || c.kernel_qkv[s] <= 0 ||
         c.stride_kv[s] <= 0 || c.stride_q[s] <= 0)
       throw Error("Cvt config: stage " + std::to_string(s) + " has a non-positive size, stride or depth");
