@@ -498,3 +498,20 @@ TEST(DetLoss, GoldenFocalLosses) {
     EXPECT_EQ(compared, 4) << name;
   }
 }
+
+TEST(DetPost, RunPostTakesModelOutput) {
+  check::Case c = load_case("postproc-deformable-detr");
+  ModelOutput outs;
+  outs.set("logits", c.expected.at("logits"));
+  outs.set("pred_boxes", c.expected.at("pred_boxes"));
+  check::CheckReport report;
+  check::run_post(c, outs, report);
+  EXPECT_EQ(report.failures(), 0);
+  EXPECT_EQ(report.checked(), 4);
+  // Without pred_boxes the detections cannot be computed: reported, not thrown.
+  ModelOutput partial;
+  partial.set("logits", c.expected.at("logits"));
+  check::CheckReport r2;
+  check::run_post(c, partial, r2);
+  EXPECT_EQ(r2.failures(), 2);
+}

@@ -320,4 +320,10 @@ void run_post(const Case& c, const std::map<std::string, Tensor>& model_outputs,
   }
 }
 
+void run_post(const Case& c, const ModelOutput& model_outputs, CheckReport& report) {
+  std::map<std::string, Tensor> outs;
+  for (const auto& [name, t] : model_outputs.items()) outs[name] = t;
+  run_post(c, outs, report);
+}
+
 }  // namespace vf::check

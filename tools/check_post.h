@@ -6,6 +6,7 @@
 #include <string>
 
 #include "golden.h"
+#include "models/model.h"
 
 namespace vf::check {
 
@@ -13,5 +14,6 @@ namespace vf::check {
 // c.expected). The processor variant comes from case.json `family` (else `processor`, else the
 // config's model_type). One report line per compared result.
 void run_post(const Case& c, const std::map<std::string, Tensor>& model_outputs, CheckReport& report);
+void run_post(const Case& c, const ModelOutput& model_outputs, CheckReport& report);
 
 }  // namespace vf::check
