@@ -477,12 +477,13 @@ TEST(DetLoss, GoldenFocalLosses) {
     DetrLossInputs in;
     in.outputs.logits = c.expected.at("logits");
     in.outputs.pred_boxes = c.expected.at("pred_boxes");
-    for (const json& l : c.spec.at("labels")) {
-      std::vector<float> boxes;
-      for (const json& b : l.at("boxes"))
-        for (const json& v : b) boxes.push_back(v.get<float>());
-      in.targets.push_back(make_target(l.at("class_labels").get<std::vector<int64_t>>(), boxes));
-    }
+    in.targets = check::detection_targets_from_json(c.spec.at("labels"));
+    ASSERT_EQ(in.targets.size(), 2u);
+    EXPECT_EQ(in.targets[0].boxes.shape(), (Shape{2, 4}));
+    EXPECT_EQ(in.targets[0].class_labels.data<int64_t>()[1], 4);
+    EXPECT_FLOAT_EQ(in.targets[1].boxes.f32()[0], 0.6f);
+    EXPECT_THROW(check::detection_targets_from_json(json::parse(R"([{"class_labels": [1], "boxes": [[0, 0, 1]]}])")),
+                 Error);
     const DetrLossConfig cfg = detr_loss_config(config, c.spec.at("model_class").get<std::string>());
     EXPECT_EQ(cfg.match_cost, DetrMatchCost::Focal);
     const DetrLossOutput out = detr_loss(in, cfg);

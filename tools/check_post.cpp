@@ -320,6 +320,35 @@ void run_post(const Case& c, const std::map<std::string, Tensor>& model_outputs,
   }
 }
 
+std::vector<DetectionTarget> detection_targets_from_json(const json& labels) {
+  if (!labels.is_array()) throw Error("case.json: detection labels must be a list of dicts, one per image");
+  std::vector<DetectionTarget> targets;
+  for (size_t i = 0; i < labels.size(); ++i) {
+    const json& l = labels[i];
+    const std::string what = "labels[" + std::to_string(i) + "]";
+    if (!l.is_object() || !l.contains("class_labels") || !l.contains("boxes"))
+      throw Error("case.json: " + what + " must have class_labels and boxes");
+    RefArray cls, boxes;
+    flatten(l["class_labels"], 0, cls, what + ".class_labels");
+    flatten(l["boxes"], 0, boxes, what + ".boxes");
+    const int64_t n = static_cast<int64_t>(cls.v.size());
+    if (static_cast<int64_t>(boxes.v.size()) != 4 * n)
+      throw Error("case.json: " + what + " has " + std::to_string(n) + " class labels but " +
+                  std::to_string(boxes.v.size()) + " box coordinates");
+    DetectionTarget t;
+    t.class_labels = Tensor::from_vector<int64_t>({n}, std::vector<int64_t>(cls.v.begin(), cls.v.end()));
+    t.boxes = Tensor::from_vector<float>({n, 4}, std::vector<float>(boxes.v.begin(), boxes.v.end()));
+    if (l.contains("masks")) {
+      RefArray m;
+      flatten(l["masks"], 0, m, what + ".masks");
+      if (m.shape.size() != 3 || m.shape[0] != n) throw Error("case.json: " + what + ".masks must be [n, height, width]");
+      t.masks = Tensor::from_vector<float>(m.shape, std::vector<float>(m.v.begin(), m.v.end()));
+    }
+    targets.push_back(std::move(t));
+  }
+  return targets;
+}
+
 void run_post(const Case& c, const ModelOutput& model_outputs, CheckReport& report) {
   std::map<std::string, Tensor> outs;
   for (const auto& [name, t] : model_outputs.items()) outs[name] = t;
