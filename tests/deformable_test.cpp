@@ -112,3 +112,15 @@ TEST(DeformAttention, RejectsMismatchedShapes) {
 
 }  // namespace
 }  // namespace vf
+
+// ---- golden cases -----------------------------------------------------------------------------------
+
+#include "deform_golden.h"
+
+namespace vf {
+namespace {
+
+TEST(DeformGolden, DeformableDetrTinyDet) { EXPECT_EQ(test::run_golden_case("deformable-detr-tiny-det"), 13); }
+
+}  // namespace
+}  // namespace vf

@@ -10,6 +10,7 @@ void register_convnextv2_models();
 void register_detr_models();
 void register_deit_models();
 void register_cvt_models();
+void register_deformable_detr_models();
 
 void register_all_models() {
   register_bit_models();
@@ -18,6 +19,7 @@ void register_all_models() {
   register_detr_models();
   register_deit_models();
   register_cvt_models();
+  register_deformable_detr_models();
 }
 
 }  // namespace vf
