@@ -122,5 +122,7 @@ namespace {
 
 TEST(DeformGolden, DeformableDetrTinyDet) { EXPECT_EQ(test::run_golden_case("deformable-detr-tiny-det"), 13); }
 
+TEST(DeformGolden, DetaTinyModel) { EXPECT_EQ(test::run_golden_case("deta-tiny-model"), 10); }
+
 }  // namespace
 }  // namespace vf

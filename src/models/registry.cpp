@@ -11,6 +11,7 @@ void register_detr_models();
 void register_deit_models();
 void register_cvt_models();
 void register_deformable_detr_models();
+void register_deta_models();
 
 void register_all_models() {
   register_bit_models();
@@ -20,6 +21,7 @@ void register_all_models() {
   register_deit_models();
   register_cvt_models();
   register_deformable_detr_models();
+  register_deta_models();
 }
 
 }  // namespace vf
