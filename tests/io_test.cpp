@@ -14,6 +14,7 @@
 #include "test_util.h"
 
 using namespace vf;
+using namespace std::string_literals;
 namespace fs = std::filesystem;
 
 namespace {
@@ -166,7 +167,7 @@ TEST(IoSafetensors, RefusesCorruptFiles) {
     EXPECT_NE(msg.find(expect), std::string::npos) << msg;
   };
   const std::string f32x2 = std::string(8, '\0');
-  refuse("short", "\x10\x00\x00", "too short");
+  refuse("short", "\x10\x00\x00"s, "too short");
   refuse("header_past_eof", le64(1000) + "{}", "runs past the end of the file");
   refuse("header_too_large", le64(200'000'000) + std::string(16, ' '), "exceeds the limit");
   refuse("bad_json", raw_safetensors(R"({"a": {"dtype": "F32",)", f32x2), "not valid JSON");
@@ -278,4 +279,238 @@ TEST(IoCheckpoint, ShardedIndexOfTwoFiles) {
   write_index(escape);
   msg = error_of([&] { load_checkpoint(dir); });
   EXPECT_NE(msg.find("relative path"), std::string::npos) << msg;
+}
+
+// ---- torch.save checkpoints --------------------------------------------------------------------
+
+namespace {
+
+std::string data_dir() { return std::string(VF_SOURCE_DIR) + "/tests/data"; }
+
+std::string le16(uint16_t v) { return std::string{static_cast<char>(v & 0xff), static_cast<char>(v >> 8)}; }
+std::string le32(uint32_t v) { return le16(v & 0xffff) + le16(v >> 16); }
+
+// A zip archive of stored entries, as torch.save writes them; with zip64 = true every size and
+// offset goes through the zip64 extra field and end-of-central-directory records.
+std::string make_zip(const std::vector<std::pair<std::string, std::string>>& entries, bool zip64 = false) {
+  std::string out, central;
+  for (auto& [name, data] : entries) {
+    uint64_t offset = out.size();
+    out += le32(0x04034b50) + le16(zip64 ? 45 : 20) + le16(0) + le16(0) + le32(0) + le32(0);
+    out += zip64 ? le32(0xffffffff) + le32(0xffffffff) : le32(data.size()) + le32(data.size());
+    std::string local_extra = zip64 ? le16(1) + le16(16) + le64(data.size()) + le64(data.size()) : "";
+    out += le16(name.size()) + le16(local_extra.size()) + name + local_extra + data;
+    std::string extra = zip64 ? le16(1) + le16(24) + le64(data.size()) + le64(data.size()) + le64(offset) : "";
+    // signature, versions, flags, method, time + date, crc (not checked by the reader), sizes
+    central += le32(0x02014b50) + le16(45) + le16(zip64 ? 45 : 20) + le16(0) + le16(0) + le32(0) + le32(0);
+    central += zip64 ? le32(0xffffffff) + le32(0xffffffff) : le32(data.size()) + le32(data.size());
+    central += le16(name.size()) + le16(extra.size()) + le16(0) + le16(0) + le16(0) + le32(0);
+    central += (zip64 ? le32(0xffffffff) : le32(offset)) + name + extra;
+  }
+  uint64_t cd_offset = out.size();
+  out += central;
+  if (zip64) {
+    uint64_t z64 = out.size();
+    out += le32(0x06064b50) + le64(44) + le16(45) + le16(45) + le32(0) + le32(0) + le64(entries.size()) +
+           le64(entries.size()) + le64(central.size()) + le64(cd_offset);
+    out += le32(0x07064b50) + le32(0) + le64(z64) + le32(1);
+    out += le32(0x06054b50) + le16(0) + le16(0) + le16(0xffff) + le16(0xffff) + le32(0xffffffff) + le32(0xffffffff) + le16(0);
+  } else {
+    out += le32(0x06054b50) + le16(0) + le16(0) + le16(entries.size()) + le16(entries.size()) + le32(central.size()) +
+           le32(cd_offset) + le16(0);
+  }
+  return out;
+}
+
+std::string pstr(const std::string& s) { return "X" + le32(s.size()) + s; }  // BINUNICODE
+
+// A pickled state dict {name: _rebuild_tensor_v2(FloatStorage '0' of `numel`, offset, (size,), (stride,))}.
+std::string tensor_pickle(const std::string& name, int numel, int offset, int size, int stride) {
+  auto k = [](int v) { return "K" + std::string(1, static_cast<char>(v)); };  // BININT1
+  return "\x80\x02}(" + pstr(name) + "ctorch._utils\n_rebuild_tensor_v2\n((" + pstr("storage") +
+         "ctorch\nFloatStorage\n" + pstr("0") + pstr("cpu") + k(numel) + "tQ" + k(offset) + k(size) + "\x85" +
+         k(stride) + "\x85\x89}tRu.";
+}
+
+std::string write_temp(const std::string& test, const std::string& name, const std::string& bytes) {
+  std::string path = test::temp_dir(test) + "/" + name;
+  write_bytes(path, bytes);
+  return path;
+}
+
+std::string floats(std::initializer_list<float> v) {
+  std::string s(v.size() * 4, '\0');
+  std::memcpy(s.data(), v.begin(), s.size());
+  return s;
+}
+
+void expect_small_fixture(const std::vector<std::pair<std::string, Tensor>>& t) {
+  std::vector<std::string> names;
+  for (auto& [n, x] : t) names.push_back(n);
+  EXPECT_EQ(names, (std::vector<std::string>{"linear.weight", "linear.weight_t", "row", "col", "bn.num_batches_tracked",
+                                             "ids", "half", "bf16", "mask", "double", "param", "expanded", "empty"}));
+  ASSERT_EQ(t.size(), 13u);
+  auto base = [](int64_t i) { return 0.5 * i - 1; };  // arange(12).reshape(3, 4) * 0.5 - 1
+  const Tensor& w = t[0].second;
+  EXPECT_EQ(w.shape(), (Shape{3, 4}));
+  for (int i = 0; i < 12; ++i) EXPECT_EQ(w.at(i), base(i));
+  const Tensor& wt = t[1].second;  // the transpose, materialised
+  EXPECT_EQ(wt.shape(), (Shape{4, 3}));
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 3; ++c) EXPECT_EQ(wt.at(r * 3 + c), base(c * 4 + r)) << r << "," << c;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(t[2].second.at(i), base(4 + i));  // row 1
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(t[3].second.at(i), base(i * 4 + 2));  // column 2
+  EXPECT_EQ(t[4].second.dtype(), DType::I64);
+  EXPECT_EQ(t[4].second.shape(), Shape{});
+  EXPECT_EQ(t[4].second.data<int64_t>()[0], 7);
+  EXPECT_EQ(t[5].second.data<int64_t>()[1], int64_t(1) << 40);
+  EXPECT_EQ(t[5].second.data<int64_t>()[0], -3);
+  EXPECT_EQ(t[6].second.dtype(), DType::F16);
+  EXPECT_EQ(t[6].second.at(0), 1.5);
+  EXPECT_EQ(t[6].second.at(2), 0.25);
+  EXPECT_EQ(t[7].second.dtype(), DType::BF16);
+  EXPECT_EQ(t[7].second.at(1), -3.0);
+  EXPECT_EQ(t[8].second.dtype(), DType::Bool);
+  EXPECT_EQ(t[8].second.at(0), 1);
+  EXPECT_EQ(t[8].second.at(1), 0);
+  EXPECT_EQ(t[9].second.dtype(), DType::F64);
+  EXPECT_EQ(t[9].second.shape(), (Shape{2, 1}));
+  EXPECT_EQ(t[9].second.at(1), 2.5);
+  EXPECT_EQ(t[10].second.at(0), 0.125);
+  EXPECT_EQ(t[10].second.at(1), -0.25);
+  EXPECT_EQ(t[11].second.shape(), (Shape{3, 2}));  // expand(): stride 0
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(t[11].second.at(i), i % 2 ? 2.0 : 1.0);
+  EXPECT_EQ(t[12].second.shape(), (Shape{0, 3}));
+}
+
+}  // namespace
+
+TEST(IoTorch, ReadsZipCheckpoint) {
+  expect_small_fixture(read_torch_checkpoint(data_dir() + "/torch_small.bin"));
+}
+
+TEST(IoTorch, ReadsLegacyCheckpoint) {
+  expect_small_fixture(read_torch_checkpoint(data_dir() + "/torch_small_legacy.bin"));
+}
+
+TEST(IoTorch, LoadsFromModelFolderAndShardIndex) {
+  std::string dir = test::temp_dir("io_torch_folder");
+  fs::copy_file(data_dir() + "/torch_small.bin", dir + "/pytorch_model.bin", fs::copy_options::overwrite_existing);
+  auto store = load_checkpoint(dir);
+  EXPECT_EQ(store->size(), 13u);
+  EXPECT_EQ(store->find("ids")->data<int64_t>()[2], 5);
+
+  // An index over a torch shard and a safetensors shard.
+  std::string sdir = test::temp_dir("io_torch_sharded");
+  fs::copy_file(data_dir() + "/torch_small_legacy.bin", sdir + "/pytorch_model-00001-of-00002.bin",
+                fs::copy_options::overwrite_existing);
+  write_safetensors(sdir + "/extra.safetensors", {{"extra.bias", Tensor::from<float>({2}, {4, 5})}});
+  json index = {{"weight_map", {{"extra.bias", "extra.safetensors"}}}};
+  for (auto& [n, t] : read_torch_checkpoint(sdir + "/pytorch_model-00001-of-00002.bin"))
+    index["weight_map"][n] = "pytorch_model-00001-of-00002.bin";
+  std::ofstream(sdir + "/pytorch_model.bin.index.json") << index.dump();
+  auto sharded = load_checkpoint(sdir);
+  EXPECT_EQ(sharded->size(), 14u);
+  EXPECT_EQ(sharded->find("extra.bias")->at(1), 5.0);
+  EXPECT_EQ(sharded->find("row")->at(0), 1.0);
+}
+
+TEST(IoTorch, Zip64ArchiveAndStorageBounds) {
+  std::string storage = floats({1.5f, -2.5f});
+  auto zip = [&](const std::string& pkl, bool z64) {
+    return make_zip({{"archive/data.pkl", pkl}, {"archive/data/0", storage}, {"archive/version", "3\n"}}, z64);
+  };
+  for (bool z64 : {false, true}) {
+    SCOPED_TRACE(z64 ? "zip64" : "zip");
+    auto t = read_torch_checkpoint(write_temp("io_torch_zip64", "ok.bin", zip(tensor_pickle("w", 2, 0, 2, 1), z64)));
+    ASSERT_EQ(t.size(), 1u);
+    EXPECT_EQ(t[0].first, "w");
+    EXPECT_EQ(t[0].second.at(0), 1.5);
+    EXPECT_EQ(t[0].second.at(1), -2.5);
+  }
+  auto refuse = [&](const std::string& what, const std::string& bytes, const std::string& expect) {
+    SCOPED_TRACE(what);
+    std::string msg = error_of([&] { read_torch_checkpoint(write_temp("io_torch_bounds", what + ".bin", bytes)); });
+    EXPECT_NE(msg.find(expect), std::string::npos) << msg;
+  };
+  refuse("past_storage", zip(tensor_pickle("w", 2, 0, 3, 1), false), "reaches element 2 of a storage of 2");
+  refuse("offset_past_storage", zip(tensor_pickle("w", 2, 1, 2, 1), false), "reaches element 2");
+  refuse("numel_past_file", zip(tensor_pickle("w", 9, 0, 2, 1), false), "storage declares 9 elements");
+  refuse("missing_storage", make_zip({{"archive/data.pkl", tensor_pickle("w", 2, 0, 2, 1)}}), "archive/data/0");
+  refuse("no_data_pkl", make_zip({{"archive/other", "x"}}), "data.pkl");
+}
+
+TEST(IoTorch, RefusesHostilePickles) {
+  auto refuse = [&](const std::string& what, const std::string& pkl, const std::string& expect) {
+    SCOPED_TRACE(what);
+    std::string path = write_temp("io_torch_hostile", what + ".bin", make_zip({{"archive/data.pkl", pkl}}));
+    std::string msg = error_of([&] { read_torch_checkpoint(path); });
+    EXPECT_NE(msg.find(expect), std::string::npos) << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  };
+  // os.system("ls") through GLOBAL + REDUCE.
+  refuse("posix_system", "\x80\x02" "cposix\nsystem\nq\x00"s + pstr("ls") + "\x85R.",
+         "pickle global 'posix.system' is not allowed");
+  // eval(...) through STACK_GLOBAL (protocol 4).
+  refuse("builtins_eval",
+         "\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08" "builtins\x8c\x04" "eval\x93"s + pstr("1") + "\x85R.",
+         "pickle global 'builtins.eval' is not allowed");
+  refuse("load_from_bytes", "\x80\x02" "ctorch.storage\n_load_from_bytes\n" + pstr("x") + "\x85R.",
+         "pickle global 'torch.storage._load_from_bytes' is not allowed");
+  refuse("call_storage_class", "\x80\x02" "ctorch\nFloatStorage\n)R.", "calling 'torch.FloatStorage' is not allowed");
+  refuse("build_on_global", "\x80\x02" "ccollections\nOrderedDict\n}b.", "BUILD on a global");
+  refuse("unknown_opcode", "\x80\x02" "i__builtin__\nobject\n.", "unsupported pickle opcode 0x69 'i'");
+  refuse("deep_marks", "\x80\x02" + std::string(100000, '('), "nested MARKs");
+  refuse("deep_tuples", "\x80\x02)" + std::string(100000, '\x85'), "nested deeper");
+  refuse("self_list", "\x80\x02]q\x00h\x00" "a."s, "expected a state dict");
+  refuse("bad_memo", "\x80\x02h\x05.", "memo entry 5");
+  refuse("truncated_pickle", "\x80\x02}(" + pstr("w"), "unexpected end of data");
+  refuse("huge_string", "\x80\x02X\xff\xff\xff\x7f", "unexpected end of data");
+  refuse("not_tensor", "\x80\x02}(" + pstr("w") + "K\x01u.", "entry 'w' is a int, not a tensor");
+}
+
+TEST(IoTorch, TruncatedAndCorruptFilesAreErrors) {
+  for (const char* name : {"torch_small.bin", "torch_small_legacy.bin"}) {
+    SCOPED_TRACE(name);
+    std::ifstream f(data_dir() + "/" + name, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    ASSERT_GT(bytes.size(), 1000u);
+    // Parsed from memory (a copy per variant, so that nothing can read past its end unnoticed).
+    auto parse = [&](const std::string& b) {
+      auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[b.size() + 1]);
+      std::memcpy(buf.get(), b.data(), b.size());
+      read_torch_checkpoint(buf.get(), b.size(), "corrupt", buf);
+    };
+    // Every proper prefix is refused with a vf::Error.
+    for (size_t n = 0; n < bytes.size(); ++n) EXPECT_THROW(parse(bytes.substr(0, n)), Error) << "prefix of " << n << " bytes";
+    // A flipped byte anywhere either still loads or is a vf::Error (never a crash).
+    size_t errors = 0;
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      std::string c = bytes;
+      c[i] = static_cast<char>(c[i] ^ 0x5a);
+      try {
+        parse(c);
+      } catch (const Error&) {
+        ++errors;
+      }
+    }
+    EXPECT_GT(errors, 10u);
+  }
+}
+
+TEST(IoTorch, GoldenBinMatchesSafetensors) {
+  // bit-tiny-preact-bin is not vendored: this comparison runs only next to ../shared.
+  std::string shared = std::string(VF_SOURCE_DIR) + "/../shared/goldens";
+  if (!fs::exists(shared + "/bit-tiny-preact-bin/pytorch_model.bin")) GTEST_SKIP() << "needs " << shared;
+  auto bin = load_checkpoint(shared + "/bit-tiny-preact-bin");
+  auto st = read_safetensors(shared + "/bit-tiny-preact/model.safetensors");
+  ASSERT_GT(st.size(), 10u);
+  std::set<std::string> names;
+  for (auto& [name, t] : st) {
+    names.insert(name);
+    const Tensor* b = bin->find(name);
+    ASSERT_NE(b, nullptr) << name;
+    EXPECT_TRUE(same_bytes(*b, t)) << name;
+  }
+  for (auto& name : bin->names()) EXPECT_TRUE(names.count(name)) << "only in the .bin: " << name;
 }

@@ -3,6 +3,8 @@
 // anything: only the globals a state dict of tensors needs are accepted.
 #pragma once
 
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +16,11 @@ namespace vf {
 
 // The state dict's tensors in pickle order (contiguous; non-contiguous views are materialised).
 std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(const std::string& path);
+
+// The same for a checkpoint already in memory: `origin` names it in errors, `owner` keeps `data`
+// alive (tensors may wrap it, and may be written to, so `data` must be writable).
+std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(uint8_t* data, size_t size, const std::string& origin,
+                                                                  std::shared_ptr<void> owner);
 
 // Adds every tensor of the checkpoint to `store`.
 void load_torch_checkpoint(const std::string& path, WeightStore& store);
