@@ -1,0 +1,208 @@
+// Image decoding, Pillow-exact resampling and the image processors, against the vendored goldens.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <map>
+
+#include "io/image.h"
+#include "io/json.h"
+#include "io/safetensors.h"
+#include "processors/image_processor.h"
+#include "processors/resample.h"
+#include "test_util.h"
+
+namespace vf {
+namespace {
+
+std::map<std::string, Tensor> expected_of(const std::string& case_dir) {
+  auto list = read_safetensors(case_dir + "/expected.safetensors");
+  return {list.begin(), list.end()};
+}
+
+// Runs a golden case's processor on its images.
+BatchFeature run_case(const std::string& case_dir, const json** spec_out = nullptr) {
+  static std::map<std::string, json> specs;
+  json& spec = specs[case_dir] = read_json_file(case_dir + "/case.json");
+  if (spec_out) *spec_out = &spec;
+  auto processor = create_image_processor(read_json_file(case_dir + "/preprocessor_config.json"));
+  std::vector<Image> images;
+  for (const auto& name : spec["images"]) images.push_back(load_image(test::images_dir() + "/" + name.get<std::string>()));
+  PreprocessInputs inputs;
+  if (spec.contains("annotations")) inputs.annotations = &spec["annotations"];
+  return processor->preprocess(images, inputs);
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(shape_str(a.shape()), shape_str(b.shape()));
+  if (a.shape() != b.shape()) return INFINITY;
+  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
+  double err = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) err = std::max(err, std::fabs(x.data<double>()[i] - y.data<double>()[i]));
+  return err;
+}
+
+void expect_pixels_match(const std::string& case_name) {
+  std::string dir = test::golden_case(case_name);
+  BatchFeature out = run_case(dir);
+  auto expected = expected_of(dir);
+  ASSERT_TRUE(expected.count("pixel_values"));
+  EXPECT_LE(max_abs_diff(out.pixel_values, expected["pixel_values"]), 1e-5) << case_name;
+  if (expected.count("pixel_mask")) {
+    ASSERT_TRUE(out.pixel_mask.defined()) << case_name;
+    EXPECT_EQ(max_abs_diff(out.pixel_mask, expected["pixel_mask"]), 0.0) << case_name;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(ProcImage, DecodesPaletteLikePillow) {
+  Image img = load_image(test::images_dir() + "/palette_color.png");
+  ASSERT_EQ(img.height, 10);
+  ASSERT_EQ(img.width, 10);
+  ASSERT_EQ(img.rgb.size(), 300u);
+  // Values from Pillow: Image.open(...).convert("RGB").
+  auto px = [&](int y, int x) { return std::vector<int>(img.rgb.begin() + (y * 10 + x) * 3, img.rgb.begin() + (y * 10 + x) * 3 + 3); };
+  EXPECT_EQ(px(0, 0), (std::vector<int>{51, 0, 255}));
+  EXPECT_EQ(px(9, 9), (std::vector<int>{102, 0, 204}));
+  EXPECT_EQ(px(4, 7), (std::vector<int>{51, 102, 255}));
+  int64_t sum = 0, weighted = 0;
+  for (size_t i = 0; i < img.rgb.size(); ++i) sum += img.rgb[i], weighted += int64_t(img.rgb[i]) * int64_t(i);
+  EXPECT_EQ(sum, 35445);
+  EXPECT_EQ(weighted, 5237139);
+}
+
+TEST(ProcImage, DecodesJpegLikePillow) {
+  Image img = load_image(test::images_dir() + "/rocket.jpg");
+  ASSERT_EQ(img.height, 427);
+  ASSERT_EQ(img.width, 640);
+  int64_t sum = 0;
+  for (uint8_t v : img.rgb) sum += v;
+  EXPECT_EQ(sum, 53516744);  // np.array(Image.open(...).convert("RGB")).sum()
+}
+
+TEST(ProcImage, GrayscalePngBecomesRgb) {
+  Image img = load_image(test::images_dir() + "/camera.png");
+  ASSERT_EQ(img.height, 512);
+  ASSERT_EQ(img.width, 512);
+  for (size_t i = 0; i < img.pixels(); i += 997) {
+    EXPECT_EQ(img.rgb[3 * i], img.rgb[3 * i + 1]);
+    EXPECT_EQ(img.rgb[3 * i], img.rgb[3 * i + 2]);
+  }
+}
+
+TEST(ProcImage, TruncatedJpegIsAnError) {
+  try {
+    load_image(test::images_dir() + "/truncated.jpg");
+    FAIL() << "truncated.jpg decoded without error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ProcImage, NotAnImageIsAnError) {
+  const uint8_t junk[] = {'G', 'I', 'F', '8', '9', 'a', 0, 0};
+  EXPECT_THROW(decode_image(junk, sizeof(junk), "junk.gif"), Error);
+  EXPECT_THROW(load_image(test::images_dir() + "/does_not_exist.png"), Error);
+}
+
+uint32_t crc32_of(const uint8_t* p, size_t n) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return c ^ 0xFFFFFFFFu;
+}
+
+TEST(ProcImage, DecompressionBombPngIsRefusedBeforeDecoding) {
+  // A 45-byte PNG whose IHDR claims 100000 x 100000 pixels, with no image data at all: refused on
+  // the header's dimensions (not as a truncated file).
+  std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
+  auto be32 = [&](uint32_t v) {
+    for (int s = 24; s >= 0; s -= 8) png.push_back(uint8_t(v >> s));
+  };
+  be32(100000);
+  be32(100000);
+  png.insert(png.end(), {8, 2, 0, 0, 0});  // 8-bit RGB
+  be32(crc32_of(png.data() + 12, 17));
+  png.insert(png.end(), {0, 0, 0, 0, 'I', 'E', 'N', 'D', 0xAE, 0x42, 0x60, 0x82});
+  std::string path = test::temp_dir("proc") + "/bomb.png";
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), std::streamsize(png.size()));
+  try {
+    load_image(path);
+    FAIL() << "the bomb PNG was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("decompression bomb"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ProcImage, SavePngRoundTrips) {
+  Image img;
+  img.height = 3, img.width = 5, img.channels = 3;
+  for (int i = 0; i < 45; ++i) img.rgb.push_back(uint8_t(i * 5 + 1));
+  std::string path = test::temp_dir("proc") + "/roundtrip.png";
+  save_png(path, img);
+  Image back = load_image(path);
+  EXPECT_EQ(back.height, 3);
+  EXPECT_EQ(back.width, 5);
+  EXPECT_EQ(back.rgb, img.rgb);
+  Image gray;
+  gray.height = 2, gray.width = 2, gray.channels = 1, gray.rgb = {0, 100, 200, 255};
+  save_png(path, gray);
+  back = load_image(path);
+  EXPECT_EQ(back.rgb, (std::vector<uint8_t>{0, 0, 0, 100, 100, 100, 200, 200, 200, 255, 255, 255}));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(ProcResample, SameSizeIsACopyAndNearestPicksPillowPixels) {
+  Image img;
+  img.height = 1, img.width = 5, img.channels = 1, img.rgb = {10, 20, 30, 40, 50};
+  EXPECT_EQ(resize_pil(img, 1, 5, Resample::Bicubic).rgb, img.rgb);
+  // Pillow: Image.fromarray(np.array([[10,20,30,40,50]], np.uint8)).resize((3, 1), Image.NEAREST)
+  EXPECT_EQ(resize_pil(img, 1, 3, Resample::Nearest).rgb, (std::vector<uint8_t>{10, 30, 50}));
+  // ... .resize((2, 1), Image.BILINEAR) -> [20, 40] (support widened to 2.5 source pixels);
+  // (BOX) -> [20, 45] (windows [0, 3) and [3, 5)).
+  EXPECT_EQ(resize_pil(img, 1, 2, Resample::Bilinear).rgb, (std::vector<uint8_t>{20, 40}));
+  EXPECT_EQ(resize_pil(img, 1, 2, Resample::Box).rgb, (std::vector<uint8_t>{20, 45}));
+  EXPECT_THROW(resize_pil(img, 0, 2, Resample::Box), Error);
+  EXPECT_THROW(resample_from_int(6), Error);
+}
+
+// Bicubic downscale + center crop with no normalisation: pixel_values are the resampled bytes / 255.
+TEST(ProcResample, ConvNextNoNormMatchesGolden) { expect_pixels_match("proc-convnext-nonorm"); }
+
+TEST(ProcConvNext, BackboneCaseMatchesGolden) { expect_pixels_match("convnext-tiny-backbone"); }
+
+TEST(ProcFactory, UnknownTypeIsAnError) {
+  EXPECT_THROW(create_image_processor(json{{"image_processor_type", "CLIPImageProcessor"}}), Error);
+  EXPECT_THROW(create_image_processor(json::object()), Error);
+  EXPECT_THROW(create_image_processor(json{{"image_processor_type", "BitImageProcessor"}, {"size", {{"foo", 3}}}}), Error);
+}
+
+TEST(ProcFactory, LegacyFeatureExtractorConfig) {
+  // An old ConvNeXt config: int size, feature_extractor_type.
+  auto p = create_image_processor(json{{"feature_extractor_type", "ConvNextFeatureExtractor"}, {"size", 224}});
+  EXPECT_EQ(p->options().size.shortest_edge, 224);
+  EXPECT_EQ(p->options().resample, Resample::Bicubic);
+  auto d = create_image_processor(json{{"feature_extractor_type", "DeiTFeatureExtractor"}, {"size", 256}, {"crop_size", 224}});
+  EXPECT_EQ(d->options().size.height, 256);
+  EXPECT_EQ(d->options().size.width, 256);
+  EXPECT_EQ(d->options().crop_size.height, 224);
+}
+
+using HW = std::pair<int64_t, int64_t>;
+
+TEST(ProcSizes, ReferenceRounding) {
+  EXPECT_EQ(resize_output_size_shortest_edge(300, 451, 200), HW(200, 300));
+  EXPECT_EQ(resize_output_size_shortest_edge(451, 300, 200), HW(300, 200));
+  // get_size_with_aspect_ratio((427, 640), 192, 320) -> (192, 287); the long side caps it.
+  EXPECT_EQ(size_with_aspect_ratio(427, 640, 192, 320), HW(192, 287));
+  EXPECT_EQ(size_with_aspect_ratio(300, 451, 800, 1333), HW(800, 1202));
+  EXPECT_EQ(size_with_aspect_ratio(100, 1000, 800, 1333), HW(133, 1333));
+}
+
+}  // namespace
+}  // namespace vf
