@@ -4,6 +4,9 @@
 #include <cmath>
 
 #include "models/common.h"
+#include "models/image_classification.h"
+
+#include <optional>
 
 namespace vf {
 
@@ -229,10 +232,7 @@ class BitForTask : public Model {
     BitConfig cfg = BitConfig::from_json(config);
     bit_ = BitModel::load(arch == "BitModel" ? base_model_weights(w, "bit") : w.pp("bit"), cfg);
     if (arch == "BitForImageClassification") {
-      int num_labels = config_num_labels(config);
-      if (num_labels > 0)
-        classifier_ = Linear(w.pp("classifier").pp("1").get("weight", {num_labels, cfg.hidden_sizes.back()}),
-                             w.pp("classifier").pp("1").get("bias", {num_labels}));
+      classifier_.emplace(cfg.hidden_sizes.back(), config_num_labels(config), w.pp("classifier").pp("1"));
     }
     if (arch == "BitBackbone") out_indices_ = backbone_out_indices(config, cfg.stage_names);
   }
@@ -252,7 +252,7 @@ class BitForTask : public Model {
     ModelOutput base = bit_.forward(in.pixel_values, in.output_hidden_states);
     const Tensor& pooled = base.get("pooler_output");
     Tensor flat = pooled.reshape({pooled.size(0), pooled.size(1)});
-    Tensor logits = classifier_.defined() ? classifier_.forward(flat) : flat.clone();
+    Tensor logits = classifier_->forward(flat);
     ModelOutput out;
     if (in.labels.defined()) out.set("loss", classification_loss(logits, in.labels, config_));
     out.set("logits", logits);
@@ -265,7 +265,7 @@ class BitForTask : public Model {
   json config_;
   std::string arch_;
   BitModel bit_;
-  Linear classifier_;
+  std::optional<ClassifierHead> classifier_;
   std::vector<int> out_indices_;
 };
 

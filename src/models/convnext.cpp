@@ -1,6 +1,9 @@
 #include "models/convnext.h"
 
 #include "models/common.h"
+#include "models/image_classification.h"
+
+#include <optional>
 
 namespace vf {
 
@@ -160,10 +163,7 @@ class ConvNextForTask : public Model {
         norms_.push_back(ConvNextLayerNorm::load(w.pp("hidden_states_norms").pp(cfg.stage_names[idx]), channels));
       }
     } else if (!model_only) {
-      int num_labels = config_num_labels(config);
-      if (num_labels > 0)
-        classifier_ = Linear(w.pp("classifier").get("weight", {num_labels, cfg.hidden_sizes.back()}),
-                             w.pp("classifier").get("bias", {num_labels}));
+      classifier_.emplace(cfg.hidden_sizes.back(), config_num_labels(config), w.pp("classifier"));
     }
   }
 
@@ -177,7 +177,7 @@ class ConvNextForTask : public Model {
                 nhwc_to_nchw(norms_[i](base.get("hidden_states." + std::to_string(out_indices_[i])))));
     } else if (arch_.find("ForImageClassification") != std::string::npos) {
       const Tensor& pooled = base.get("pooler_output");
-      Tensor logits = classifier_.defined() ? classifier_.forward(pooled) : pooled.clone();
+      Tensor logits = classifier_->forward(pooled);
       if (in.labels.defined()) out.set("loss", classification_loss(logits, in.labels, config_));
       out.set("logits", logits);
     } else {
@@ -195,7 +195,7 @@ class ConvNextForTask : public Model {
   std::string arch_;
   bool backbone_ = false;
   ConvNextModel model_;
-  Linear classifier_;
+  std::optional<ClassifierHead> classifier_;
   std::vector<int> out_indices_;
   std::vector<ConvNextLayerNorm> norms_;
 };
