@@ -34,6 +34,18 @@ inline int run_golden_case(const std::string& name) {
   in.pixel_values = expected.at("pixel_values");
   in.pixel_mask = expected.at("pixel_mask");
   in.output_hidden_states = true;
+  if (spec.contains("labels")) {
+    for (auto& l : spec["labels"]) {
+      DetectionTarget t;
+      auto cls = l["class_labels"].get<std::vector<int64_t>>();
+      auto boxes = l["boxes"].get<std::vector<std::vector<float>>>();
+      std::vector<float> flat;
+      for (auto& b : boxes) flat.insert(flat.end(), b.begin(), b.end());
+      t.class_labels = Tensor::from_vector<int64_t>({static_cast<int64_t>(cls.size())}, cls);
+      t.boxes = Tensor::from_vector<float>({static_cast<int64_t>(boxes.size()), 4}, flat);
+      in.targets.push_back(t);
+    }
+  }
   ModelOutput out = model->forward(in);
   int compared = 0;
   for (auto& o : spec["outputs"]) {
@@ -48,6 +60,16 @@ inline int run_golden_case(const std::string& name) {
     double tol = 1e-4 * std::max(1.0, max_abs(ref));
     EXPECT_LE(max_abs_diff(ours, ref), tol) << name << ": " << n;
     if (getenv("VF_VERBOSE")) printf("  %-32s err %.3g tol %.3g\n", n.c_str(), max_abs_diff(ours, ref), tol);
+    ++compared;
+  }
+  // Losses: relative error <= 1e-4.
+  for (auto& [n, ref] : expected) {
+    if (n != "loss" && n.rfind("loss_dict.", 0) != 0) continue;
+    EXPECT_TRUE(out.has(n)) << name << ": no output " << n;
+    if (!out.has(n)) continue;
+    double r = ref.at(0), o = out.get(n).at(0);
+    EXPECT_LE(std::abs(o - r), 1e-4 * std::abs(r)) << name << ": " << n << " = " << o << ", reference " << r;
+    if (getenv("VF_VERBOSE")) printf("  %-32s %.7g ref %.7g\n", n.c_str(), o, r);
     ++compared;
   }
   return compared;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "models/detr_loss.h"
+
 namespace vf {
 
 // ---- config ---------------------------------------------------------------------------------------
@@ -782,6 +784,63 @@ DeformableDetrPredictions deformable_detr_predictions(const DeformableDetrHeads&
   return p;
 }
 
+void deformable_detr_loss(const DeformableDetrConfig& cfg, bool deta, const DeformableDetrPredictions& p,
+                          const DeformableDetrModelOutput& o, const std::vector<DetectionTarget>& targets,
+                          ModelOutput& out) {
+  DetrLossConfig lc;
+  lc.match_cost = DetrMatchCost::Focal;
+  lc.class_loss = DetrClassLoss::Focal;
+  // Deformable DETR counts queries whose best sigmoid exceeds 0.5; DETA kept DETR's argmax rule.
+  lc.cardinality = deta ? DetrCardinality::ArgmaxNotLast : DetrCardinality::SigmoidAboveHalf;
+  lc.class_cost = cfg.class_cost;
+  lc.bbox_cost = cfg.bbox_cost;
+  lc.giou_cost = cfg.giou_cost;
+  lc.eos_coefficient = cfg.eos_coefficient;
+  lc.focal_alpha = cfg.focal_alpha;
+  lc.bbox_loss_coefficient = cfg.bbox_loss_coefficient;
+  lc.giou_loss_coefficient = cfg.giou_loss_coefficient;
+  lc.mask_loss_coefficient = cfg.mask_loss_coefficient;
+  lc.dice_loss_coefficient = cfg.dice_loss_coefficient;
+  lc.auxiliary_loss = cfg.auxiliary_loss;
+  lc.decoder_layers = cfg.decoder_layers;
+  lc.deta = deta;
+  lc.assign_first_stage = deta && cfg.assign_first_stage;
+  lc.assign_second_stage = deta && cfg.assign_second_stage;
+  lc.num_queries = cfg.num_queries;
+
+  auto sigmoid_of = [](const Tensor& x) {
+    Tensor y = x.clone();
+    for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = sigmoidf(y.f32()[i]);
+    return y;
+  };
+  DetrLossInputs in;
+  in.outputs.logits = p.outputs_class.back();
+  in.outputs.pred_boxes = p.outputs_coord.back();
+  if (deta) in.outputs.init_reference = o.init_reference_points;
+  if (cfg.auxiliary_loss)
+    for (size_t i = 0; i + 1 < p.outputs_class.size(); ++i) {
+      DetrLossPrediction a;
+      a.logits = p.outputs_class[i];
+      a.pred_boxes = p.outputs_coord[i];
+      in.auxiliary.push_back(a);
+    }
+  if (deta && cfg.two_stage) {
+    DetrLossPrediction e;
+    e.logits = o.enc_outputs_class;
+    e.pred_boxes = sigmoid_of(o.enc_outputs_coord_logits);
+    e.anchors = sigmoid_of(o.output_proposals);
+    in.enc_outputs = e;
+  }
+  in.targets = targets;
+  DetrLossOutput r = detr_loss(in, lc);
+  out.set("loss", r.loss);
+  for (auto& [k, v] : r.loss_dict) out.set("loss_dict." + k, v);
+  for (size_t i = 0; i < in.auxiliary.size(); ++i) {
+    out.set("auxiliary_outputs." + std::to_string(i) + ".logits", in.auxiliary[i].logits);
+    out.set("auxiliary_outputs." + std::to_string(i) + ".pred_boxes", in.auxiliary[i].pred_boxes);
+  }
+}
+
 DeformableDetrForObjectDetection::DeformableDetrForObjectDetection(const DeformableDetrConfig& cfg, const Weights& w)
     : cfg_(cfg) {
   heads_ = load_deformable_detr_heads(w, cfg);
@@ -792,7 +851,7 @@ ModelOutput DeformableDetrForObjectDetection::forward(const ModelInputs& inputs)
   DeformableDetrModelOutput o = model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states);
   DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o);
   ModelOutput out;
-  // TODO(loss): DeformableDetrForObjectDetectionLoss via models/detr_loss.h.
+  if (!inputs.targets.empty()) deformable_detr_loss(cfg_, /*deta=*/false, p, o, inputs.targets, out);
   out.set("logits", p.outputs_class.back());
   out.set("pred_boxes", p.outputs_coord.back());
   out.set("last_hidden_state", o.last_hidden_state);

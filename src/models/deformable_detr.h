@@ -300,6 +300,13 @@ struct DeformableDetrPredictions {
 DeformableDetrPredictions deformable_detr_predictions(const DeformableDetrHeads& heads,
                                                       const DeformableDetrModelOutput& outputs);
 
+// The detection loss when `targets` are given: DeformableDetrForObjectDetectionLoss, or (`deta`) the
+// 4.x DETA loss with its assigners and the two-stage "_enc" terms. Adds loss, loss_dict.* and, with
+// auxiliary_loss, auxiliary_outputs.N.{logits,pred_boxes} to `out`.
+void deformable_detr_loss(const DeformableDetrConfig& cfg, bool deta, const DeformableDetrPredictions& predictions,
+                          const DeformableDetrModelOutput& outputs, const std::vector<DetectionTarget>& targets,
+                          ModelOutput& out);
+
 // inverse_sigmoid(x, eps=1e-5) of the reference.
 float inverse_sigmoid(float x, float eps = 1e-5f);
 

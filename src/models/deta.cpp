@@ -111,7 +111,7 @@ ModelOutput DetaForObjectDetection::forward(const ModelInputs& inputs) const {
   DeformableDetrModelOutput o = model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states);
   DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o);
   ModelOutput out;
-  // TODO(loss): DETA loss (assigners, *_enc terms) via models/detr_loss.h.
+  if (!inputs.targets.empty()) deformable_detr_loss(cfg_, /*deta=*/true, p, o, inputs.targets, out);
   out.set("logits", p.outputs_class.back());
   out.set("pred_boxes", p.outputs_coord.back());
   o.append_to(out, /*with_output_proposals=*/true);
