@@ -56,8 +56,11 @@ int main(int argc, char** argv) {
   bool as_json = false;
 
   auto* classify = app.add_subcommand("classify", "image classification, like transformers' pipeline");
-  classify->add_option("model", model_dir, "model folder (config.json, weights)")->required();
-  classify->add_option("images", images, "image files")->required();
+  // With no arguments: the bundled tiny ConvNeXT (random weights) on the bundled image.
+  model_dir = VF_ASSETS_DIR "/tiny-convnext";
+  images = {VF_ASSETS_DIR "/cat.jpg"};
+  classify->add_option("model", model_dir, "model folder (config.json, weights); default: bundled tiny model");
+  classify->add_option("images", images, "image files; default: bundled image");
   classify->add_option("--top-k", top_k, "labels per image");
   classify->add_flag("--json", as_json, "JSON output");
 
