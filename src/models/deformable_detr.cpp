@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "core/attention.h"
 #include "models/detr_loss.h"
 
 namespace vf {
@@ -292,16 +293,12 @@ DeformableDetrSelfAttention::DeformableDetrSelfAttention(const Weights& w, int64
 
 Tensor DeformableDetrSelfAttention::forward(const Tensor& hidden_states, const Tensor& position_embeddings,
                                             const Tensor* residual) const {
-  const int64_t B = hidden_states.size(0), T = hidden_states.size(1);
-  const int64_t NH = num_heads_, hd = hidden_size_ / num_heads_;
+  const int64_t hd = hidden_size_ / num_heads_;
   Tensor qk_in = position_embeddings.defined() ? add(hidden_states, position_embeddings) : hidden_states;
-  auto heads = [&](const Tensor& x) { return permute(x.reshape({B, T, NH, hd}), {0, 2, 1, 3}); };
-  Tensor q = heads(q_proj_.forward(qk_in));
-  Tensor k = heads(k_proj_.forward(qk_in));
-  Tensor v = heads(v_proj_.forward(hidden_states));
-  Tensor scores = matmul(q, k, /*trans_b=*/true, 1.0f / std::sqrt(static_cast<float>(hd)));
-  softmax_lastdim_inplace(scores);
-  Tensor o = permute(matmul(scores, v), {0, 2, 1, 3}).reshape({B, T, hidden_size_});
+  AttentionOptions opt;
+  opt.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  Tensor o = multi_head_attention(q_proj_.forward(qk_in), k_proj_.forward(qk_in), v_proj_.forward(hidden_states),
+                                  num_heads_, opt);
   return out_proj_.forward(o, residual);
 }
 
