@@ -122,6 +122,37 @@ namespace {
 
 TEST(DeformGolden, DeformableDetrTinyDet) { EXPECT_EQ(test::run_golden_case("deformable-detr-tiny-det"), 18); }
 
+// A pytorch_model.bin stores every alias of the shared heads (class_embed.0 .. class_embed.N and,
+// for box refinement, model.decoder.bbox_embed.N); the loader takes any of them and marks the rest used.
+TEST(DeformGolden, HeadsLoadFromAnyAlias) {
+  std::string dir = test::golden_case("deformable-detr-tiny-det");
+  json config = read_json_file(dir + "/config.json");
+  auto store = load_checkpoint(dir);
+  auto aliased = std::make_shared<WeightStore>();
+  for (auto& n : store->names()) {
+    const Tensor& t = *store->find(n);
+    if (n.rfind("class_embed.0.", 0) == 0 || n.rfind("bbox_embed.0.", 0) == 0) {
+      std::string head = n.substr(0, n.find('.')), rest = n.substr(n.find('.') + 3);
+      // Layer 1 only under the decoder's alias name, layer 0 under both.
+      aliased->add("model.decoder." + head + ".1." + rest, t.clone());
+      aliased->add("model.decoder." + n, t.clone());
+    }
+    aliased->add(n, t);
+  }
+  std::map<std::string, Tensor> expected;
+  for (auto& [n, t] : read_safetensors(dir + "/expected.safetensors")) expected[n] = t;
+  ModelInputs in;
+  in.pixel_values = expected.at("pixel_values");
+  in.pixel_mask = expected.at("pixel_mask");
+  auto model = create_model(config, "DeformableDetrForObjectDetection", Weights(aliased));
+  aliased->check_complete();
+  EXPECT_TRUE(aliased->unused().empty()) << aliased->unused().front();
+  ModelOutput out = model->forward(in);
+  EXPECT_LE(max_abs_diff(out.get("logits"), expected.at("logits")), 1e-4);
+  EXPECT_LE(max_abs_diff(out.get("pred_boxes"), expected.at("pred_boxes")), 1e-4);
+  EXPECT_FALSE(out.has("decoder_hidden_states.0"));  // only with output_hidden_states
+}
+
 TEST(DeformGolden, DetaTinyModel) { EXPECT_EQ(test::run_golden_case("deta-tiny-model"), 10); }
 
 }  // namespace

@@ -473,7 +473,13 @@ DeformableDetrModel::DeformableDetrModel(const DeformableDetrConfig& cfg, const 
                                          const Weights& w, std::shared_ptr<const DeformableDetrHeads> heads)
     : cfg_(cfg), variant_(variant), heads_(std::move(heads)) {
   const int64_t C = cfg.d_model, L = cfg.num_feature_levels;
-  backbone_ = DetrConvEncoder(cfg.backbone_config, w.pp(variant.backbone_path));
+  // Checkpoints saved by transformers 5 drop DeformableDetrConvModel's conv_encoder level.
+  std::string backbone_path = variant.backbone_path;
+  auto has_stem = [&](const std::string& path) {
+    return w.pp(path).has("conv1.weight") || w.pp(path).has("embedder.embedder.convolution.weight");
+  };
+  if (!has_stem(backbone_path) && has_stem("backbone.model")) backbone_path = "backbone.model";
+  backbone_ = DetrConvEncoder(cfg.backbone_config, w.pp(backbone_path));
 
   if (cfg.position_embedding_type == "learned") {
     // 4.x: model.backbone.position_embedding; 5.x: model.position_embedding.
