@@ -17,7 +17,8 @@
 namespace vf::test {
 
 // Runs a golden case's model on its own pixel_values / pixel_mask and compares every listed output
-// within the goldens' tolerance, 1e-4 * max(1, max |ref|). Returns how many outputs were compared.
+// within the goldens' tolerance, 1e-4 * max(1, max |ref|), and the losses within 1e-4 relative.
+// Returns how many outputs were compared.
 // VF_VERBOSE=1 prints each error.
 inline int run_golden_case(const std::string& name) {
   std::string dir = test::golden_case(name);
@@ -51,6 +52,7 @@ inline int run_golden_case(const std::string& name) {
   for (auto& o : spec["outputs"]) {
     std::string n = o.get<std::string>();
     if (n == "pixel_values" || n == "pixel_mask") continue;
+    if (!expected.count(n)) continue;  // the vendored copies leave out per-layer hidden states
     EXPECT_TRUE(out.has(n)) << name << ": no output " << n;
     if (!out.has(n)) continue;
     const Tensor& ours = out.get(n);
