@@ -204,5 +204,87 @@ TEST(ProcSizes, ReferenceRounding) {
   EXPECT_EQ(size_with_aspect_ratio(100, 1000, 800, 1333), HW(133, 1333));
 }
 
+// ---------------------------------------------------------------------------------------------
+
+TEST(ProcDetr, NoPadNoRescaleMatchesGolden) { expect_pixels_match("proc-detr-nopad-norescale"); }
+
+// Two images of different sizes padded to the larger with pixel_mask.
+TEST(ProcDetr, ModelCaseMatchesGolden) { expect_pixels_match("detr-tiny-model"); }
+
+TEST(ProcDetr, CocoDetectionLabels) {
+  // detr-tiny-model's processor and images with COCO annotations; the expected targets are the
+  // reference's (transformers 5.17, DetrImageProcessorPil): crowd objects dropped, boxes resized,
+  // normalised, and rescaled for the second image's 1-pixel right padding; "size" is the padded size.
+  std::string dir = test::golden_case("detr-tiny-model");
+  auto processor = create_image_processor(read_json_file(dir + "/preprocessor_config.json"));
+  std::vector<Image> images = {load_image(test::images_dir() + "/chelsea.png"), load_image(test::images_dir() + "/rocket.jpg")};
+  json annotations = json::parse(R"([
+    {"image_id": 10, "annotations": [
+      {"bbox": [45.1, 60.0, 135.29999999999998, 75.0], "category_id": 1, "area": 10147.499999999998, "iscrowd": 0},
+      {"bbox": [225.5, 30.0, 202.95000000000002, 240.0], "category_id": 3, "area": 48707.99999999999, "iscrowd": 0}]},
+    {"image_id": 11, "annotations": [
+      {"bbox": [64.0, 85.4, 192.0, 106.75], "category_id": 2, "area": 20496.0, "iscrowd": 0},
+      {"bbox": [320.0, 42.7, 288.0, 341.6], "category_id": 3, "area": 98380.79999999999, "iscrowd": 1}]}])");
+  PreprocessInputs inputs;
+  inputs.annotations = &annotations;
+  BatchFeature out = processor->preprocess(images, inputs);
+  ASSERT_EQ(out.labels.size(), 2u);
+  auto values = [](const Tensor& t) {
+    Tensor d = t.to(DType::F64);
+    return std::vector<double>(d.data<double>(), d.data<double>() + d.numel());
+  };
+  const DetectionTarget& a = out.labels[0];
+  EXPECT_EQ(values(a.size), (std::vector<double>{192, 288}));
+  EXPECT_EQ(values(a.image_id), (std::vector<double>{10}));
+  EXPECT_EQ(values(a.class_labels), (std::vector<double>{1, 3}));
+  EXPECT_EQ(values(a.boxes), (std::vector<double>{0.25, 0.32500001788139343, 0.29999998211860657, 0.2500000298023224,
+                                                  0.7250000238418579, 0.5, 0.45000001788139343, 0.800000011920929}));
+  EXPECT_EQ(values(a.area), (std::vector<double>{4147.2001953125, 19906.560546875}));
+  EXPECT_EQ(values(a.iscrowd), (std::vector<double>{0, 0}));
+  EXPECT_EQ(values(a.orig_size), (std::vector<double>{300, 451}));
+  EXPECT_FALSE(a.masks.defined());
+  const DetectionTarget& b = out.labels[1];
+  EXPECT_EQ(values(b.size), (std::vector<double>{192, 288}));
+  EXPECT_EQ(values(b.class_labels), (std::vector<double>{2}));
+  EXPECT_EQ(values(b.boxes), (std::vector<double>{0.2491319477558136, 0.32499998807907104, 0.29895833134651184,
+                                                  0.24999995529651642}));
+  EXPECT_EQ(values(b.area), (std::vector<double>{4132.7998046875}));
+  EXPECT_EQ(values(b.orig_size), (std::vector<double>{427, 640}));
+  EXPECT_EQ(shape_str(b.boxes.shape()), "[1, 4]");
+}
+
+TEST(ProcDetr, LegacyConfigKeys) {
+  // DetrFeatureExtractor-era keys: an int size with max_size, pad_and_return_pixel_mask.
+  auto p = create_image_processor(json{{"feature_extractor_type", "DetrFeatureExtractor"}, {"size", 800}, {"max_size", 1000},
+                                       {"pad_and_return_pixel_mask", false}});
+  EXPECT_EQ(p->options().size.shortest_edge, 800);
+  EXPECT_EQ(p->options().size.longest_edge, 1000);
+  EXPECT_FALSE(p->options().do_pad);
+  auto q = create_image_processor(json{{"image_processor_type", "DetaImageProcessor"}});
+  EXPECT_EQ(q->options().size.shortest_edge, 800);
+  EXPECT_EQ(q->options().size.longest_edge, 1333);
+  EXPECT_TRUE(q->options().do_pad);
+  EXPECT_EQ(q->options().resample, Resample::Bilinear);
+  EXPECT_THROW(create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}, {"format", "coco_keypoints"}}), Error);
+}
+
+TEST(ProcDetr, MismatchedAnnotationsAreAnError) {
+  auto p = create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}, {"size", {{"height", 20}, {"width", 20}}}});
+  std::vector<Image> images = {load_image(test::images_dir() + "/palette_color.png")};
+  json two = json::array({json{{"image_id", 1}, {"annotations", json::array()}}, json{{"image_id", 2}, {"annotations", json::array()}}});
+  PreprocessInputs inputs;
+  inputs.annotations = &two;
+  EXPECT_THROW(p->preprocess(images, inputs), Error);
+  json bad = json::array({json{{"annotations", json::array()}}});
+  inputs.annotations = &bad;
+  EXPECT_THROW(p->preprocess(images, inputs), Error);
+  json empty = json::array({json{{"image_id", 7}, {"annotations", json::array()}}});
+  inputs.annotations = &empty;
+  BatchFeature out = p->preprocess(images, inputs);
+  ASSERT_EQ(out.labels.size(), 1u);
+  EXPECT_EQ(shape_str(out.labels[0].boxes.shape()), "[0, 4]");
+  EXPECT_EQ(out.labels[0].size.at(0), 20);
+}
+
 }  // namespace
 }  // namespace vf

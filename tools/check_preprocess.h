@@ -11,7 +11,7 @@ namespace vf::check {
 // Runs the processor of c.preprocessor on case.json's `images` (from c.images_dir), passing
 // case.json's `annotations` when present (panoptic masks are looked up in case.json's
 // `masks_path`, relative to the case folder, else in the images folder). Reports every comparison
-// and returns the processor's output for the model stage.
+// and returns the processor's output for the model stage (empty for a case without images).
 BatchFeature run_preprocess(const Case& c, CheckReport& report);
 
 // Compares `labels` with case.json's `processed_labels` (ints exact, floats within 1e-5).
