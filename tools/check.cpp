@@ -52,16 +52,7 @@ bool is_model_output(const std::string& name) {
 void set_labels(const json& labels, ModelInputs& in) {
   if (!labels.is_array() || labels.empty()) throw Error("case.json labels must be a non-empty list");
   if (labels[0].is_object()) {
-    for (auto& l : labels) {
-      DetectionTarget t;
-      t.class_labels = Tensor::from_vector<int64_t>({int64_t(l.at("class_labels").size())},
-                                                    l.at("class_labels").get<std::vector<int64_t>>());
-      std::vector<float> boxes;
-      for (auto& b : l.at("boxes"))
-        for (auto& v : b) boxes.push_back(v.get<float>());
-      t.boxes = Tensor::from_vector<float>({int64_t(l.at("boxes").size()), 4}, boxes);
-      in.targets.push_back(std::move(t));
-    }
+    in.targets = detection_targets_from_json(labels);
   } else if (labels[0].is_number_integer()) {
     in.labels = Tensor::from_vector<int64_t>({int64_t(labels.size())}, labels.get<std::vector<int64_t>>());
   } else {

@@ -72,6 +72,7 @@ Tensor Weights::get(const std::string& name, const Shape& shape) const {
   std::string full = path(name);
   const Tensor* t = store_ ? store_->find(full) : nullptr;
   if (!t) {
+    if (store_ && store_->missing_filler()) return store_->missing_filler()(full, shape);
     if (store_) store_->note_missing(full, shape);
     return Tensor::zeros(shape);
   }

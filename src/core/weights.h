@@ -6,6 +6,7 @@
 // together once the model is built; tensors nobody asked for are reported as unexpected.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,6 +32,12 @@ class WeightStore {
   void note_missing(const std::string& name, const Shape& shape) const;
   // Throws an Error naming every missing tensor.
   void check_complete() const;
+  // For models built from a config alone (benchmarks, demos): a missing tensor is produced by
+  // `fill` instead of being reported.
+  using Filler = std::function<Tensor(const std::string& name, const Shape& shape)>;
+  void set_missing_filler(Filler fill) { filler_ = std::move(fill); }
+  const Filler& missing_filler() const { return filler_; }
+
   // Names present in the checkpoint but never read.
   std::vector<std::string> unused() const;
 
@@ -39,6 +46,7 @@ class WeightStore {
   mutable std::mutex mu_;
   mutable std::set<std::string> used_;
   mutable std::vector<std::string> missing_;
+  Filler filler_;
 };
 
 class Weights {

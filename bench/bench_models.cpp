@@ -1,0 +1,66 @@
+// Whole-model latency, batch 1, float32, the Hub architectures with deterministic random weights
+// (the speed does not depend on the values). bench/run.sh runs this beside bench/torch_bench.py
+// on the same machine and thread count and prints the ratios.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+
+#include "core/ops.h"
+#include "models/model.h"
+
+namespace {
+
+// Deterministic values in [-scale, scale]; running variances positive (a folded batch norm needs them).
+vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
+  vf::Tensor t = vf::Tensor::empty(shape);
+  uint64_t h = 1469598103934665603ull;
+  for (char c : name) h = (h ^ uint8_t(c)) * 1099511628211ull;
+  bool variance = name.size() >= 11 && name.compare(name.size() - 11, 11, "running_var") == 0;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33;
+    float u = float(h >> 40) / float(1 << 24) * 2.0f - 1.0f;
+    t.f32()[i] = variance ? 1.0f + 0.5f * std::fabs(u) : 0.05f * u;
+  }
+  return t;
+}
+
+std::unique_ptr<vf::Model> build(const vf::json& config) {
+  auto store = std::make_shared<vf::WeightStore>();
+  store->set_missing_filler(fill);
+  return vf::create_model(config, "", vf::Weights(store));
+}
+
+void run(benchmark::State& state, const vf::json& config, int64_t h, int64_t w, bool with_mask) {
+  if (const char* t = std::getenv("VF_THREADS")) vf::set_num_threads(std::atoi(t));
+  auto model = build(config);
+  vf::ModelInputs in;
+  in.pixel_values = fill("pixel_values", {1, 3, h, w});
+  if (with_mask) in.pixel_mask = vf::Tensor::from_vector<int64_t>({1, h, w}, std::vector<int64_t>(h * w, 1));
+  model->forward(in);  // warm-up: primitive creation and weight reorders happen once
+  for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
+  state.counters["threads"] = vf::num_threads();
+}
+
+}  // namespace
+
+static void BM_ConvNextTiny(benchmark::State& s) {
+  run(s, {{"model_type", "convnext"}, {"architectures", {"ConvNextForImageClassification"}}, {"num_labels", 1000}}, 224, 224, false);
+}
+static void BM_DeiTBase(benchmark::State& s) {
+  run(s, {{"model_type", "deit"}, {"architectures", {"DeiTModel"}}}, 224, 224, false);
+}
+static void BM_DetrResnet50(benchmark::State& s) {
+  run(s, {{"model_type", "detr"}, {"architectures", {"DetrForObjectDetection"}}, {"num_labels", 91}}, 800, 1066, true);
+}
+static void BM_DetaResnet50(benchmark::State& s) {
+  run(s, {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91}}, 800, 1066, true);
+}
+
+BENCHMARK(BM_ConvNextTiny)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
+BENCHMARK(BM_DeiTBase)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
+BENCHMARK(BM_DetrResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+BENCHMARK(BM_DetaResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+
+BENCHMARK_MAIN();

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Side by side on this machine: vf (Google Benchmark) and PyTorch eager (Debian's python3-torch),
+# batch 1, the same thread count (VF_THREADS, default: all cores). Prints a table with the ratios.
+# Needs: VF_BENCH_DEPS=1 scripts/install-deps.sh (python3-torch, python3-torchvision).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export VF_THREADS=${VF_THREADS:-$(nproc)}
+build=${BUILD_DIR:-build}
+cmake --build "$build" -j"$(nproc)" --target vf_bench >/dev/null
+out=$(mktemp -d)
+"$build/bench/vf_bench" --benchmark_format=json --benchmark_out="$out/vf.json" --benchmark_out_format=json >/dev/null
+/usr/bin/python3 bench/torch_bench.py > "$out/torch.jsonl"
+/usr/bin/python3 - "$out" <<'PY'
+import json, sys, os
+out = sys.argv[1]
+vf = {b["name"].split("/")[0]: b["real_time"] for b in json.load(open(f"{out}/vf.json"))["benchmarks"]}
+torch = {}
+for line in open(f"{out}/torch.jsonl"):
+    r = json.loads(line); torch[r["name"]] = r["ms"]
+pairs = [("ConvNeXt-T 224²", "BM_ConvNextTiny", "convnext_tiny"),
+         ("DeiT-B/16 224² (torch: ViT-B/16)", "BM_DeiTBase", "vit_b_16"),
+         ("DETR-R50 800×1066", "BM_DetrResnet50", "detr_resnet50"),
+         ("DETA-R50 800×1066", "BM_DetaResnet50", None)]
+print(f"threads: {os.environ['VF_THREADS']}")
+print(f"| model | vf ms | PyTorch eager ms | PyTorch / vf |")
+print(f"|---|---:|---:|---:|")
+for title, v, t in pairs:
+    a, b = vf.get(v), torch.get(t) if t else None
+    ratio = f"{b / a:.2f}×" if a and b else "—"
+    print(f"| {title} | {a:.1f} | {b:.1f} | {ratio} |" if a and b else f"| {title} | {a if a is None else round(a, 1)} | {b if b is None else round(b, 1)} | {ratio} |")
+PY
