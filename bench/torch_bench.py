@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch eager side of bench/run.sh: the same architectures, batch 1, float32, on this machine.
 
-ConvNeXt-T and ViT-B/16 (DeiT-B's encoder) come from torchvision. DETR-ResNet-50 is written out
+ConvNeXt-T and ViT-B/16 (DeiT-B's encoder) come from torchvision; where transformers is installed,
+its ConvNextForImageClassification, DeiTModel and DetrForObjectDetection are timed too. DETR-ResNet-50 is written out
 below in plain PyTorch modules (torchvision's ResNet-50 + a 6+6-layer transformer of width 256,
 100 queries) with the compute of transformers' DetrForObjectDetection. Prints one JSON line per
 model: {"name", "ms"} (median).
@@ -111,7 +112,7 @@ def main():
     threads = int(os.environ.get("VF_THREADS", os.cpu_count()))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    which = sys.argv[1:] or ["convnext_tiny", "vit_b_16", "detr_resnet50"]
+    which = sys.argv[1:] or ["convnext_tiny", "vit_b_16", "detr_resnet50", "hf"]
     x224 = torch.randn(1, 3, 224, 224)
     if "convnext_tiny" in which:
         time_model("convnext_tiny", torchvision.models.convnext_tiny(), (x224,), 3.0)
@@ -120,6 +121,30 @@ def main():
     if "detr_resnet50" in which:
         x = torch.randn(1, 3, 800, 1066)
         time_model("detr_resnet50", Detr(), (x, torch.ones(1, 800, 1066, dtype=torch.long)), 1.0)
+    hf_models(which)
+
+
+def hf_models(which):
+    """transformers' own classes (random init, no download) where transformers is installed."""
+    try:
+        import transformers as tf
+    except ImportError:
+        return
+    x224 = torch.randn(1, 3, 224, 224)
+    x800 = torch.randn(1, 3, 800, 1066)
+    mask = torch.ones(1, 800, 1066, dtype=torch.long)
+    cases = [
+        ("hf_convnext_tiny", lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(num_labels=1000)), (x224,)),
+        ("hf_deit_base", lambda: tf.DeiTModel(tf.DeiTConfig()), (x224,)),
+        ("hf_detr_resnet50", lambda: tf.DetrForObjectDetection(tf.DetrConfig(use_pretrained_backbone=False)), (x800, mask)),
+    ]
+    for name, make, inputs in cases:
+        if which and name not in which and "hf" not in which:
+            continue
+        try:
+            time_model(name, make(), inputs, 3.0 if inputs[0].shape[-1] == 224 else 1.0)
+        except Exception as e:  # a transformers version without the class, or a missing timm
+            print(json.dumps({"name": name, "error": str(e)[:200]}), flush=True)
 
 
 if __name__ == "__main__":
