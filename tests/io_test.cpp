@@ -171,6 +171,8 @@ TEST(IoSafetensors, RefusesCorruptFiles) {
   refuse("header_past_eof", le64(1000) + "{}", "runs past the end of the file");
   refuse("header_too_large", le64(200'000'000) + std::string(16, ' '), "exceeds the limit");
   refuse("bad_json", raw_safetensors(R"({"a": {"dtype": "F32",)", f32x2), "not valid JSON");
+  refuse("number_overflow", raw_safetensors(R"({"a": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 8]}})", f32x2),
+         "not valid JSON");
   refuse("not_object", raw_safetensors("[1, 2]", ""), "not a JSON object");
   refuse("bad_metadata", raw_safetensors(R"({"__metadata__": {"k": 1}})", ""), "__metadata__");
   refuse("offsets_past_end",
@@ -198,6 +200,11 @@ TEST(IoSafetensors, RefusesCorruptFiles) {
          raw_safetensors(R"({"a": {"dtype": "F32", "shape": [4611686018427387904, 8], "data_offsets": [0, 8]}})",
                          f32x2),
          "overflows");
+  refuse("duplicate_name",
+         raw_safetensors(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},)"
+                         R"( "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+                         f32x2),
+         "'a' appears twice");
   refuse("missing_shape", raw_safetensors(R"({"a": {"dtype": "F32", "data_offsets": [0, 8]}})", f32x2), "'shape'");
   refuse("negative_dim",
          raw_safetensors(R"({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", f32x2),

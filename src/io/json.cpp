@@ -32,6 +32,8 @@ json parse_json_text(const std::string& text, const std::string& origin) {
     auto colon = what.find(": ");
     std::string detail = colon == std::string::npos ? what : what.substr(colon + 2);
     throw Error(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
+  } catch (const json::exception& e) {  // e.g. a number out of range
+    throw Error(origin + ": invalid JSON: " + e.what());
   }
 }
 

@@ -94,11 +94,23 @@ std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& 
   const uint8_t* data = file.data + 8 + n;
 
   nlohmann::ordered_json header;
+  std::set<std::string> names;
+  std::string duplicate;
+  // The JSON parser keeps the last of repeated keys; a repeated tensor name is an error here.
+  auto note_key = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
+    if (depth == 1 && event == nlohmann::ordered_json::parse_event_t::key && parsed.is_string() &&
+        !names.insert(parsed.get<std::string>()).second && duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
   try {
-    header = nlohmann::ordered_json::parse(file.data + 8, file.data + 8 + n);
+    header = nlohmann::ordered_json::parse(file.data + 8, file.data + 8 + n, note_key);
   } catch (const nlohmann::ordered_json::parse_error& e) {
     throw fail("header is not valid JSON (at byte " + std::to_string(e.byte) + " of the header): " + e.what());
+  } catch (const nlohmann::ordered_json::exception& e) {  // e.g. a number out of range
+    throw fail(std::string("header is not valid JSON: ") + e.what());
   }
+  if (!duplicate.empty()) throw fail("tensor '" + duplicate + "' appears twice in the header");
   if (!header.is_object()) throw fail("header is not a JSON object");
 
   std::vector<Entry> entries;
