@@ -92,6 +92,24 @@ TEST(ProcImage, GrayscalePngBecomesRgb) {
   }
 }
 
+#include "image_decode_cases.inc"
+
+// Every PNG colour type / bit depth Pillow distinguishes (16-bit gray clipped, 16-bit colour's high
+// byte, alpha dropped, 1/2/4-bit gray scaled, palette with tRNS and an index past PLTE, Adam7
+// interlacing) and grayscale / CMYK JPEGs, against Pillow's Image.open(...).convert("RGB").
+TEST(ProcImage, DecodesEveryPngKindAndJpegColourSpaceLikePillow) {
+  for (const DecodeCase& c : decode_cases()) {
+    Image img = decode_image(c.bytes.data(), c.bytes.size(), c.name);
+    EXPECT_EQ(img.height, c.height) << c.name;
+    EXPECT_EQ(img.width, c.width) << c.name;
+    EXPECT_EQ(img.rgb, c.rgb) << c.name;
+  }
+  // Truncating any of them is an error, never a crash.
+  for (const DecodeCase& c : decode_cases())
+    for (size_t cut : {size_t(8), c.bytes.size() / 2, c.bytes.size() - 13})
+      EXPECT_THROW(decode_image(c.bytes.data(), cut, c.name), Error) << c.name << " cut at " << cut;
+}
+
 TEST(ProcImage, TruncatedJpegIsAnError) {
   try {
     load_image(test::images_dir() + "/truncated.jpg");
@@ -251,6 +269,90 @@ TEST(ProcDetr, CocoDetectionLabels) {
   EXPECT_EQ(values(b.area), (std::vector<double>{4132.7998046875}));
   EXPECT_EQ(values(b.orig_size), (std::vector<double>{427, 640}));
   EXPECT_EQ(shape_str(b.boxes.shape()), "[1, 4]");
+}
+
+// A panoptic PNG whose colours encode segment ids (r + 256 g + 65536 b).
+void write_panoptic_png(const std::string& path, int64_t H, int64_t W) {
+  Image png;
+  png.height = H, png.width = W, png.channels = 3;
+  png.rgb.resize(size_t(H * W * 3));
+  for (int64_t y = 0; y < H; ++y)
+    for (int64_t x = 0; x < W; ++x) {
+      int64_t id = 0;
+      if ((x + 2 * y) % 7 == 0 && y < 150) id = 12345;
+      if (y >= 10 && y < 100 && x >= 20 && x < 200) id = 1;
+      if (y >= 150) id = 300;
+      if (y < 5 && x >= W - 11) id = 70000;
+      uint8_t* p = &png.rgb[size_t((y * W + x) * 3)];
+      p[0] = uint8_t(id % 256), p[1] = uint8_t(id / 256 % 256), p[2] = uint8_t(id / 65536);
+    }
+  save_png(path, png);
+}
+
+TEST(ProcDetr, CocoPanopticLabels) {
+  // Expected values from the reference's numpy/PIL code (prepare_coco_panoptic_annotation,
+  // masks_to_boxes, resize_annotation with NEAREST masks, normalize_annotation, padding update) on
+  // the same PNGs: masks_to_boxes' inclusive maxima, an empty segment's 1e8 minima, the second
+  // image padded from 287 to 288 columns.
+  std::string dir = test::golden_case("detr-tiny-model");
+  json config = read_json_file(dir + "/preprocessor_config.json");
+  config["format"] = "coco_panoptic";
+  auto processor = create_image_processor(config);
+  std::string tmp = test::temp_dir("proc_panoptic");
+  write_panoptic_png(tmp + "/pan0.png", 300, 451);
+  write_panoptic_png(tmp + "/pan1.png", 427, 640);
+  json annotations = json::array();
+  for (int i = 0; i < 2; ++i) {
+    json segments = json::array();
+    const int64_t ids[5] = {1, 300, 70000, 12345, 5}, cats[5] = {3, 7, 1, 2, 9}, crowd[5] = {0, 1, 0, 0, 0};
+    const double areas[5] = {1234.5, 50000.25, 55.0, 4321.0, 0.0};
+    for (int k = 0; k < 5; ++k)
+      segments.push_back({{"id", ids[k]}, {"category_id", cats[k]}, {"iscrowd", crowd[k]}, {"area", areas[k]}});
+    annotations.push_back({{"image_id", 100 + i}, {"file_name", "pan" + std::to_string(i) + ".png"}, {"segments_info", segments}});
+  }
+  std::vector<Image> images = {load_image(test::images_dir() + "/chelsea.png"), load_image(test::images_dir() + "/rocket.jpg")};
+  PreprocessInputs inputs;
+  inputs.annotations = &annotations;
+  inputs.masks_path = tmp;
+  BatchFeature out = processor->preprocess(images, inputs);
+  ASSERT_EQ(out.labels.size(), 2u);
+  auto values = [](const Tensor& t) {
+    Tensor d = t.to(DType::F64);
+    return std::vector<double>(d.data<double>(), d.data<double>() + d.numel());
+  };
+  const std::vector<double> boxes[2] = {
+      {0.24279379844665527, 0.18166665732860565, 0.39689576625823975, 0.2966666519641876, 0.49889135360717773,
+       0.7483332753181458, 0.9977827072143555, 0.49666666984558105, 0.9866962432861328, 0.006666666362434626,
+       0.022172927856445312, 0.013333332724869251, 0.49889135360717773, 0.24833333492279053, 0.9977827072143555,
+       0.49666666984558105, 110864.7421875, 166666.671875, -221729.484375, -333333.34375},
+      {0.17049968242645264, 0.127634659409523, 0.27871638536453247, 0.20843090116977692, 0.49748536944389343,
+       0.6744730472564697, 0.9949707388877869, 0.6463700532913208, 0.9871853590011597, 0.004683840554207563,
+       0.01557074673473835, 0.009367681108415127, 0.49748536944389343, 0.17447306215763092, 0.9949707388877869,
+       0.34894612431526184, 77853.734375, 117096.0234375, -155707.46875, -234192.046875}};
+  const std::vector<double> areas[2] = {{504.530029296875, 20434.69140625, 22.47804832458496, 1765.957275390625, 0.0},
+                                        {248.92376708984375, 10082.017578125, 11.090163230895996, 871.2835693359375, 0.0}};
+  const std::vector<int64_t> mask_sums[2] = {{6670, 27648, 21, 2995, 0}, {3321, 35875, 10, 2272, 0}};
+  const std::vector<int64_t> mask_weighted[2] = {{3277956, 13976307, 12012, 1501733, 0}, {1545061, 18050919, 4280, 1157172, 0}};
+  for (int i = 0; i < 2; ++i) {
+    const DetectionTarget& t = out.labels[i];
+    EXPECT_EQ(values(t.size), (std::vector<double>{192, 288}));
+    EXPECT_EQ(values(t.image_id), (std::vector<double>{double(100 + i)}));
+    EXPECT_EQ(values(t.class_labels), (std::vector<double>{3, 7, 1, 2, 9}));
+    EXPECT_EQ(values(t.iscrowd), (std::vector<double>{0, 1, 0, 0, 0}));
+    EXPECT_EQ(values(t.orig_size), (std::vector<double>{i ? 427.0 : 300.0, i ? 640.0 : 451.0}));
+    EXPECT_EQ(values(t.boxes), boxes[i]) << i;
+    EXPECT_EQ(values(t.area), areas[i]) << i;
+    ASSERT_TRUE(t.masks.defined());
+    ASSERT_EQ(shape_str(t.masks.shape()), "[5, 192, 288]");
+    ASSERT_EQ(t.masks.dtype(), DType::Bool);
+    const uint8_t* m = static_cast<const uint8_t*>(t.masks.raw());
+    for (int k = 0; k < 5; ++k) {
+      int64_t sum = 0, weighted = 0;
+      for (int64_t p = 0; p < 192 * 288; ++p) sum += m[k * 192 * 288 + p], weighted += m[k * 192 * 288 + p] * (p % 1009);
+      EXPECT_EQ(sum, mask_sums[i][k]) << i << " " << k;
+      EXPECT_EQ(weighted, mask_weighted[i][k]) << i << " " << k;
+    }
+  }
 }
 
 TEST(ProcDetr, LegacyConfigKeys) {

@@ -365,7 +365,7 @@ bool decode_png_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& raw,
   if (!rows) png_error(png, "out of memory");
   for (png_uint_32 y = 0; y < info.height; ++y) rows[y] = raw.data() + row_bytes * y;
   png_read_image(png, const_cast<png_bytep*>(rows));
-  png_read_end(png, nullptr);
+  // No png_read_end: like Pillow, chunks after the image data (or their absence) do not matter.
   std::free(const_cast<png_bytep*>(rows));
   rows = nullptr;
   png_destroy_read_struct(&png, &pinfo, nullptr);
