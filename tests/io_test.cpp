@@ -521,3 +521,28 @@ TEST(IoTorch, GoldenBinMatchesSafetensors) {
   }
   for (auto& name : bin->names()) EXPECT_TRUE(names.count(name)) << "only in the .bin: " << name;
 }
+
+// A safetensors file whose 8-byte header length begins with byte 0x80 (a pickle PROTO opcode) is
+// still read as safetensors: the file name decides, not a sniff of the first byte.
+TEST(IoCheckpoint, SafetensorsWhoseHeaderLengthStartsWith0x80) {
+  std::string header = R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  header.resize(0x180, ' ');
+  std::string bytes(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) bytes[i] = char((n >> (8 * i)) & 0xff);
+  ASSERT_EQ(uint8_t(bytes[0]), 0x80);
+  float values[2] = {1.5f, -2.0f};
+  bytes += header + std::string(reinterpret_cast<const char*>(values), sizeof values);
+  std::string path = vf::test::temp_dir("io_0x80") + "/model-00001-of-00001.safetensors";
+  {
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fwrite(bytes.data(), 1, bytes.size(), f);
+    std::fclose(f);
+  }
+  auto store = vf::load_weights_file(path);
+  const vf::Tensor* w = store->find("w");
+  ASSERT_NE(w, nullptr);
+  EXPECT_FLOAT_EQ(w->f32()[0], 1.5f);
+  EXPECT_FLOAT_EQ(w->f32()[1], -2.0f);
+}

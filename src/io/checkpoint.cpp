@@ -33,6 +33,10 @@ bool looks_like_torch(const std::string& path) {
 }
 
 void load_one_file(const std::string& path, WeightStore& store) {
+  // The name decides where it can: a safetensors header length may well start with byte 0x80.
+  if (ends_with(path, ".safetensors")) return load_safetensors(path, store);
+  if (ends_with(path, ".bin") || ends_with(path, ".pt") || ends_with(path, ".pth"))
+    return load_torch_checkpoint(path, store);
   if (looks_like_torch(path))
     load_torch_checkpoint(path, store);
   else
