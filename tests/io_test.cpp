@@ -47,6 +47,12 @@ std::string error_of(F&& f) {
   return "";
 }
 
+std::string floats(std::initializer_list<float> v) {
+  std::string s(v.size() * 4, '\0');
+  std::memcpy(s.data(), v.begin(), s.size());
+  return s;
+}
+
 bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&
          (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
@@ -235,6 +241,17 @@ TEST(IoCheckpoint, LoadsModelFolder) {
   EXPECT_NE(error_of([&] { load_checkpoint(empty + "/nonexistent"); }).find("not found"), std::string::npos);
 }
 
+TEST(IoCheckpoint, SafetensorsHeaderLengthLikeAPickleOpcode) {
+  // A header of 0x80 bytes makes the file start with 0x80, the first byte of a legacy torch pickle.
+  std::string header = R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})";
+  header.append(0x80 - header.size(), ' ');
+  std::string dir = test::temp_dir("io_ckpt_0x80");
+  write_bytes(dir + "/model.safetensors", raw_safetensors(header, floats({0.5f, 2.0f})));
+  auto store = load_checkpoint(dir);
+  ASSERT_TRUE(store->has("w"));
+  EXPECT_EQ(store->find("w")->at(1), 2.0);
+}
+
 TEST(IoCheckpoint, ShardedIndexOfTwoFiles) {
   std::string src = test::golden_case("deit-tiny-model") + "/model.safetensors";
   auto all = read_safetensors(src);
@@ -343,12 +360,6 @@ std::string write_temp(const std::string& test, const std::string& name, const s
   std::string path = test::temp_dir(test) + "/" + name;
   write_bytes(path, bytes);
   return path;
-}
-
-std::string floats(std::initializer_list<float> v) {
-  std::string s(v.size() * 4, '\0');
-  std::memcpy(s.data(), v.begin(), s.size());
-  return s;
 }
 
 void expect_small_fixture(const std::vector<std::pair<std::string, Tensor>>& t) {

@@ -21,14 +21,16 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 // torch.save files start with a zip local header ("PK\3\4"; "PK\5\6" for an empty archive) or,
-// in the legacy format, with a pickle PROTO opcode (0x80).
+// in the legacy format, with a pickle PROTO opcode (0x80). A safetensors file starts with its
+// header length (whose low byte may well be 0x80) followed by '{': that is checked first.
 bool looks_like_torch(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) return false;  // the loader reports the error
-  unsigned char b[4] = {0, 0, 0, 0};
-  size_t n = std::fread(b, 1, 4, f);
+  unsigned char b[9] = {};
+  size_t n = std::fread(b, 1, 9, f);
   std::fclose(f);
   if (n >= 4 && b[0] == 'P' && b[1] == 'K' && ((b[2] == 3 && b[3] == 4) || (b[2] == 5 && b[3] == 6))) return true;
+  if (n == 9 && b[8] == '{') return false;
   return n >= 1 && b[0] == 0x80;
 }
 
