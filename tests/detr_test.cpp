@@ -118,3 +118,6 @@ int run_and_compare(const std::string& case_name) {
 }  // namespace
 
 TEST(DetrModel, MatchesGoldenTinyModel) { EXPECT_EQ(run_and_compare("detr-tiny-model"), 7); }
+TEST(DetrConditionalForObjectDetection, MatchesGoldenTinyDet) {
+  EXPECT_EQ(run_and_compare("conditional-detr-tiny-det"), 10);
+}

@@ -48,11 +48,15 @@ DetrConfig DetrConfig::from_json(const json& cfg) {
   return c;
 }
 
-std::string find_checkpoint_prefix(const Weights& w, const std::string& probe,
-                                   const std::vector<std::string>& candidates) {
-  for (auto& p : candidates)
-    if (w.has(p + probe)) return p;
-  return candidates.front();
+DetrCheckpointLayout detr_checkpoint_layout(const Weights& w, const std::string& seg_root, bool segmentation) {
+  const std::string probe = "query_position_embeddings.weight";
+  std::vector<std::string> roots = {"", seg_root};  // where class_labels_classifier would sit
+  if (segmentation) std::swap(roots[0], roots[1]);
+  for (auto& root : roots) {
+    Weights r = root.empty() ? w : w.pp(root);
+    if (r.has("model." + probe)) return {r.pp("model"), r};
+  }
+  return {w, w};  // a base-model checkpoint (or none that fits: the missing names get reported)
 }
 
 // ---- attention ----------------------------------------------------------------------------------
@@ -247,15 +251,20 @@ DetrModelOutputs DetrModel::forward(const Tensor& pixel_values, const Tensor& pi
   out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, output_hidden_states);
   const int64_t B = pixel_values.size(0), Q = query_position_embeddings_.size(0), D = query_position_embeddings_.size(1);
-  Tensor query_pos = Tensor::empty({B, Q, D});
-  for (int64_t b = 0; b < B; ++b) query_pos[b].copy_from(query_position_embeddings_);
+  Tensor query_pos = repeat_over_batch(query_position_embeddings_, B);
   Tensor queries = Tensor::zeros({B, Q, D});
   out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, query_pos, output_hidden_states);
   return out;
 }
 
-void DetrModelOutputs::write(ModelOutput& out) const {
+Tensor repeat_over_batch(const Tensor& weight, int64_t batch) {
+  Tensor out = Tensor::empty({batch, weight.size(0), weight.size(1)});
+  for (int64_t b = 0; b < batch; ++b) out[b].copy_from(weight);
+  return out;
+}
+
+void write_detr_base_outputs(const DetrEncoderOutput& encoder, const DetrDecoderOutput& decoder, ModelOutput& out) {
   out.set("last_hidden_state", decoder.last_hidden_state);
   if (!decoder.hidden_states.empty()) out.set_list("decoder_hidden_states", decoder.hidden_states);
   out.set("encoder_last_hidden_state", encoder.last_hidden_state);
@@ -441,16 +450,10 @@ class DetrRunner : public Model {
   DetrRunner(const json& config, const std::string& arch, const Weights& w) : cfg_(DetrConfig::from_json(config)) {
     const bool segmentation = arch == "DetrForSegmentation";
     const bool detection = arch != "DetrModel";
-    // Where the base model sits: DetrModel "", DetrForObjectDetection "model.",
-    // DetrForSegmentation "detr.model." (a checkpoint of another head loads too, as in the reference).
-    const std::string base = find_checkpoint_prefix(w, "query_position_embeddings.weight",
-                                                    segmentation ? std::vector<std::string>{"detr.model.", "model.", ""}
-                                                                 : std::vector<std::string>{"model.", "", "detr.model."});
-    Weights bw = base.empty() ? w : w.pp(base.substr(0, base.size() - 1));
-    model_ = DetrModel(bw, cfg_);
+    DetrCheckpointLayout ck = detr_checkpoint_layout(w, "detr", segmentation);
+    model_ = DetrModel(ck.base, cfg_);
     if (detection) {
-      std::string root = base.size() >= 6 ? base.substr(0, base.size() - 6) : "";  // strip "model."
-      Weights hw = root.empty() ? w : w.pp(root.substr(0, root.size() - 1));
+      const Weights& hw = ck.heads;
       class_labels_classifier_ = Linear(hw.get("class_labels_classifier.weight", {cfg_.num_labels + 1, cfg_.d_model}),
                                         hw.get("class_labels_classifier.bias", {cfg_.num_labels + 1}));
       bbox_predictor_ = DetrMLPPredictionHead(hw.pp("bbox_predictor"), cfg_.d_model, cfg_.d_model, 4, 3);
@@ -463,7 +466,7 @@ class DetrRunner : public Model {
   ModelOutput forward(const ModelInputs& in) const override {
     DetrModelOutputs o = model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states);
     ModelOutput out;
-    o.write(out);
+    write_detr_base_outputs(o.encoder, o.decoder, out);
     if (!detection_) {
       if (o.decoder.intermediate_hidden_states.defined())
         out.set("intermediate_hidden_states", o.decoder.intermediate_hidden_states);

@@ -41,9 +41,15 @@ struct DetrConfig {
 // Reads the fields DetrConfig shares with the family's other configs (Conditional DETR).
 void read_detr_config_fields(const json& cfg, DetrConfig& c);
 
-// Which prefix a checkpoint puts before `probe` (a tensor name of the base model): "", "model.",
-// "detr.model.", ... The first of `candidates` that holds it, else the first candidate.
-std::string find_checkpoint_prefix(const Weights& w, const std::string& probe, const std::vector<std::string>& candidates);
+// Where a checkpoint keeps the base model and the detection heads. The base model is "" in a
+// XModel checkpoint, "model." in XForObjectDetection, "<seg_root>.model." in XForSegmentation
+// (seg_root "detr" / "conditional_detr"), whose heads sit under "<seg_root>."; a checkpoint of
+// another head class loads too, as in the reference.
+struct DetrCheckpointLayout {
+  Weights base;   // the base model (backbone, input_projection, encoder, decoder, ...)
+  Weights heads;  // class_labels_classifier, bbox_predictor
+};
+DetrCheckpointLayout detr_checkpoint_layout(const Weights& w, const std::string& seg_root, bool segmentation);
 
 // ---- attention ----------------------------------------------------------------------------------
 
@@ -185,9 +191,14 @@ struct DetrModelOutputs {
   DetrFrontOutput front;
   DetrEncoderOutput encoder;
   DetrDecoderOutput decoder;
-  // The named outputs, as the goldens flatten them.
-  void write(ModelOutput& out) const;
 };
+
+// The base model's named outputs, as the goldens flatten them: last_hidden_state,
+// encoder_last_hidden_state, decoder_hidden_states.N, encoder_hidden_states.N.
+void write_detr_base_outputs(const DetrEncoderOutput& encoder, const DetrDecoderOutput& decoder, ModelOutput& out);
+
+// weight [Q, D] repeated over the batch -> [batch, Q, D] (query_position_embeddings.weight.repeat).
+Tensor repeat_over_batch(const Tensor& weight, int64_t batch);
 
 class DetrModel {
  public:

@@ -12,6 +12,7 @@ void register_deit_models();
 void register_cvt_models();
 void register_deformable_detr_models();
 void register_deta_models();
+void register_conditional_detr_models();
 
 void register_all_models() {
   register_bit_models();
@@ -22,6 +23,7 @@ void register_all_models() {
   register_cvt_models();
   register_deformable_detr_models();
   register_deta_models();
+  register_conditional_detr_models();
 }
 
 }  // namespace vf
