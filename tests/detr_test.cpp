@@ -10,7 +10,7 @@
 #include "io/checkpoint.h"
 #include "io/json.h"
 #include "io/safetensors.h"
-#include "models/detr_backbone.h"
+#include "models/detr.h"
 #include "models/model.h"
 #include "test_util.h"
 
@@ -103,13 +103,34 @@ int run_and_compare(const std::string& case_name) {
   in.pixel_values = exp["pixel_values"];
   in.pixel_mask = exp["pixel_mask"];
   in.output_hidden_states = true;
+  if (cs.contains("labels")) {
+    for (auto& l : cs["labels"]) {
+      DetectionTarget t;
+      auto cls = l["class_labels"].get<std::vector<int64_t>>();
+      auto boxes = l["boxes"].get<std::vector<std::vector<float>>>();
+      t.class_labels = Tensor::from_vector<int64_t>({static_cast<int64_t>(cls.size())}, cls);
+      std::vector<float> flat;
+      for (auto& b : boxes) flat.insert(flat.end(), b.begin(), b.end());
+      t.boxes = Tensor::from_vector<float>({static_cast<int64_t>(boxes.size()), 4}, flat);
+      in.targets.push_back(t);
+    }
+  }
   ModelOutput out = model->forward(in);
   int compared = 0;
   for (auto& name : cs["outputs"].get<std::vector<std::string>>()) {
-    if (name == "pixel_values" || name == "pixel_mask" || name.rfind("loss", 0) == 0) continue;
+    if (name == "pixel_values" || name == "pixel_mask") continue;
     EXPECT_TRUE(out.has(name)) << case_name << " lacks " << name;
     if (!out.has(name)) continue;
     expect_close(out.get(name), exp[name], case_name + " " + name);
+    ++compared;
+  }
+  // Losses (present when the case passes labels): relative error <= 1e-4.
+  for (auto& [name, ref] : exp) {
+    if (name.rfind("loss", 0) != 0) continue;
+    EXPECT_TRUE(out.has(name)) << case_name << " lacks " << name;
+    if (!out.has(name)) continue;
+    double r = ref.at(0), o = out.get(name).at(0);
+    EXPECT_LE(std::abs(o - r), 1e-4 * std::abs(r)) << case_name << " " << name << ": " << o << " vs " << r;
     ++compared;
   }
   return compared;
@@ -119,5 +140,15 @@ int run_and_compare(const std::string& case_name) {
 
 TEST(DetrModel, MatchesGoldenTinyModel) { EXPECT_EQ(run_and_compare("detr-tiny-model"), 7); }
 TEST(DetrConditionalForObjectDetection, MatchesGoldenTinyDet) {
-  EXPECT_EQ(run_and_compare("conditional-detr-tiny-det"), 10);
+  EXPECT_EQ(run_and_compare("conditional-detr-tiny-det"), 15);
+}
+TEST(DetrMaskHead, UpsampleNearestAddRepeatsPerImage) {
+  // x: 2 maps (repeat 2 of one image) of 1x2, one channel; y: 1 map of 2x3.
+  Tensor x = Tensor::from<float>({2, 1, 2, 1}, {1, 2, 10, 20});
+  Tensor y = Tensor::from<float>({1, 2, 3, 1}, {0, 0, 0, 100, 100, 100});
+  Tensor out = upsample_nearest_add(x, y, 2);
+  ASSERT_EQ(shape_str(out.shape()), "[2, 2, 3, 1]");
+  // Columns read floor(j * 2/3) = 0, 0, 1; both rows read row 0.
+  const float want[12] = {1, 1, 2, 101, 101, 102, 10, 10, 20, 110, 110, 120};
+  for (int i = 0; i < 12; ++i) EXPECT_EQ(out.f32()[i], want[i]) << i;
 }

@@ -204,6 +204,7 @@ class ConditionalDetrRunner : public Model {
       bbox_predictor_ = DetrMLPPredictionHead(ck.heads.pp("bbox_predictor"), cfg_.d_model, cfg_.d_model, 4, 3);
     }
     if (segmentation_) seg_head_ = DetrSegmentationHead(w, cfg_, model_.backbone().intermediate_channel_sizes());
+    if (detection_) loss_cfg_ = detr_loss_config(config, arch);
   }
 
   ModelOutput forward(const ModelInputs& in) const override {
@@ -219,28 +220,43 @@ class ConditionalDetrRunner : public Model {
     }
     const Tensor& seq = o.decoder.last_hidden_state;
     out.set("logits", class_labels_classifier_.forward(seq));
-    Tensor boxes = bbox_predictor_.forward(seq);
     // ConditionalDetrForSegmentation leaves the reference points out of its boxes, as the reference does.
-    if (!segmentation_) add_reference(boxes, inverse_sigmoid(o.decoder.reference_points));
-    sigmoid_inplace(boxes);
-    out.set("pred_boxes", boxes);
+    const Tensor reference = segmentation_ ? Tensor() : inverse_sigmoid(o.decoder.reference_points);
+    out.set("pred_boxes", predict_boxes(seq, reference));
     if (segmentation_) out.set("pred_masks", seg_head_.forward(seq, o.encoder.last_hidden_state, o.front));
+    if (!in.targets.empty()) {
+      std::vector<DetrLossPrediction> aux;
+      const Tensor& inter = o.decoder.intermediate_hidden_states;
+      for (int64_t l = 0; inter.defined() && l + 1 < inter.size(0); ++l)
+        aux.push_back({class_labels_classifier_.forward(inter[l]), predict_boxes(inter[l], reference), Tensor(),
+                       Tensor(), Tensor()});
+      write_detr_loss(in.targets, loss_cfg_,
+                      {out.get("logits"), out.get("pred_boxes"),
+                       segmentation_ ? out.get("pred_masks") : Tensor(), Tensor(), Tensor()},
+                      std::move(aux), out);
+    }
     return out;
   }
 
  private:
-  // boxes[..., :2] += reference (both [B, Q, *]).
-  static void add_reference(Tensor& boxes, const Tensor& reference) {
-    const int64_t rows = boxes.numel() / 4;
-    float* b = boxes.f32();
-    const float* r = reference.f32();
-    for (int64_t i = 0; i < rows; ++i) {
-      b[i * 4] += r[i * 2];
-      b[i * 4 + 1] += r[i * 2 + 1];
+  // sigmoid(bbox_predictor(h) + [reference, 0, 0]); no reference: sigmoid(bbox_predictor(h)).
+  Tensor predict_boxes(const Tensor& h, const Tensor& reference_before_sigmoid) const {
+    Tensor boxes = bbox_predictor_.forward(h);
+    if (reference_before_sigmoid.defined()) {
+      const int64_t rows = boxes.numel() / 4;
+      float* b = boxes.f32();
+      const float* r = reference_before_sigmoid.f32();
+      for (int64_t i = 0; i < rows; ++i) {
+        b[i * 4] += r[i * 2];
+        b[i * 4 + 1] += r[i * 2 + 1];
+      }
     }
+    sigmoid_inplace(boxes);
+    return boxes;
   }
 
   ConditionalDetrConfig cfg_;
+  DetrLossConfig loss_cfg_;
   bool detection_, segmentation_;
   ConditionalDetrModel model_;
   Linear class_labels_classifier_;

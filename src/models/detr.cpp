@@ -339,8 +339,16 @@ DetrMaskHeadSmallConv::DetrMaskHeadSmallConv(const Weights& w, int64_t input_cha
   const int64_t outs[5] = {input_channels, dims[1], dims[2], dims[3], dims[4]};
   for (int i = 0; i < 5; ++i) {
     std::string n = std::to_string(i + 1);
-    lay_.emplace_back(w.get("lay" + n + ".weight", {outs[i], ins[i], 3, 3}), w.get("lay" + n + ".bias", {outs[i]}),
-                      same3);
+    Tensor weight = w.get("lay" + n + ".weight", {outs[i], ins[i], 3, 3});
+    Tensor bias = w.get("lay" + n + ".bias", {outs[i]});
+    if (i == 0) {
+      const int64_t d = hidden_size;
+      lay1_features_ = Conv2d(narrow(weight, 1, 0, d), bias, same3);
+      lay1_attention_ = Conv2d(narrow(weight, 1, d, input_channels - d), Tensor(), same3);
+      lay_.emplace_back();
+    } else {
+      lay_.emplace_back(weight, bias, same3);
+    }
     gn_w_.push_back(w.get("gn" + n + ".weight", {outs[i]}));
     gn_b_.push_back(w.get("gn" + n + ".bias", {outs[i]}));
     gn_groups_.push_back(static_cast<int>(std::min<int64_t>(8, outs[i])));
@@ -355,43 +363,20 @@ DetrMaskHeadSmallConv::DetrMaskHeadSmallConv(const Weights& w, int64_t input_cha
 
 Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& attention_masks,
                                       const std::vector<Tensor>& fpn_features) const {
-  const int64_t B = features.size(0), h = features.size(1), w = features.size(2), D = features.size(3);
-  const int64_t BQ = attention_masks.size(0), Q = BQ / B, heads = attention_masks.size(3);
-  // cat([features expanded over queries, attention masks], channels).
-  Tensor x = Tensor::empty({BQ, h, w, D + heads});
-  {
-    const float* f = features.f32();
-    const float* a = attention_masks.f32();
-    float* o = x.f32();
-#pragma omp parallel for
-    for (int64_t bq = 0; bq < BQ; ++bq) {
-      const int64_t b = bq / Q;
-      for (int64_t p = 0; p < h * w; ++p) {
-        float* dst = o + (bq * h * w + p) * (D + heads);
-        std::copy_n(f + (b * h * w + p) * D, D, dst);
-        std::copy_n(a + (bq * h * w + p) * heads, heads, dst + D);
-      }
-    }
-  }
-  auto block = [&](int i, const Tensor& in) {
-    return group_norm_nhwc(lay_[i].forward(in), gn_groups_[i], gn_w_[i], gn_b_[i], 1e-5f, act_);
-  };
-  x = block(0, x);
-  x = block(1, x);
+  const int64_t B = features.size(0), h = features.size(1), w = features.size(2);
+  const int64_t BQ = attention_masks.size(0), Q = BQ / B;
+  auto norm = [&](int i, const Tensor& in) { return group_norm_nhwc(in, gn_groups_[i], gn_w_[i], gn_b_[i], 1e-5f, act_); };
+  // lay1(cat([features, attention_masks])) = lay1_features(features) + lay1_attention(attention_masks).
+  Tensor per_image = lay1_features_.forward(features);  // [B, h, w, C1]
+  const int64_t C1 = per_image.size(3), n = h * w * C1;
+  Tensor shared = Tensor::empty({BQ, h, w, C1});
+  for (int64_t bq = 0; bq < BQ; ++bq) std::copy_n(per_image.f32() + (bq / Q) * n, n, shared.f32() + bq * n);
+  Tensor x = norm(0, lay1_attention_.forward(attention_masks, &shared));
+  x = norm(1, lay_[1].forward(x));
   for (int s = 0; s < 3; ++s) {
     // The adapter runs once per image; its output is shared by the image's queries.
     Tensor fpn = adapter_[s].forward(fpn_features[s]);
-    const int64_t fh = fpn.size(1), fw = fpn.size(2), C = fpn.size(3);
-    Tensor up = interpolate_nearest_nhwc(x, fh, fw);
-    float* u = up.f32();
-    const float* pf = fpn.f32();
-#pragma omp parallel for
-    for (int64_t bq = 0; bq < BQ; ++bq) {
-      const float* src = pf + (bq / Q) * fh * fw * C;
-      float* dst = u + bq * fh * fw * C;
-      for (int64_t i = 0; i < fh * fw * C; ++i) dst[i] = src[i] + dst[i];
-    }
-    x = block(2 + s, up);
+    x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn, Q)));
   }
   Tensor out = out_lay_.forward(x);  // [B*Q, H', W', 1]
   return out.reshape({B, Q, out.size(1), out.size(2)});
@@ -418,26 +403,41 @@ Tensor DetrSegmentationHead::forward(const Tensor& sequence_output, const Tensor
                             {front.features[2].features, front.features[1].features, front.features[0].features});
 }
 
-Tensor interpolate_nearest_nhwc(const Tensor& x, int64_t out_h, int64_t out_w) {
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  auto src_index = [](int64_t dst, int64_t in, int64_t out) -> int64_t {
-    if (in == out) return dst;
-    if (out == 2 * in) return dst >> 1;
-    const float s = static_cast<float>(in) / static_cast<float>(out);
-    return std::min(static_cast<int64_t>(std::floor(static_cast<float>(dst) * s)), in - 1);
-  };
+Tensor upsample_nearest_add(const Tensor& x, const Tensor& y, int64_t repeat) {
+  const int64_t NR = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t out_h = y.size(1), out_w = y.size(2);
+  if (y.size(3) != C || y.size(0) * repeat != NR)
+    throw Error("upsample_nearest_add: " + shape_str(x.shape()) + " and " + shape_str(y.shape()));
   std::vector<int64_t> ys(out_h), xs(out_w);
-  for (int64_t i = 0; i < out_h; ++i) ys[i] = src_index(i, H, out_h);
-  for (int64_t j = 0; j < out_w; ++j) xs[j] = src_index(j, W, out_w);
-  Tensor y = Tensor::empty({N, out_h, out_w, C});
+  for (int64_t i = 0; i < out_h; ++i) ys[i] = nearest_source_index(i, H, out_h);
+  for (int64_t j = 0; j < out_w; ++j) xs[j] = nearest_source_index(j, W, out_w);
+  Tensor out = Tensor::empty({NR, out_h, out_w, C});
   const float* px = x.f32();
-  float* py = y.f32();
+  const float* py = y.f32();
+  float* po = out.f32();
 #pragma omp parallel for collapse(2)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < out_h; ++i)
-      for (int64_t j = 0; j < out_w; ++j)
-        std::copy_n(px + ((n * H + ys[i]) * W + xs[j]) * C, C, py + ((n * out_h + i) * out_w + j) * C);
-  return y;
+  for (int64_t n = 0; n < NR; ++n)
+    for (int64_t i = 0; i < out_h; ++i) {
+      const float* yrow = py + ((n / repeat) * out_h + i) * out_w * C;
+      const float* xrow = px + (n * H + ys[i]) * W * C;
+      float* orow = po + (n * out_h + i) * out_w * C;
+      for (int64_t j = 0; j < out_w; ++j) {
+        const float* a = xrow + xs[j] * C;
+        for (int64_t c = 0; c < C; ++c) orow[j * C + c] = yrow[j * C + c] + a[c];
+      }
+    }
+  return out;
+}
+
+void write_detr_loss(const std::vector<DetectionTarget>& targets, const DetrLossConfig& cfg,
+                     DetrLossPrediction last, std::vector<DetrLossPrediction> auxiliary, ModelOutput& out) {
+  DetrLossInputs in;
+  in.outputs = std::move(last);
+  if (cfg.auxiliary_loss) in.auxiliary = std::move(auxiliary);
+  in.targets = targets;
+  DetrLossOutput loss = detr_loss(in, cfg);
+  out.set("loss", loss.loss);
+  for (auto& [name, value] : loss.loss_dict) out.set("loss_dict." + name, value);
 }
 
 // ---- the models ---------------------------------------------------------------------------------
@@ -459,6 +459,7 @@ class DetrRunner : public Model {
       bbox_predictor_ = DetrMLPPredictionHead(hw.pp("bbox_predictor"), cfg_.d_model, cfg_.d_model, 4, 3);
     }
     if (segmentation) seg_head_ = DetrSegmentationHead(w, cfg_, model_.backbone().intermediate_channel_sizes());
+    if (detection) loss_cfg_ = detr_loss_config(config, arch);
     detection_ = detection;
     segmentation_ = segmentation;
   }
@@ -478,11 +479,25 @@ class DetrRunner : public Model {
     sigmoid_inplace(boxes);
     out.set("pred_boxes", boxes);
     if (segmentation_) out.set("pred_masks", seg_head_.forward(seq, o.encoder.last_hidden_state, o.front));
+    if (!in.targets.empty()) {
+      std::vector<DetrLossPrediction> aux;
+      const Tensor& inter = o.decoder.intermediate_hidden_states;
+      for (int64_t l = 0; inter.defined() && l + 1 < inter.size(0); ++l) {
+        Tensor aux_boxes = bbox_predictor_.forward(inter[l]);
+        sigmoid_inplace(aux_boxes);
+        aux.push_back({class_labels_classifier_.forward(inter[l]), aux_boxes, Tensor(), Tensor(), Tensor()});
+      }
+      write_detr_loss(in.targets, loss_cfg_,
+                      {out.get("logits"), out.get("pred_boxes"),
+                       segmentation_ ? out.get("pred_masks") : Tensor(), Tensor(), Tensor()},
+                      std::move(aux), out);
+    }
     return out;
   }
 
  private:
   DetrConfig cfg_;
+  DetrLossConfig loss_cfg_;
   DetrModel model_;
   Linear class_labels_classifier_;
   DetrMLPPredictionHead bbox_predictor_;

@@ -13,6 +13,7 @@
 #include "core/config.h"
 #include "core/ops.h"
 #include "models/detr_backbone.h"
+#include "models/detr_loss.h"
 #include "models/model.h"
 
 namespace vf {
@@ -258,7 +259,11 @@ class DetrMaskHeadSmallConv {
                  const std::vector<Tensor>& fpn_features) const;
 
  private:
-  std::vector<Conv2d> lay_;     // lay1..lay5
+  // lay1 runs on cat([features, attention maps]); convolution being linear, it splits into the
+  // feature part (the same for every query of an image: computed once per image, with the bias)
+  // and the attention part (per query, few channels).
+  Conv2d lay1_features_, lay1_attention_;
+  std::vector<Conv2d> lay_;     // lay2..lay5 (index 1..4; index 0 unused)
   std::vector<Tensor> gn_w_, gn_b_;
   std::vector<int> gn_groups_;
   std::vector<Conv2d> adapter_;  // adapter1..3
@@ -281,7 +286,14 @@ class DetrSegmentationHead {
   DetrMaskHeadSmallConv mask_head_;
 };
 
-// Nearest resize of a channels-last map, like F.interpolate(mode="nearest") on NCHW.
-Tensor interpolate_nearest_nhwc(const Tensor& x, int64_t out_h, int64_t out_w);
+// Runs the DETR-family loss (models/detr_loss.h) and writes loss and loss_dict.* into `out`.
+// `auxiliary`: predictions of every decoder layer but the last (used when cfg.auxiliary_loss).
+void write_detr_loss(const std::vector<DetectionTarget>& targets, const DetrLossConfig& cfg,
+                     DetrLossPrediction last, std::vector<DetrLossPrediction> auxiliary, ModelOutput& out);
+
+// F.interpolate(x, size=(H, W), mode="nearest") + y for channels-last maps, where x holds
+// `repeat` maps per map of y (the mask head's queries per image): x [N*repeat, h, w, C],
+// y [N, H, W, C] -> [N*repeat, H, W, C].
+Tensor upsample_nearest_add(const Tensor& x, const Tensor& y, int64_t repeat);
 
 }  // namespace vf

@@ -308,15 +308,12 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
 
 // ---- masks and position embeddings --------------------------------------------------------------
 
-namespace {
-// PyTorch's nearest source index for an output size given explicitly (scale = in / out in float).
-int64_t nearest_source(int64_t dst, int64_t in, int64_t out) {
+int64_t nearest_source_index(int64_t dst, int64_t in, int64_t out) {
   if (in == out) return dst;
   if (out == 2 * in) return dst >> 1;
   const float scale = static_cast<float>(in) / static_cast<float>(out);
   return std::min(static_cast<int64_t>(std::floor(static_cast<float>(dst) * scale)), in - 1);
 }
-}  // namespace
 
 Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w) {
   if (mask.dim() != 3) throw Error("pixel_mask must be [B, H, W], got " + shape_str(mask.shape()));
@@ -326,10 +323,10 @@ Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w) {
   Tensor out = Tensor::empty({B, h, w}, DType::U8);
   uint8_t* dst = out.data<uint8_t>();
   std::vector<int64_t> xs(w);
-  for (int64_t j = 0; j < w; ++j) xs[j] = nearest_source(j, W, w);
+  for (int64_t j = 0; j < w; ++j) xs[j] = nearest_source_index(j, W, w);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < h; ++i) {
-      const float* row = src + (b * H + nearest_source(i, H, h)) * W;
+      const float* row = src + (b * H + nearest_source_index(i, H, h)) * W;
       for (int64_t j = 0; j < w; ++j) dst[(b * h + i) * w + j] = row[xs[j]] != 0.0f;
     }
   return out;

@@ -84,6 +84,10 @@ class DetrConvEncoder {
   std::vector<int64_t> channels_;
 };
 
+// The source index F.interpolate(mode="nearest") reads for output index `dst` when resizing
+// `in` -> `out` elements (scale in/out computed in float, as PyTorch does).
+int64_t nearest_source_index(int64_t dst, int64_t in, int64_t out);
+
 // F.interpolate(mask[None].float(), size=(h, w)).bool()[0] (mode "nearest"): mask [B, H, W] of any
 // numeric dtype -> uint8 [B, h, w].
 Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w);
