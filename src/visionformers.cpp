@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <climits>
 #include <filesystem>
+#include <set>
 
 #include "io/checkpoint.h"
 #include "io/json.h"
+#include "processors/detr_postprocess.h"
 
 namespace vf {
 
@@ -59,6 +62,119 @@ std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::ve
     result[b] = std::move(all);
   }
   return result;
+}
+
+namespace {
+
+std::string label_name(const Pretrained& p, int64_t id) {
+  if (id >= 0 && id < static_cast<int64_t>(p.model->id2label.size())) return p.model->id2label[id];
+  return "LABEL_" + std::to_string(id);
+}
+
+// torch's float -> int32 conversion (`.int()`): truncation toward zero; NaN and out-of-range values
+// give INT_MIN, as the x86 conversion instruction does.
+int to_int32(float v) {
+  if (!(v > -2147483649.0f && v < 2147483648.0f)) return INT_MIN;
+  return static_cast<int>(v);
+}
+
+const Tensor& require_output(const Pretrained& p, const ModelOutput& out, const char* name, const char* what) {
+  if (!out.has(name))
+    throw Error(p.dir + ": " + p.model->architecture + " gives no " + name + " (" + what + ")");
+  return out.get(name);
+}
+
+}  // namespace
+
+std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images, float threshold) {
+  const DetrPostKind kind = detr_post_kind(p.model->model_type);
+  std::vector<std::vector<DetectedObject>> result;
+  result.reserve(images.size());
+  for (const Image& image : images) {
+    ModelOutput out = p.run({image});
+    ObjectDetectionOptions opt;
+    opt.threshold = threshold;
+    opt.target_sizes = {{image.height, image.width}};
+    const Tensor& logits = require_output(p, out, "logits", "not an object detection model");
+    const Tensor& pred_boxes = require_output(p, out, "pred_boxes", "not an object detection model");
+    Detections d = post_process_object_detection(kind, logits, pred_boxes, opt)[0];
+    const int64_t n = d.scores.numel();
+    const float* scores = d.scores.f32();
+    const int64_t* labels = d.labels.data<int64_t>();
+    const float* boxes = d.boxes.f32();
+    std::vector<DetectedObject> objects(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      DetectedObject& o = objects[i];
+      o.score = scores[i];
+      o.label_id = labels[i];
+      o.label = label_name(p, o.label_id);
+      o.x0 = boxes[4 * i];
+      o.y0 = boxes[4 * i + 1];
+      o.x1 = boxes[4 * i + 2];
+      o.y1 = boxes[4 * i + 3];
+      o.box = {to_int32(o.x0), to_int32(o.y0), to_int32(o.x1), to_int32(o.y1)};
+    }
+    result.push_back(std::move(objects));
+  }
+  return result;
+}
+
+SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params) {
+  const std::string& task = params.task;
+  if (task != "panoptic" && task != "instance" && task != "semantic")
+    throw Error("segmentation task '" + task + "': expected panoptic, instance or semantic");
+  const DetrPostKind kind = detr_post_kind(p.model->model_type);
+  if (kind != DetrPostKind::Detr && kind != DetrPostKind::ConditionalDetr)
+    throw Error(p.dir + ": " + p.model->model_type +
+                " has no segmentation post-processing (DETR and Conditional DETR segmentation models do)");
+  ModelOutput out = p.run({image});
+  const char* what = "not a segmentation model: use a DetrForSegmentation / ConditionalDetrForSegmentation checkpoint";
+  const Tensor& logits = require_output(p, out, "logits", what);
+  const Tensor& pred_masks = require_output(p, out, "pred_masks", what);
+  const std::vector<TargetSize> target_sizes = {{image.height, image.width}};
+
+  SegmentedImage seg;
+  if (task == "semantic") {
+    Tensor classes = post_process_semantic_segmentation(kind, logits, pred_masks, target_sizes)[0];
+    seg.map = classes.to(DType::I32);
+    std::set<int64_t> present;  // np.unique: sorted
+    const int64_t* c = classes.data<int64_t>();
+    for (int64_t i = 0, n = classes.numel(); i < n; ++i) present.insert(c[i]);
+    for (int64_t id : present) {
+      Segment s;
+      s.id = id;
+      s.label_id = id;
+      s.label = label_name(p, id);
+      seg.segments.push_back(std::move(s));
+    }
+    return seg;
+  }
+
+  SegmentationOptions opt;
+  opt.threshold = params.threshold;
+  opt.mask_threshold = params.mask_threshold;
+  opt.overlap_mask_area_threshold = params.overlap_mask_area_threshold;
+  opt.target_sizes = target_sizes;
+  SegmentationResult r = task == "panoptic" ? post_process_panoptic_segmentation(kind, logits, pred_masks, opt)[0]
+                                            : post_process_instance_segmentation(kind, logits, pred_masks, opt)[0];
+  seg.map = r.segmentation.dtype() == DType::I32 ? r.segmentation : r.segmentation.to(DType::I32);
+  for (const SegmentInfo& info : r.segments_info) {
+    Segment s;
+    s.id = info.id;
+    s.label_id = info.label_id;
+    s.label = label_name(p, info.label_id);
+    s.score = info.score;
+    s.was_fused = info.was_fused;
+    seg.segments.push_back(std::move(s));
+  }
+  return seg;
+}
+
+SegmentedImage segment(const Pretrained& p, const Image& image, const std::string& task, double threshold) {
+  SegmentParams params;
+  params.task = task;
+  params.threshold = threshold;
+  return segment(p, image, params);
 }
 
 }  // namespace vf

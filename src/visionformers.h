@@ -3,9 +3,12 @@
 //   auto p = vf::Pretrained::from_pretrained("facebook-convnext-tiny-224/");
 //   auto out = p.run({vf::load_image("cat.jpg")});          // pixel_values -> ModelOutput
 //   auto top = vf::classify(p, {vf::load_image("cat.jpg")}, 5);
+//   auto boxes = vf::detect(vf::Pretrained::from_pretrained("detr-resnet-50/"), {img}, 0.9);
+//   auto seg = vf::segment(vf::Pretrained::from_pretrained("detr-resnet-50-panoptic/"), img, "panoptic");
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,5 +44,59 @@ struct LabelScore {
 // Softmax over the logits (a DeiT-with-teacher's averaged logits too), the top k per image, as
 // transformers' image-classification pipeline.
 std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k = 5);
+
+// ---- object detection (DETR family), as transformers' object-detection pipeline ----------------
+
+// The pipeline's box: the corners in pixels of the original image, truncated toward zero
+// (`box.int()`). Not clipped: a box may reach past the image.
+struct BoundingBox {
+  int xmin = 0, ymin = 0, xmax = 0, ymax = 0;
+};
+
+struct DetectedObject {
+  float score = 0;
+  int64_t label_id = 0;
+  std::string label;  // id2label[label_id] ("LABEL_<id>" when the config names none)
+  BoundingBox box;
+  float x0 = 0, y0 = 0, x1 = 0, y1 = 0;  // the exact corners before truncation
+};
+
+// Per image, the detections scoring above `threshold`, best first. Each image runs alone (batch of
+// one, no padding), as the pipeline does, and goes through its model_type's post_process_object_detection
+// (detr: softmax; conditional_detr / deformable_detr: sigmoid top-100; deta: sigmoid top-10k + NMS 0.7)
+// with target_sizes = the image's own size.
+std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images,
+                                                float threshold = 0.5f);
+
+// ---- segmentation (DetrForSegmentation, ConditionalDetrForSegmentation), as the image-segmentation
+// pipeline --------------------------------------------------------------------------------------
+
+struct Segment {
+  int64_t id = 0;        // the value of its pixels in SegmentedImage::map
+  int64_t label_id = 0;
+  std::string label;
+  std::optional<double> score;  // none for semantic segmentation (the pipeline's score=None)
+  bool was_fused = false;
+};
+
+struct SegmentedImage {
+  // int32 [height, width] at the original image size. Panoptic / instance: segment ids, 0 where no
+  // segment (and -1 everywhere when no query passed the threshold, as the reference). Semantic:
+  // class ids, and each class present is one segment whose id is its class id.
+  Tensor map;
+  std::vector<Segment> segments;
+};
+
+struct SegmentParams {
+  std::string task = "panoptic";  // "panoptic", "instance" or "semantic"
+  double threshold = 0.9;         // the pipeline's defaults
+  double mask_threshold = 0.5;
+  double overlap_mask_area_threshold = 0.5;
+};
+
+// The pipeline's post-processing of one image: post_process_{panoptic,instance,semantic}_segmentation
+// with target_sizes = the image size; segments in the reference's order (semantic: increasing class).
+SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params = {});
+SegmentedImage segment(const Pretrained& p, const Image& image, const std::string& task, double threshold = 0.9);
 
 }  // namespace vf

@@ -1,0 +1,484 @@
+// `vf detect` / `vf segment` and the library functions behind them (vf::detect, vf::segment), on the
+// vendored tiny detection cases and a synthetic DETR panoptic model (tests/data/detr-tiny-seg).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "io/draw.h"
+#include "io/json.h"
+#include "io/safetensors.h"
+#include "io/synthetic.h"
+#include "test_util.h"
+#include "visionformers.h"
+
+using namespace vf;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct CommandResult {
+  int rc = -1;
+  std::string out, err;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+std::string quoted(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// Runs the built `vf` with these arguments; stdout and stderr are captured through files.
+CommandResult run_vf(const std::vector<std::string>& args, const std::string& scratch) {
+  std::string cmd = quoted(VF_VF_BINARY);
+  for (auto& a : args) cmd += " " + quoted(a);
+  const std::string out = scratch + "/stdout.txt", err = scratch + "/stderr.txt";
+  cmd += " >" + quoted(out) + " 2>" + quoted(err);
+  CommandResult r;
+  int status = std::system(cmd.c_str());
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = read_text(out);
+  r.err = read_text(err);
+  return r;
+}
+
+// The case's image that is largest in both dimensions: the reference's batch leaves it unpadded,
+// so its results equal a run of the image alone (what vf::detect does).
+size_t unpadded_image(const json& case_json) {
+  const auto& sizes = case_json.at("image_sizes_hw");
+  size_t best = 0;
+  for (size_t i = 1; i < sizes.size(); ++i)
+    if (sizes[i][0].get<int64_t>() * sizes[i][1].get<int64_t>() > sizes[best][0].get<int64_t>() * sizes[best][1].get<int64_t>())
+      best = i;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_LE(sizes[i][0].get<int64_t>(), sizes[best][0].get<int64_t>());
+    EXPECT_LE(sizes[i][1].get<int64_t>(), sizes[best][1].get<int64_t>());
+  }
+  return best;
+}
+
+// Compares vf::detect (threshold 0, top-100) with the case's post_process_object_detection entry
+// (threshold 0, a smaller top_k, target_sizes = the image sizes), with the goldens' tolerances.
+void expect_detections_match_golden(const std::string& case_name) {
+  const std::string dir = test::golden_case(case_name);
+  json c = read_json_file(dir + "/case.json");
+  const size_t img_index = unpadded_image(c);
+  const std::string image_path = test::images_dir() + "/" + c["images"][img_index].get<std::string>();
+  const json* entry = nullptr;
+  for (auto& e : c["post"])
+    if (e["fn"] == "post_process_object_detection" && e["kwargs"].contains("target_sizes") &&
+        e["kwargs"].value("threshold", 0.5) == 0.0)
+      entry = &e;
+  ASSERT_NE(entry, nullptr) << case_name << " has no post_process_object_detection entry with threshold 0";
+  const json& ref = (*entry)["result"][img_index];
+  std::map<std::string, Tensor> expected;
+  for (auto& [name, t] : read_safetensors(dir + "/expected.safetensors")) expected[name] = t;
+  const Tensor& ref_boxes = expected.at(ref["boxes"]["tensor"].get<std::string>());
+  const std::vector<double> ref_scores = ref["scores"].get<std::vector<double>>();
+  const std::vector<int64_t> ref_labels = ref["labels"].get<std::vector<int64_t>>();
+  const size_t k = ref_scores.size();
+  ASSERT_GT(k, 2u);
+
+  Pretrained p = Pretrained::from_pretrained(dir);
+  Image image = load_image(image_path);
+  auto results = detect(p, {image}, 0.0f);
+  ASSERT_EQ(results.size(), 1u);
+  const auto& ours = results[0];
+  ASSERT_GE(ours.size(), k);
+  for (size_t i = 1; i < ours.size(); ++i) EXPECT_GE(ours[i - 1].score, ours[i].score) << "not sorted at " << i;
+  // Sorted scores agree position by position even where near-ties swap detections.
+  for (size_t i = 0; i < k; ++i) EXPECT_NEAR(ours[i].score, ref_scores[i], 1e-4) << "score " << i;
+
+  const double cutoff = ref_scores.back();
+  const double box_tol = 1e-3 * std::max<double>(1, std::max(image.height, image.width));
+  int checked = 0;
+  for (size_t j = 0; j < k; ++j) {
+    if (ref_scores[j] <= cutoff + 1e-4) continue;
+    const float* rb = ref_boxes.f32() + 4 * j;
+    bool found = false;
+    for (const DetectedObject& o : ours) {
+      if (o.label_id != ref_labels[j] || std::abs(o.score - ref_scores[j]) > 1e-4) continue;
+      if (std::abs(o.x0 - rb[0]) > box_tol || std::abs(o.y0 - rb[1]) > box_tol || std::abs(o.x1 - rb[2]) > box_tol ||
+          std::abs(o.y1 - rb[3]) > box_tol)
+        continue;
+      found = true;
+      EXPECT_EQ(o.label, "obj_" + std::to_string(o.label_id));
+      // The pipeline's ints: truncation toward zero.
+      EXPECT_EQ(o.box.xmin, static_cast<int>(std::trunc(o.x0)));
+      EXPECT_EQ(o.box.ymax, static_cast<int>(std::trunc(o.y1)));
+      break;
+    }
+    EXPECT_TRUE(found) << case_name << ": reference detection " << j << " (label " << ref_labels[j] << ", score "
+                       << ref_scores[j] << ") not found";
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+}
+
+// A DETR panoptic model folder: the vendored config files and model.safetensors written from the
+// synthetic weights of weights.json.
+std::string panoptic_model_dir() {
+  const std::string src = std::string(VF_SOURCE_DIR) + "/tests/data/detr-tiny-seg";
+  const std::string dir = test::temp_dir("cli_detr_panoptic");
+  for (const char* f : {"config.json", "preprocessor_config.json"})
+    fs::copy_file(src + "/" + f, dir + "/" + f, fs::copy_options::overwrite_existing);
+  auto store = synthesize_weights(read_json_file(src + "/weights.json"));
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const std::string& name : store->names()) tensors.emplace_back(name, *store->find(name));
+  write_safetensors(dir + "/model.safetensors", tensors);
+  return dir;
+}
+
+std::string panoptic_image() { return test::images_dir() + "/chelsea.png"; }
+
+Rgb pixel(const Image& img, int64_t x, int64_t y) {
+  const uint8_t* p = img.rgb.data() + (y * img.width + x) * img.channels;
+  return img.channels == 1 ? Rgb{p[0], p[0], p[0]} : Rgb{p[0], p[1], p[2]};
+}
+
+std::string rgb_str(Rgb c) {
+  return "(" + std::to_string(c.r) + "," + std::to_string(c.g) + "," + std::to_string(c.b) + ")";
+}
+
+}  // namespace
+
+// ---- drawing ------------------------------------------------------------------------------------
+
+TEST(CliDraw, PaletteIsDistinctAndBackgroundBlack) {
+  EXPECT_EQ(palette_color(0), (Rgb{0, 0, 0}));
+  EXPECT_EQ(palette_color(1), (Rgb{128, 0, 0}));
+  EXPECT_EQ(palette_color(2), (Rgb{0, 128, 0}));
+  EXPECT_EQ(palette_color(3), (Rgb{128, 128, 0}));
+  EXPECT_EQ(palette_color(8), (Rgb{64, 0, 0}));
+  std::set<uint32_t> seen;
+  for (int64_t i = 0; i < 5000; ++i) {
+    Rgb c = palette_color(i);
+    EXPECT_TRUE(seen.insert((uint32_t(c.r) << 16) | (uint32_t(c.g) << 8) | c.b).second) << "index " << i;
+  }
+}
+
+TEST(CliDraw, BoxIsClampedIntoTheImage) {
+  Image img;
+  img.height = 10;
+  img.width = 20;
+  img.rgb.assign(img.pixels() * 3, 7);
+  const Rgb red{255, 0, 0};
+  draw_box(img, 5, -4, 30, 6, red, 1);  // reaches past the top and the right
+  for (int64_t x = 5; x < 20; ++x) {
+    EXPECT_EQ(pixel(img, x, 0), red) << x;  // top edge moved onto row 0
+    EXPECT_EQ(pixel(img, x, 6), red) << x;
+  }
+  for (int64_t y = 0; y <= 6; ++y) {
+    EXPECT_EQ(pixel(img, 5, y), red) << y;
+    EXPECT_EQ(pixel(img, 19, y), red) << y;  // right edge moved onto the last column
+  }
+  EXPECT_EQ(pixel(img, 10, 3), (Rgb{7, 7, 7}));  // inside untouched
+  EXPECT_EQ(pixel(img, 4, 3), (Rgb{7, 7, 7}));
+  EXPECT_EQ(pixel(img, 10, 7), (Rgb{7, 7, 7}));
+  draw_box(img, -100, -100, -50, -50, red, 3);  // wholly outside: a clamped corner, no crash
+  EXPECT_EQ(pixel(img, 0, 0), red);
+}
+
+TEST(CliDraw, TextAndTags) {
+  Image img;
+  img.height = 40;
+  img.width = 80;
+  img.rgb.assign(img.pixels() * 3, 0);
+  const Rgb white{255, 255, 255};
+  EXPECT_EQ(text_width("AB", 1), 11);
+  EXPECT_EQ(text_height(2), 14);
+  draw_text(img, 1, 1, "1", white, 1);
+  // '1': row 0 is "..#..", row 6 ".###."
+  EXPECT_EQ(pixel(img, 3, 1), white);
+  EXPECT_EQ(pixel(img, 1, 1), (Rgb{0, 0, 0}));
+  EXPECT_EQ(pixel(img, 2, 7), white);
+  EXPECT_EQ(pixel(img, 4, 7), white);
+  EXPECT_EQ(pixel(img, 5, 7), (Rgb{0, 0, 0}));
+  // A tag goes above its box when there is room, leaving the outline alone.
+  const Rgb blue{0, 0, 200};
+  draw_boxes(img, {{20, 20, 60, 35, blue, "x"}});
+  for (int64_t x = 20; x <= 60; ++x) EXPECT_EQ(pixel(img, x, 20), blue);
+  EXPECT_EQ(pixel(img, 20, 19), blue);  // tag background, just above the top edge
+  EXPECT_EQ(pixel(img, 40, 28), (Rgb{0, 0, 0}));
+}
+
+TEST(CliDraw, SegmentColorsAndMasks) {
+  Tensor map = Tensor::from<int32_t>({2, 3}, {0, 1, 1, 2, 2, 5});
+  Image col = render_segments(map, {{1, palette_color(1)}, {2, palette_color(2)}});
+  EXPECT_EQ(col.width, 3);
+  EXPECT_EQ(col.height, 2);
+  EXPECT_EQ(pixel(col, 0, 0), (Rgb{0, 0, 0}));
+  EXPECT_EQ(pixel(col, 1, 0), palette_color(1));
+  EXPECT_EQ(pixel(col, 0, 1), palette_color(2));
+  EXPECT_EQ(pixel(col, 2, 1), (Rgb{0, 0, 0}));  // id 5 is not listed
+  Image m = render_mask(map, 2);
+  EXPECT_EQ(m.channels, 1);
+  EXPECT_EQ(m.rgb, (std::vector<uint8_t>{0, 0, 0, 255, 255, 0}));
+  EXPECT_THROW(render_mask(Tensor::zeros({2, 3}), 1), Error);
+}
+
+// ---- library: detect / segment --------------------------------------------------------------------
+
+TEST(CliDetect, ConditionalDetrMatchesReferencePostProcessing) {
+  if (!is_supported_model_type("conditional_detr")) GTEST_SKIP() << "Conditional DETR model not built in yet";
+  expect_detections_match_golden("conditional-detr-tiny-det");
+}
+
+TEST(CliDetect, DeformableDetrMatchesReferencePostProcessing) {
+  expect_detections_match_golden("deformable-detr-tiny-det");
+}
+
+TEST(CliDetect, ThresholdFilters) {
+  Pretrained p = Pretrained::from_pretrained(test::golden_case("deformable-detr-tiny-det"));
+  Image image = load_image(test::images_dir() + "/rocket.jpg");
+  auto all = detect(p, {image, image}, 0.0f);
+  ASSERT_EQ(all.size(), 2u);
+  ASSERT_FALSE(all[0].empty());
+  ASSERT_EQ(all[0].size(), all[1].size());
+  // A threshold between two scores keeps exactly the detections above it.
+  const float mid = all[0][all[0].size() / 2].score;
+  auto some = detect(p, {image}, mid)[0];
+  size_t above = 0;
+  for (auto& o : all[0]) above += o.score > mid;
+  EXPECT_EQ(some.size(), above);
+  EXPECT_TRUE(detect(p, {image}, 1.0f)[0].empty());
+}
+
+TEST(CliSegment, PanopticAndInstanceMatchReference) {
+  Pretrained p = Pretrained::from_pretrained(panoptic_model_dir());
+  Image image = load_image(panoptic_image());
+  // The reference (detr-tiny-seg case, first image): threshold 0, overlap_mask_area_threshold 0.05
+  // leave one segment, id 1, label 4, score 0.89609, for both panoptic and instance.
+  for (const char* task : {"panoptic", "instance"}) {
+    SegmentParams sp;
+    sp.task = task;
+    sp.threshold = 0.0;
+    sp.overlap_mask_area_threshold = 0.05;
+    SegmentedImage seg = segment(p, image, sp);
+    ASSERT_EQ(seg.segments.size(), 1u) << task;
+    EXPECT_EQ(seg.segments[0].id, 1);
+    EXPECT_EQ(seg.segments[0].label_id, 4);
+    EXPECT_EQ(seg.segments[0].label, "obj_4");
+    ASSERT_TRUE(seg.segments[0].score.has_value());
+    EXPECT_NEAR(*seg.segments[0].score, 0.89609, 1e-4);
+    ASSERT_EQ(seg.map.shape(), (Shape{image.height, image.width}));
+    EXPECT_EQ(seg.map.dtype(), DType::I32);
+    int64_t ones = 0;
+    for (int64_t i = 0; i < seg.map.numel(); ++i) ones += seg.map.data<int32_t>()[i] == 1;
+    EXPECT_GT(ones, 0);
+  }
+  // Nothing passes a threshold of 1: the reference's map of -1 and no segments.
+  SegmentedImage none = segment(p, image, "panoptic", 1.0);
+  EXPECT_TRUE(none.segments.empty());
+  EXPECT_EQ(none.map.data<int32_t>()[0], -1);
+  EXPECT_THROW(segment(p, image, "depth"), Error);
+}
+
+TEST(CliSegment, SemanticSegmentsAreTheClassesPresent) {
+  Pretrained p = Pretrained::from_pretrained(panoptic_model_dir());
+  Image image = load_image(panoptic_image());
+  SegmentedImage seg = segment(p, image, "semantic");
+  ASSERT_EQ(seg.map.shape(), (Shape{image.height, image.width}));
+  std::set<int32_t> present(seg.map.data<int32_t>(), seg.map.data<int32_t>() + seg.map.numel());
+  ASSERT_EQ(seg.segments.size(), present.size());
+  size_t i = 0;
+  for (int32_t c : present) {
+    EXPECT_EQ(seg.segments[i].id, c);
+    EXPECT_EQ(seg.segments[i].label_id, c);
+    EXPECT_FALSE(seg.segments[i].score.has_value());
+    EXPECT_GE(c, 0);
+    EXPECT_LT(c, 6);  // num_labels: the "no object" class is never chosen
+    ++i;
+  }
+}
+
+TEST(CliSegment, DetectionModelIsRefused) {
+  Pretrained p = Pretrained::from_pretrained(test::golden_case("deformable-detr-tiny-det"));
+  Image image = load_image(test::images_dir() + "/rocket.jpg");
+  EXPECT_THROW(segment(p, image, "panoptic"), Error);
+}
+
+// ---- the vf binary ------------------------------------------------------------------------------
+
+TEST(CliVf, DetectJsonAndDrawing) {
+  const std::string scratch = test::temp_dir("cli_detect");
+  const std::string model = test::golden_case("deformable-detr-tiny-det");
+  const std::string image_path = test::images_dir() + "/rocket.jpg";
+  const std::string drawn = scratch + "/boxes.png";
+  fs::remove(drawn);
+  CommandResult r = run_vf({"detect", model, image_path, "--threshold", "0", "--json", "--draw", drawn}, scratch);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  json got = parse_json_text(r.out, "vf detect output");
+
+  Pretrained p = Pretrained::from_pretrained(model);
+  Image image = load_image(image_path, true);
+  auto ref = detect(p, {image}, 0.0f)[0];
+  ASSERT_TRUE(got.is_array());
+  ASSERT_EQ(got.size(), ref.size());
+  ASSERT_FALSE(ref.empty());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const json& g = got[i];
+    EXPECT_NEAR(g["score"].get<double>(), ref[i].score, 1e-6);
+    EXPECT_EQ(g["label"], ref[i].label);
+    ASSERT_TRUE(g["box"]["xmin"].is_number_integer());
+    EXPECT_NEAR(g["box"]["xmin"].get<int>(), ref[i].box.xmin, 1);
+    EXPECT_NEAR(g["box"]["ymin"].get<int>(), ref[i].box.ymin, 1);
+    EXPECT_NEAR(g["box"]["xmax"].get<int>(), ref[i].box.xmax, 1);
+    EXPECT_NEAR(g["box"]["ymax"].get<int>(), ref[i].box.ymax, 1);
+  }
+
+  // The drawing: the input's size, and the best box (drawn last, on top) outlined in its label's
+  // colour along all four edges, clamped into the image.
+  Image out = load_image(drawn);
+  ASSERT_EQ(out.width, image.width);
+  ASSERT_EQ(out.height, image.height);
+  const Rgb color = palette_color(ref[0].label_id + 1);
+  const int64_t x0 = std::clamp<int64_t>(got[0]["box"]["xmin"].get<int>(), 0, image.width - 1);
+  const int64_t x1 = std::clamp<int64_t>(got[0]["box"]["xmax"].get<int>(), 0, image.width - 1);
+  const int64_t y0 = std::clamp<int64_t>(got[0]["box"]["ymin"].get<int>(), 0, image.height - 1);
+  const int64_t y1 = std::clamp<int64_t>(got[0]["box"]["ymax"].get<int>(), 0, image.height - 1);
+  ASSERT_LE(x0, x1);
+  ASSERT_LE(y0, y1);
+  for (int64_t x = x0; x <= x1; ++x) {
+    ASSERT_EQ(pixel(out, x, y0), color) << "top edge at x=" << x << ": " << rgb_str(pixel(out, x, y0));
+    ASSERT_EQ(pixel(out, x, y1), color) << "bottom edge at x=" << x;
+  }
+  for (int64_t y = y0; y <= y1; ++y) {
+    ASSERT_EQ(pixel(out, x0, y), color) << "left edge at y=" << y;
+    ASSERT_EQ(pixel(out, x1, y), color) << "right edge at y=" << y;
+  }
+  // Elsewhere the photo survives: some pixel well inside the box differs from every label colour
+  // or keeps the input's value.
+  int64_t unchanged = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(image.rgb.size()); ++i) unchanged += image.rgb[i] == out.rgb[i];
+  EXPECT_GT(unchanged, static_cast<int64_t>(image.rgb.size()) / 10);
+  EXPECT_FALSE(fs::exists(drawn + ".tmp"));
+}
+
+TEST(CliVf, DetectSeveralImagesGivesOneListEach) {
+  const std::string scratch = test::temp_dir("cli_detect_many");
+  const std::string model = test::golden_case("deformable-detr-tiny-det");
+  const std::string a = test::images_dir() + "/rocket.jpg", b = test::images_dir() + "/chelsea.png";
+  CommandResult r = run_vf({"detect", model, a, b, "--threshold", "0.3", "--json", "--draw", scratch + "/d.png"}, scratch);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  json got = parse_json_text(r.out, "vf detect output");
+  ASSERT_EQ(got.size(), 2u);
+  Pretrained p = Pretrained::from_pretrained(model);
+  auto ref = detect(p, {load_image(a, true), load_image(b, true)}, 0.3f);
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(got[i].is_array());
+    ASSERT_EQ(got[i].size(), ref[i].size());
+    for (auto& g : got[i]) EXPECT_GT(g["score"].get<double>(), 0.3);
+  }
+  EXPECT_EQ(load_image(scratch + "/d-0.png").width, 640);
+  EXPECT_EQ(load_image(scratch + "/d-1.png").width, 451);
+}
+
+TEST(CliVf, PanopticColourMap) {
+  const std::string scratch = test::temp_dir("cli_segment");
+  const std::string model = panoptic_model_dir();
+  const std::string out = scratch + "/pan.png";
+  Pretrained p = Pretrained::from_pretrained(model);
+  Image image = load_image(panoptic_image(), true);
+  for (const char* overlap : {"0.05", "0"}) {
+    CommandResult r = run_vf({"segment", model, panoptic_image(), "--task", "panoptic", "--threshold", "0",
+                              "--overlap-mask-area-threshold", overlap, "--json", "--out", out},
+                             scratch);
+    ASSERT_EQ(r.rc, 0) << r.err;
+    json got = parse_json_text(r.out, "vf segment output");
+    SegmentParams sp;
+    sp.threshold = 0;
+    sp.overlap_mask_area_threshold = std::atof(overlap);
+    SegmentedImage seg = segment(p, image, sp);
+    ASSERT_EQ(got.size(), seg.segments.size()) << "overlap " << overlap;
+    ASSERT_FALSE(seg.segments.empty());
+    for (size_t i = 0; i < seg.segments.size(); ++i) {
+      EXPECT_EQ(got[i]["label"], seg.segments[i].label);
+      EXPECT_NEAR(got[i]["score"].get<double>(), *seg.segments[i].score, 1e-6);
+    }
+    if (std::string(overlap) == "0.05") {
+      EXPECT_EQ(got[0]["label"], "obj_4");
+      EXPECT_NEAR(got[0]["score"].get<double>(), 0.89609, 1e-4);
+    }
+
+    Image col = load_image(out);
+    ASSERT_EQ(col.width, image.width);
+    ASSERT_EQ(col.height, image.height);
+    // One colour per segment id, black elsewhere: as many colours as segments (+ background).
+    std::set<uint32_t> colours;
+    bool background = false;
+    const int32_t* ids = seg.map.data<int32_t>();
+    for (int64_t y = 0; y < col.height; ++y)
+      for (int64_t x = 0; x < col.width; ++x) {
+        const int32_t id = ids[y * col.width + x];
+        const Rgb c = pixel(col, x, y);
+        colours.insert((uint32_t(c.r) << 16) | (uint32_t(c.g) << 8) | c.b);
+        if (id <= 0) {
+          background = true;
+          ASSERT_EQ(c, (Rgb{0, 0, 0})) << x << "," << y;
+        } else {
+          ASSERT_EQ(c, palette_color(id)) << x << "," << y << " id " << id;
+        }
+      }
+    EXPECT_EQ(colours.size(), seg.segments.size() + (background ? 1 : 0));
+    // Each segment's mask next to the colour map, 255 exactly on its pixels.
+    for (size_t i = 0; i < seg.segments.size(); ++i) {
+      const std::string mask_path = scratch + "/pan-" + std::to_string(i) + ".png";
+      EXPECT_EQ(got[i]["mask"], mask_path);
+      Image m = load_image(mask_path);
+      ASSERT_EQ(m.width, image.width);
+      for (int64_t k = 0; k < static_cast<int64_t>(m.pixels()); ++k)
+        ASSERT_EQ(m.rgb[3 * k], ids[k] == seg.segments[i].id ? 255 : 0) << "mask " << i << " pixel " << k;
+    }
+  }
+}
+
+TEST(CliVf, SemanticJsonHasNullScores) {
+  const std::string scratch = test::temp_dir("cli_semantic");
+  CommandResult r = run_vf({"segment", panoptic_model_dir(), panoptic_image(), "--task", "semantic", "--json",
+                            "--out", scratch + "/sem.png"},
+                           scratch);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  json got = parse_json_text(r.out, "vf segment output");
+  ASSERT_FALSE(got.empty());
+  std::set<uint32_t> colours;
+  Image col = load_image(scratch + "/sem.png");
+  for (size_t k = 0; k < col.pixels(); ++k)
+    colours.insert((uint32_t(col.rgb[3 * k]) << 16) | (uint32_t(col.rgb[3 * k + 1]) << 8) | col.rgb[3 * k + 2]);
+  EXPECT_EQ(colours.size(), got.size());  // every pixel has a class: no background
+  for (auto& g : got) {
+    EXPECT_TRUE(g["score"].is_null());
+    EXPECT_EQ(g["label"].get<std::string>().rfind("obj_", 0), 0u);
+  }
+}
+
+TEST(CliVf, ErrorsAreReported) {
+  const std::string scratch = test::temp_dir("cli_errors");
+  CommandResult r = run_vf({"detect", scratch + "/no-such-model", test::images_dir() + "/rocket.jpg"}, scratch);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.err.find("vf: error:"), std::string::npos) << r.err;
+  // A DETR base model (no heads): neither detection nor segmentation.
+  r = run_vf({"segment", test::golden_case("detr-tiny-model"), test::images_dir() + "/rocket.jpg", "--task",
+              "panoptic"},
+             scratch);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.err.find("not a segmentation model"), std::string::npos) << r.err;
+  r = run_vf({"detect", test::golden_case("detr-tiny-model"), test::images_dir() + "/rocket.jpg"}, scratch);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.err.find("not an object detection model"), std::string::npos) << r.err;
+  r = run_vf({"segment", panoptic_model_dir(), panoptic_image(), "--task", "depth"}, scratch);
+  EXPECT_NE(r.rc, 0);
+}
