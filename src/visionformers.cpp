@@ -1,5 +1,7 @@
 #include "visionformers.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <climits>
@@ -17,16 +19,24 @@ namespace fs = std::filesystem;
 Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string& architecture) {
   Pretrained p;
   p.dir = dir;
-  if (!fs::is_directory(dir)) throw Error(dir + ": not a model folder");
+  if (!fs::is_directory(dir)) throw InputError(dir + ": not a model folder (expected a folder with config.json)");
   p.config = read_json_file((fs::path(dir) / "config.json").string());
   fs::path pre = fs::path(dir) / "preprocessor_config.json";
   if (fs::exists(pre)) {
     p.preprocessor = read_json_file(pre.string());
-    p.processor = create_image_processor(p.preprocessor);
+    try {
+      p.processor = create_image_processor(p.preprocessor);
+    } catch (const ModelError& e) {  // name the file
+      throw ModelError(pre.string() + ": " + e.what());
+    }
   }
   auto store = load_checkpoint(dir);
-  p.model = create_model(p.config, architecture, Weights(store));
-  store->check_complete();
+  try {
+    p.model = create_model(p.config, architecture, Weights(store));
+    store->check_complete();
+  } catch (const ModelError& e) {  // name the folder (config.json and its weights)
+    throw ModelError(dir + ": " + e.what());
+  }
   return p;
 }
 

@@ -8,6 +8,7 @@
 
 #include "check.h"
 #include "core/ops.h"
+#include "exit_codes.h"
 #include "io/draw.h"
 #include "visionformers.h"
 
@@ -188,7 +189,13 @@ int main(int argc, char** argv) {
   check->add_option("case", case_dir)->required();
   check->add_option("--images", images_dir, "folder of the case's images")->required();
 
-  CLI11_PARSE(app, argc, argv);
+  // Exit codes: tools/exit_codes.h (docs/exit-codes.md).
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);  // prints help / the error
+    return rc == 0 ? 0 : vf::exit_code::kUsage;
+  }
   vf::set_num_threads(threads);
   try {
     if (*classify) return cmd_classify(model_dir, images, top_k, as_json);
@@ -198,7 +205,7 @@ int main(int argc, char** argv) {
     if (*check) return vf::check::run_check(case_dir, images_dir);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vf: error: %s\n", e.what());
-    return 1;
+    return vf::exit_code::for_exception(e);
   }
   return 0;
 }

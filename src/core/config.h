@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
 #include "core/tensor.h"
 
 namespace vf {
@@ -20,7 +21,7 @@ T cfg_get(const json& cfg, const std::string& key, const T& fallback) {
   try {
     return it->get<T>();
   } catch (const std::exception& e) {
-    throw Error("config key '" + key + "' has an unexpected value " + it->dump() + ": " + e.what());
+    throw ModelError("config key '" + key + "' has an unexpected value " + it->dump() + ": " + e.what());
   }
 }
 

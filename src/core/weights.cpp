@@ -1,6 +1,14 @@
 #include "core/weights.h"
 
+#include "core/errors.h"
+
 namespace vf {
+
+namespace {
+// The zero placeholders returned for missing tensors, in all (256 MiB of float32), and their count.
+constexpr int64_t kMaxMissingPlaceholder = int64_t(1) << 26;
+constexpr size_t kMaxMissingTensors = 100000;
+}  // namespace
 
 void WeightStore::add(const std::string& name, Tensor t) { tensors_[name] = std::move(t); }
 
@@ -28,6 +36,13 @@ void WeightStore::note_used(const std::string& name) const {
 void WeightStore::note_missing(const std::string& name, const Shape& shape) const {
   std::lock_guard<std::mutex> lock(mu_);
   missing_.push_back(name + " " + shape_str(shape));
+  const int64_t n = shape_numel(shape);
+  missing_elements_ = n > kMaxMissingPlaceholder ? kMaxMissingPlaceholder + 1 : missing_elements_ + n;
+  if (missing_elements_ > kMaxMissingPlaceholder || missing_.size() > kMaxMissingTensors)
+    throw ModelError(std::to_string(missing_.size()) + " tensor(s) missing from the checkpoint (" + missing_.front() +
+                     ", ..., " + missing_.back() + ") would need placeholders of more than " +
+                     std::to_string(kMaxMissingPlaceholder) + " elements or " + std::to_string(kMaxMissingTensors) +
+                     " tensors: config.json does not describe this checkpoint (or implies absurd sizes)");
 }
 
 void WeightStore::check_complete() const {
@@ -39,7 +54,7 @@ void WeightStore::check_complete() const {
     if (++shown > 20) { msg += " ..."; break; }
     msg += " " + m + (shown < missing_.size() ? "," : "");
   }
-  throw Error(msg);
+  throw ModelError(msg);
 }
 
 std::vector<std::string> WeightStore::unused() const {
@@ -63,7 +78,7 @@ void Weights::ignore(const std::string& name) const {
 Tensor Weights::get_unchecked(const std::string& name) const {
   std::string full = path(name);
   const Tensor* t = store_ ? store_->find(full) : nullptr;
-  if (!t) throw Error("missing tensor " + full);
+  if (!t) throw ModelError("missing tensor " + full);
   store_->note_used(full);
   return t->dtype() == DType::F32 ? *t : t->to(DType::F32);
 }
@@ -74,11 +89,13 @@ Tensor Weights::get(const std::string& name, const Shape& shape) const {
   if (!t) {
     if (store_ && store_->missing_filler()) return store_->missing_filler()(full, shape);
     if (store_) store_->note_missing(full, shape);
+    // A placeholder so that the load can go on and report every missing name (note_missing
+    // refuses placeholders of absurd total size before they are allocated).
     return Tensor::zeros(shape);
   }
   store_->note_used(full);
   if (t->shape() != shape)
-    throw Error("tensor " + full + " has shape " + shape_str(t->shape()) + ", the config implies " + shape_str(shape));
+    throw ModelError("tensor " + full + " has shape " + shape_str(t->shape()) + ", the config implies " + shape_str(shape));
   return t->dtype() == DType::F32 ? *t : t->to(DType::F32);
 }
 

@@ -29,6 +29,8 @@ class WeightStore {
 
   // Bookkeeping for the load report.
   void note_used(const std::string& name) const;
+  // Throws a ModelError once the missing tensors add up to more than a model could hold (a
+  // config.json that does not match the checkpoint, or a hostile one implying huge sizes).
   void note_missing(const std::string& name, const Shape& shape) const;
   // Throws an Error naming every missing tensor.
   void check_complete() const;
@@ -47,6 +49,7 @@ class WeightStore {
   mutable std::set<std::string> used_;
   mutable std::vector<std::string> missing_;
   Filler filler_;
+  mutable int64_t missing_elements_ = 0;
 };
 
 class Weights {

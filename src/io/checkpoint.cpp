@@ -1,5 +1,7 @@
 #include "io/checkpoint.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -51,33 +53,33 @@ void load_sharded(const std::string& index_path, WeightStore& store) {
   json index = read_json_file(index_path);
   auto wm = index.find("weight_map");
   if (!index.is_object() || wm == index.end() || !wm->is_object())
-    throw Error(index_path + ": shard index has no 'weight_map' object");
+    throw InputError(index_path + ": shard index has no 'weight_map' object");
   const fs::path dir = fs::path(index_path).parent_path();
   std::vector<std::string> files;  // in order of first appearance
   std::map<std::string, std::string> file_of;
   for (auto& [name, file] : wm->items()) {
-    if (!file.is_string()) throw Error(index_path + ": weight_map entry '" + name + "' is not a file name");
+    if (!file.is_string()) throw InputError(index_path + ": weight_map entry '" + name + "' is not a file name");
     std::string f = file.get<std::string>();
     fs::path fp(f);
     bool bad = f.empty() || fp.is_absolute();
     for (auto& part : fp) bad = bad || part == "..";
-    if (bad) throw Error(index_path + ": shard file name '" + f + "' must be a relative path inside the model folder");
+    if (bad) throw InputError(index_path + ": shard file name '" + f + "' must be a relative path inside the model folder");
     if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
     file_of[name] = f;
   }
-  if (files.empty()) throw Error(index_path + ": weight_map is empty");
+  if (files.empty()) throw InputError(index_path + ": weight_map is empty");
   for (auto& f : files) {
     std::string shard_path = (dir / f).string();
-    if (!fs::exists(shard_path)) throw Error(index_path + ": shard '" + f + "' is missing (" + shard_path + ")");
+    if (!fs::exists(shard_path)) throw InputError(index_path + ": shard '" + f + "' is missing (" + shard_path + ")");
     WeightStore shard;
     load_one_file(shard_path, shard);
     for (auto& name : shard.names()) {
       auto it = file_of.find(name);
       if (it == file_of.end())
-        throw Error(shard_path + ": tensor '" + name + "' is not in the weight_map of " + index_path);
+        throw InputError(shard_path + ": tensor '" + name + "' is not in the weight_map of " + index_path);
       if (it->second != f)
-        throw Error(shard_path + ": tensor '" + name + "' is mapped to '" + it->second + "' by " + index_path);
-      if (store.has(name)) throw Error(shard_path + ": tensor '" + name + "' is already loaded");
+        throw InputError(shard_path + ": tensor '" + name + "' is mapped to '" + it->second + "' by " + index_path);
+      if (store.has(name)) throw InputError(shard_path + ": tensor '" + name + "' is already loaded");
       store.add(name, *shard.find(name));
     }
   }
@@ -88,14 +90,14 @@ void load_sharded(const std::string& index_path, WeightStore& store) {
     std::string msg = index_path + ": " + std::to_string(missing.size()) + " tensor(s) of the weight_map are not in their shard:";
     for (size_t i = 0; i < missing.size() && i < 10; ++i) msg += " " + missing[i];
     if (missing.size() > 10) msg += " ...";
-    throw Error(msg);
+    throw InputError(msg);
   }
 }
 
 }  // namespace
 
 std::shared_ptr<WeightStore> load_weights_file(const std::string& path) {
-  if (!fs::exists(path)) throw Error(path + ": weights file not found");
+  if (!fs::exists(path)) throw InputError(path + ": weights file not found");
   auto store = std::make_shared<WeightStore>();
   if (ends_with(path, ".json"))
     load_sharded(path, *store);
@@ -105,13 +107,13 @@ std::shared_ptr<WeightStore> load_weights_file(const std::string& path) {
 }
 
 std::shared_ptr<WeightStore> load_checkpoint(const std::string& model_dir) {
-  if (!fs::is_directory(model_dir)) throw Error(model_dir + ": model folder not found");
+  if (!fs::is_directory(model_dir)) throw InputError(model_dir + ": model folder not found");
   for (const char* name : {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                            "pytorch_model.bin.index.json"}) {
     fs::path p = fs::path(model_dir) / name;
     if (fs::exists(p)) return load_weights_file(p.string());
   }
-  throw Error(model_dir + ": no weights found (expected model.safetensors, model.safetensors.index.json, "
+  throw InputError(model_dir + ": no weights found (expected model.safetensors, model.safetensors.index.json, "
               "pytorch_model.bin or pytorch_model.bin.index.json)");
 }
 

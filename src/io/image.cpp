@@ -1,5 +1,7 @@
 #include "io/image.h"
 
+#include "core/errors.h"
+
 // clang-format off
 #include <cstdio>      // jpeglib.h needs FILE
 #include <jpeglib.h>
@@ -21,18 +23,18 @@ namespace {
 
 std::vector<uint8_t> read_file_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("cannot open image file '" + path + "'");
+  if (!f) throw InputError("cannot open image file '" + path + "'");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (f.bad()) throw Error("cannot read image file '" + path + "'");
+  if (f.bad()) throw InputError("cannot read image file '" + path + "'");
   return bytes;
 }
 
 void check_dimensions(const std::string& name, int64_t width, int64_t height) {
   if (width <= 0 || height <= 0)
-    throw Error("image '" + name + "' has invalid dimensions " + std::to_string(width) + "x" +
+    throw InputError("image '" + name + "' has invalid dimensions " + std::to_string(width) + "x" +
                 std::to_string(height));
   if (width * height > kMaxImagePixels)
-    throw Error("image '" + name + "' is " + std::to_string(width) + "x" + std::to_string(height) + " = " +
+    throw InputError("image '" + name + "' is " + std::to_string(width) + "x" + std::to_string(height) + " = " +
                 std::to_string(width * height) + " pixels, more than the limit of " +
                 std::to_string(kMaxImagePixels) + " (decompression bomb check); refusing to decode it");
 }
@@ -235,7 +237,7 @@ Image decode_jpeg(const uint8_t* data, size_t size, const std::string& name, boo
   JpegError err;
   if (!decode_jpeg_raw(data, size, pixels, r, err, want_exif)) {
     if (r.components == -1) check_dimensions(name, r.width, r.height);
-    throw Error("cannot decode JPEG image '" + name + "': " + (r.failure ? r.failure : "unknown error"));
+    throw InputError("cannot decode JPEG image '" + name + "': " + (r.failure ? r.failure : "unknown error"));
   }
   Image img;
   img.height = r.height;
@@ -263,7 +265,7 @@ Image decode_jpeg(const uint8_t* data, size_t size, const std::string& name, boo
       }
     }
   } else {
-    throw Error("cannot decode JPEG image '" + name + "': unexpected output components");
+    throw InputError("cannot decode JPEG image '" + name + "': unexpected output components");
   }
   return want_exif ? apply_orientation(img, r.orientation) : img;
 }
@@ -380,7 +382,7 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& name, bool
   st.message[0] = 0;
   if (!decode_png_raw(data, size, raw, row_bytes, info, st, want_exif)) {
     if (info.too_large) check_dimensions(name, info.width, info.height);
-    throw Error("cannot decode PNG image '" + name + "': " + (st.message[0] ? st.message : "unknown error"));
+    throw InputError("cannot decode PNG image '" + name + "': " + (st.message[0] ? st.message : "unknown error"));
   }
   Image img;
   img.height = info.height;
@@ -430,7 +432,7 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& name, bool
           for (int c = 0; c < 3; ++c) out[c] = b16 ? in[8 * x + 2 * c] : in[4 * x + c];
           break;
         default:
-          throw Error("cannot decode PNG image '" + name + "': unsupported colour type " +
+          throw InputError("cannot decode PNG image '" + name + "': unsupported colour type " +
                       std::to_string(info.color_type));
       }
     }
@@ -452,7 +454,7 @@ Image decode_image(const uint8_t* data, size_t size, const std::string& name, bo
     if (w && h) check_dimensions(name, w, h);
     return decode_jpeg(data, size, name, apply_exif_orientation);
   }
-  throw Error("image '" + name + "' is neither a JPEG nor a PNG file (unrecognised magic bytes; " +
+  throw InputError("image '" + name + "' is neither a JPEG nor a PNG file (unrecognised magic bytes; " +
               std::to_string(size) + " bytes)");
 }
 

@@ -1,5 +1,7 @@
 #include "io/json.h"
 
+#include "core/errors.h"
+
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -21,9 +23,18 @@ std::string position_str(const std::string& text, size_t pos) {
 }
 }  // namespace
 
-json parse_json_text(const std::string& text, const std::string& origin) {
+json parse_json_text(const std::string& text, const std::string& origin, int max_depth) {
+  // Depth-limited: configs nest a few levels; a file of a million '[' is refused early, before it
+  // can exhaust memory or the stack of code that walks the parsed value recursively.
+  auto limit_depth = [&](int depth, json::parse_event_t event, json&) {
+    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
+        depth >= max_depth)
+      throw InputError(origin + ": invalid JSON: nested deeper than " + std::to_string(max_depth) +
+                  " levels (expected a shallow configuration file)");
+    return true;
+  };
   try {
-    return json::parse(text);
+    return json::parse(text, limit_depth);
   } catch (const json::parse_error& e) {
     // e.byte is 1-based: the byte at which parsing stopped.
     size_t pos = e.byte > 0 ? e.byte - 1 : 0;
@@ -31,27 +42,27 @@ json parse_json_text(const std::string& text, const std::string& origin) {
     // nlohmann prefixes "[json.exception.parse_error.101] parse error at line L, column C: ..."
     auto colon = what.find(": ");
     std::string detail = colon == std::string::npos ? what : what.substr(colon + 2);
-    throw Error(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
+    throw InputError(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
   } catch (const json::exception& e) {  // e.g. a number out of range
-    throw Error(origin + ": invalid JSON: " + e.what());
+    throw InputError(origin + ": invalid JSON: " + e.what());
   }
 }
 
 json read_json_file(const std::string& path, size_t max_bytes) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0)
-    throw Error(path + ": cannot open JSON file: " + std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) throw Error(path + ": expected a JSON file, found a directory");
+    throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) throw InputError(path + ": expected a JSON file, found a directory");
   if (static_cast<uint64_t>(st.st_size) > max_bytes)
-    throw Error(path + ": JSON file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
+    throw InputError(path + ": JSON file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
                 std::to_string(max_bytes));
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(path + ": cannot open JSON file: " + std::strerror(errno));
+  if (!f) throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
   std::string text;
   text.resize(static_cast<size_t>(st.st_size));
   f.read(text.data(), static_cast<std::streamsize>(text.size()));
   if (f.gcount() != static_cast<std::streamsize>(text.size()))
-    throw Error(path + ": short read (" + std::to_string(f.gcount()) + " of " + std::to_string(text.size()) + " bytes)");
+    throw InputError(path + ": short read (" + std::to_string(f.gcount()) + " of " + std::to_string(text.size()) + " bytes)");
   return parse_json_text(text, path);
 }
 

@@ -12,7 +12,11 @@ using json = nlohmann::json;
 // `max_bytes`, or invalid JSON (with the line and column of the problem).
 json read_json_file(const std::string& path, size_t max_bytes = 64 << 20);
 
-// Parses `text` (read from `origin`, used in error messages) the same way.
-json parse_json_text(const std::string& text, const std::string& origin);
+// JSON nested deeper than this is refused (configs and shard indexes nest a few levels).
+constexpr int kMaxJsonDepth = 64;
+
+// Parses `text` (read from `origin`, used in error messages) the same way; a value nested more than
+// `max_depth` levels is an error.
+json parse_json_text(const std::string& text, const std::string& origin, int max_depth = kMaxJsonDepth);
 
 }  // namespace vf

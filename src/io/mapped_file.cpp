@@ -1,5 +1,7 @@
 #include "io/mapped_file.h"
 
+#include "core/errors.h"
+
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -13,16 +15,16 @@ namespace vf {
 
 MappedFile MappedFile::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
+  if (fd < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     int err = errno;
     ::close(fd);
-    throw Error(path + ": cannot stat: " + std::strerror(err));
+    throw InputError(path + ": cannot stat: " + std::strerror(err));
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error(path + ": not a regular file");
+    throw InputError(path + ": not a regular file");
   }
   MappedFile m;
   m.size = static_cast<size_t>(st.st_size);
@@ -34,7 +36,7 @@ MappedFile MappedFile::open(const std::string& path) {
   void* p = ::mmap(nullptr, m.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   int err = errno;
   ::close(fd);
-  if (p == MAP_FAILED) throw Error(path + ": cannot mmap " + std::to_string(m.size) + " bytes: " + std::strerror(err));
+  if (p == MAP_FAILED) throw InputError(path + ": cannot mmap " + std::to_string(m.size) + " bytes: " + std::strerror(err));
   size_t n = m.size;
   m.data = static_cast<const uint8_t*>(p);
   m.owner = std::shared_ptr<void>(p, [n](void* q) { ::munmap(q, n); });

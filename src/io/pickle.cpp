@@ -1,5 +1,7 @@
 #include "io/pickle.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cstring>
 #include <set>
@@ -60,8 +62,8 @@ class Unpickler {
   size_t pos() const { return pos_; }
 
  private:
-  Error fail(const std::string& what) const {
-    return Error(origin_ + ": pickle: " + what + " (opcode at byte " + std::to_string(op_pos_) + ")");
+  InputError fail(const std::string& what) const {
+    return InputError(origin_ + ": pickle: " + what + " (opcode at byte " + std::to_string(op_pos_) + ")");
   }
   const uint8_t* take(size_t n) {
     if (n > size_ - pos_) throw fail("unexpected end of data (truncated file?)");
@@ -190,7 +192,7 @@ class Unpickler {
   std::unordered_map<uint64_t, ValuePtr> memo_;
 };
 
-int64_t int_of(const ValuePtr& v, const std::string& what, const std::function<Error(const std::string&)>& fail) {
+int64_t int_of(const ValuePtr& v, const std::string& what, const std::function<InputError(const std::string&)>& fail) {
   if (v->kind != Kind::Int) throw fail(what + " is a " + kind_name(v->kind) + ", expected an int");
   return v->i;
 }
@@ -435,7 +437,7 @@ Pickle::~Pickle() {
 
 Pickle unpickle(const uint8_t* data, size_t size, size_t& pos, const std::string& origin,
                 const PersistentLoad& persistent_load, const Limits& limits) {
-  if (pos > size) throw Error(origin + ": pickle: start offset past the end of the data");
+  if (pos > size) throw InputError(origin + ": pickle: start offset past the end of the data");
   Pickle out;
   Unpickler u(data, size, pos, origin, persistent_load, limits, out);
   out.root = u.run();

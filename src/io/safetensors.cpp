@@ -1,5 +1,7 @@
 #include "io/safetensors.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -78,20 +80,27 @@ const char* safetensors_dtype_name(DType t) {
 }
 
 std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& path) {
-  auto fail = [&](const std::string& what) -> Error { return Error(path + ": invalid safetensors file: " + what); };
-
   MappedFile file = MappedFile::open(path);
-  if (file.size < 8)
-    throw fail("the file is " + std::to_string(file.size) + " bytes, too short for the 8-byte header length");
-  uint64_t n = read_u64_le(file.data);
+  return parse_safetensors(file.data, file.size, path, file.owner);
+}
+
+std::vector<std::pair<std::string, Tensor>> parse_safetensors(const uint8_t* bytes, size_t size,
+                                                              const std::string& origin,
+                                                              std::shared_ptr<void> owner) {
+  const std::string& path = origin;
+  auto fail = [&](const std::string& what) -> InputError { return InputError(path + ": invalid safetensors file: " + what); };
+
+  if (size < 8)
+    throw fail("the file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
+  uint64_t n = read_u64_le(bytes);
   if (n > kMaxHeaderBytes)
     throw fail("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
                " bytes (a corrupt or non-safetensors file?)");
-  if (8 + n > file.size)
-    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(file.size) +
+  if (n > size - 8)
+    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) +
                " bytes; truncated?)");
-  const uint64_t data_size = file.size - 8 - n;
-  const uint8_t* data = file.data + 8 + n;
+  const uint64_t data_size = size - 8 - n;
+  const uint8_t* data = bytes + 8 + n;
 
   nlohmann::ordered_json header;
   std::set<std::string> names;
@@ -104,7 +113,16 @@ std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& 
     return true;
   };
   try {
-    header = nlohmann::ordered_json::parse(file.data + 8, file.data + 8 + n, note_key);
+    // The header nests three levels; refuse deep nesting early. Repeated tensor names are noted
+    // (the JSON parser keeps the last of repeated keys).
+    auto on_event = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
+      if ((event == nlohmann::ordered_json::parse_event_t::object_start ||
+           event == nlohmann::ordered_json::parse_event_t::array_start) &&
+          depth >= 16)
+        throw fail("header JSON is nested deeper than 16 levels (expected {name: {dtype, shape, data_offsets}})");
+      return note_key(depth, event, parsed);
+    };
+    header = nlohmann::ordered_json::parse(bytes + 8, bytes + 8 + n, on_event);
   } catch (const nlohmann::ordered_json::parse_error& e) {
     throw fail("header is not valid JSON (at byte " + std::to_string(e.byte) + " of the header): " + e.what());
   } catch (const nlohmann::ordered_json::exception& e) {  // e.g. a number out of range
@@ -191,7 +209,7 @@ std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& 
     void* p = const_cast<uint8_t*>(data + e.begin);
     Tensor t;
     if (reinterpret_cast<uintptr_t>(p) % dtype_size(e.dtype) == 0) {
-      t = Tensor::wrap(p, e.shape, e.dtype, file.owner);
+      t = Tensor::wrap(p, e.shape, e.dtype, owner);
     } else {
       // A header length that is not a multiple of 8 leaves the bytes misaligned: copy them.
       t = Tensor::empty(e.shape, e.dtype);
@@ -204,7 +222,7 @@ std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& 
 
 void load_safetensors(const std::string& path, WeightStore& store) {
   for (auto& [name, t] : read_safetensors(path)) {
-    if (store.has(name)) throw Error(path + ": tensor '" + name + "' is already loaded (from another file?)");
+    if (store.has(name)) throw InputError(path + ": tensor '" + name + "' is already loaded (from another file?)");
     store.add(name, std::move(t));
   }
 }

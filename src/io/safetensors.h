@@ -3,6 +3,8 @@
 // tensors' bytes. Reading validates the header as strictly as the reference implementation.
 #pragma once
 
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +17,12 @@ namespace vf {
 // Maps the file and returns its tensors in header order, wrapping the mapping (no copy, unless a
 // tensor's bytes are misaligned for its dtype). Throws vf::Error naming the file and the problem.
 std::vector<std::pair<std::string, Tensor>> read_safetensors(const std::string& path);
+
+// The same for a file already in memory: `origin` names it in errors, `owner` keeps `data` alive
+// (tensors wrap it when aligned, and may be written to, so `data` must be writable memory).
+std::vector<std::pair<std::string, Tensor>> parse_safetensors(const uint8_t* data, size_t size,
+                                                              const std::string& origin,
+                                                              std::shared_ptr<void> owner);
 
 // Adds every tensor of the file to `store`.
 void load_safetensors(const std::string& path, WeightStore& store);

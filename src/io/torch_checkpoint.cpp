@@ -1,5 +1,7 @@
 #include "io/torch_checkpoint.h"
 
+#include "core/errors.h"
+
 #include <cstring>
 #include <map>
 
@@ -47,7 +49,7 @@ void strided_copy(const T* src, T* dst, const Shape& size, const Shape& stride) 
 Tensor materialise(const pickle::TensorRef& ref, const StorageBytes& st, const std::shared_ptr<void>& owner,
                    const std::string& origin, const std::string& name) {
   auto fail = [&](const std::string& what) {
-    return Error(origin + ": tensor '" + name + "': " + what);
+    return InputError(origin + ": tensor '" + name + "': " + what);
   };
   const DType dt = ref.storage.dtype;
   const uint64_t esize = dtype_size(dt);
@@ -123,14 +125,14 @@ template <class Resolve>
 std::vector<std::pair<std::string, Tensor>> collect(const pickle::Pickle& p, const std::string& origin,
                                                     const std::shared_ptr<void>& owner, Resolve&& resolve) {
   if (p.root->kind != Kind::Dict)
-    throw Error(origin + ": the checkpoint holds a " + std::string(pickle::kind_name(p.root->kind)) +
+    throw InputError(origin + ": the checkpoint holds a " + std::string(pickle::kind_name(p.root->kind)) +
                 ", expected a state dict (a dict of tensors)");
   std::vector<std::pair<std::string, Tensor>> out;
   out.reserve(p.root->dict.size());
   for (auto& [k, v] : p.root->dict) {
-    if (k->kind != Kind::Str) throw Error(origin + ": state dict key is a " + std::string(pickle::kind_name(k->kind)) + ", not a string");
+    if (k->kind != Kind::Str) throw InputError(origin + ": state dict key is a " + std::string(pickle::kind_name(k->kind)) + ", not a string");
     if (v->kind != Kind::Tensor)
-      throw Error(origin + ": state dict entry '" + k->s + "' is a " + pickle::kind_name(v->kind) + ", not a tensor");
+      throw InputError(origin + ": state dict entry '" + k->s + "' is a " + pickle::kind_name(v->kind) + ", not a tensor");
     out.emplace_back(k->s, materialise(*v->tensor, resolve(v->tensor->storage, k->s), owner, origin, k->s));
   }
   return out;
@@ -140,7 +142,7 @@ std::vector<std::pair<std::string, Tensor>> collect(const pickle::Pickle& p, con
 DType storage_dtype(const ValuePtr& v, const std::string& origin) {
   DType dt;
   if (v->kind != Kind::Global || !pickle::storage_global_dtype(v->s, &dt))
-    throw Error(origin + ": persistent id names " + (v->kind == Kind::Global ? "'" + v->s + "'" : std::string("a ") + pickle::kind_name(v->kind)) +
+    throw InputError(origin + ": persistent id names " + (v->kind == Kind::Global ? "'" + v->s + "'" : std::string("a ") + pickle::kind_name(v->kind)) +
                 ", not a storage type");
   return dt;
 }
@@ -156,10 +158,10 @@ std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, con
       break;
     }
   }
-  if (prefix.empty()) throw Error(path + ": zip archive has no <name>/data.pkl: not a torch.save checkpoint");
+  if (prefix.empty()) throw InputError(path + ": zip archive has no <name>/data.pkl: not a torch.save checkpoint");
   if (const ZipEntry* bo = zip.find(prefix + "byteorder")) {
     std::string order(reinterpret_cast<const char*>(zip.stored(bo->name).data), bo->size);
-    if (order != "little") throw Error(path + ": checkpoint byte order '" + order + "' is not supported (only little)");
+    if (order != "little") throw InputError(path + ": checkpoint byte order '" + order + "' is not supported (only little)");
   }
   const ZipEntry& pkl = zip.stored(prefix + "data.pkl");
 
@@ -168,7 +170,7 @@ std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, con
     if (pid->kind != Kind::Tuple || pid->items.size() != 5 || pid->items[0]->kind != Kind::Str ||
         pid->items[0]->s != "storage" || pid->items[2]->kind != Kind::Str || pid->items[4]->kind != Kind::Int ||
         pid->items[4]->i < 0)
-      throw Error(path + ": unexpected persistent id (expected ('storage', type, key, location, numel))");
+      throw InputError(path + ": unexpected persistent id (expected ('storage', type, key, location, numel))");
     auto v = std::make_shared<pickle::Value>();
     v->kind = Kind::Storage;
     v->storage = std::make_shared<pickle::StorageRef>();
@@ -183,9 +185,9 @@ std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, con
   return collect(p, path, file.owner, [&](const pickle::StorageRef& s, const std::string& name) {
     auto [it, fresh] = seen.emplace(s.key, s.dtype);
     if (!fresh && it->second != s.dtype)
-      throw Error(path + ": storage '" + s.key + "' is used as both " + dtype_name(it->second) + " and " + dtype_name(s.dtype));
+      throw InputError(path + ": storage '" + s.key + "' is used as both " + dtype_name(it->second) + " and " + dtype_name(s.dtype));
     const ZipEntry* e = zip.find(prefix + "data/" + s.key);
-    if (!e) throw Error(path + ": tensor '" + name + "': storage entry '" + prefix + "data/" + s.key + "' is missing");
+    if (!e) throw InputError(path + ": tensor '" + name + "': storage entry '" + prefix + "data/" + s.key + "' is missing");
     const ZipEntry& se = zip.stored(e->name);
     return StorageBytes{se.data, se.size};
   });
@@ -200,19 +202,19 @@ std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, 
   {
     pickle::Pickle magic = pickle::unpickle(file.data, file.size, pos, path, no_pid);
     if (magic.root->kind != Kind::BigInt || magic.root->s != std::string(kMagic, 10))
-      throw Error(path + ": not a torch.save file (no magic number)");
+      throw InputError(path + ": not a torch.save file (no magic number)");
   }
   {
     pickle::Pickle version = pickle::unpickle(file.data, file.size, pos, path, no_pid);
     if (version.root->kind != Kind::Int || version.root->i != 1001)
-      throw Error(path + ": unsupported legacy torch.save protocol version");
+      throw InputError(path + ": unsupported legacy torch.save protocol version");
   }
   {
     pickle::Pickle sys_info = pickle::unpickle(file.data, file.size, pos, path, no_pid);
     if (sys_info.root->kind == Kind::Dict)
       for (auto& [k, v] : sys_info.root->dict)
         if (k->kind == Kind::Str && k->s == "little_endian" && v->kind == Kind::Bool && !v->i)
-          throw Error(path + ": big-endian checkpoints are not supported");
+          throw InputError(path + ": big-endian checkpoints are not supported");
   }
   struct Root {
     DType dtype;
@@ -225,7 +227,7 @@ std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, 
     const auto& it = pid->items;
     if (pid->kind != Kind::Tuple || it.size() != 6 || it[0]->kind != Kind::Str || it[0]->s != "storage" ||
         it[2]->kind != Kind::Str || it[4]->kind != Kind::Int || it[4]->i < 0)
-      throw Error(path + ": unexpected persistent id (expected ('storage', type, key, location, numel, view))");
+      throw InputError(path + ": unexpected persistent id (expected ('storage', type, key, location, numel, view))");
     auto v = std::make_shared<pickle::Value>();
     v->kind = Kind::Storage;
     v->storage = std::make_shared<pickle::StorageRef>();
@@ -234,43 +236,43 @@ std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, 
     s.key = it[2]->s;
     auto [r, fresh] = roots.emplace(s.key, Root{s.dtype, it[4]->i, {}});
     if (!fresh && (r->second.dtype != s.dtype || r->second.numel != it[4]->i))
-      throw Error(path + ": storage '" + s.key + "' is declared twice differently");
+      throw InputError(path + ": storage '" + s.key + "' is declared twice differently");
     if (it[5]->kind == Kind::Tuple) {  // (view_key, offset, view_size)
       const auto& vm = it[5]->items;
       if (vm.size() != 3 || vm[1]->kind != Kind::Int || vm[2]->kind != Kind::Int || vm[1]->i < 0 || vm[2]->i < 0 ||
           vm[1]->i > it[4]->i || vm[2]->i > it[4]->i - vm[1]->i)
-        throw Error(path + ": storage view of '" + s.key + "' is out of range");
+        throw InputError(path + ": storage view of '" + s.key + "' is out of range");
       s.offset = vm[1]->i;
       s.numel = vm[2]->i;
     } else if (it[5]->kind != Kind::None) {
-      throw Error(path + ": unexpected storage view metadata");
+      throw InputError(path + ": unexpected storage view metadata");
     }
     return v;
   };
   pickle::Pickle main = pickle::unpickle(file.data, file.size, pos, path, persistent_load);
   pickle::Pickle keys = pickle::unpickle(file.data, file.size, pos, path, no_pid);
-  if (keys.root->kind != Kind::List) throw Error(path + ": the storage key list is missing");
+  if (keys.root->kind != Kind::List) throw InputError(path + ": the storage key list is missing");
   for (auto& k : keys.root->items) {
-    if (k->kind != Kind::Str) throw Error(path + ": storage key is not a string");
+    if (k->kind != Kind::Str) throw InputError(path + ": storage key is not a string");
     auto r = roots.find(k->s);
-    if (r == roots.end()) throw Error(path + ": storage '" + k->s + "' is listed but never used");
-    if (file.size - pos < 8) throw Error(path + ": storage '" + k->s + "' is cut off (truncated file?)");
+    if (r == roots.end()) throw InputError(path + ": storage '" + k->s + "' is listed but never used");
+    if (file.size - pos < 8) throw InputError(path + ": storage '" + k->s + "' is cut off (truncated file?)");
     uint64_t numel = 0;
     for (int i = 7; i >= 0; --i) numel = (numel << 8) | file.data[pos + i];
     pos += 8;
     if (numel != static_cast<uint64_t>(r->second.numel))
-      throw Error(path + ": storage '" + k->s + "' holds " + std::to_string(numel) + " elements, the pickle says " +
+      throw InputError(path + ": storage '" + k->s + "' holds " + std::to_string(numel) + " elements, the pickle says " +
                   std::to_string(r->second.numel));
     uint64_t nbytes = numel * dtype_size(r->second.dtype);
     if (nbytes / dtype_size(r->second.dtype) != numel || nbytes > file.size - pos)
-      throw Error(path + ": storage '" + k->s + "' runs past the end of the file (truncated?)");
+      throw InputError(path + ": storage '" + k->s + "' runs past the end of the file (truncated?)");
     r->second.bytes = StorageBytes{file.data + pos, nbytes};
     pos += nbytes;
   }
   return collect(main, path, file.owner, [&](const pickle::StorageRef& s, const std::string& name) {
     auto r = roots.find(s.key);
     if (r == roots.end() || (r->second.numel > 0 && !r->second.bytes.data))
-      throw Error(path + ": tensor '" + name + "': storage '" + s.key + "' has no data in the file");
+      throw InputError(path + ": tensor '" + name + "': storage '" + s.key + "' has no data in the file");
     return r->second.bytes;
   });
 }
@@ -285,7 +287,7 @@ std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(uint8_t* data,
   file.owner = std::move(owner);
   if (size >= 4 && data[0] == 'P' && data[1] == 'K') return read_zip(file, origin);
   if (size >= 2 && data[0] == 0x80) return read_legacy(file, origin);
-  throw Error(origin + ": not a torch.save checkpoint (neither a zip archive nor a legacy pickle)");
+  throw InputError(origin + ": not a torch.save checkpoint (neither a zip archive nor a legacy pickle)");
 }
 
 std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(const std::string& path) {
@@ -295,7 +297,7 @@ std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(const std::str
 
 void load_torch_checkpoint(const std::string& path, WeightStore& store) {
   for (auto& [name, t] : read_torch_checkpoint(path)) {
-    if (store.has(name)) throw Error(path + ": tensor '" + name + "' is already loaded (from another file?)");
+    if (store.has(name)) throw InputError(path + ": tensor '" + name + "' is already loaded (from another file?)");
     store.add(name, std::move(t));
   }
 }

@@ -1,5 +1,7 @@
 #include "io/zip.h"
 
+#include "core/errors.h"
+
 #include "core/tensor.h"
 
 namespace vf {
@@ -23,7 +25,7 @@ uint64_t rd64(const uint8_t* p) { return uint64_t(rd32(p)) | (uint64_t(rd32(p + 
 }  // namespace
 
 ZipReader::ZipReader(const uint8_t* data, size_t size, std::string origin) : origin_(std::move(origin)) {
-  auto fail = [&](const std::string& what) { return Error(origin_ + ": invalid zip archive: " + what); };
+  auto fail = [&](const std::string& what) { return InputError(origin_ + ": invalid zip archive: " + what); };
   if (size < kEocdSize) throw fail("the file is " + std::to_string(size) + " bytes, too short for a zip archive");
 
   // The end-of-central-directory record sits at the end, followed only by its comment (at most
@@ -128,9 +130,9 @@ const ZipEntry* ZipReader::find(const std::string& name) const {
 
 const ZipEntry& ZipReader::stored(const std::string& name) const {
   const ZipEntry* e = find(name);
-  if (!e) throw Error(origin_ + ": zip archive has no entry '" + name + "'");
+  if (!e) throw InputError(origin_ + ": zip archive has no entry '" + name + "'");
   if (e->method != 0)
-    throw Error(origin_ + ": zip entry '" + name + "' is compressed (method " + std::to_string(e->method) +
+    throw InputError(origin_ + ": zip entry '" + name + "' is compressed (method " + std::to_string(e->method) +
                 "); torch.save stores entries uncompressed");
   return *e;
 }

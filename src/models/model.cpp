@@ -1,5 +1,7 @@
 #include "models/model.h"
 
+#include "core/errors.h"
+
 #include <map>
 #include <mutex>
 
@@ -71,12 +73,12 @@ std::vector<std::string> supported_model_types() {
 
 std::unique_ptr<Model> create_model(const json& config, const std::string& architecture, const Weights& w) {
   std::string model_type = cfg_get<std::string>(config, "model_type", "");
-  if (model_type.empty()) throw Error("config.json has no model_type");
+  if (model_type.empty()) throw ModelError("config.json has no model_type");
   auto* r = find_reg(model_type);
   if (!r) {
     std::string known;
     for (auto& t : supported_model_types()) known += (known.empty() ? "" : ", ") + t;
-    throw Error("unknown model_type '" + model_type + "' (supported: " + known + ")");
+    throw ModelError("unknown model_type '" + model_type + "' (supported: " + known + ")");
   }
   std::string arch = architecture;
   if (arch.empty()) {
@@ -85,8 +87,14 @@ std::unique_ptr<Model> create_model(const json& config, const std::string& archi
   }
   arch = strip_tf(arch);
   if (!is_supported_architecture(model_type, arch))
-    throw Error("model_type '" + model_type + "' has no architecture '" + arch + "'");
-  auto model = r->build(config, arch, w);
+    throw ModelError("model_type '" + model_type + "' has no architecture '" + arch + "'");
+  std::unique_ptr<Model> model;
+  try {
+    model = r->build(config, arch, w);
+  } catch (const nlohmann::json::exception& e) {
+    // A family read a config key without cfg_get: still a config problem, reported as one.
+    throw ModelError("config.json (" + model_type + "): a value has an unexpected type or is missing: " + e.what());
+  }
   model->model_type = model_type;
   model->architecture = arch;
   if (model->id2label.empty()) model->id2label = read_id2label(config);
@@ -102,11 +110,11 @@ std::vector<std::string> read_id2label(const json& config) {
     try {
       m[std::stoll(k)] = v.is_string() ? v.get<std::string>() : v.dump();
     } catch (const std::exception&) {
-      throw Error("config id2label has a non-integer key '" + k + "'");
+      throw ModelError("config id2label has a non-integer key '" + k + "'");
     }
   }
   if (m.empty()) return labels;
-  if (m.begin()->first < 0 || m.rbegin()->first > 1000000) throw Error("config id2label has out-of-range ids");
+  if (m.begin()->first < 0 || m.rbegin()->first > 1000000) throw ModelError("config id2label has out-of-range ids");
   labels.resize(m.rbegin()->first + 1);
   for (size_t i = 0; i < labels.size(); ++i) labels[i] = "LABEL_" + std::to_string(i);
   for (auto& [k, v] : m) labels[k] = v;

@@ -1,5 +1,7 @@
 #include "processors/image_processor.h"
 
+#include "core/errors.h"
+
 #include <cfenv>
 #include <cmath>
 #include <cstring>
@@ -29,11 +31,21 @@ std::string SizeDict::str() const {
 
 SizeDict parse_size_dict(const json& value, bool default_to_square, const std::string& param_name, int64_t max_size) {
   SizeDict d;
+  // Sizes are pixels: anything past kMaxSizeValue is a corrupt config (and would overflow the
+  // aspect-ratio arithmetic), refused before any image is resized.
+  constexpr int64_t kMaxSizeValue = int64_t(1) << 20;
   auto as_int = [&](const json& v, const std::string& key) -> int64_t {
-    if (!v.is_number()) throw Error(param_name + "." + key + " must be a number, got " + v.dump());
+    if (!v.is_number()) throw ModelError(param_name + "." + key + " must be a number, got " + v.dump());
+    bool in_range = v.is_number_float()
+                        ? (v.get<double>() >= 0 && v.get<double>() <= double(kMaxSizeValue))
+                        : v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(kMaxSizeValue)
+                                                 : (v.get<int64_t>() >= 0 && v.get<int64_t>() <= kMaxSizeValue);
+    if (!in_range)
+      throw ModelError(param_name + "." + key + " must be an integer from 0 to " + std::to_string(kMaxSizeValue) +
+                  " (pixels), got " + v.dump());
     if (v.is_number_float()) {
       double f = v.get<double>();
-      if (f != std::floor(f)) throw Error(param_name + "." + key + " must be an integer, got " + v.dump());
+      if (f != std::floor(f)) throw ModelError(param_name + "." + key + " must be an integer, got " + v.dump());
       return static_cast<int64_t>(f);
     }
     return v.get<int64_t>();
@@ -41,14 +53,14 @@ SizeDict parse_size_dict(const json& value, bool default_to_square, const std::s
   if (value.is_number()) {
     int64_t s = as_int(value, "");
     if (default_to_square) {
-      if (max_size) throw Error(param_name + ": an int size with default_to_square cannot take max_size");
+      if (max_size) throw ModelError(param_name + ": an int size with default_to_square cannot take max_size");
       d.height = d.width = s;
     } else {
       d.shortest_edge = s;
       d.longest_edge = max_size;
     }
   } else if (value.is_array()) {
-    if (value.size() != 2) throw Error(param_name + " must be [height, width], got " + value.dump());
+    if (value.size() != 2) throw ModelError(param_name + " must be [height, width], got " + value.dump());
     d.height = as_int(value[0], "0");
     d.width = as_int(value[1], "1");
   } else if (value.is_object()) {
@@ -63,7 +75,7 @@ SizeDict parse_size_dict(const json& value, bool default_to_square, const std::s
       else if (k == "max_height") d.max_height = v;
       else if (k == "max_width") d.max_width = v;
       else
-        throw Error(param_name + " has an unsupported key '" + k + "' in " + value.dump() +
+        throw ModelError(param_name + " has an unsupported key '" + k + "' in " + value.dump() +
                     " (expected height/width, shortest_edge[/longest_edge], longest_edge or max_height/max_width)");
       keys.push_back(k);
     }
@@ -73,10 +85,10 @@ SizeDict parse_size_dict(const json& value, bool default_to_square, const std::s
                                          {"longest_edge", "shortest_edge"}, {"longest_edge"},
                                          {"max_height", "max_width"}};
     if (std::find(valid.begin(), valid.end(), keys) == valid.end())
-      throw Error(param_name + " must have one of the key sets {height, width}, {shortest_edge}, "
+      throw ModelError(param_name + " must have one of the key sets {height, width}, {shortest_edge}, "
                   "{shortest_edge, longest_edge}, {longest_edge}, {max_height, max_width}; got " + value.dump());
   } else {
-    throw Error(param_name + " must be an int, a [height, width] list or a dict, got " + value.dump());
+    throw ModelError(param_name + " must be an int, a [height, width] list or a dict, got " + value.dump());
   }
   return d;
 }
@@ -147,20 +159,20 @@ std::vector<float> read_mean_std(const json& config, const std::string& key, con
     v.assign(3, static_cast<float>(it->get<double>()));
   } else if (it->is_array()) {
     for (const auto& x : *it) {
-      if (!x.is_number()) throw Error("config key '" + key + "' must hold numbers, got " + it->dump());
+      if (!x.is_number()) throw ModelError("config key '" + key + "' must hold numbers, got " + it->dump());
       v.push_back(static_cast<float>(x.get<double>()));
     }
   } else {
-    throw Error("config key '" + key + "' must be a number or a list, got " + it->dump());
+    throw ModelError("config key '" + key + "' must be a number or a list, got " + it->dump());
   }
-  if (v.size() != 3) throw Error("config key '" + key + "' must have 3 values (one per RGB channel), got " + it->dump());
+  if (v.size() != 3) throw ModelError("config key '" + key + "' must have 3 values (one per RGB channel), got " + it->dump());
   return v;
 }
 
 }  // namespace
 
 ImageProcessor::ImageProcessor(std::string type, const json& config, const Defaults& d) : type_(std::move(type)) {
-  if (!config.is_object()) throw Error("preprocessor config must be a JSON object");
+  if (!config.is_object()) throw ModelError("preprocessor config must be a JSON object");
   opt_.default_to_square = cfg_get<bool>(config, "default_to_square", d.default_to_square);
   opt_.do_resize = cfg_get<bool>(config, "do_resize", d.do_resize);
   const json size = cfg_has(config, "size") ? config["size"] : d.size;
@@ -179,11 +191,11 @@ ImageProcessor::ImageProcessor(std::string type, const json& config, const Defau
   if (cfg_has(config, "pad_size")) opt_.pad_size = parse_size_dict(config["pad_size"], true, "pad_size");
   // validate_preprocess_arguments
   if (opt_.do_normalize && (opt_.image_mean.empty() || opt_.image_std.empty()))
-    throw Error(type_ + ": image_mean and image_std must be given when do_normalize is true");
+    throw ModelError(type_ + ": image_mean and image_std must be given when do_normalize is true");
   if (opt_.do_center_crop && (!opt_.crop_size.height || !opt_.crop_size.width))
-    throw Error(type_ + ": crop_size must have height and width when do_center_crop is true, got " +
+    throw ModelError(type_ + ": crop_size must have height and width when do_center_crop is true, got " +
                 opt_.crop_size.str());
-  if (opt_.do_resize && opt_.size.empty()) throw Error(type_ + ": size must be given when do_resize is true");
+  if (opt_.do_resize && opt_.size.empty()) throw ModelError(type_ + ": size must be given when do_resize is true");
 }
 
 Image ImageProcessor::resize(const Image& image, const SizeDict& size, Resample resample) const {
@@ -294,12 +306,12 @@ BatchFeature ImageProcessor::preprocess(const std::vector<Image>& images, const 
 // ---------------------------------------------------------------------------------------------
 
 std::unique_ptr<ImageProcessor> create_image_processor(const json& config) {
-  if (!config.is_object()) throw Error("preprocessor_config.json must hold a JSON object");
+  if (!config.is_object()) throw ModelError("preprocessor_config.json must hold a JSON object");
   std::string type;
-  if (cfg_has(config, "image_processor_type")) type = config["image_processor_type"].get<std::string>();
-  else if (cfg_has(config, "feature_extractor_type")) type = config["feature_extractor_type"].get<std::string>();
+  if (cfg_has(config, "image_processor_type")) type = cfg_get<std::string>(config, "image_processor_type", "");
+  else if (cfg_has(config, "feature_extractor_type")) type = cfg_get<std::string>(config, "feature_extractor_type", "");
   else
-    throw Error("preprocessor config names no processor: neither 'image_processor_type' nor "
+    throw ModelError("preprocessor config names no processor: neither 'image_processor_type' nor "
                 "'feature_extractor_type' is set");
   // The fast (torchvision) and PIL class names map to the same reference output here.
   std::string base = type;
@@ -324,7 +336,7 @@ std::unique_ptr<ImageProcessor> create_image_processor(const json& config) {
   if (it == table.end()) {
     std::string known;
     for (const auto& [name, _] : table) known += (known.empty() ? "" : ", ") + name;
-    throw Error("unsupported image processor type '" + type + "' (supported: " + known + ")");
+    throw ModelError("unsupported image processor type '" + type + "' (supported: " + known + ")");
   }
   return it->second(base, config);
 }
