@@ -33,9 +33,11 @@ void check_dimensions(const std::string& name, int64_t width, int64_t height) {
   if (width <= 0 || height <= 0)
     throw InputError("image '" + name + "' has invalid dimensions " + std::to_string(width) + "x" +
                 std::to_string(height));
-  if (width * height > kMaxImagePixels)
+  // Each side is bounded first: a PNG header may claim 2^32-1 x 2^32-1, whose product overflows.
+  if (width > kMaxImagePixels || height > kMaxImagePixels || width * height > kMaxImagePixels)
     throw InputError("image '" + name + "' is " + std::to_string(width) + "x" + std::to_string(height) + " = " +
-                std::to_string(width * height) + " pixels, more than the limit of " +
+                std::to_string(uint64_t(width) * uint64_t(height)) +  // both < 2^32 here
+                " pixels, more than the limit of " +
                 std::to_string(kMaxImagePixels) + " (decompression bomb check); refusing to decode it");
 }
 
@@ -338,7 +340,8 @@ bool decode_png_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& raw,
   info.height = png_get_image_height(png, pinfo);
   info.bit_depth = png_get_bit_depth(png, pinfo);
   info.color_type = png_get_color_type(png, pinfo);
-  if (int64_t(info.width) * int64_t(info.height) > kMaxImagePixels) {
+  if (int64_t(info.width) > kMaxImagePixels || int64_t(info.height) > kMaxImagePixels ||
+      int64_t(info.width) * int64_t(info.height) > kMaxImagePixels) {
     info.too_large = true;
     png_destroy_read_struct(&png, &pinfo, nullptr);
     return false;
