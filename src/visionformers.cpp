@@ -53,7 +53,7 @@ ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden
 
 std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k) {
   ModelOutput out = p.run(images);
-  if (!out.has("logits")) throw Error(p.model->architecture + " has no classification head (no logits)");
+  if (!out.has("logits")) throw ModelError(p.model->architecture + " has no classification head (no logits)");
   const Tensor& logits = out.get("logits");
   int64_t n = logits.size(0), c = logits.size(-1);
   std::vector<std::vector<LabelScore>> result(n);
@@ -90,7 +90,7 @@ int to_int32(float v) {
 
 const Tensor& require_output(const Pretrained& p, const ModelOutput& out, const char* name, const char* what) {
   if (!out.has(name))
-    throw Error(p.dir + ": " + p.model->architecture + " gives no " + name + " (" + what + ")");
+    throw ModelError(p.dir + ": " + p.model->architecture + " gives no " + name + " (" + what + ")");
   return out.get(name);
 }
 
@@ -135,7 +135,7 @@ SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentPar
     throw Error("segmentation task '" + task + "': expected panoptic, instance or semantic");
   const DetrPostKind kind = detr_post_kind(p.model->model_type);
   if (kind != DetrPostKind::Detr && kind != DetrPostKind::ConditionalDetr)
-    throw Error(p.dir + ": " + p.model->model_type +
+    throw ModelError(p.dir + ": " + p.model->model_type +
                 " has no segmentation post-processing (DETR and Conditional DETR segmentation models do)");
   ModelOutput out = p.run({image});
   const char* what = "not a segmentation model: use a DetrForSegmentation / ConditionalDetrForSegmentation checkpoint";

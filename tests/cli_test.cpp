@@ -468,16 +468,16 @@ TEST(CliVf, SemanticJsonHasNullScores) {
 TEST(CliVf, ErrorsAreReported) {
   const std::string scratch = test::temp_dir("cli_errors");
   CommandResult r = run_vf({"detect", scratch + "/no-such-model", test::images_dir() + "/rocket.jpg"}, scratch);
-  EXPECT_EQ(r.rc, 1);
+  EXPECT_EQ(r.rc, 65);  // bad input (tools/exit_codes.h)
   EXPECT_NE(r.err.find("vf: error:"), std::string::npos) << r.err;
   // A DETR base model (no heads): neither detection nor segmentation.
   r = run_vf({"segment", test::golden_case("detr-tiny-model"), test::images_dir() + "/rocket.jpg", "--task",
               "panoptic"},
              scratch);
-  EXPECT_EQ(r.rc, 1);
+  EXPECT_EQ(r.rc, 66);  // model problem
   EXPECT_NE(r.err.find("not a segmentation model"), std::string::npos) << r.err;
   r = run_vf({"detect", test::golden_case("detr-tiny-model"), test::images_dir() + "/rocket.jpg"}, scratch);
-  EXPECT_EQ(r.rc, 1);
+  EXPECT_EQ(r.rc, 66);  // model problem
   EXPECT_NE(r.err.find("not an object detection model"), std::string::npos) << r.err;
   r = run_vf({"segment", panoptic_model_dir(), panoptic_image(), "--task", "depth"}, scratch);
   EXPECT_NE(r.rc, 0);
