@@ -482,3 +482,40 @@ TEST(CliVf, ErrorsAreReported) {
   r = run_vf({"segment", panoptic_model_dir(), panoptic_image(), "--task", "depth"}, scratch);
   EXPECT_NE(r.rc, 0);
 }
+
+// EXIF orientation 6 (rotate 90° clockwise): vf classify sees the upright image, as the pipeline's
+// load_image does, so the rotated JPEG and an upright PNG of the same pixels classify alike.
+TEST(CliVf, ClassifyAppliesExifOrientation) {
+  const std::string scratch = test::temp_dir("cli_classify_exif");
+  const std::string rotated = std::string(VF_SOURCE_DIR) + "/tests/fuzz/corpus/image/exif6.jpg";
+  const Image raw = load_image(rotated), upright = load_image(rotated, /*apply_exif_orientation=*/true);
+  ASSERT_EQ(upright.width, raw.height);
+  ASSERT_EQ(upright.height, raw.width);
+  ASSERT_NE(raw.width, raw.height);
+  // Clockwise quarter turn: upright(y, x) = raw(H - 1 - x, y).
+  for (int64_t y = 0; y < upright.height; y += 3)
+    for (int64_t x = 0; x < upright.width; x += 3)
+      for (int c = 0; c < 3; ++c)
+        ASSERT_EQ(upright.rgb[(y * upright.width + x) * 3 + c], raw.rgb[((raw.height - 1 - x) * raw.width + y) * 3 + c]);
+  save_png(scratch + "/upright.png", upright);
+  save_png(scratch + "/sideways.png", raw);
+
+  const std::string model = std::string(VF_SOURCE_DIR) + "/assets/tiny-convnext";
+  CommandResult a = run_vf({"classify", model, rotated, "--json", "--top-k", "5"}, scratch);
+  ASSERT_EQ(a.rc, 0) << a.err;
+  CommandResult b = run_vf({"classify", model, scratch + "/upright.png", "--json", "--top-k", "5"}, scratch);
+  ASSERT_EQ(b.rc, 0) << b.err;
+  CommandResult c = run_vf({"classify", model, scratch + "/sideways.png", "--json", "--top-k", "5"}, scratch);
+  ASSERT_EQ(c.rc, 0) << c.err;
+  const json ja = json::parse(a.out), jb = json::parse(b.out), jc = json::parse(c.out);
+  ASSERT_EQ(ja.size(), 5u);
+  ASSERT_EQ(jb.size(), 5u);
+  float max_diff_upright = 0, max_diff_sideways = 0;
+  for (size_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(ja[i]["label"], jb[i]["label"]);
+    max_diff_upright = std::max(max_diff_upright, std::fabs(ja[i]["score"].get<float>() - jb[i]["score"].get<float>()));
+    max_diff_sideways = std::max(max_diff_sideways, std::fabs(ja[i]["score"].get<float>() - jc[i]["score"].get<float>()));
+  }
+  EXPECT_LT(max_diff_upright, 1e-6f);
+  EXPECT_GT(max_diff_sideways, max_diff_upright);  // the orientation matters to the scores at all
+}

@@ -17,7 +17,8 @@ namespace {
 int cmd_classify(const std::string& model_dir, const std::vector<std::string>& images, int top_k, bool as_json) {
   auto p = vf::Pretrained::from_pretrained(model_dir);
   std::vector<vf::Image> imgs;
-  for (auto& path : images) imgs.push_back(vf::load_image(path));
+  // Like the pipelines' load_image: EXIF orientation applied (ImageOps.exif_transpose).
+  for (auto& path : images) imgs.push_back(vf::load_image(path, /*apply_exif_orientation=*/true));
   auto results = vf::classify(p, imgs, top_k);
   if (as_json) {
     nlohmann::json all = nlohmann::json::array();
