@@ -26,7 +26,7 @@ pairs = [("ConvNeXt-T 224² vs torchvision convnext_tiny", "BM_ConvNextTiny", "c
          ("DeiT-B/16 224² vs transformers DeiTModel", "BM_DeiTBase", "hf_deit_base"),
          ("DETR-R50 800×1066 vs plain-PyTorch DETR (bench/torch_bench.py)", "BM_DetrResnet50", "detr_resnet50"),
          ("DETR-R50 800×1066 vs transformers DetrForObjectDetection", "BM_DetrResnet50", "hf_detr_resnet50"),
-         ("DETA-R50 800×1066 (no PyTorch DETA in transformers 5)", "BM_DetaResnet50", None)]
+         ("DETA-R50 800×1066 vs plain-PyTorch DETA (bench/torch_deta.py)", "BM_DetaResnet50", "deta_resnet50")]
 print(f"threads: {os.environ['VF_THREADS']}")
 print(f"| model | vf ms | PyTorch eager ms | PyTorch / vf |")
 print(f"|---|---:|---:|---:|")

@@ -4,8 +4,10 @@
 ConvNeXt-T and ViT-B/16 (DeiT-B's encoder) come from torchvision; where transformers is installed,
 its ConvNextForImageClassification, DeiTModel and DetrForObjectDetection are timed too. DETR-ResNet-50 is written out
 below in plain PyTorch modules (torchvision's ResNet-50 + a 6+6-layer transformer of width 256,
-100 queries) with the compute of transformers' DetrForObjectDetection. Prints one JSON line per
-model: {"name", "ms"} (median).
+100 queries) with the compute of transformers' DetrForObjectDetection. DETA-ResNet-50 (transformers 5 has no
+DETA class) is bench/torch_deta.py: transformers 4.x's DetaForObjectDetection in plain PyTorch, validated against
+the golden cases (`torch_deta.py --check`), with vf_bench's BM_DetaResnet50 config (DetaConfig defaults,
+num_labels 91: two-stage, 300 proposals, 6+6 layers). Prints one JSON line per model: {"name", "ms"} (median).
 """
 import json
 import math
@@ -112,7 +114,7 @@ def main():
     threads = int(os.environ.get("VF_THREADS", os.cpu_count()))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    which = sys.argv[1:] or ["convnext_tiny", "vit_b_16", "detr_resnet50", "hf"]
+    which = sys.argv[1:] or ["convnext_tiny", "vit_b_16", "detr_resnet50", "deta_resnet50", "hf"]
     x224 = torch.randn(1, 3, 224, 224)
     if "convnext_tiny" in which:
         time_model("convnext_tiny", torchvision.models.convnext_tiny(), (x224,), 3.0)
@@ -121,6 +123,12 @@ def main():
     if "detr_resnet50" in which:
         x = torch.randn(1, 3, 800, 1066)
         time_model("detr_resnet50", Detr(), (x, torch.ones(1, 800, 1066, dtype=torch.long)), 1.0)
+    if "deta_resnet50" in which:
+        import torch_deta  # bench/, next to this file
+
+        x = torch.randn(1, 3, 800, 1066)
+        deta = torch_deta.build({"architectures": ["DetaForObjectDetection"], "num_labels": 91})
+        time_model("deta_resnet50", deta, (x, torch.ones(1, 800, 1066, dtype=torch.long)), 1.0)
     hf_models(which)
 
 
