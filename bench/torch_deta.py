@@ -928,6 +928,8 @@ def check(case_dir, images_dir=None):
     for name in case["outputs"]:
         if name in ("pixel_values", "pixel_mask", "pixel_values_shape", "pixel_values_stats"):
             continue
+        if name not in expected:  # vendored copies (tests/goldens) drop the per-layer hidden states
+            continue
         if name not in out:
             report(name + " (not produced)", float("inf"), 0)
             continue

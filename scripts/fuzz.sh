@@ -27,7 +27,7 @@ run() {
   local work=scratch/fuzz/$name
   mkdir -p "$work/corpus" "$work/artifacts"
   cp -n tests/fuzz/corpus/"$name"/* "$work/corpus/" 2>/dev/null || true
-  nice -n 19 "$BUILD/fuzz/fuzz_$name" "$work/corpus" -max_total_time="$secs" -timeout=120 -rss_limit_mb=3072 \
+  nice -n 19 "$BUILD/fuzz/fuzz_$name" "$work/corpus" -max_total_time="$secs" -timeout="${TIMEOUT:-120}" -rss_limit_mb=3072 \
     -max_len=65536 -artifact_prefix="$work/artifacts/" -print_final_stats=1 2>&1 | tee "$work/log.txt" | tail -25
 }
 

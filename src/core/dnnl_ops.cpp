@@ -135,6 +135,9 @@ struct Conv2d::Impl {
 
 Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt) {
   if (weight.dim() != 4) throw Error("conv2d weight must be 4-D, got " + shape_str(weight.shape()));
+  if (opt.groups < 1 || weight.numel() == 0)
+    throw Error("conv2d: weight " + shape_str(weight.shape()) + " with " + std::to_string(opt.groups) +
+                " groups (sizes and groups must be positive)");
   auto impl = std::make_shared<Impl>();
   impl->weight = weight.clone();
   impl->opt = opt;

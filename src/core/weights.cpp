@@ -85,6 +85,12 @@ Tensor Weights::get_unchecked(const std::string& name) const {
 
 Tensor Weights::get(const std::string& name, const Shape& shape) const {
   std::string full = path(name);
+  // Expected shapes come from config.json: a zero or negative size there (hidden_sizes [0, ...])
+  // would build empty layers that divide by their width later.
+  for (int64_t d : shape)
+    if (d <= 0)
+      throw ModelError("config.json implies tensor " + full + " of shape " + shape_str(shape) +
+                       " (every size must be positive)");
   const Tensor* t = store_ ? store_->find(full) : nullptr;
   if (!t) {
     if (store_ && store_->missing_filler()) return store_->missing_filler()(full, shape);

@@ -218,7 +218,9 @@ bool decode_jpeg_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& pix
   result.out_space = cinfo.out_color_space;
   const size_t stride = size_t(cinfo.output_width) * cinfo.output_components;
   pixels.resize(stride * cinfo.output_height);
-  while (cinfo.output_scanline < cinfo.output_height) {
+  // Stop at the first sign of missing data: the result is an error either way, and a few hundred
+  // bytes can claim tens of millions of pixels that libjpeg would otherwise fill in one by one.
+  while (cinfo.output_scanline < cinfo.output_height && !err.hit_eof) {
     JSAMPROW row = pixels.data() + stride * cinfo.output_scanline;
     if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) break;
   }
