@@ -10,6 +10,7 @@
 #include <iterator>
 #include <sys/wait.h>
 
+#include "core/config.h"
 #include "core/errors.h"
 #include "exit_codes.h"
 #include "io/checkpoint.h"
@@ -360,6 +361,23 @@ TEST(HostileConfig, UnknownModelTypeAndBadValues) {
   json huge = read_json_file(test::goldens_dir() + "/convnext-tiny-backbone/config.json");
   huge["hidden_sizes"] = {1 << 20, 1 << 20, 1 << 20, 1 << 20};
   error_of([&] { create_model(huge, "", Weights(store)); });
+  // Sizes that are zero, or numbers no integer can hold (found by the config fuzzer: a float like
+  // 3e86 converted to an integer, and a depthwise convolution of zero groups).
+  json zero = read_json_file(test::goldens_dir() + "/convnext-tiny-backbone/config.json");
+  zero["hidden_sizes"][0] = 0;
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(zero, "", Weights(store)); }), "every size must be positive");
+  json big = zero;
+  big["hidden_sizes"] = {3.3e86, 16, 32, 64};
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(big, "", Weights(store)); }), "'hidden_sizes' has a value out of range");
+  big["hidden_sizes"] = {8, 16, 32, 64};
+  big["depths"] = {1, 1, 4294967297.0, 1};
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(big, "", Weights(store)); }), "'depths' has a value out of range");
+  EXPECT_EQ(cfg_get<int>(json{{"n", 7.0}}, "n", 0), 7);  // integral floats still read, as before
+  EXPECT_EQ(cfg_get<int64_t>(json{{"n", -5}}, "n", 0), -5);
+  EXPECT_HAS(error_of<ModelError>([&] { cfg_get<int>(json{{"n", 2147483648.0}}, "n", 0); }), "out of range");
+  EXPECT_HAS(error_of<ModelError>([&] { cfg_get<int>(json{{"n", -2147483649LL}}, "n", 0); }), "out of range");
+  EXPECT_EQ(cfg_get<int>(json{{"n", -2147483648LL}}, "n", 0), INT32_MIN);
+  EXPECT_HAS(error_of<ModelError>([&] { cfg_get<uint32_t>(json{{"n", -1}}, "n", 0); }), "out of range");
 }
 
 TEST(HostileConfig, WrongShapesAndMissingTensorsAreNamed) {

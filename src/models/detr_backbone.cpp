@@ -20,7 +20,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   if (c.use_timm_backbone) {
     c.backbone = cfg_get<std::string>(config, "backbone", "resnet50");
     c.dilation = cfg_get<bool>(config, "dilation", false);
-    if (cfg_has(backbone_kwargs, "output_stride")) c.dilation = backbone_kwargs["output_stride"].get<int>() == 16;
+    if (cfg_has(backbone_kwargs, "output_stride")) c.dilation = cfg_get<int64_t>(backbone_kwargs, "output_stride", 0) == 16;
     c.out_indices = cfg_get<std::vector<int>>(backbone_kwargs, "out_indices", timm_out_indices);
     c.num_channels = cfg_get<int64_t>(backbone_kwargs, "in_chans", c.num_channels);
     std::sort(c.out_indices.begin(), c.out_indices.end());
@@ -48,9 +48,9 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
   std::vector<std::string> requested;
   if (cfg_has(bc, "out_features")) {
-    requested = bc["out_features"].get<std::vector<std::string>>();
+    requested = json_to<std::vector<std::string>>(bc["out_features"], "backbone_config.out_features");
   } else if (cfg_has(bc, "out_indices")) {
-    for (int idx : bc["out_indices"].get<std::vector<int>>()) {
+    for (int idx : json_to<std::vector<int>>(bc["out_indices"], "backbone_config.out_indices")) {
       int i = idx < 0 ? idx + static_cast<int>(stage_names.size()) : idx;
       if (i < 0 || i >= static_cast<int>(stage_names.size()))
         throw Error("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
