@@ -18,10 +18,11 @@ vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
   uint64_t h = 1469598103934665603ull;
   for (char c : name) h = (h ^ uint8_t(c)) * 1099511628211ull;
   bool variance = name.size() >= 11 && name.compare(name.size() - 11, 11, "running_var") == 0;
-  for (int64_t i = 0; i < t.numel(); ++i) {
+  float* p = t.f32();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {
     h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33;
     float u = float(h >> 40) / float(1 << 24) * 2.0f - 1.0f;
-    t.f32()[i] = variance ? 1.0f + 0.5f * std::fabs(u) : 0.05f * u;
+    p[i] = variance ? 1.0f + 0.5f * std::fabs(u) : 0.05f * u;
   }
   return t;
 }
