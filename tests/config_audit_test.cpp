@@ -9,6 +9,8 @@
 
 #include "core/errors.h"
 #include "core/ops.h"
+#include "core/weights.h"
+#include "models/detr_backbone.h"
 #include "io/image.h"
 #include "processors/image_processor.h"
 
@@ -114,6 +116,86 @@ TEST(ConfigAudit, DeiTProcessorPadsToPadSize) {
         ASSERT_EQ(got, want) << c << " " << y << " " << x;
       }
 }
+
+// A transformers-ResNet backbone (DETR family, backbone_config) with hidden_act "gelu": the reference's
+// ResNetConvLayers inside a block keep their default "relu"; hidden_act runs in the stem and after
+// the residual sum only. Weights are chosen so every convolution is a per-pixel scalar product (delta
+// kernels, batch norm = identity scale plus a bias), so the result can be computed by hand.
+class ResNetActivationTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ResNetActivationTest, InnerConvLayersUseRelu) {
+  const std::string layer_type = GetParam();
+  const bool bottleneck = layer_type == "bottleneck";
+  const int64_t out = 4, reduced = bottleneck ? 1 : out;
+  auto store = std::make_shared<WeightStore>();
+  auto delta = [&](const std::string& name, int64_t o, int64_t i, int64_t k, std::function<float(int64_t, int64_t)> gain) {
+    Tensor t = Tensor::zeros({o, i, k, k});
+    for (int64_t a = 0; a < o; ++a)
+      for (int64_t b = 0; b < i; ++b) t.f32()[((a * i + b) * k + k / 2) * k + k / 2] = gain(a, b);
+    store->add(name + ".convolution.weight", t);
+  };
+  auto bn = [&](const std::string& name, int64_t c, std::function<float(int64_t)> bias) {
+    Tensor w = Tensor::empty({c}), b = Tensor::empty({c}), m = Tensor::zeros({c}), v = Tensor::empty({c});
+    for (int64_t k = 0; k < c; ++k) w.f32()[k] = 1.f, b.f32()[k] = bias(k), v.f32()[k] = 1.f - 1e-5f;
+    store->add(name + ".normalization.weight", w);
+    store->add(name + ".normalization.bias", b);
+    store->add(name + ".normalization.running_mean", m);
+    store->add(name + ".normalization.running_var", v);
+  };
+  // stem: s = gelu(2 v + 0.5)
+  delta("embedder.embedder", 1, 1, 7, [](int64_t, int64_t) { return 2.f; });
+  bn("embedder.embedder", 1, [](int64_t) { return 0.5f; });
+  const std::string L = "encoder.stages.0.layers.0.";
+  // inner layers: pre-activations pushed negative so relu (0) and gelu (!= 0) differ
+  if (bottleneck) {
+    delta(L + "layer.0", reduced, 1, 1, [](int64_t, int64_t) { return 1.f; });
+    bn(L + "layer.0", reduced, [](int64_t) { return -4.f; });
+    delta(L + "layer.1", reduced, reduced, 3, [](int64_t, int64_t) { return 1.f; });
+    bn(L + "layer.1", reduced, [](int64_t) { return 0.25f; });
+    delta(L + "layer.2", out, reduced, 1, [](int64_t a, int64_t) { return 1.f + a; });
+    bn(L + "layer.2", out, [](int64_t a) { return -0.1f * a; });
+  } else {
+    delta(L + "layer.0", out, 1, 3, [](int64_t a, int64_t) { return 1.f + 0.5f * a; });
+    bn(L + "layer.0", out, [](int64_t a) { return -4.f + 3.f * a; });
+    delta(L + "layer.1", out, out, 3, [](int64_t a, int64_t b) { return a == b ? 1.f : 0.f; });
+    bn(L + "layer.1", out, [](int64_t a) { return 0.2f * a; });
+  }
+  delta(L + "shortcut", out, 1, 1, [](int64_t a, int64_t) { return 0.5f - 0.3f * a; });
+  bn(L + "shortcut", out, [](int64_t) { return -1.f; });
+  for (const std::string& name : store->names())
+    if (name.find("normalization.weight") != std::string::npos)
+      store->add(name.substr(0, name.size() - 6) + "num_batches_tracked", Tensor::zeros({1}, DType::I64));
+
+  json config = {{"backbone_config",
+                  {{"model_type", "resnet"}, {"num_channels", 1}, {"embedding_size", 1}, {"hidden_sizes", {out}},
+                   {"depths", {1}}, {"layer_type", layer_type}, {"hidden_act", "gelu"}, {"out_features", {"stage1"}}}}};
+  DetrBackboneConfig bc = read_detr_backbone_config(config, {1, 2, 3, 4}, {"stage4"});
+  DetrConvEncoder enc(bc, Weights(store));
+  const float v = 0.8f;
+  Tensor pixels = Tensor::from<float>({1, 1, 2, 2}, {v, 0.f, 0.f, 0.f});  // the 2x2 image maps to one position
+  auto maps = enc.forward(pixels, Tensor());
+  ASSERT_EQ(maps.size(), 1u);
+  ASSERT_EQ(maps[0].features.shape(), (Shape{1, 1, 1, out}));
+
+  auto relu = [](double x) { return std::max(x, 0.0); };
+  const double s = gelu_ref(2.0 * v + 0.5);  // stem, then a max pool over one value
+  for (int64_t k = 0; k < out; ++k) {
+    double h;
+    if (bottleneck) {
+      const double h1 = relu(s - 4.0);     // relu, not gelu: 0 here, gelu would give about -0.02
+      const double h2 = relu(h1 + 0.25);
+      h = (1.0 + k) * h2 - 0.1 * k;
+    } else {
+      const double h1 = relu((1.0 + 0.5 * k) * s - 4.0 + 3.0 * k);
+      h = h1 + 0.2 * k;
+    }
+    const double shortcut = (0.5 - 0.3 * k) * s - 1.0;
+    const double want = gelu_ref(h + shortcut);
+    EXPECT_NEAR(maps[0].features.f32()[k], want, 1e-5) << layer_type << " channel " << k;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ConfigAudit, ResNetActivationTest, ::testing::Values("bottleneck", "basic"));
 
 }  // namespace
 }  // namespace vf
