@@ -21,14 +21,27 @@ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
 }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// F.softplus with its default threshold: the identity above 20.
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 }  // namespace
 
 // ---- activations ---------------------------------------------------------------------------------
 
 Act act_from_name(const std::string& name) {
   if (name == "relu") return Act::Relu;
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return Act::GeluTanh;
+  if (name == "gelu" || name == "gelu_python") return Act::Gelu;
+  // FastGELU and AccurateGELU are the tanh approximation written out (equal up to rounding).
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_python_tanh" || name == "gelu_fast" ||
+      name == "gelu_accurate")
+    return Act::GeluTanh;
+  if (name == "gelu_10") return Act::GeluClip10;
+  if (name == "hardswish") return Act::HardSwish;
+  if (name == "mish") return Act::Mish;
+  if (name == "relu2") return Act::Relu2;
+  if (name == "laplace") return Act::Laplace;
+  if (name == "sqrtsoftplus") return Act::SqrtSoftplus;
+  if (name == "prelu" || name == "xielu")
+    throw Error("activation function '" + name + "' has learned parameters, which are not supported");
   if (name == "silu" || name == "swish") return Act::Silu;
   if (name == "selu") return Act::Selu;
   if (name == "sigmoid") return Act::Sigmoid;
@@ -60,6 +73,13 @@ void act_inplace(Tensor& x, Act a) {
     case Act::QuickGelu: VF_ACT_LOOP(v * sigmoid(1.702f * v)) break;
     case Act::Relu6: VF_ACT_LOOP(std::min(std::max(v, 0.f), 6.f)) break;
     case Act::LeakyRelu: VF_ACT_LOOP(v > 0.f ? v : 0.01f * v) break;
+    case Act::GeluClip10: VF_ACT_LOOP(std::min(std::max(gelu_erf(v), -10.f), 10.f)) break;
+    case Act::HardSwish: VF_ACT_LOOP(v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f) break;
+    case Act::Mish: VF_ACT_LOOP(v * std::tanh(softplus(v))) break;
+    case Act::Relu2: VF_ACT_LOOP(v > 0.f ? v * v : 0.f) break;
+    // LaplaceActivation: mu = 0.707107, sigma = 0.282095.
+    case Act::Laplace: VF_ACT_LOOP(0.5f * (1.f + std::erf((v - 0.707107f) / float(0.282095 * 1.4142135623730951)))) break;
+    case Act::SqrtSoftplus: VF_ACT_LOOP(std::sqrt(softplus(v))) break;
 #undef VF_ACT_LOOP
   }
 }

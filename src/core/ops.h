@@ -27,9 +27,14 @@ void set_num_threads(int n);  // <= 0: all cores
 int num_threads();
 
 // ---- activations --------------------------------------------------------------------------------
-enum class Act { None, Relu, Gelu, GeluTanh, Silu, Selu, Sigmoid, Tanh, QuickGelu, Relu6, LeakyRelu };
-// transformers' ACT2FN names: "relu", "gelu", "gelu_new"/"gelu_pytorch_tanh", "silu"/"swish",
-// "selu", "sigmoid", "tanh", "quick_gelu", "relu6", "leaky_relu". Unknown names throw.
+enum class Act {
+  None, Relu, Gelu, GeluTanh, Silu, Selu, Sigmoid, Tanh, QuickGelu, Relu6, LeakyRelu,
+  GeluClip10, HardSwish, Mish, Relu2, Laplace, SqrtSoftplus
+};
+// transformers' ACT2FN names: "relu", "gelu"/"gelu_python", "gelu_new"/"gelu_pytorch_tanh"/
+// "gelu_python_tanh"/"gelu_fast"/"gelu_accurate", "gelu_10", "silu"/"swish", "selu", "sigmoid",
+// "tanh", "quick_gelu", "relu6", "relu2", "leaky_relu", "hardswish", "mish", "laplace",
+// "sqrtsoftplus", "linear". Unknown names throw, and so do "prelu" and "xielu" (learned parameters).
 Act act_from_name(const std::string& name);
 void act_inplace(Tensor& x, Act act);
 Tensor act(const Tensor& x, Act act);

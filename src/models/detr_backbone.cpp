@@ -242,15 +242,17 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
           Weights cw = lw.pp(idx);
           return conv_bn(cw.pp("convolution"), "weight", cw.pp("normalization"), o, i, k, conv_opts(k, st, 1, a));
         };
+        // The block's inner ResNetConvLayers keep their default activation, "relu", whatever
+        // hidden_act says; hidden_act is applied only after the residual sum (and in the stem).
         ResidualBlock blk;
         if (bottleneck) {
           const int64_t reduced = out / 4;
           const bool in_1x1 = cfg.downsample_in_bottleneck;
-          blk.convs.push_back(conv_layer(0, reduced, bin, 1, in_1x1 ? bstride : 1, act));
-          blk.convs.push_back(conv_layer(1, reduced, reduced, 3, in_1x1 ? 1 : bstride, act));
+          blk.convs.push_back(conv_layer(0, reduced, bin, 1, in_1x1 ? bstride : 1, Act::Relu));
+          blk.convs.push_back(conv_layer(1, reduced, reduced, 3, in_1x1 ? 1 : bstride, Act::Relu));
           blk.convs.push_back(conv_layer(2, out, reduced, 1, 1, act));
         } else {
-          blk.convs.push_back(conv_layer(0, out, bin, 3, bstride, act));
+          blk.convs.push_back(conv_layer(0, out, bin, 3, bstride, Act::Relu));
           blk.convs.push_back(conv_layer(1, out, out, 3, 1, act));
         }
         if (bin != out || bstride != 1) {

@@ -1,6 +1,6 @@
 // ConvNextImageProcessor (models/convnext/image_processing_pil_convnext.py): below 384 the short side
 // is resized to int(shortest_edge / crop_pct) and the center shortest_edge x shortest_edge kept;
-// from 384 up the image is warped to shortest_edge x shortest_edge.
+// from 384 up the image is warped to shortest_edge x shortest_edge. It never pads (do_pad is ignored).
 #include "processors/image_processor.h"
 
 namespace vf {
@@ -14,6 +14,10 @@ class ConvNextImageProcessor : public ImageProcessor {
     if (opt_.do_resize && !opt_.size.shortest_edge)
       throw Error(type_ + ": size must contain 'shortest_edge', got " + opt_.size.str());
     if (!(crop_pct_ > 0)) throw Error(type_ + ": crop_pct must be positive, got " + std::to_string(crop_pct_));
+    // The reference's _preprocess (resize, center crop, rescale, normalize) has no padding step:
+    // do_pad and pad_size in the config have no effect.
+    opt_.do_pad = false;
+    opt_.pad_size = SizeDict{};
   }
 
  protected:
