@@ -28,12 +28,6 @@ struct CommandResult {
   std::string out, err;
 };
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 std::string quoted(const std::string& s) {
   std::string q = "'";
@@ -50,8 +44,8 @@ CommandResult run_vf(const std::vector<std::string>& args, const std::string& sc
   CommandResult r;
   int status = std::system(cmd.c_str());
   r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = read_text(out);
-  r.err = read_text(err);
+  r.out = test::read_bytes(out);
+  r.err = test::read_bytes(err);
   return r;
 }
 

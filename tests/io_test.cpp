@@ -19,10 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
+using test::write_bytes;
 
 std::string le64(uint64_t v) {
   std::string s(8, '\0');

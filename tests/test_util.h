@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 namespace vf::test {
@@ -30,6 +32,17 @@ inline std::string temp_dir(const std::string& name) {
   auto p = std::filesystem::temp_directory_path() / ("vf_test_" + name);
   std::filesystem::create_directories(p);
   return p.string();
+}
+
+// A file's bytes, whole (empty when it cannot be read), and a file written with exactly these bytes.
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 }  // namespace vf::test
