@@ -148,9 +148,10 @@ class ResNetBottleNeckLayer(nn.Module):
         super().__init__()
         mid = cout // reduction
         self.shortcut = ResNetShortCut(cin, cout, stride) if cin != cout or stride != 1 else nn.Identity()
+        # The inner conv layers keep their default relu; hidden_act acts only after the residual sum.
         self.layer = nn.Sequential(
-            ResNetConvLayer(cin, mid, 1, stride if downsample_in_bottleneck else 1, act),
-            ResNetConvLayer(mid, mid, 3, 1 if downsample_in_bottleneck else stride, act),
+            ResNetConvLayer(cin, mid, 1, stride if downsample_in_bottleneck else 1),
+            ResNetConvLayer(mid, mid, 3, 1 if downsample_in_bottleneck else stride),
             ResNetConvLayer(mid, cout, 1, 1, None),
         )
         self.act = activation(act)
@@ -163,7 +164,7 @@ class ResNetBasicLayer(nn.Module):
     def __init__(self, cin, cout, stride, act):
         super().__init__()
         self.shortcut = ResNetShortCut(cin, cout, stride) if cin != cout or stride != 1 else nn.Identity()
-        self.layer = nn.Sequential(ResNetConvLayer(cin, cout, 3, stride, act), ResNetConvLayer(cout, cout, 3, 1, None))
+        self.layer = nn.Sequential(ResNetConvLayer(cin, cout, 3, stride), ResNetConvLayer(cout, cout, 3, 1, None))
         self.act = activation(act)
 
     def forward(self, x):
