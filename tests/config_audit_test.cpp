@@ -199,3 +199,29 @@ INSTANTIATE_TEST_SUITE_P(ConfigAudit, ResNetActivationTest, ::testing::Values("b
 
 }  // namespace
 }  // namespace vf
+
+// The timm backbone's keyword arguments: input channels under transformers 4.x's name (in_chans) or
+// 5.x's (num_channels); output_stride 16 dilates the last stage and overrides `dilation`, 32 undoes
+// it, and other strides are refused rather than built wrong.
+TEST(ConfigAudit, TimmBackboneKwargs) {
+  const std::vector<int> indices = {1, 2, 3, 4};
+  auto read = [&](const vf::json& kwargs, bool dilation) {
+    return vf::read_detr_backbone_config(
+        vf::json{{"use_timm_backbone", true}, {"backbone", "resnet50"}, {"dilation", dilation}, {"backbone_kwargs", kwargs}},
+        indices, {"stage4"}, true);
+  };
+  EXPECT_EQ(read(vf::json::object(), false).num_channels, 3);
+  EXPECT_EQ(read(vf::json{{"in_chans", 1}}, false).num_channels, 1);
+  EXPECT_EQ(read(vf::json{{"num_channels", 4}}, false).num_channels, 4);
+  EXPECT_FALSE(read(vf::json::object(), false).dilation);
+  EXPECT_TRUE(read(vf::json::object(), true).dilation);
+  EXPECT_TRUE(read(vf::json{{"output_stride", 16}}, false).dilation);
+  EXPECT_FALSE(read(vf::json{{"output_stride", 32}}, true).dilation);
+  EXPECT_EQ(read(vf::json{{"out_indices", {4, 2}}}, false).out_indices, (std::vector<int>{2, 4}));
+  try {
+    read(vf::json{{"output_stride", 8}}, false);
+    ADD_FAILURE() << "output_stride 8 was accepted";
+  } catch (const vf::ModelError& e) {
+    EXPECT_NE(std::string(e.what()).find("output_stride 8"), std::string::npos) << e.what();
+  }
+}

@@ -20,9 +20,19 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   if (c.use_timm_backbone) {
     c.backbone = cfg_get<std::string>(config, "backbone", "resnet50");
     c.dilation = cfg_get<bool>(config, "dilation", false);
-    if (cfg_has(backbone_kwargs, "output_stride")) c.dilation = cfg_get<int64_t>(backbone_kwargs, "output_stride", 0) == 16;
+    // timm's output_stride overrides dilation: 16 dilates the last stage, 32 is the plain network;
+    // 8 (two dilated stages) is not built here.
+    if (cfg_has(backbone_kwargs, "output_stride")) {
+      const int64_t output_stride = cfg_get<int64_t>(backbone_kwargs, "output_stride", 32);
+      if (output_stride != 16 && output_stride != 32)
+        throw ModelError("config.json: backbone_kwargs.output_stride " + std::to_string(output_stride) +
+                         " is not supported (16: dilated last stage, or 32)");
+      c.dilation = output_stride == 16;
+    }
     c.out_indices = cfg_get<std::vector<int>>(backbone_kwargs, "out_indices", timm_out_indices);
-    c.num_channels = cfg_get<int64_t>(backbone_kwargs, "in_chans", c.num_channels);
+    // The input channels: "in_chans" (transformers 4.x, timm's name) or "num_channels" (5.x).
+    c.num_channels = cfg_get<int64_t>(backbone_kwargs, "in_chans",
+                                      cfg_get<int64_t>(backbone_kwargs, "num_channels", c.num_channels));
     std::sort(c.out_indices.begin(), c.out_indices.end());
     return c;
   }
