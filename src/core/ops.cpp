@@ -549,6 +549,54 @@ Tensor interpolate_bilinear(const Tensor& x, int64_t oh, int64_t ow, bool align_
   return y;
 }
 
+Tensor interpolate_bicubic(const Tensor& x, int64_t oh, int64_t ow) {
+  require_f32(x, "interpolate_bicubic");
+  if (x.dim() != 4) throw Error("interpolate_bicubic expects NCHW");
+  if (oh <= 0 || ow <= 0) throw Error("interpolate_bicubic: output size must be positive");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  Tensor y = Tensor::empty({n, c, oh, ow});
+  struct Taps { int64_t i[4]; float wt[4]; };
+  auto taps = [](int64_t in, int64_t out) {
+    constexpr float A = -0.75f;
+    auto near = [&](float d) { return ((A + 2) * d - (A + 3)) * d * d + 1; };       // |d| <= 1
+    auto far = [&](float d) { return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A; };  // 1 < |d| < 2
+    std::vector<Taps> t(out);
+    const float scale = float(in) / float(out);
+    for (int64_t o = 0; o < out; ++o) {
+      const float src = scale * (o + 0.5f) - 0.5f;  // not clamped at 0 for cubic, as torch
+      const float f = std::floor(src);
+      const float d = src - f;
+      const float wt[4] = {far(d + 1), near(d), near(1 - d), far(2 - d)};
+      for (int k = 0; k < 4; ++k) {
+        t[o].i[k] = std::clamp<int64_t>(static_cast<int64_t>(f) - 1 + k, 0, in - 1);
+        t[o].wt[k] = wt[k];
+      }
+    }
+    return t;
+  };
+  const auto ty = taps(h, oh), tx = taps(w, ow);
+  const float* px = x.f32();
+  float* py = y.f32();
+#pragma omp parallel for
+  for (int64_t p = 0; p < n * c; ++p) {
+    const float* in = px + p * h * w;
+    float* out = py + p * oh * ow;
+    for (int64_t oy = 0; oy < oh; ++oy)
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const Taps &a = ty[oy], &b = tx[ox];
+        float acc = 0;
+        for (int j = 0; j < 4; ++j) {
+          const float* row = in + a.i[j] * w;
+          float r = 0;
+          for (int k = 0; k < 4; ++k) r += row[b.i[k]] * b.wt[k];
+          acc += r * a.wt[j];
+        }
+        out[oy * ow + ox] = acc;
+      }
+  }
+  return y;
+}
+
 Tensor interpolate_nearest(const Tensor& x, int64_t oh, int64_t ow) {
   // torch 'nearest': src = floor(dst * in / out) computed in float.
   require_f32(x, "interpolate_nearest");

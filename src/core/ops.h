@@ -136,6 +136,9 @@ Tensor mul_lastdim(const Tensor& x, const Tensor& gamma);
 // ---- resampling (NCHW, like torch.nn.functional.interpolate) -------------------------------------
 Tensor interpolate_bilinear(const Tensor& x, int64_t out_h, int64_t out_w, bool align_corners = false);
 Tensor interpolate_nearest(const Tensor& x, int64_t out_h, int64_t out_w);
+// torch's bicubic (align_corners=False, no antialias): Keys' cubic with A = -0.75 on the four
+// neighbours around (dst + 0.5) * in / out - 0.5, neighbour indices clamped to the border.
+Tensor interpolate_bicubic(const Tensor& x, int64_t out_h, int64_t out_w);
 
 // ---- reductions ---------------------------------------------------------------------------------
 double max_abs(const Tensor& x);

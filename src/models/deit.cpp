@@ -151,14 +151,34 @@ struct DeiTEmbeddings {
     distillation_token = w.get("distillation_token", {1, 1, C}).reshape({C});
   }
 
-  Tensor forward(const Tensor& pixel_values, const Tensor& bool_masked_pos) const {
+  // The position embeddings for an input of H x W pixels and N patches: bicubic interpolation of
+  // the patch part on its square grid (the two token rows stay), unless the patch count already
+  // matches and the input is square, as the reference's interpolate_pos_encoding.
+  Tensor interpolate_pos_encoding(int64_t N, int64_t H, int64_t W) const {
+    const int64_t num_positions = position_embeddings.size(0) - 2, C = position_embeddings.size(1);
+    if (N == num_positions && H == W) return position_embeddings;
+    const auto side = static_cast<int64_t>(std::sqrt(static_cast<double>(num_positions)));
+    if (side * side != num_positions)
+      throw ModelError("interpolate_pos_encoding: " + std::to_string(num_positions) +
+                       " position embeddings do not form a square grid");
+    const int64_t nh = H / config.patch_size_h, nw = W / config.patch_size_w;
+    Tensor grid = nhwc_to_nchw(position_embeddings.slice0(2, num_positions + 2).reshape({1, side, side, C}));
+    Tensor patch_pos = nchw_to_nhwc(interpolate_bicubic(grid, nh, nw)).reshape({nh * nw, C});
+    return cat({position_embeddings.slice0(0, 2), patch_pos}, 0);
+  }
+
+  Tensor forward(const Tensor& pixel_values, const Tensor& bool_masked_pos, bool interpolate) const {
     const int64_t H = pixel_values.size(2), W = pixel_values.size(3);
     Tensor patches = patch_embeddings.forward(pixel_values);
     // Without interpolate_pos_encoding the reference accepts only the configured size.
-    if (H != config.image_size_h || W != config.image_size_w)
+    if (!interpolate && (H != config.image_size_h || W != config.image_size_w))
       throw Error("Input image size (" + std::to_string(H) + "*" + std::to_string(W) + ") doesn't match model (" +
                   std::to_string(config.image_size_h) + "*" + std::to_string(config.image_size_w) + ").");
     const int64_t B = patches.size(0), N = patches.size(1), C = patches.size(2);
+    const Tensor position = interpolate ? interpolate_pos_encoding(N, H, W) : position_embeddings;
+    if (position.size(0) != N + 2)
+      throw Error("DeiT: " + std::to_string(N) + " patches but " + std::to_string(position.size(0) - 2) +
+                  " position embeddings");
 
     std::vector<uint8_t> masked;
     if (bool_masked_pos.defined()) {
@@ -172,7 +192,7 @@ struct DeiTEmbeddings {
     }
 
     Tensor out = Tensor::empty({B, N + 2, C});
-    const float* pos = position_embeddings.f32();
+    const float* pos = position.f32();
     const float* pe = patches.f32();
     float* o = out.f32();
 #pragma omp parallel for collapse(2) schedule(static)
@@ -339,7 +359,7 @@ class DeiTModel : public Model {
 
   Output run(const ModelInputs& in) const {
     Tensor pixel_values = checked_pixel_values(in);
-    Tensor embedding_output = embeddings_.forward(pixel_values, in.bool_masked_pos);
+    Tensor embedding_output = embeddings_.forward(pixel_values, in.bool_masked_pos, in.interpolate_pos_encoding);
     EncoderOutput enc = encoder_.forward(embedding_output, in.head_mask, in.output_hidden_states, in.output_attentions);
     Output r;
     r.last_hidden_state = layer_norm(enc.last_hidden_state, layernorm_w_, layernorm_b_, config_.layer_norm_eps);

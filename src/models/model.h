@@ -38,6 +38,7 @@ struct ModelInputs {
   std::vector<DetectionTarget> targets;  // DETR family labels
   bool output_hidden_states = false;
   bool output_attentions = false;
+  bool interpolate_pos_encoding = false;  // DeiT: bicubic position embeddings for other image sizes
 };
 
 class Model {
