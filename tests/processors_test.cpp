@@ -380,6 +380,15 @@ TEST(ProcDetr, MismatchedAnnotationsAreAnError) {
   json bad = json::array({json{{"annotations", json::array()}}});
   inputs.annotations = &bad;
   EXPECT_THROW(p->preprocess(images, inputs), Error);
+  // Integer fields: a float is truncated like Python's int(); one no int64 holds is refused.
+  for (json id : {json(1e300), json(9.3e18), json(uint64_t(1) << 63), json(-1e19)}) {
+    json huge = json::array({json{{"image_id", id}, {"annotations", json::array()}}});
+    inputs.annotations = &huge;
+    EXPECT_THROW(p->preprocess(images, inputs), Error) << id.dump();
+  }
+  json fractional = json::array({json{{"image_id", 7.9}, {"annotations", json::array()}}});
+  inputs.annotations = &fractional;
+  EXPECT_EQ(p->preprocess(images, inputs).labels.at(0).image_id.at(0), 7);
   json empty = json::array({json{{"image_id", 7}, {"annotations", json::array()}}});
   inputs.annotations = &empty;
   BatchFeature out = p->preprocess(images, inputs);

@@ -26,13 +26,15 @@ template <class T>
 struct integer_leaf<T> { using type = T; };
 template <class T> struct integer_leaf<std::vector<T>> { using type = typename integer_leaf<T>::type; };
 
+}  // namespace detail
+
 // Whether every number in `v` (recursing into arrays) converts to the integer type I without
 // leaving its range: nlohmann's get<I>() casts a float like 1e300 unchecked (undefined behaviour).
 template <class I>
-bool integers_fit(const json& v) {
+bool json_integers_fit(const json& v) {
   if (v.is_array()) {
     for (const json& e : v)
-      if (!integers_fit<I>(e)) return false;
+      if (!json_integers_fit<I>(e)) return false;
     return true;
   }
   using L = std::numeric_limits<I>;
@@ -50,15 +52,13 @@ bool integers_fit(const json& v) {
   return true;  // not a number: get<T>() reports the type mismatch
 }
 
-}  // namespace detail
-
 // v.get<T>() with a clear ModelError (naming `what`) when v holds the wrong type, or a number out of
 // the range of T's integers.
 template <class T>
 T json_to(const json& v, const std::string& what) {
   using I = typename detail::integer_leaf<T>::type;
   if constexpr (!std::is_void_v<I>) {
-    if (!detail::integers_fit<I>(v))
+    if (!json_integers_fit<I>(v))
       throw ModelError(what + " has a value out of range: " + v.dump().substr(0, 200));
   }
   try {

@@ -36,14 +36,9 @@ struct Target {
 
 int64_t json_int(const json& v, const std::string& what) {
   if (!v.is_number()) throw Error("annotation field '" + what + "' must be a number, got " + v.dump());
-  if (v.is_number_float()) {
-    const double d = v.get<double>();  // truncated like Python's int(); out of range is refused
-    if (!(d > -9.2e18 && d < 9.2e18)) throw Error("annotation field '" + what + "' is out of range: " + v.dump());
-    return static_cast<int64_t>(d);
-  }
-  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX))
-    throw Error("annotation field '" + what + "' is out of range: " + v.dump());
-  return v.get<int64_t>();
+  if (!json_integers_fit<int64_t>(v)) throw Error("annotation field '" + what + "' is out of range: " + v.dump());
+  // A float is truncated like Python's int().
+  return v.is_number_float() ? static_cast<int64_t>(v.get<double>()) : v.get<int64_t>();
 }
 
 double json_number(const json& v, const std::string& what) {
