@@ -174,12 +174,14 @@ TEST(DeformGolden, DetaOutputAttentions) {
   in.pixel_values = expected.at("pixel_values");
   in.pixel_mask = expected.at("pixel_mask");
   ModelOutput plain = model->forward(in);
-  EXPECT_FALSE(plain.has("encoder_attentions.0") || plain.has("decoder_attentions.0") || plain.has("cross_attentions.0"));
+  for (const char* name : {"encoder_attentions.0", "decoder_attentions.0", "cross_attentions.0"})
+    EXPECT_FALSE(plain.has(name)) << name;
   in.output_attentions = true;
   ModelOutput out = model->forward(in);
 
   const int64_t B = in.pixel_values.size(0), C = config["d_model"].get<int64_t>();
-  const int64_t H = config["decoder_attention_heads"].get<int64_t>(), EH = config["encoder_attention_heads"].get<int64_t>();
+  const int64_t H = config["decoder_attention_heads"].get<int64_t>();
+  const int64_t EH = config["encoder_attention_heads"].get<int64_t>();
   const int64_t NL = config["num_feature_levels"].get<int64_t>(), Q = config["num_queries"].get<int64_t>();
   const int64_t ENP = config["encoder_n_points"].get<int64_t>(), DNP = config["decoder_n_points"].get<int64_t>();
   const int64_t S = expected.at("encoder_last_hidden_state").size(1);
