@@ -251,6 +251,54 @@ TEST(CliDetect, ThresholdFilters) {
   EXPECT_TRUE(detect(p, {image}, 1.0f)[0].empty());
 }
 
+// Pretrained::run passes output_attentions to the model. Two images of different shapes make the
+// batch padded (camera 192x192 beside chelsea's 192x289): the padded keys of the second image get
+// exactly zero probability (the reference adds finfo.min before the softmax), every row sums to one.
+TEST(FrontDoor, RunReturnsDetrAttentions) {
+  Pretrained p = Pretrained::from_pretrained(test::golden_case("detr-tiny-model"));
+  std::vector<Image> images = {load_image(test::images_dir() + "/chelsea.png"),
+                               load_image(test::images_dir() + "/camera.png")};
+  ModelOutput plain = p.run(images);
+  EXPECT_FALSE(plain.has("encoder_attentions.0"));
+  ModelOutput out = p.run(images, /*output_hidden_states=*/false, /*output_attentions=*/true);
+  EXPECT_EQ(max_abs_diff(out.get("last_hidden_state"), plain.get("last_hidden_state")), 0.0);
+  const int64_t heads = p.config["encoder_attention_heads"].get<int64_t>();
+  const int64_t queries = p.config.value("num_queries", int64_t{100});
+  const Tensor& enc = out.get("encoder_attentions.0");
+  ASSERT_EQ(enc.dim(), 4);
+  const int64_t L = enc.size(3);
+  EXPECT_EQ(enc.shape(), (Shape{2, heads, L, L}));
+  EXPECT_FALSE(out.has("encoder_attentions." + std::to_string(p.config["encoder_layers"].get<int64_t>())));
+  for (int64_t layer = 0; layer < p.config["decoder_layers"].get<int64_t>(); ++layer) {
+    EXPECT_EQ(out.get("decoder_attentions." + std::to_string(layer)).shape(), (Shape{2, heads, queries, queries}));
+    EXPECT_EQ(out.get("cross_attentions." + std::to_string(layer)).shape(), (Shape{2, heads, queries, L}));
+  }
+  // Keys no row of an image attends to, per image.
+  auto dead_keys = [&](const Tensor& a, int64_t b) {
+    const int64_t rows = a.size(1) * a.size(2);
+    std::vector<int> dead;
+    for (int64_t j = 0; j < L; ++j) {
+      bool zero = true;
+      for (int64_t r = 0; r < rows && zero; ++r) zero = a.f32()[(b * rows + r) * L + j] == 0.0f;
+      if (zero) dead.push_back(static_cast<int>(j));
+    }
+    return dead;
+  };
+  const Tensor& cross = out.get("cross_attentions.0");
+  EXPECT_TRUE(dead_keys(enc, 0).empty());
+  EXPECT_FALSE(dead_keys(enc, 1).empty());
+  EXPECT_EQ(dead_keys(enc, 1), dead_keys(cross, 1));
+  for (const Tensor* a : {&enc, &cross}) {
+    double worst = 0;
+    for (int64_t r = 0; r < a->numel() / L; ++r) {
+      double s = 0;
+      for (int64_t j = 0; j < L; ++j) s += a->f32()[r * L + j];
+      worst = std::max(worst, std::fabs(s - 1));
+    }
+    EXPECT_LT(worst, 1e-5);
+  }
+}
+
 TEST(CliSegment, PanopticAndInstanceMatchReference) {
   Pretrained p = Pretrained::from_pretrained(panoptic_model_dir());
   Image image = load_image(panoptic_image());

@@ -155,5 +155,147 @@ TEST(DeformGolden, HeadsLoadFromAnyAlias) {
 
 TEST(DeformGolden, DetaTinyModel) { EXPECT_GE(test::run_golden_case("deta-tiny-model"), 5); }
 
+// output_attentions on DETA (no golden case holds them): the shapes the 4.x DetaModel returns, the
+// deformable weights summing to one per head over levels x points, and decoder layer 0 worked out
+// by hand in double from the checkpoint alone (without two-stage the decoder's first self-attention
+// and the cross-attention's weights depend only on the learned queries, not on the image):
+//   target, query_pos = query_position_embeddings split in halves (query_pos first)
+//   self-attention probs = softmax((q_proj(target + query_pos) . k_proj(target + query_pos)) / sqrt(d))
+//   h = self_attn_layer_norm(target + out_proj(probs v_proj(target)))
+//   cross weights = softmax over levels x points, per head, of attention_weights(h + query_pos).
+TEST(DeformGolden, DetaOutputAttentions) {
+  std::string dir = test::golden_case("deta-tiny-model");
+  json config = read_json_file(dir + "/config.json");
+  auto store = load_checkpoint(dir);
+  auto model = create_model(config, "DetaModel", Weights(store));
+  std::map<std::string, Tensor> expected;
+  for (auto& [n, t] : read_safetensors(dir + "/expected.safetensors")) expected[n] = t;
+  ModelInputs in;
+  in.pixel_values = expected.at("pixel_values");
+  in.pixel_mask = expected.at("pixel_mask");
+  ModelOutput plain = model->forward(in);
+  for (const char* name : {"encoder_attentions.0", "decoder_attentions.0", "cross_attentions.0"})
+    EXPECT_FALSE(plain.has(name)) << name;
+  in.output_attentions = true;
+  ModelOutput out = model->forward(in);
+
+  const int64_t B = in.pixel_values.size(0), C = config["d_model"].get<int64_t>();
+  const int64_t H = config["decoder_attention_heads"].get<int64_t>();
+  const int64_t EH = config["encoder_attention_heads"].get<int64_t>();
+  const int64_t NL = config["num_feature_levels"].get<int64_t>(), Q = config["num_queries"].get<int64_t>();
+  const int64_t ENP = config["encoder_n_points"].get<int64_t>(), DNP = config["decoder_n_points"].get<int64_t>();
+  const int64_t S = expected.at("encoder_last_hidden_state").size(1);
+  // Attentions change nothing else.
+  EXPECT_EQ(max_abs_diff(out.get("last_hidden_state"), plain.get("last_hidden_state")), 0.0);
+  EXPECT_LE(max_abs_diff(out.get("last_hidden_state"), expected.at("last_hidden_state")),
+            1e-4 * std::max(1.0, max_abs(expected.at("last_hidden_state"))));
+
+  // Each [.., levels, points] block of one head sums to one.
+  auto expect_distributions = [](const Tensor& t, int64_t n, const std::string& what) {
+    double worst = 0;
+    for (int64_t r = 0; r < t.numel() / n; ++r) {
+      double s = 0;
+      for (int64_t j = 0; j < n; ++j) s += t.f32()[r * n + j];
+      worst = std::max(worst, std::fabs(s - 1));
+    }
+    EXPECT_LT(worst, 1e-5) << what;
+  };
+  for (int64_t l = 0; l < config["encoder_layers"].get<int64_t>(); ++l) {
+    const Tensor& e = out.get("encoder_attentions." + std::to_string(l));
+    ASSERT_EQ(e.shape(), (Shape{B, S, EH, NL, ENP}));
+    expect_distributions(e, NL * ENP, "encoder_attentions");
+  }
+  const int64_t layers = config["decoder_layers"].get<int64_t>();
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor& d = out.get("decoder_attentions." + std::to_string(l));
+    const Tensor& c = out.get("cross_attentions." + std::to_string(l));
+    ASSERT_EQ(d.shape(), (Shape{B, H, Q, Q}));
+    ASSERT_EQ(c.shape(), (Shape{B, Q, H, NL, DNP}));
+    expect_distributions(d, Q, "decoder_attentions");
+    expect_distributions(c, NL * DNP, "cross_attentions");
+  }
+  EXPECT_FALSE(out.has("decoder_attentions." + std::to_string(layers)));
+  EXPECT_FALSE(out.has("encoder_attentions." + std::to_string(config["encoder_layers"].get<int64_t>())));
+
+  // Decoder layer 0 by hand.
+  auto w = [&](const std::string& n) { return *store->find("decoder.layers.0." + n); };
+  auto linear = [](const Tensor& weight, const Tensor& bias, const std::vector<double>& x, int64_t rows) {
+    const int64_t out_dim = weight.size(0), in_dim = weight.size(1);
+    std::vector<double> y(rows * out_dim);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t o = 0; o < out_dim; ++o) {
+        double acc = bias.f32()[o];
+        for (int64_t i = 0; i < in_dim; ++i) acc += weight.f32()[o * in_dim + i] * x[r * in_dim + i];
+        y[r * out_dim + o] = acc;
+      }
+    return y;
+  };
+  const Tensor& qpe = *store->find("query_position_embeddings.weight");  // [Q, 2C]
+  std::vector<double> target(Q * C), query_pos(Q * C), with_pos(Q * C);
+  for (int64_t q = 0; q < Q; ++q)
+    for (int64_t c = 0; c < C; ++c) {
+      query_pos[q * C + c] = qpe.f32()[q * 2 * C + c];
+      target[q * C + c] = qpe.f32()[q * 2 * C + C + c];
+      with_pos[q * C + c] = target[q * C + c] + query_pos[q * C + c];
+    }
+  auto qs = linear(w("self_attn.q_proj.weight"), w("self_attn.q_proj.bias"), with_pos, Q);
+  auto ks = linear(w("self_attn.k_proj.weight"), w("self_attn.k_proj.bias"), with_pos, Q);
+  auto vs = linear(w("self_attn.v_proj.weight"), w("self_attn.v_proj.bias"), target, Q);
+  const int64_t hd = C / H;
+  std::vector<double> probs(H * Q * Q), context(Q * C, 0.0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < Q; ++i) {
+      double mx = -INFINITY, sum = 0;
+      double* p = &probs[(h * Q + i) * Q];
+      for (int64_t j = 0; j < Q; ++j) {
+        double dot = 0;
+        for (int64_t e = 0; e < hd; ++e) dot += qs[i * C + h * hd + e] * ks[j * C + h * hd + e];
+        p[j] = dot / std::sqrt(double(hd));
+        mx = std::max(mx, p[j]);
+      }
+      for (int64_t j = 0; j < Q; ++j) sum += (p[j] = std::exp(p[j] - mx));
+      for (int64_t j = 0; j < Q; ++j) {
+        p[j] /= sum;
+        for (int64_t e = 0; e < hd; ++e) context[i * C + h * hd + e] += p[j] * vs[j * C + h * hd + e];
+      }
+    }
+  auto attn = linear(w("self_attn.out_proj.weight"), w("self_attn.out_proj.bias"), context, Q);
+  const Tensor lnw = w("self_attn_layer_norm.weight"), lnb = w("self_attn_layer_norm.bias");
+  std::vector<double> cross_query(Q * C);
+  for (int64_t q = 0; q < Q; ++q) {
+    double mean = 0, var = 0;
+    for (int64_t c = 0; c < C; ++c) mean += target[q * C + c] + attn[q * C + c];
+    mean /= C;
+    for (int64_t c = 0; c < C; ++c) var += std::pow(target[q * C + c] + attn[q * C + c] - mean, 2);
+    var /= C;
+    for (int64_t c = 0; c < C; ++c)
+      cross_query[q * C + c] = (target[q * C + c] + attn[q * C + c] - mean) / std::sqrt(var + 1e-5) * lnw.f32()[c] +
+                               lnb.f32()[c] + query_pos[q * C + c];
+  }
+  auto logits = linear(w("encoder_attn.attention_weights.weight"), w("encoder_attn.attention_weights.bias"),
+                       cross_query, Q);  // [Q, H * NL * DNP]
+  const int64_t n = NL * DNP;
+  std::vector<double> cross(Q * H * n);
+  for (int64_t r = 0; r < Q * H; ++r) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, logits[r * n + j]);
+    for (int64_t j = 0; j < n; ++j) sum += (cross[r * n + j] = std::exp(logits[r * n + j] - mx));
+    for (int64_t j = 0; j < n; ++j) cross[r * n + j] /= sum;
+  }
+  const Tensor& d0 = out.get("decoder_attentions.0");
+  const Tensor& c0 = out.get("cross_attentions.0");
+  double worst_self = 0, worst_cross = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < H * Q * Q; ++i)
+      worst_self = std::max(worst_self, std::fabs(d0.f32()[b * H * Q * Q + i] - probs[i]));
+    for (int64_t i = 0; i < Q * H * n; ++i)
+      worst_cross = std::max(worst_cross, std::fabs(c0.f32()[b * Q * H * n + i] - cross[i]));
+  }
+  EXPECT_LT(worst_self, 1e-5);
+  EXPECT_LT(worst_cross, 1e-5);
+  // Not a uniform distribution that any softmax would give: the weights really differ by query.
+  EXPECT_GT(std::fabs(probs[0] - probs[Q + 1]), 1e-3);
+}
+
 }  // namespace
 }  // namespace vf

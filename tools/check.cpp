@@ -140,6 +140,12 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
       in.pixel_mask = features.pixel_mask;
       if (c.spec.contains("labels")) set_labels(c.spec["labels"], in);
       if (const Tensor* m = c.find("input.bool_masked_pos")) in.bool_masked_pos = *m;
+      // case.json's output_attentions is the flag the reference ran with; older cases only show it
+      // through the attentions they hold.
+      if (c.spec.contains("output_attentions")) {
+        if (!c.spec["output_attentions"].is_boolean()) throw Error("case.json output_attentions must be true or false");
+        in.output_attentions = c.spec["output_attentions"].get<bool>();
+      }
       for (auto& [k, v] : c.expected) {
         if (k.find("hidden_states.") != std::string::npos) in.output_hidden_states = true;
         if (k.find("attentions.") != std::string::npos) in.output_attentions = true;

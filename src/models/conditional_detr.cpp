@@ -94,7 +94,8 @@ ConditionalDetrDecoderLayer::ConditionalDetrDecoderLayer(const Weights& w, const
 Tensor ConditionalDetrDecoderLayer::forward(const Tensor& hidden, const Tensor& spatial_position_embeddings,
                                             const Tensor& query_position_embeddings, const Tensor& query_sine_embed,
                                             const Tensor& encoder_hidden_states,
-                                            const Tensor& encoder_key_mask) const {
+                                            const Tensor& encoder_key_mask, Tensor* self_attn_weights,
+                                            Tensor* cross_attn_weights) const {
   const int64_t d = hidden.size(2), dh = d / num_heads_;
   // ConditionalDetrDecoderSelfAttention
   Tensor q = sa_qpos_proj_.forward(query_position_embeddings);
@@ -102,7 +103,8 @@ Tensor ConditionalDetrDecoderLayer::forward(const Tensor& hidden, const Tensor& 
   Tensor k = sa_kpos_proj_.forward(query_position_embeddings);
   k = sa_kcontent_proj_.forward(hidden, &k);
   Tensor v = sa_v_proj_.forward(hidden);
-  Tensor attn = multihead_attention(q, k, v, num_heads_, 1.0f / std::sqrt(static_cast<float>(dh)), Tensor());
+  Tensor attn = multihead_attention(q, k, v, num_heads_, 1.0f / std::sqrt(static_cast<float>(dh)), Tensor(),
+                                    self_attn_weights);
   Tensor h = self_attn_layer_norm_.forward(self_attn_out_proj_.forward(attn, &hidden));
 
   // ConditionalDetrDecoderCrossAttention
@@ -117,7 +119,7 @@ Tensor ConditionalDetrDecoderLayer::forward(const Tensor& hidden, const Tensor& 
   Tensor sine = ca_qpos_sine_proj_.forward(query_sine_embed);
   const float scaling = 1.0f / std::sqrt(static_cast<float>(2 * d / num_heads_));
   Tensor cross = multihead_attention(cat_per_head(query, sine, num_heads_), cat_per_head(key, key_pos, num_heads_),
-                                     value, num_heads_, scaling, encoder_key_mask);
+                                     value, num_heads_, scaling, encoder_key_mask, cross_attn_weights);
   Tensor c = encoder_attn_layer_norm_.forward(encoder_attn_out_proj_.forward(cross, &h));
   return final_layer_norm_.forward(mlp_.forward(c));
 }
@@ -136,7 +138,8 @@ ConditionalDetrDecoderOutput ConditionalDetrDecoder::forward(const Tensor& input
                                                              const Tensor& encoder_key_mask,
                                                              const Tensor& spatial_position_embeddings,
                                                              const Tensor& object_queries_position_embeddings,
-                                                             bool output_hidden_states) const {
+                                                             bool output_hidden_states,
+                                                             bool output_attentions) const {
   ConditionalDetrDecoderOutput out;
   out.reference_points = ref_point_head_.forward(object_queries_position_embeddings);
   sigmoid_inplace(out.reference_points);
@@ -148,9 +151,15 @@ ConditionalDetrDecoderOutput ConditionalDetrDecoder::forward(const Tensor& input
   for (size_t i = 0; i < layers_.size(); ++i) {
     // The first layer uses the sine embedding as is; later ones scale it by query_scale(h).
     Tensor query_sine_embed = i == 0 ? sine_before : mul(sine_before, query_scale_.forward(h));
+    Tensor self_weights, cross_weights;
     h = layers_[i].forward(h, spatial_position_embeddings, object_queries_position_embeddings, query_sine_embed,
-                           encoder_hidden_states, encoder_key_mask);
+                           encoder_hidden_states, encoder_key_mask, output_attentions ? &self_weights : nullptr,
+                           output_attentions ? &cross_weights : nullptr);
     if (output_hidden_states) out.hidden_states.push_back(h);
+    if (output_attentions) {
+      out.attentions.push_back(self_weights);
+      out.cross_attentions.push_back(cross_weights);
+    }
     if (auxiliary_loss_) {
       h = layernorm_.forward(h);
       intermediate.push_back(h.reshape({1, h.size(0), h.size(1), h.size(2)}));
@@ -171,16 +180,18 @@ ConditionalDetrModel::ConditionalDetrModel(const Weights& w, const ConditionalDe
       decoder_(w.pp("decoder"), cfg) {}
 
 ConditionalDetrModelOutputs ConditionalDetrModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask,
-                                                          bool output_hidden_states) const {
+                                                          bool output_hidden_states,
+                                                          bool output_attentions) const {
   ConditionalDetrModelOutputs out;
   out.front = backbone_.forward(pixel_values, pixel_mask);
   out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
-                                 out.front.spatial_position_embeddings, output_hidden_states);
+                                 out.front.spatial_position_embeddings, output_hidden_states, output_attentions);
   const int64_t B = pixel_values.size(0);
   Tensor query_pos = repeat_over_batch(query_position_embeddings_, B);
   Tensor queries = Tensor::zeros(query_pos.shape());
   out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
-                                 out.front.spatial_position_embeddings, query_pos, output_hidden_states);
+                                 out.front.spatial_position_embeddings, query_pos, output_hidden_states,
+                                 output_attentions);
   return out;
 }
 
@@ -208,7 +219,8 @@ class ConditionalDetrRunner : public Model {
   }
 
   ModelOutput forward(const ModelInputs& in) const override {
-    ConditionalDetrModelOutputs o = model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states);
+    ConditionalDetrModelOutputs o =
+        model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states, in.output_attentions);
     ModelOutput out;
     write_detr_base_outputs(o.encoder, o.decoder, out);
     if (!detection_) {

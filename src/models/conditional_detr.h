@@ -35,7 +35,8 @@ class ConditionalDetrDecoderLayer {
   ConditionalDetrDecoderLayer(const Weights& w, const ConditionalDetrConfig& cfg, bool is_first);
   Tensor forward(const Tensor& hidden, const Tensor& spatial_position_embeddings,
                  const Tensor& query_position_embeddings, const Tensor& query_sine_embed,
-                 const Tensor& encoder_hidden_states, const Tensor& encoder_key_mask) const;
+                 const Tensor& encoder_hidden_states, const Tensor& encoder_key_mask,
+                 Tensor* self_attn_weights = nullptr, Tensor* cross_attn_weights = nullptr) const;
 
  private:
   // Self-attention: content and position projections of the queries and keys are summed.
@@ -60,7 +61,7 @@ class ConditionalDetrDecoder {
   ConditionalDetrDecoderOutput forward(const Tensor& inputs_embeds, const Tensor& encoder_hidden_states,
                                        const Tensor& encoder_key_mask, const Tensor& spatial_position_embeddings,
                                        const Tensor& object_queries_position_embeddings,
-                                       bool output_hidden_states) const;
+                                       bool output_hidden_states, bool output_attentions = false) const;
 
  private:
   std::vector<ConditionalDetrDecoderLayer> layers_;
@@ -81,7 +82,7 @@ class ConditionalDetrModel {
   ConditionalDetrModel() = default;
   ConditionalDetrModel(const Weights& w, const ConditionalDetrConfig& cfg);
   ConditionalDetrModelOutputs forward(const Tensor& pixel_values, const Tensor& pixel_mask,
-                                      bool output_hidden_states) const;
+                                      bool output_hidden_states, bool output_attentions = false) const;
   const DetrConvModel& backbone() const { return backbone_; }
 
  private:

@@ -219,7 +219,8 @@ Tensor DeformableDetrMultiscaleDeformableAttention::forward(const Tensor& hidden
                                                             const Tensor& encoder_hidden_states,
                                                             const MultiScaleLayout& layout,
                                                             const Tensor& reference_points,
-                                                            const Tensor* residual) const {
+                                                            const Tensor* residual,
+                                                            Tensor* attention_weights) const {
   const int64_t B = hidden_states.size(0), Q = hidden_states.size(1);
   const int64_t S = encoder_hidden_states.size(1);
   const int64_t NH = n_heads_, NL = n_levels_, NP = n_points_, D = d_model_ / n_heads_;
@@ -274,8 +275,9 @@ Tensor DeformableDetrMultiscaleDeformableAttention::forward(const Tensor& hidden
       }
   }
 
-  Tensor out = ms_deform_attn(value.reshape({B, S, NH, D}), layout.levels, locations,
-                              weights.reshape({B, Q, NH, NL, NP}));
+  Tensor level_point_weights = weights.reshape({B, Q, NH, NL, NP});
+  Tensor out = ms_deform_attn(value.reshape({B, S, NH, D}), layout.levels, locations, level_point_weights);
+  if (attention_weights) *attention_weights = level_point_weights;
   return output_proj_.forward(out, residual);
 }
 
@@ -292,11 +294,12 @@ DeformableDetrSelfAttention::DeformableDetrSelfAttention(const Weights& w, int64
 }
 
 Tensor DeformableDetrSelfAttention::forward(const Tensor& hidden_states, const Tensor& position_embeddings,
-                                            const Tensor* residual) const {
+                                            const Tensor* residual, Tensor* attn_weights) const {
   const int64_t hd = hidden_size_ / num_heads_;
   Tensor qk_in = position_embeddings.defined() ? add(hidden_states, position_embeddings) : hidden_states;
   AttentionOptions opt;
   opt.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  opt.probs = attn_weights;
   Tensor o = multi_head_attention(q_proj_.forward(qk_in), k_proj_.forward(qk_in), v_proj_.forward(hidden_states),
                                   num_heads_, opt);
   return out_proj_.forward(o, residual);
@@ -317,9 +320,10 @@ DeformableDetrEncoderLayer::DeformableDetrEncoderLayer(const Weights& w, const D
 }
 
 Tensor DeformableDetrEncoderLayer::forward(const Tensor& hidden_states, const Tensor& position_embeddings,
-                                           const Tensor& reference_points, const MultiScaleLayout& layout) const {
+                                           const Tensor& reference_points, const MultiScaleLayout& layout,
+                                           Tensor* attn_weights) const {
   Tensor h = self_attn_.forward(hidden_states, position_embeddings, hidden_states, layout, reference_points,
-                                &hidden_states);
+                                &hidden_states, attn_weights);
   h = self_attn_layer_norm_(h);
   Tensor f = fc2_.forward(fc1_.forward(h), &h);
   return final_layer_norm_(f);
@@ -340,10 +344,12 @@ DeformableDetrDecoderLayer::DeformableDetrDecoderLayer(const Weights& w, const D
 
 Tensor DeformableDetrDecoderLayer::forward(const Tensor& hidden_states, const Tensor& position_embeddings,
                                            const Tensor& reference_points, const MultiScaleLayout& layout,
-                                           const Tensor& encoder_hidden_states) const {
-  Tensor h = self_attn_.forward(hidden_states, position_embeddings, &hidden_states);
+                                           const Tensor& encoder_hidden_states, Tensor* self_attn_weights,
+                                           Tensor* cross_attn_weights) const {
+  Tensor h = self_attn_.forward(hidden_states, position_embeddings, &hidden_states, self_attn_weights);
   h = self_attn_layer_norm_(h);
-  Tensor c = encoder_attn_.forward(h, position_embeddings, encoder_hidden_states, layout, reference_points, &h);
+  Tensor c = encoder_attn_.forward(h, position_embeddings, encoder_hidden_states, layout, reference_points, &h,
+                                   cross_attn_weights);
   c = encoder_attn_layer_norm_(c);
   Tensor f = fc2_.forward(fc1_.forward(c), &c);
   return final_layer_norm_(f);
@@ -381,13 +387,16 @@ Tensor DeformableDetrEncoder::get_reference_points(const MultiScaleLayout& layou
 }
 
 Tensor DeformableDetrEncoder::forward(const Tensor& inputs_embeds, const Tensor& position_embeddings,
-                                      const MultiScaleLayout& layout, std::vector<Tensor>* hidden_states) const {
+                                      const MultiScaleLayout& layout, std::vector<Tensor>* hidden_states,
+                                      std::vector<Tensor>* attentions) const {
   Tensor reference_points = get_reference_points(layout, inputs_embeds.size(0));
   Tensor h = inputs_embeds;
   if (hidden_states) hidden_states->push_back(h);
   for (auto& layer : layers_) {
-    h = layer.forward(h, position_embeddings, reference_points, layout);
+    Tensor weights;
+    h = layer.forward(h, position_embeddings, reference_points, layout, attentions ? &weights : nullptr);
     if (hidden_states) hidden_states->push_back(h);
+    if (attentions) attentions->push_back(weights);
   }
   return h;
 }
@@ -401,7 +410,8 @@ DeformableDetrDecoder::DeformableDetrDecoder(const Weights& w, const DeformableD
 DeformableDetrDecoderOutput DeformableDetrDecoder::forward(
     const Tensor& inputs_embeds, const Tensor& query_position_embeddings, const Tensor& encoder_hidden_states,
     const MultiScaleLayout& layout, const Tensor& reference_points_in,
-    const std::vector<DeformableDetrMLPPredictionHead>* bbox_embed, bool output_hidden_states) const {
+    const std::vector<DeformableDetrMLPPredictionHead>* bbox_embed, bool output_hidden_states,
+    bool output_attentions) const {
   DeformableDetrDecoderOutput out;
   const int64_t B = inputs_embeds.size(0), Q = inputs_embeds.size(1);
   const int64_t L = static_cast<int64_t>(layout.levels.size());
@@ -424,7 +434,14 @@ DeformableDetrDecoderOutput DeformableDetrDecoder::forward(
           for (int64_t c = 0; c < nc; ++c)
             ri[((b * Q + q) * L + l) * nc + c] = rp[(b * Q + q) * nc + c] * vr[(b * L + l) * 2 + (c % 2)];
 
-    hidden = layers_[idx].forward(hidden, query_position_embeddings, ref_input, layout, encoder_hidden_states);
+    Tensor self_weights, cross_weights;
+    hidden = layers_[idx].forward(hidden, query_position_embeddings, ref_input, layout, encoder_hidden_states,
+                                  output_attentions ? &self_weights : nullptr,
+                                  output_attentions ? &cross_weights : nullptr);
+    if (output_attentions) {
+      out.attentions.push_back(self_weights);
+      out.cross_attentions.push_back(cross_weights);
+    }
 
     if (bbox_embed) {
       // Iterative box refinement: the layer's box head moves the reference (in logit space).
@@ -462,8 +479,11 @@ void DeformableDetrModelOutput::append_to(ModelOutput& out, bool with_output_pro
   out.set("intermediate_hidden_states", intermediate_hidden_states);
   out.set("intermediate_reference_points", intermediate_reference_points);
   if (!decoder_hidden_states.empty()) out.set_list("decoder_hidden_states", decoder_hidden_states);
+  if (!decoder_attentions.empty()) out.set_list("decoder_attentions", decoder_attentions);
+  if (!cross_attentions.empty()) out.set_list("cross_attentions", cross_attentions);
   out.set("encoder_last_hidden_state", encoder_last_hidden_state);
   if (!encoder_hidden_states.empty()) out.set_list("encoder_hidden_states", encoder_hidden_states);
+  if (!encoder_attentions.empty()) out.set_list("encoder_attentions", encoder_attentions);
   if (enc_outputs_class.defined()) out.set("enc_outputs_class", enc_outputs_class);
   if (enc_outputs_coord_logits.defined()) out.set("enc_outputs_coord_logits", enc_outputs_coord_logits);
   if (with_output_proposals && output_proposals.defined()) out.set("output_proposals", output_proposals);
@@ -631,7 +651,7 @@ std::vector<std::vector<int64_t>> DeformableDetrModel::select_proposals(const Te
 }
 
 DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, const Tensor& pixel_mask_in,
-                                                   bool output_hidden_states) const {
+                                                   bool output_hidden_states, bool output_attentions) const {
   if (pixel_values.dim() != 4 || pixel_values.size(1) != cfg_.num_channels)
     throw Error(variant_.name + ": pixel_values must be [B, " + std::to_string(cfg_.num_channels) + ", H, W], got " +
                 shape_str(pixel_values.shape()));
@@ -702,7 +722,8 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
 
   DeformableDetrModelOutput out;
   Tensor memory = encoder_.forward(inputs_embeds, position_embeddings, layout,
-                                   output_hidden_states ? &out.encoder_hidden_states : nullptr);
+                                   output_hidden_states ? &out.encoder_hidden_states : nullptr,
+                                   output_attentions ? &out.encoder_attentions : nullptr);
   out.encoder_last_hidden_state = memory;
 
   // Decoder queries: two-stage proposals from the encoder, or learned queries.
@@ -741,16 +762,20 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
 
   const bool refine = cfg_.with_box_refine && heads_ && !heads_->bbox_embed.empty();
   DeformableDetrDecoderOutput dec = decoder_.forward(target, query_embed, memory, layout, reference_points,
-                                                     refine ? &heads_->bbox_embed : nullptr, output_hidden_states);
+                                                     refine ? &heads_->bbox_embed : nullptr, output_hidden_states,
+                                                     output_attentions);
   out.last_hidden_state = dec.last_hidden_state;
   out.intermediate_hidden_states = dec.intermediate_hidden_states;
   out.intermediate_reference_points = dec.intermediate_reference_points;
   out.decoder_hidden_states = std::move(dec.hidden_states);
+  out.decoder_attentions = std::move(dec.attentions);
+  out.cross_attentions = std::move(dec.cross_attentions);
   return out;
 }
 
 ModelOutput DeformableDetrModel::forward(const ModelInputs& inputs) const {
-  DeformableDetrModelOutput o = run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states);
+  DeformableDetrModelOutput o =
+      run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states, inputs.output_attentions);
   ModelOutput out;
   o.append_to(out, variant_.return_output_proposals);
   return out;
@@ -851,21 +876,14 @@ DeformableDetrForObjectDetection::DeformableDetrForObjectDetection(const Deforma
 }
 
 ModelOutput DeformableDetrForObjectDetection::forward(const ModelInputs& inputs) const {
-  DeformableDetrModelOutput o = model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states);
+  DeformableDetrModelOutput o =
+      model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states, inputs.output_attentions);
   DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o);
   ModelOutput out;
   if (!inputs.targets.empty()) deformable_detr_loss(cfg_, /*deta=*/false, p, o, inputs.targets, out);
   out.set("logits", p.outputs_class.back());
   out.set("pred_boxes", p.outputs_coord.back());
-  out.set("last_hidden_state", o.last_hidden_state);
-  if (!o.decoder_hidden_states.empty()) out.set_list("decoder_hidden_states", o.decoder_hidden_states);
-  out.set("encoder_last_hidden_state", o.encoder_last_hidden_state);
-  if (!o.encoder_hidden_states.empty()) out.set_list("encoder_hidden_states", o.encoder_hidden_states);
-  out.set("init_reference_points", o.init_reference_points);
-  out.set("intermediate_hidden_states", o.intermediate_hidden_states);
-  out.set("intermediate_reference_points", o.intermediate_reference_points);
-  if (o.enc_outputs_class.defined()) out.set("enc_outputs_class", o.enc_outputs_class);
-  if (o.enc_outputs_coord_logits.defined()) out.set("enc_outputs_coord_logits", o.enc_outputs_coord_logits);
+  o.append_to(out, /*with_output_proposals=*/false);
   return out;
 }
 

@@ -140,8 +140,11 @@ class DeformableDetrMultiscaleDeformableAttention {
                                               int64_t n_points);
   // hidden_states [B, Q, C] (+ position_embeddings) query the encoder sequence [B, S, C] around
   // reference_points [B, Q, L, 2 or 4]. Returns output_proj(...) + residual (when given).
+  // `attention_weights` (when given) receives the sampling weights [B, Q, heads, levels, points],
+  // softmaxed over levels x points per head: what the reference returns as this module's attentions.
   Tensor forward(const Tensor& hidden_states, const Tensor& position_embeddings, const Tensor& encoder_hidden_states,
-                 const MultiScaleLayout& layout, const Tensor& reference_points, const Tensor* residual) const;
+                 const MultiScaleLayout& layout, const Tensor& reference_points, const Tensor* residual,
+                 Tensor* attention_weights = nullptr) const;
 
  private:
   Linear sampling_offsets_, attention_weights_, value_proj_, output_proj_;
@@ -153,7 +156,10 @@ class DeformableDetrSelfAttention {
  public:
   DeformableDetrSelfAttention() = default;
   DeformableDetrSelfAttention(const Weights& w, int64_t hidden_size, int64_t num_heads);
-  Tensor forward(const Tensor& hidden_states, const Tensor& position_embeddings, const Tensor* residual) const;
+  // `attn_weights` (when given) receives the probabilities [B, heads, Q, Q]; otherwise the fused
+  // kernel never builds the score matrix.
+  Tensor forward(const Tensor& hidden_states, const Tensor& position_embeddings, const Tensor* residual,
+                 Tensor* attn_weights = nullptr) const;
 
  private:
   Linear q_proj_, k_proj_, v_proj_, out_proj_;
@@ -170,7 +176,7 @@ class DeformableDetrEncoderLayer {
   DeformableDetrEncoderLayer() = default;
   DeformableDetrEncoderLayer(const Weights& w, const DeformableDetrConfig& cfg);
   Tensor forward(const Tensor& hidden_states, const Tensor& position_embeddings, const Tensor& reference_points,
-                 const MultiScaleLayout& layout) const;
+                 const MultiScaleLayout& layout, Tensor* attn_weights = nullptr) const;
 
  private:
   DeformableDetrMultiscaleDeformableAttention self_attn_;
@@ -183,7 +189,8 @@ class DeformableDetrDecoderLayer {
   DeformableDetrDecoderLayer() = default;
   DeformableDetrDecoderLayer(const Weights& w, const DeformableDetrConfig& cfg);
   Tensor forward(const Tensor& hidden_states, const Tensor& position_embeddings, const Tensor& reference_points,
-                 const MultiScaleLayout& layout, const Tensor& encoder_hidden_states) const;
+                 const MultiScaleLayout& layout, const Tensor& encoder_hidden_states,
+                 Tensor* self_attn_weights = nullptr, Tensor* cross_attn_weights = nullptr) const;
 
  private:
   DeformableDetrSelfAttention self_attn_;
@@ -198,9 +205,10 @@ class DeformableDetrEncoder {
  public:
   DeformableDetrEncoder() = default;
   DeformableDetrEncoder(const Weights& w, const DeformableDetrConfig& cfg);
-  // Returns the last hidden state; `hidden_states` (when given) gets the input and every layer's output.
+  // Returns the last hidden state; `hidden_states` (when given) gets the input and every layer's
+  // output, `attentions` (when given) every layer's deformable attention weights.
   Tensor forward(const Tensor& inputs_embeds, const Tensor& position_embeddings, const MultiScaleLayout& layout,
-                 std::vector<Tensor>* hidden_states) const;
+                 std::vector<Tensor>* hidden_states, std::vector<Tensor>* attentions = nullptr) const;
   // [B, S, L, 2]: every position's centre, normalised by the valid area, seen from each level.
   static Tensor get_reference_points(const MultiScaleLayout& layout, int64_t batch);
 
@@ -213,6 +221,8 @@ struct DeformableDetrDecoderOutput {
   Tensor intermediate_hidden_states;     // [B, layers, Q, C]
   Tensor intermediate_reference_points;  // [B, layers, Q, 2 or 4]
   std::vector<Tensor> hidden_states;
+  std::vector<Tensor> attentions;        // self-attention [B, heads, Q, Q] per layer, when asked for
+  std::vector<Tensor> cross_attentions;  // deformable weights [B, Q, heads, levels, points] per layer
 };
 
 class DeformableDetrDecoder {
@@ -224,7 +234,7 @@ class DeformableDetrDecoder {
                                       const Tensor& encoder_hidden_states, const MultiScaleLayout& layout,
                                       const Tensor& reference_points,
                                       const std::vector<DeformableDetrMLPPredictionHead>* bbox_embed,
-                                      bool output_hidden_states) const;
+                                      bool output_hidden_states, bool output_attentions = false) const;
 
  private:
   std::vector<DeformableDetrDecoderLayer> layers_;
@@ -236,8 +246,11 @@ struct DeformableDetrModelOutput {
   Tensor intermediate_hidden_states;
   Tensor intermediate_reference_points;
   std::vector<Tensor> decoder_hidden_states;
+  std::vector<Tensor> decoder_attentions;  // output_attentions only (as the three lists below)
+  std::vector<Tensor> cross_attentions;
   Tensor encoder_last_hidden_state;
   std::vector<Tensor> encoder_hidden_states;
+  std::vector<Tensor> encoder_attentions;
   Tensor enc_outputs_class;         // two-stage only
   Tensor enc_outputs_coord_logits;  // two-stage only
   Tensor output_proposals;          // two-stage only (DETA returns it)
@@ -254,7 +267,8 @@ class DeformableDetrModel : public Model {
   DeformableDetrModel(const DeformableDetrConfig& cfg, const DeformableDetrVariant& variant, const Weights& w,
                       std::shared_ptr<const DeformableDetrHeads> heads);
   ModelOutput forward(const ModelInputs& inputs) const override;
-  DeformableDetrModelOutput run(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states) const;
+  DeformableDetrModelOutput run(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states,
+                                bool output_attentions = false) const;
   const DeformableDetrConfig& config() const { return cfg_; }
 
   static Tensor get_valid_ratio(const Tensor& mask);  // uint8 [B, h, w] -> [B, 2]

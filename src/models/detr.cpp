@@ -62,7 +62,7 @@ DetrCheckpointLayout detr_checkpoint_layout(const Weights& w, const std::string&
 // ---- attention ----------------------------------------------------------------------------------
 
 Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads, float scaling,
-                           const Tensor& key_mask) {
+                           const Tensor& key_mask, Tensor* attn_weights) {
   const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
   Tensor qh = permute(q.reshape({B, Lq, num_heads, dk}), {0, 2, 1, 3});
@@ -84,6 +84,8 @@ Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, in
       }
   }
   softmax_lastdim_inplace(scores);
+  // The scores are materialised here anyway: handing them out costs nothing.
+  if (attn_weights) *attn_weights = scores;
   Tensor out = matmul(scores, vh);  // [B, H, Lq, dv]
   return permute(out, {0, 2, 1, 3}).reshape({B, Lq, num_heads * dv});
 }
@@ -101,13 +103,13 @@ DetrAttention::DetrAttention(const Weights& w, int64_t d_model, int64_t num_head
 
 Tensor DetrAttention::forward(const Tensor& hidden, const Tensor& position_embeddings, const Tensor& key_value_states,
                               const Tensor& key_position_embeddings, const Tensor& key_mask,
-                              const Tensor* residual) const {
+                              const Tensor* residual, Tensor* attn_weights) const {
   const Tensor& kv = key_value_states.defined() ? key_value_states : hidden;
   const Tensor& kv_pos = key_value_states.defined() ? key_position_embeddings : position_embeddings;
   Tensor q_in = position_embeddings.defined() ? add(hidden, position_embeddings) : hidden;
   Tensor k_in = kv_pos.defined() ? (key_value_states.defined() ? add(kv, kv_pos) : q_in) : kv;
   Tensor attn = multihead_attention(q_proj_.forward(q_in), k_proj_.forward(k_in), v_proj_.forward(kv), num_heads_,
-                                    scaling_, key_mask);
+                                    scaling_, key_mask, attn_weights);
   return out_proj_.forward(attn, residual);
 }
 
@@ -128,8 +130,9 @@ DetrEncoderLayer::DetrEncoderLayer(const Weights& w, const DetrConfig& cfg)
       mlp_(w, cfg.d_model, cfg.encoder_ffn_dim, act_from_name(cfg.activation_function)) {}
 
 Tensor DetrEncoderLayer::forward(const Tensor& hidden, const Tensor& key_mask,
-                                 const Tensor& spatial_position_embeddings) const {
-  Tensor h = self_attn_.forward(hidden, spatial_position_embeddings, Tensor(), Tensor(), key_mask, &hidden);
+                                 const Tensor& spatial_position_embeddings, Tensor* attn_weights) const {
+  Tensor h = self_attn_.forward(hidden, spatial_position_embeddings, Tensor(), Tensor(), key_mask, &hidden,
+                                attn_weights);
   h = self_attn_layer_norm_.forward(h);
   return final_layer_norm_.forward(mlp_.forward(h));
 }
@@ -139,13 +142,16 @@ DetrEncoder::DetrEncoder(const Weights& w, const DetrConfig& cfg) {
 }
 
 DetrEncoderOutput DetrEncoder::forward(const Tensor& inputs_embeds, const Tensor& key_mask,
-                                       const Tensor& spatial_position_embeddings, bool output_hidden_states) const {
+                                       const Tensor& spatial_position_embeddings, bool output_hidden_states,
+                                       bool output_attentions) const {
   DetrEncoderOutput out;
   Tensor h = inputs_embeds;
   if (output_hidden_states) out.hidden_states.push_back(h);
   for (auto& layer : layers_) {
-    h = layer.forward(h, key_mask, spatial_position_embeddings);
+    Tensor weights;
+    h = layer.forward(h, key_mask, spatial_position_embeddings, output_attentions ? &weights : nullptr);
     if (output_hidden_states) out.hidden_states.push_back(h);
+    if (output_attentions) out.attentions.push_back(weights);
   }
   out.last_hidden_state = h;
   return out;
@@ -163,11 +169,13 @@ DetrDecoderLayer::DetrDecoderLayer(const Weights& w, const DetrConfig& cfg)
 
 Tensor DetrDecoderLayer::forward(const Tensor& hidden, const Tensor& spatial_position_embeddings,
                                  const Tensor& object_queries_position_embeddings,
-                                 const Tensor& encoder_hidden_states, const Tensor& encoder_key_mask) const {
-  Tensor h = self_attn_.forward(hidden, object_queries_position_embeddings, Tensor(), Tensor(), Tensor(), &hidden);
+                                 const Tensor& encoder_hidden_states, const Tensor& encoder_key_mask,
+                                 Tensor* self_attn_weights, Tensor* cross_attn_weights) const {
+  Tensor h = self_attn_.forward(hidden, object_queries_position_embeddings, Tensor(), Tensor(), Tensor(), &hidden,
+                                self_attn_weights);
   h = self_attn_layer_norm_.forward(h);
   Tensor c = encoder_attn_.forward(h, object_queries_position_embeddings, encoder_hidden_states,
-                                   spatial_position_embeddings, encoder_key_mask, &h);
+                                   spatial_position_embeddings, encoder_key_mask, &h, cross_attn_weights);
   c = encoder_attn_layer_norm_.forward(c);
   return final_layer_norm_.forward(mlp_.forward(c));
 }
@@ -180,15 +188,21 @@ DetrDecoder::DetrDecoder(const Weights& w, const DetrConfig& cfg)
 DetrDecoderOutput DetrDecoder::forward(const Tensor& inputs_embeds, const Tensor& encoder_hidden_states,
                                        const Tensor& encoder_key_mask, const Tensor& spatial_position_embeddings,
                                        const Tensor& object_queries_position_embeddings,
-                                       bool output_hidden_states) const {
+                                       bool output_hidden_states, bool output_attentions) const {
   DetrDecoderOutput out;
   Tensor h = inputs_embeds;
   std::vector<Tensor> intermediate;
   if (output_hidden_states) out.hidden_states.push_back(h);
   for (auto& layer : layers_) {
+    Tensor self_weights, cross_weights;
     h = layer.forward(h, spatial_position_embeddings, object_queries_position_embeddings, encoder_hidden_states,
-                      encoder_key_mask);
+                      encoder_key_mask, output_attentions ? &self_weights : nullptr,
+                      output_attentions ? &cross_weights : nullptr);
     if (output_hidden_states) out.hidden_states.push_back(h);
+    if (output_attentions) {
+      out.attentions.push_back(self_weights);
+      out.cross_attentions.push_back(cross_weights);
+    }
     if (auxiliary_loss_) {
       // The reference normalises the running state itself here (not a copy) when auxiliary_loss is on.
       h = layernorm_.forward(h);
@@ -244,17 +258,18 @@ DetrModel::DetrModel(const Weights& w, const DetrConfig& cfg)
       encoder_(w.pp("encoder"), cfg),
       decoder_(w.pp("decoder"), cfg) {}
 
-DetrModelOutputs DetrModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask,
-                                    bool output_hidden_states) const {
+DetrModelOutputs DetrModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states,
+                                    bool output_attentions) const {
   DetrModelOutputs out;
   out.front = backbone_.forward(pixel_values, pixel_mask);
   out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
-                                 out.front.spatial_position_embeddings, output_hidden_states);
+                                 out.front.spatial_position_embeddings, output_hidden_states, output_attentions);
   const int64_t B = pixel_values.size(0), Q = query_position_embeddings_.size(0), D = query_position_embeddings_.size(1);
   Tensor query_pos = repeat_over_batch(query_position_embeddings_, B);
   Tensor queries = Tensor::zeros({B, Q, D});
   out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
-                                 out.front.spatial_position_embeddings, query_pos, output_hidden_states);
+                                 out.front.spatial_position_embeddings, query_pos, output_hidden_states,
+                                 output_attentions);
   return out;
 }
 
@@ -267,8 +282,11 @@ Tensor repeat_over_batch(const Tensor& weight, int64_t batch) {
 void write_detr_base_outputs(const DetrEncoderOutput& encoder, const DetrDecoderOutput& decoder, ModelOutput& out) {
   out.set("last_hidden_state", decoder.last_hidden_state);
   if (!decoder.hidden_states.empty()) out.set_list("decoder_hidden_states", decoder.hidden_states);
+  if (!decoder.attentions.empty()) out.set_list("decoder_attentions", decoder.attentions);
+  if (!decoder.cross_attentions.empty()) out.set_list("cross_attentions", decoder.cross_attentions);
   out.set("encoder_last_hidden_state", encoder.last_hidden_state);
   if (!encoder.hidden_states.empty()) out.set_list("encoder_hidden_states", encoder.hidden_states);
+  if (!encoder.attentions.empty()) out.set_list("encoder_attentions", encoder.attentions);
 }
 
 // ---- heads --------------------------------------------------------------------------------------
@@ -465,7 +483,7 @@ class DetrRunner : public Model {
   }
 
   ModelOutput forward(const ModelInputs& in) const override {
-    DetrModelOutputs o = model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states);
+    DetrModelOutputs o = model_.forward(in.pixel_values, in.pixel_mask, in.output_hidden_states, in.output_attentions);
     ModelOutput out;
     write_detr_base_outputs(o.encoder, o.decoder, out);
     if (!detection_) {

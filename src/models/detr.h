@@ -56,8 +56,10 @@ DetrCheckpointLayout detr_checkpoint_layout(const Weights& w, const std::string&
 
 // softmax(q k^T * scaling + mask) v, per head. q [B, Lq, H*dk], k [B, Lk, H*dk], v [B, Lk, H*dv];
 // key_mask: uint8 [B, Lk] (1 = attend) or undefined. Returns [B, Lq, H*dv] (heads concatenated).
+// `attn_weights` (when given) receives the probabilities [B, H, Lq, Lk], as the reference returns
+// them with output_attentions (after the softmax; dropout is a no-op at inference).
 Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads, float scaling,
-                           const Tensor& key_mask);
+                           const Tensor& key_mask, Tensor* attn_weights = nullptr);
 
 // DetrAttention: q_proj, k_proj, v_proj, out_proj. Position embeddings are added to the queries'
 // and keys' inputs, never to the values'.
@@ -67,9 +69,10 @@ class DetrAttention {
   DetrAttention(const Weights& w, int64_t d_model, int64_t num_heads);
   // hidden [B, Lq, D] (+ position_embeddings); key_value_states [B, Lk, D] (+ key_position_embeddings)
   // for cross-attention, undefined for self-attention. `residual` (same shape as the output) is
-  // added after out_proj.
+  // added after out_proj. `attn_weights`: see multihead_attention.
   Tensor forward(const Tensor& hidden, const Tensor& position_embeddings, const Tensor& key_value_states,
-                 const Tensor& key_position_embeddings, const Tensor& key_mask, const Tensor* residual) const;
+                 const Tensor& key_position_embeddings, const Tensor& key_mask, const Tensor* residual,
+                 Tensor* attn_weights = nullptr) const;
 
  private:
   Linear q_proj_, k_proj_, v_proj_, out_proj_;
@@ -99,7 +102,8 @@ class DetrEncoderLayer {
  public:
   DetrEncoderLayer() = default;
   DetrEncoderLayer(const Weights& w, const DetrConfig& cfg);
-  Tensor forward(const Tensor& hidden, const Tensor& key_mask, const Tensor& spatial_position_embeddings) const;
+  Tensor forward(const Tensor& hidden, const Tensor& key_mask, const Tensor& spatial_position_embeddings,
+                 Tensor* attn_weights = nullptr) const;
 
  private:
   DetrAttention self_attn_;
@@ -110,6 +114,7 @@ class DetrEncoderLayer {
 struct DetrEncoderOutput {
   Tensor last_hidden_state;                // [B, hw, D]
   std::vector<Tensor> hidden_states;       // input + each layer's output, when asked for
+  std::vector<Tensor> attentions;          // each layer's self-attention [B, heads, hw, hw], when asked for
 };
 
 class DetrEncoder {
@@ -117,7 +122,8 @@ class DetrEncoder {
   DetrEncoder() = default;
   DetrEncoder(const Weights& w, const DetrConfig& cfg);
   DetrEncoderOutput forward(const Tensor& inputs_embeds, const Tensor& key_mask,
-                            const Tensor& spatial_position_embeddings, bool output_hidden_states) const;
+                            const Tensor& spatial_position_embeddings, bool output_hidden_states,
+                            bool output_attentions = false) const;
 
  private:
   std::vector<DetrEncoderLayer> layers_;
@@ -131,7 +137,8 @@ class DetrDecoderLayer {
   DetrDecoderLayer(const Weights& w, const DetrConfig& cfg);
   Tensor forward(const Tensor& hidden, const Tensor& spatial_position_embeddings,
                  const Tensor& object_queries_position_embeddings, const Tensor& encoder_hidden_states,
-                 const Tensor& encoder_key_mask) const;
+                 const Tensor& encoder_key_mask, Tensor* self_attn_weights = nullptr,
+                 Tensor* cross_attn_weights = nullptr) const;
 
  private:
   DetrAttention self_attn_, encoder_attn_;
@@ -143,6 +150,8 @@ struct DetrDecoderOutput {
   Tensor last_hidden_state;                // [B, Q, D], after the decoder's layernorm
   std::vector<Tensor> hidden_states;       // input + each layer's output (the last one normalised)
   Tensor intermediate_hidden_states;       // [layers, B, Q, D] when config.auxiliary_loss
+  std::vector<Tensor> attentions;          // per layer, when asked for: self-attention [B, heads, Q, Q]
+  std::vector<Tensor> cross_attentions;    // and cross-attention over the encoder [B, heads, Q, hw]
 };
 
 class DetrDecoder {
@@ -151,7 +160,8 @@ class DetrDecoder {
   DetrDecoder(const Weights& w, const DetrConfig& cfg);
   DetrDecoderOutput forward(const Tensor& inputs_embeds, const Tensor& encoder_hidden_states,
                             const Tensor& encoder_key_mask, const Tensor& spatial_position_embeddings,
-                            const Tensor& object_queries_position_embeddings, bool output_hidden_states) const;
+                            const Tensor& object_queries_position_embeddings, bool output_hidden_states,
+                            bool output_attentions = false) const;
 
  private:
   std::vector<DetrDecoderLayer> layers_;
@@ -194,8 +204,9 @@ struct DetrModelOutputs {
   DetrDecoderOutput decoder;
 };
 
-// The base model's named outputs, as the goldens flatten them: last_hidden_state,
-// encoder_last_hidden_state, decoder_hidden_states.N, encoder_hidden_states.N.
+// The base model's named outputs, as the goldens flatten them, in the reference's order:
+// last_hidden_state, decoder_hidden_states.N, decoder_attentions.N, cross_attentions.N,
+// encoder_last_hidden_state, encoder_hidden_states.N, encoder_attentions.N (the lists when asked for).
 void write_detr_base_outputs(const DetrEncoderOutput& encoder, const DetrDecoderOutput& decoder, ModelOutput& out);
 
 // weight [Q, D] repeated over the batch -> [batch, Q, D] (query_position_embeddings.weight.repeat).
@@ -205,7 +216,8 @@ class DetrModel {
  public:
   DetrModel() = default;
   DetrModel(const Weights& w, const DetrConfig& cfg);
-  DetrModelOutputs forward(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states) const;
+  DetrModelOutputs forward(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states,
+                           bool output_attentions = false) const;
   const DetrConvModel& backbone() const { return backbone_; }
 
  private:
