@@ -149,6 +149,10 @@ TEST(CliBatch, WriteFileAtomicallyReplacesEvenALink) {
   EXPECT_FALSE(fs::is_symlink(target));
   EXPECT_EQ(test::read_bytes(target), "third");
   EXPECT_EQ(test::read_bytes(elsewhere), "keep");
+  {
+    cli::AtomicFile never(dir + "/never.json");  // not committed: removed
+  }
+  EXPECT_FALSE(fs::exists(dir + "/never.json"));
   // Nothing else is left in the folder.
   size_t files = 0;
   for (auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
@@ -367,9 +371,16 @@ TEST(CliBatchVf, UnreadableImageStopsOrIsSkipped) {
   EXPECT_NE(r.err.find("no image files"), std::string::npos) << r.err;
 }
 
-TEST(CliBatchVf, BatchSizeIsChecked) {
+TEST(CliBatchVf, BadOptionsStopBeforeAnyImage) {
   const std::string scratch = fresh_dir("batch_vf_usage");
   const std::string model = test::golden_case("deformable-detr-tiny-det");
   EXPECT_EQ(test::run_vf({"detect", model, image("rocket.jpg"), "--batch-size", "0"}, scratch).rc, 64);
   EXPECT_EQ(test::run_vf({"detect", model, image("rocket.jpg"), "--json", "--jsonl"}, scratch).rc, 64);
+  // A results file that cannot be created: the run stops before the first image.
+  test::CommandResult r =
+      test::run_vf({"detect", model, image("rocket.jpg"), "--jsonl", "--coco-results", scratch + "/no/such/r.json"},
+                   scratch);
+  EXPECT_EQ(r.rc, 70);
+  EXPECT_TRUE(r.out.empty()) << r.out;
+  EXPECT_NE(r.err.find(scratch + "/no/such/r.json"), std::string::npos) << r.err;
 }

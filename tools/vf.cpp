@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "batch.h"
@@ -116,6 +117,8 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
   auto p = vf::Pretrained::from_pretrained(model_dir);
   const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
   const std::vector<int64_t> image_ids = vf::cli::coco_image_ids(paths);
+  std::optional<vf::cli::AtomicFile> coco_file;
+  if (!coco_path.empty()) coco_file.emplace(coco_path);
   nlohmann::ordered_json coco = nlohmann::ordered_json::array();
   int rc = run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
                                     Results& out) {
@@ -149,7 +152,7 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
       out.add(n, std::move(one), text);
     }
   });
-  if (!coco_path.empty()) vf::cli::write_file_atomically(coco_path, coco.dump() + "\n");
+  if (coco_file) coco_file->commit(coco.dump() + "\n");
   return rc;
 }
 
