@@ -6,6 +6,7 @@
 #include <cmath>
 #include <climits>
 #include <filesystem>
+#include <functional>
 #include <set>
 
 #include "io/checkpoint.h"
@@ -40,37 +41,84 @@ Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string
   return p;
 }
 
-ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden_states, bool output_attentions) const {
-  if (!processor) throw Error(dir + ": no preprocessor_config.json");
-  BatchFeature f = processor->preprocess(images);
+namespace {
+
+ModelOutput forward(const Pretrained& p, const Tensor& pixel_values, const Tensor& pixel_mask,
+                    bool output_hidden_states = false, bool output_attentions = false) {
   ModelInputs in;
-  in.pixel_values = f.pixel_values;
-  in.pixel_mask = f.pixel_mask;
+  in.pixel_values = pixel_values;
+  in.pixel_mask = pixel_mask;
   in.output_hidden_states = output_hidden_states;
   in.output_attentions = output_attentions;
-  return model->forward(in);
+  return p.model->forward(in);
 }
 
-std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k) {
-  ModelOutput out = p.run(images);
-  if (!out.has("logits")) throw ModelError(p.model->architecture + " has no classification head (no logits)");
-  const Tensor& logits = out.get("logits");
-  int64_t n = logits.size(0), c = logits.size(-1);
-  std::vector<std::vector<LabelScore>> result(n);
-  for (int64_t b = 0; b < n; ++b) {
-    const float* z = logits.f32() + b * c;
-    float m = *std::max_element(z, z + c);
-    double s = 0;
-    for (int64_t k = 0; k < c; ++k) s += std::exp(double(z[k]) - m);
-    std::vector<LabelScore> all;
-    for (int64_t k = 0; k < c; ++k) {
-      std::string label = k < int64_t(p.model->id2label.size()) ? p.model->id2label[k] : "LABEL_" + std::to_string(k);
-      all.push_back({label, float(std::exp(double(z[k]) - m) / s)});
+const ImageProcessor& processor_of(const Pretrained& p) {
+  if (!p.processor) throw Error(p.dir + ": no preprocessor_config.json");
+  return *p.processor;
+}
+
+// Runs the images `batch_size` at a time (<= 0: all at once). Each image is processed alone and
+// images of one processed size share a forward, unpadded: padding a DETR-family batch changes its
+// outputs (the backbone's borders see the padding, Deformable DETR's / DETA's input GroupNorm
+// averages over it), while the pipelines run every image alone. `use` gets each forward's output
+// and its images' indices, increasing within a forward.
+void run_unpadded(const Pretrained& p, const std::vector<Image>& images, int batch_size,
+                  const std::function<void(const ModelOutput&, const std::vector<size_t>&)>& use) {
+  const ImageProcessor& processor = processor_of(p);
+  const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
+  for (size_t begin = 0; begin < images.size(); begin += step) {
+    const size_t end = std::min(images.size(), begin + step);
+    std::vector<BatchFeature> features;
+    for (size_t i = begin; i < end; ++i) features.push_back(processor.preprocess({images[i]}));
+    std::vector<bool> done(features.size(), false);
+    for (size_t first = 0; first < features.size(); ++first) {
+      if (done[first]) continue;
+      std::vector<size_t> indices;
+      std::vector<Tensor> values, masks;
+      for (size_t j = first; j < features.size(); ++j) {
+        if (done[j] || features[j].pixel_values.shape() != features[first].pixel_values.shape()) continue;
+        done[j] = true;
+        indices.push_back(begin + j);
+        values.push_back(features[j].pixel_values);
+        if (features[j].pixel_mask.defined()) masks.push_back(features[j].pixel_mask);
+      }
+      const bool one = values.size() == 1;
+      use(forward(p, one ? values[0] : cat(values, 0), masks.empty() ? Tensor() : one ? masks[0] : cat(masks, 0)),
+          indices);
     }
-    std::stable_sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.score > b.score; });
-    all.resize(std::min<size_t>(all.size(), std::max(top_k, 0)));
-    result[b] = std::move(all);
   }
+}
+
+}  // namespace
+
+ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden_states, bool output_attentions) const {
+  BatchFeature f = processor_of(*this).preprocess(images);
+  return forward(*this, f.pixel_values, f.pixel_mask, output_hidden_states, output_attentions);
+}
+
+std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k,
+                                              int batch_size) {
+  std::vector<std::vector<LabelScore>> result(images.size());
+  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+    if (!out.has("logits")) throw ModelError(p.model->architecture + " has no classification head (no logits)");
+    const Tensor& logits = out.get("logits");
+    const int64_t c = logits.size(-1);
+    for (size_t b = 0; b < indices.size(); ++b) {
+      const float* z = logits.f32() + static_cast<int64_t>(b) * c;
+      float m = *std::max_element(z, z + c);
+      double s = 0;
+      for (int64_t k = 0; k < c; ++k) s += std::exp(double(z[k]) - m);
+      std::vector<LabelScore> all;
+      for (int64_t k = 0; k < c; ++k) {
+        std::string label = k < int64_t(p.model->id2label.size()) ? p.model->id2label[k] : "LABEL_" + std::to_string(k);
+        all.push_back({label, float(std::exp(double(z[k]) - m) / s)});
+      }
+      std::stable_sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.score > b.score; });
+      all.resize(std::min<size_t>(all.size(), std::max(top_k, 0)));
+      result[indices[b]] = std::move(all);
+    }
+  });
   return result;
 }
 
@@ -96,68 +144,79 @@ const Tensor& require_output(const Pretrained& p, const ModelOutput& out, const 
 
 }  // namespace
 
-std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images, float threshold) {
+std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images, float threshold,
+                                                int batch_size) {
   const DetrPostKind kind = detr_post_kind(p.model->model_type);
-  std::vector<std::vector<DetectedObject>> result;
-  result.reserve(images.size());
-  for (const Image& image : images) {
-    ModelOutput out = p.run({image});
+  std::vector<std::vector<DetectedObject>> result(images.size());
+  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
     ObjectDetectionOptions opt;
     opt.threshold = threshold;
-    opt.target_sizes = {{image.height, image.width}};
+    for (size_t i : indices) opt.target_sizes.push_back({images[i].height, images[i].width});
     const Tensor& logits = require_output(p, out, "logits", "not an object detection model");
     const Tensor& pred_boxes = require_output(p, out, "pred_boxes", "not an object detection model");
-    Detections d = post_process_object_detection(kind, logits, pred_boxes, opt)[0];
-    const int64_t n = d.scores.numel();
-    const float* scores = d.scores.f32();
-    const int64_t* labels = d.labels.data<int64_t>();
-    const float* boxes = d.boxes.f32();
-    std::vector<DetectedObject> objects(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      DetectedObject& o = objects[i];
-      o.score = scores[i];
-      o.label_id = labels[i];
-      o.label = label_name(p, o.label_id);
-      o.x0 = boxes[4 * i];
-      o.y0 = boxes[4 * i + 1];
-      o.x1 = boxes[4 * i + 2];
-      o.y1 = boxes[4 * i + 3];
-      o.box = {to_int32(o.x0), to_int32(o.y0), to_int32(o.x1), to_int32(o.y1)};
+    const std::vector<Detections> all = post_process_object_detection(kind, logits, pred_boxes, opt);
+    for (size_t b = 0; b < indices.size(); ++b) {
+      const Detections& d = all[b];
+      const int64_t n = d.scores.numel();
+      const float* scores = d.scores.f32();
+      const int64_t* labels = d.labels.data<int64_t>();
+      const float* boxes = d.boxes.f32();
+      std::vector<DetectedObject> objects(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        DetectedObject& o = objects[i];
+        o.score = scores[i];
+        o.label_id = labels[i];
+        o.label = label_name(p, o.label_id);
+        o.x0 = boxes[4 * i];
+        o.y0 = boxes[4 * i + 1];
+        o.x1 = boxes[4 * i + 2];
+        o.y1 = boxes[4 * i + 3];
+        o.box = {to_int32(o.x0), to_int32(o.y0), to_int32(o.x1), to_int32(o.y1)};
+      }
+      result[indices[b]] = std::move(objects);
     }
-    result.push_back(std::move(objects));
-  }
+  });
   return result;
 }
 
-SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params) {
+namespace {
+
+void check_segmentation(const Pretrained& p, const SegmentParams& params, DetrPostKind kind) {
   const std::string& task = params.task;
   if (task != "panoptic" && task != "instance" && task != "semantic")
     throw Error("segmentation task '" + task + "': expected panoptic, instance or semantic");
-  const DetrPostKind kind = detr_post_kind(p.model->model_type);
   if (kind != DetrPostKind::Detr && kind != DetrPostKind::ConditionalDetr)
     throw ModelError(p.dir + ": " + p.model->model_type +
                 " has no segmentation post-processing (DETR and Conditional DETR segmentation models do)");
-  ModelOutput out = p.run({image});
+}
+
+// The post-processing of one forward's images.
+std::vector<SegmentedImage> segment_output(const Pretrained& p, DetrPostKind kind, const SegmentParams& params,
+                                           const ModelOutput& out, const std::vector<const Image*>& images) {
   const char* what = "not a segmentation model: use a DetrForSegmentation / ConditionalDetrForSegmentation checkpoint";
   const Tensor& logits = require_output(p, out, "logits", what);
   const Tensor& pred_masks = require_output(p, out, "pred_masks", what);
-  const std::vector<TargetSize> target_sizes = {{image.height, image.width}};
+  std::vector<TargetSize> target_sizes;
+  for (const Image* image : images) target_sizes.push_back({image->height, image->width});
 
-  SegmentedImage seg;
-  if (task == "semantic") {
-    Tensor classes = post_process_semantic_segmentation(kind, logits, pred_masks, target_sizes)[0];
-    seg.map = classes.to(DType::I32);
-    std::set<int64_t> present;  // np.unique: sorted
-    const int64_t* c = classes.data<int64_t>();
-    for (int64_t i = 0, n = classes.numel(); i < n; ++i) present.insert(c[i]);
-    for (int64_t id : present) {
-      Segment s;
-      s.id = id;
-      s.label_id = id;
-      s.label = label_name(p, id);
-      seg.segments.push_back(std::move(s));
+  std::vector<SegmentedImage> result(images.size());
+  if (params.task == "semantic") {
+    std::vector<Tensor> maps = post_process_semantic_segmentation(kind, logits, pred_masks, target_sizes);
+    for (size_t b = 0; b < maps.size(); ++b) {
+      SegmentedImage& seg = result[b];
+      seg.map = maps[b].to(DType::I32);
+      std::set<int64_t> present;  // np.unique: sorted
+      const int64_t* c = maps[b].data<int64_t>();
+      for (int64_t i = 0, n = maps[b].numel(); i < n; ++i) present.insert(c[i]);
+      for (int64_t id : present) {
+        Segment s;
+        s.id = id;
+        s.label_id = id;
+        s.label = label_name(p, id);
+        seg.segments.push_back(std::move(s));
+      }
     }
-    return seg;
+    return result;
   }
 
   SegmentationOptions opt;
@@ -165,19 +224,44 @@ SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentPar
   opt.mask_threshold = params.mask_threshold;
   opt.overlap_mask_area_threshold = params.overlap_mask_area_threshold;
   opt.target_sizes = target_sizes;
-  SegmentationResult r = task == "panoptic" ? post_process_panoptic_segmentation(kind, logits, pred_masks, opt)[0]
-                                            : post_process_instance_segmentation(kind, logits, pred_masks, opt)[0];
-  seg.map = r.segmentation.dtype() == DType::I32 ? r.segmentation : r.segmentation.to(DType::I32);
-  for (const SegmentInfo& info : r.segments_info) {
-    Segment s;
-    s.id = info.id;
-    s.label_id = info.label_id;
-    s.label = label_name(p, info.label_id);
-    s.score = info.score;
-    s.was_fused = info.was_fused;
-    seg.segments.push_back(std::move(s));
+  std::vector<SegmentationResult> rs = params.task == "panoptic"
+                                           ? post_process_panoptic_segmentation(kind, logits, pred_masks, opt)
+                                           : post_process_instance_segmentation(kind, logits, pred_masks, opt);
+  for (size_t b = 0; b < rs.size(); ++b) {
+    SegmentedImage& seg = result[b];
+    const SegmentationResult& r = rs[b];
+    seg.map = r.segmentation.dtype() == DType::I32 ? r.segmentation : r.segmentation.to(DType::I32);
+    for (const SegmentInfo& info : r.segments_info) {
+      Segment s;
+      s.id = info.id;
+      s.label_id = info.label_id;
+      s.label = label_name(p, info.label_id);
+      s.score = info.score;
+      s.was_fused = info.was_fused;
+      seg.segments.push_back(std::move(s));
+    }
   }
-  return seg;
+  return result;
+}
+
+}  // namespace
+
+std::vector<SegmentedImage> segment(const Pretrained& p, const std::vector<Image>& images, const SegmentParams& params,
+                                    int batch_size) {
+  const DetrPostKind kind = detr_post_kind(p.model->model_type);
+  check_segmentation(p, params, kind);
+  std::vector<SegmentedImage> result(images.size());
+  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+    std::vector<const Image*> batch;
+    for (size_t i : indices) batch.push_back(&images[i]);
+    std::vector<SegmentedImage> segs = segment_output(p, kind, params, out, batch);
+    for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(segs[b]);
+  });
+  return result;
+}
+
+SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params) {
+  return std::move(segment(p, std::vector<Image>{image}, params, 1)[0]);
 }
 
 SegmentedImage segment(const Pretrained& p, const Image& image, const std::string& task, double threshold) {

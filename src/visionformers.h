@@ -36,14 +36,23 @@ struct Pretrained {
                   bool output_attentions = false) const;
 };
 
+// Batches (classify, detect, segment): the images are taken `batch_size` at a time, each is
+// processed alone, and those of one processed size share a forward; images of different sizes run
+// in separate forwards, never padded to one size. So every image's results are those of a run of it
+// alone, as the pipelines run images: a padded DETR-family batch (Pretrained::run on images of
+// several sizes, as the processor pads them) changes the outputs of its padded images, since the
+// backbone's borders see the padding and Deformable DETR's / DETA's input GroupNorm averages over it
+// (as the reference computes them; on the tiny test models by up to 2e-2 in score).
+
 struct LabelScore {
   std::string label;
   float score;
 };
 
 // Softmax over the logits (a DeiT-with-teacher's averaged logits too), the top k per image, as
-// transformers' image-classification pipeline.
-std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k = 5);
+// transformers' image-classification pipeline. Batches: see "Batches" above (0: all at once).
+std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k = 5,
+                                              int batch_size = 0);
 
 // ---- object detection (DETR family), as transformers' object-detection pipeline ----------------
 
@@ -61,12 +70,12 @@ struct DetectedObject {
   float x0 = 0, y0 = 0, x1 = 0, y1 = 0;  // the exact corners before truncation
 };
 
-// Per image, the detections scoring above `threshold`, best first. Each image runs alone (batch of
-// one, no padding), as the pipeline does, and goes through its model_type's post_process_object_detection
-// (detr: softmax; conditional_detr / deformable_detr: sigmoid top-100; deta: sigmoid top-10k + NMS 0.7)
-// with target_sizes = the image's own size.
+// Per image, the detections scoring above `threshold`, best first, through its model_type's
+// post_process_object_detection (detr: softmax; conditional_detr / deformable_detr: sigmoid top-100;
+// deta: sigmoid top-10k + NMS 0.7) with target_sizes = each image's own size. Batches: see
+// "Batches" above (the default, 1, runs each image alone as the pipeline does; 0: all at once).
 std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images,
-                                                float threshold = 0.5f);
+                                                float threshold = 0.5f, int batch_size = 1);
 
 // ---- segmentation (DetrForSegmentation, ConditionalDetrForSegmentation), as the image-segmentation
 // pipeline --------------------------------------------------------------------------------------
@@ -97,6 +106,10 @@ struct SegmentParams {
 // The pipeline's post-processing of one image: post_process_{panoptic,instance,semantic}_segmentation
 // with target_sizes = the image size; segments in the reference's order (semantic: increasing class).
 SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params = {});
+// The same for each image (batches: see "Batches" above; 0: all at once). A padded batch would be
+// worse here: the reference resizes a padded image's whole mask, padding included, to its size.
+std::vector<SegmentedImage> segment(const Pretrained& p, const std::vector<Image>& images,
+                                    const SegmentParams& params = {}, int batch_size = 1);
 SegmentedImage segment(const Pretrained& p, const Image& image, const std::string& task, double threshold = 0.9);
 
 }  // namespace vf

@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "io/synthetic.h"
 #include "test_util.h"
+#include "vf_binary.h"
 #include "visionformers.h"
 
 using namespace vf;
@@ -23,31 +24,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct CommandResult {
-  int rc = -1;
-  std::string out, err;
-};
-
-
-std::string quoted(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-// Runs the built `vf` with these arguments; stdout and stderr are captured through files.
-CommandResult run_vf(const std::vector<std::string>& args, const std::string& scratch) {
-  std::string cmd = quoted(VF_VF_BINARY);
-  for (auto& a : args) cmd += " " + quoted(a);
-  const std::string out = scratch + "/stdout.txt", err = scratch + "/stderr.txt";
-  cmd += " >" + quoted(out) + " 2>" + quoted(err);
-  CommandResult r;
-  int status = std::system(cmd.c_str());
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = test::read_bytes(out);
-  r.err = test::read_bytes(err);
-  return r;
-}
+using test::CommandResult;
+using test::run_vf;
 
 // The case's image that is largest in both dimensions: the reference's batch leaves it unpadded,
 // so its results equal a run of the image alone (what vf::detect does).
@@ -560,4 +538,51 @@ TEST(CliVf, ClassifyAppliesExifOrientation) {
   }
   EXPECT_LT(max_diff_upright, 1e-6f);
   EXPECT_GT(max_diff_sideways, max_diff_upright);  // the orientation matters to the scores at all
+}
+
+// Several images (a folder): one JSONL line each, each equal to a one-image run, in batches that
+// put the two images of one size in one forward; the colour maps OUT-<n>.png, masks OUT-<n>-<i>.png.
+TEST(CliVf, SegmentFolderInBatches) {
+  const std::string scratch = test::temp_dir("cli_segment_folder");
+  fs::remove_all(scratch + "/in");
+  fs::create_directories(scratch + "/in");
+  const Image chelsea = load_image(panoptic_image(), true);
+  Image flipped = chelsea;  // upside down: same size, other pixels
+  const size_t row = static_cast<size_t>(chelsea.width) * 3;
+  for (int64_t y = 0; y < chelsea.height; ++y)
+    std::copy_n(chelsea.rgb.begin() + (chelsea.height - 1 - y) * row, row, flipped.rgb.begin() + y * row);
+  save_png(scratch + "/in/a.png", chelsea);
+  save_png(scratch + "/in/b.png", flipped);
+  fs::copy_file(test::images_dir() + "/rocket.jpg", scratch + "/in/c.jpg", fs::copy_options::overwrite_existing);
+  const std::string model = panoptic_model_dir();
+  CommandResult r = run_vf({"segment", model, scratch + "/in", "--task", "panoptic", "--threshold", "0",
+                            "--overlap-mask-area-threshold", "0.05", "--batch-size", "3", "--jsonl", "--out",
+                            scratch + "/seg.png"},
+                           scratch);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  std::vector<json> lines;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) lines.push_back(parse_json_text(line, "vf segment --jsonl"));
+  ASSERT_EQ(lines.size(), 3u) << r.out;
+
+  Pretrained p = Pretrained::from_pretrained(model);
+  SegmentParams sp;
+  sp.threshold = 0;
+  sp.overlap_mask_area_threshold = 0.05;
+  const std::vector<std::string> names = {"a.png", "b.png", "c.jpg"};
+  for (size_t n = 0; n < 3; ++n) {
+    EXPECT_EQ(lines[n]["path"], scratch + "/in/" + names[n]);
+    const Image image = load_image(scratch + "/in/" + names[n], true);
+    const SegmentedImage alone = segment(p, image, sp);
+    const json& got = lines[n]["result"];
+    ASSERT_EQ(got.size(), alone.segments.size()) << names[n];
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i]["label"], alone.segments[i].label);
+      EXPECT_NEAR(got[i]["score"].get<double>(), *alone.segments[i].score, 1e-4);
+      const std::string mask = scratch + "/seg-" + std::to_string(n) + "-" + std::to_string(i) + ".png";
+      EXPECT_EQ(got[i]["mask"], mask);
+      EXPECT_EQ(load_image(mask).width, image.width);
+    }
+    EXPECT_EQ(load_image(scratch + "/seg-" + std::to_string(n) + ".png").height, image.height);
+  }
 }

@@ -1,11 +1,16 @@
 // vf: the command-line front end. Each subcommand is a thin wrapper over the library.
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <iostream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
+#include "batch.h"
 #include "check.h"
 #include "core/ops.h"
 #include "exit_codes.h"
@@ -14,27 +19,84 @@
 
 namespace {
 
-int cmd_classify(const std::string& model_dir, const std::vector<std::string>& images, int top_k, bool as_json) {
-  auto p = vf::Pretrained::from_pretrained(model_dir);
-  std::vector<vf::Image> imgs;
-  // Like the pipelines' load_image: EXIF orientation applied (ImageOps.exif_transpose).
-  for (auto& path : images) imgs.push_back(vf::load_image(path, /*apply_exif_orientation=*/true));
-  auto results = vf::classify(p, imgs, top_k);
-  if (as_json) {
-    nlohmann::json all = nlohmann::json::array();
-    for (auto& r : results) {
-      nlohmann::json one = nlohmann::json::array();
-      for (auto& ls : r) one.push_back({{"label", ls.label}, {"score", ls.score}});
-      all.push_back(one);
-    }
-    std::cout << (results.size() == 1 ? all[0] : all).dump(2) << "\n";
-  } else {
-    for (size_t i = 0; i < results.size(); ++i) {
-      std::printf("%s\n", images[i].c_str());
-      for (auto& ls : results[i]) std::printf("  %8.5f  %s\n", ls.score, ls.label.c_str());
-    }
+// What classify, detect and segment share: their images and how results come out.
+struct RunOptions {
+  std::vector<std::string> inputs;  // image files and folders
+  int batch_size = 1;
+  bool json = false, jsonl = false, keep_going = false;
+};
+
+// Results in the chosen format, image by image as batches finish: text lines, one JSONL line
+// {"path", "result"} each, or (--json) one document at the end — a list with null for a skipped
+// image, or the bare result when a single image file was given.
+class Results {
+ public:
+  Results(const RunOptions& o, const std::vector<std::string>& paths)
+      : o_(o), paths_(paths), collected_(paths.size()),
+        bare_(o.inputs.size() == 1 && paths.size() == 1 && !std::filesystem::is_directory(o.inputs[0])) {}
+
+  void add(size_t index, nlohmann::ordered_json result, const std::string& text) {
+    if (o_.jsonl)
+      std::cout << nlohmann::ordered_json{{"path", paths_[index]}, {"result", std::move(result)}}.dump() << "\n";
+    else if (o_.json)
+      collected_[index] = std::move(result);
+    else
+      std::cout << text;
   }
-  return 0;
+  void end_batch() { std::cout.flush(); }
+  void finish() {
+    if (!o_.json) return;
+    nlohmann::ordered_json all = nlohmann::ordered_json::array();
+    for (auto& r : collected_) all.push_back(std::move(r));
+    std::cout << (bare_ ? all[0] : all).dump(2) << "\n";
+  }
+
+ private:
+  const RunOptions& o_;
+  const std::vector<std::string>& paths_;
+  std::vector<nlohmann::ordered_json> collected_;  // null until an image has a result
+  bool bare_;
+};
+
+using ProcessFn = std::function<void(const std::vector<size_t>&, const std::vector<vf::Image>&, Results&)>;
+
+// Runs `process` over the inputs batch by batch; progress and the summary line on stderr. Exit
+// code: 0, or 65 when --keep-going skipped every image.
+int run_images(const RunOptions& o, const std::vector<std::string>& paths, const ProcessFn& process) {
+  if (paths.empty()) throw vf::InputError("no image files in the given paths (" + std::to_string(o.inputs.size()) + " given)");
+  Results results(o, paths);
+  vf::cli::BatchOptions bo;
+  bo.batch_size = o.batch_size;
+  bo.keep_going = o.keep_going;
+  bo.progress = ::isatty(STDERR_FILENO) == 1;
+  vf::cli::BatchSummary summary = vf::cli::run_in_batches(
+      paths, bo, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images) {
+        process(indices, images, results);
+        results.end_batch();
+      });
+  results.finish();
+  std::fprintf(stderr, "%s\n", summary.line().c_str());
+  return summary.done == 0 ? vf::exit_code::kBadInput : vf::exit_code::kOk;
+}
+
+int cmd_classify(const std::string& model_dir, const RunOptions& o, int top_k) {
+  auto p = vf::Pretrained::from_pretrained(model_dir);
+  const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
+  return run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
+                                  Results& out) {
+    auto results = vf::classify(p, images, top_k);
+    for (size_t i = 0; i < results.size(); ++i) {
+      nlohmann::ordered_json one = nlohmann::ordered_json::array();
+      std::string text = paths[indices[i]] + "\n";
+      for (auto& ls : results[i]) {
+        one.push_back({{"label", ls.label}, {"score", ls.score}});
+        char line[64];
+        std::snprintf(line, sizeof line, "  %8.5f  ", ls.score);
+        text += line + ls.label + "\n";
+      }
+      out.add(indices[i], std::move(one), text);
+    }
+  });
 }
 
 // OUT.png -> OUT-<suffix>.png, next to it.
@@ -50,82 +112,90 @@ std::string score_text(double score) {
   return buf;
 }
 
-int cmd_detect(const std::string& model_dir, const std::vector<std::string>& images, float threshold, bool as_json,
-               const std::string& draw_path) {
+int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshold, const std::string& draw_path,
+               const std::string& coco_path) {
   auto p = vf::Pretrained::from_pretrained(model_dir);
-  std::vector<vf::Image> imgs;
-  for (auto& path : images) imgs.push_back(vf::load_image(path, /*apply_exif_orientation=*/true));
-  auto results = vf::detect(p, imgs, threshold);
-  if (!draw_path.empty()) {
+  const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
+  const std::vector<int64_t> image_ids = vf::cli::coco_image_ids(paths);
+  std::optional<vf::cli::AtomicFile> coco_file;
+  if (!coco_path.empty()) coco_file.emplace(coco_path);
+  nlohmann::ordered_json coco = nlohmann::ordered_json::array();
+  int rc = run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
+                                    Results& out) {
+    auto results = vf::detect(p, images, threshold, /*batch_size=*/0);  // the batch run_images made
     for (size_t i = 0; i < results.size(); ++i) {
-      // Lowest score first, so that the best boxes end up on top.
-      std::vector<vf::BoxAnnotation> boxes;
-      for (auto it = results[i].rbegin(); it != results[i].rend(); ++it)
-        boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
-                         it->label + " " + score_text(it->score)});
-      vf::draw_boxes(imgs[i], boxes);
-      vf::save_png(results.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(i)), imgs[i]);
-    }
-  }
-  if (as_json) {
-    nlohmann::ordered_json all = nlohmann::ordered_json::array();
-    for (auto& r : results) {
+      const size_t n = indices[i];
+      if (!draw_path.empty()) {
+        // Lowest score first, so that the best boxes end up on top.
+        std::vector<vf::BoxAnnotation> boxes;
+        for (auto it = results[i].rbegin(); it != results[i].rend(); ++it)
+          boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
+                           it->label + " " + score_text(it->score)});
+        vf::Image drawn = images[i];
+        vf::draw_boxes(drawn, boxes);
+        vf::save_png(paths.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(n)), drawn);
+      }
       nlohmann::ordered_json one = nlohmann::ordered_json::array();
-      for (auto& o : r)
-        one.push_back({{"score", o.score},
-                       {"label", o.label},
-                       {"box", {{"xmin", o.box.xmin}, {"ymin", o.box.ymin}, {"xmax", o.box.xmax}, {"ymax", o.box.ymax}}}});
-      all.push_back(one);
+      char head[64];
+      std::snprintf(head, sizeof head, ": %zu objects\n", results[i].size());
+      std::string text = paths[n] + head;
+      for (auto& d : results[i]) {
+        one.push_back({{"score", d.score},
+                       {"label", d.label},
+                       {"box", {{"xmin", d.box.xmin}, {"ymin", d.box.ymin}, {"xmax", d.box.xmax}, {"ymax", d.box.ymax}}}});
+        if (!coco_path.empty()) coco.push_back(vf::cli::coco_result(image_ids[n], d));
+        char line[160];
+        std::snprintf(line, sizeof line, "  %8.5f  %-20s  [%d, %d, %d, %d]\n", d.score, d.label.c_str(), d.box.xmin,
+                      d.box.ymin, d.box.xmax, d.box.ymax);
+        text += line;
+      }
+      out.add(n, std::move(one), text);
     }
-    std::cout << (results.size() == 1 ? all[0] : all).dump(2) << "\n";
-  } else {
-    for (size_t i = 0; i < results.size(); ++i) {
-      std::printf("%s: %zu objects\n", images[i].c_str(), results[i].size());
-      for (auto& o : results[i])
-        std::printf("  %8.5f  %-20s  [%d, %d, %d, %d]\n", o.score, o.label.c_str(), o.box.xmin, o.box.ymin,
-                    o.box.xmax, o.box.ymax);
-    }
-  }
-  return 0;
+  });
+  if (coco_file) coco_file->commit(coco.dump() + "\n");
+  return rc;
 }
 
-int cmd_segment(const std::string& model_dir, const std::string& image_path, const vf::SegmentParams& params,
-                bool as_json, const std::string& out_path) {
+int cmd_segment(const std::string& model_dir, const RunOptions& o, const vf::SegmentParams& params,
+                const std::string& out_path) {
   auto p = vf::Pretrained::from_pretrained(model_dir);
-  vf::Image img = vf::load_image(image_path, /*apply_exif_orientation=*/true);
-  vf::SegmentedImage seg = vf::segment(p, img, params);
-  std::vector<std::string> mask_paths(seg.segments.size());
-  if (!out_path.empty()) {
-    // One colour per segment: its class's for semantic maps (stable across images), its id's otherwise.
-    std::vector<std::pair<int64_t, vf::Rgb>> colors;
-    for (auto& s : seg.segments)
-      colors.push_back({s.id, vf::palette_color(params.task == "semantic" ? s.label_id + 1 : s.id)});
-    vf::save_png(out_path, vf::render_segments(seg.map, colors));
-    for (size_t i = 0; i < seg.segments.size(); ++i) {
-      mask_paths[i] = suffixed_path(out_path, std::to_string(i));
-      vf::save_png(mask_paths[i], vf::render_mask(seg.map, seg.segments[i].id));
+  const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
+  return run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
+                                  Results& out) {
+    std::vector<vf::SegmentedImage> segs = vf::segment(p, images, params, /*batch_size=*/0);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const size_t n = indices[i];
+      const vf::SegmentedImage& seg = segs[i];
+      std::vector<std::string> mask_paths(seg.segments.size());
+      if (!out_path.empty()) {
+        // Several images: image n's map is OUT-<n>.png and its masks OUT-<n>-<i>.png.
+        const std::string map_path = paths.size() == 1 ? out_path : suffixed_path(out_path, std::to_string(n));
+        // One colour per segment: its class's for semantic maps (stable across images), its id's otherwise.
+        std::vector<std::pair<int64_t, vf::Rgb>> colors;
+        for (auto& s : seg.segments)
+          colors.push_back({s.id, vf::palette_color(params.task == "semantic" ? s.label_id + 1 : s.id)});
+        vf::save_png(map_path, vf::render_segments(seg.map, colors));
+        for (size_t k = 0; k < seg.segments.size(); ++k) {
+          mask_paths[k] = suffixed_path(map_path, std::to_string(k));
+          vf::save_png(mask_paths[k], vf::render_mask(seg.map, seg.segments[k].id));
+        }
+      }
+      nlohmann::ordered_json one = nlohmann::ordered_json::array();
+      std::string text = paths[n] + ": " + std::to_string(seg.segments.size()) + " segments (" + params.task + ")\n";
+      for (size_t k = 0; k < seg.segments.size(); ++k) {
+        const auto& s = seg.segments[k];
+        nlohmann::ordered_json entry = {
+            {"score", s.score ? nlohmann::ordered_json(*s.score) : nlohmann::ordered_json(nullptr)}, {"label", s.label}};
+        if (!mask_paths[k].empty()) entry["mask"] = mask_paths[k];
+        one.push_back(entry);
+        std::string score = s.score ? score_text(*s.score) : "-";
+        char line[64];
+        std::snprintf(line, sizeof line, "  id %-4lld %8s  ", static_cast<long long>(s.id), score.c_str());
+        text += line + s.label + (mask_paths[k].empty() ? "" : "  ") + mask_paths[k] + "\n";
+      }
+      out.add(n, std::move(one), text);
     }
-  }
-  if (as_json) {
-    nlohmann::ordered_json all = nlohmann::ordered_json::array();
-    for (size_t i = 0; i < seg.segments.size(); ++i) {
-      const auto& s = seg.segments[i];
-      nlohmann::ordered_json one = {{"score", s.score ? nlohmann::ordered_json(*s.score) : nlohmann::ordered_json(nullptr)},
-                            {"label", s.label}};
-      if (!mask_paths[i].empty()) one["mask"] = mask_paths[i];
-      all.push_back(one);
-    }
-    std::cout << all.dump(2) << "\n";
-  } else {
-    std::printf("%s: %zu segments (%s)\n", image_path.c_str(), seg.segments.size(), params.task.c_str());
-    for (size_t i = 0; i < seg.segments.size(); ++i) {
-      const auto& s = seg.segments[i];
-      std::string score = s.score ? score_text(*s.score) : "-";
-      std::printf("  id %-4lld %8s  %s%s%s\n", static_cast<long long>(s.id), score.c_str(), s.label.c_str(),
-                  mask_paths[i].empty() ? "" : "  ", mask_paths[i].c_str());
-    }
-  }
-  return 0;
+  });
 }
 
 int cmd_info(const std::string& model_dir) {
@@ -146,42 +216,55 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "worker threads (default: all cores)");
 
   std::string model_dir, case_dir, images_dir;
-  std::vector<std::string> images;
+  RunOptions run;
   int top_k = 5;
-  bool as_json = false;
+
+  // The options classify, detect and segment share.
+  auto add_run_options = [&run](CLI::App* cmd) {
+    cmd->add_option("--batch-size", run.batch_size, "images per forward (DETR family: padded and masked as a batch)")
+        ->check(CLI::Range(1, 4096))
+        ->capture_default_str();
+    auto* json = cmd->add_flag("--json", run.json, "JSON output (a list per image)");
+    cmd->add_flag("--jsonl", run.jsonl, "one JSON line per image as it finishes: {\"path\", \"result\"}")->excludes(json);
+    cmd->add_flag("--keep-going", run.keep_going, "report an unreadable image on stderr and skip it");
+  };
 
   auto* classify = app.add_subcommand("classify", "image classification, like transformers' pipeline");
   // With no arguments: the bundled tiny ConvNeXT (random weights) on the bundled image.
   model_dir = VF_ASSETS_DIR "/tiny-convnext";
-  images = {VF_ASSETS_DIR "/cat.jpg"};
+  std::vector<std::string> classify_inputs = {VF_ASSETS_DIR "/cat.jpg"};
   classify->add_option("model", model_dir, "model folder (config.json, weights); default: bundled tiny model");
-  classify->add_option("images", images, "image files; default: bundled image");
+  classify->add_option("images", classify_inputs, "image files or folders; default: bundled image");
   classify->add_option("--top-k", top_k, "labels per image");
-  classify->add_flag("--json", as_json, "JSON output");
+  add_run_options(classify);
 
   float threshold = 0.5f;
-  std::string draw_path;
-  std::vector<std::string> detect_images;
+  std::string draw_path, coco_path;
+  std::vector<std::string> detect_inputs;
   auto* detect = app.add_subcommand("detect", "object detection, like transformers' object-detection pipeline");
   detect->add_option("model", model_dir, "model folder (config.json, weights)")->required();
-  detect->add_option("images", detect_images, "image files")->required();
+  detect->add_option("images", detect_inputs, "image files or folders (searched recursively)")->required();
   detect->add_option("--threshold", threshold, "keep detections scoring above this")->capture_default_str();
-  detect->add_flag("--json", as_json, "JSON output");
+  add_run_options(detect);
   detect->add_option("--draw", draw_path, "write the image with its boxes as PNG (OUT-<i>.png for several images)");
+  detect->add_option("--coco-results", coco_path, "write the detections as a COCO results list (JSON)");
 
   vf::SegmentParams seg_params;
-  std::string seg_image, out_path;
+  std::string out_path;
+  std::vector<std::string> segment_inputs;
   auto* segment = app.add_subcommand("segment", "image segmentation, like transformers' image-segmentation pipeline");
   segment->add_option("model", model_dir, "model folder (config.json, weights)")->required();
-  segment->add_option("image", seg_image, "image file")->required();
+  segment->add_option("images", segment_inputs, "image files or folders (searched recursively)")->required();
   segment->add_option("--task", seg_params.task, "panoptic, instance or semantic")
       ->check(CLI::IsMember({"panoptic", "instance", "semantic"}))
       ->capture_default_str();
   segment->add_option("--threshold", seg_params.threshold, "keep segments scoring above this")->capture_default_str();
   segment->add_option("--mask-threshold", seg_params.mask_threshold)->capture_default_str();
   segment->add_option("--overlap-mask-area-threshold", seg_params.overlap_mask_area_threshold)->capture_default_str();
-  segment->add_flag("--json", as_json, "JSON output");
-  segment->add_option("--out", out_path, "write a colour map (one colour per segment) as PNG, and each mask as OUT-<i>.png");
+  add_run_options(segment);
+  segment->add_option("--out", out_path,
+                      "write a colour map (one colour per segment) as PNG, and each mask as OUT-<i>.png "
+                      "(several images: OUT-<n>.png, OUT-<n>-<i>.png)");
 
   auto* info = app.add_subcommand("info", "what a model folder holds");
   info->add_option("model", model_dir)->required();
@@ -199,9 +282,18 @@ int main(int argc, char** argv) {
   }
   vf::set_num_threads(threads);
   try {
-    if (*classify) return cmd_classify(model_dir, images, top_k, as_json);
-    if (*detect) return cmd_detect(model_dir, detect_images, threshold, as_json, draw_path);
-    if (*segment) return cmd_segment(model_dir, seg_image, seg_params, as_json, out_path);
+    if (*classify) {
+      run.inputs = classify_inputs;
+      return cmd_classify(model_dir, run, top_k);
+    }
+    if (*detect) {
+      run.inputs = detect_inputs;
+      return cmd_detect(model_dir, run, threshold, draw_path, coco_path);
+    }
+    if (*segment) {
+      run.inputs = segment_inputs;
+      return cmd_segment(model_dir, run, seg_params, out_path);
+    }
     if (*info) return cmd_info(model_dir);
     if (*check) return vf::check::run_check(case_dir, images_dir);
   } catch (const std::exception& e) {
