@@ -504,3 +504,24 @@ TEST(Hub, ConcurrentProcessesShareOneDownload) {
   EXPECT_EQ(blobs.size(), 3u);
   for (auto& n : blobs) EXPECT_EQ(n.find(".incomplete"), std::string::npos);
 }
+
+// A progress bar per downloaded file on a terminal (a pseudo-terminal from util-linux's `script`),
+// nothing when stderr is a file.
+TEST(Hub, ProgressBarOnlyOnATerminal) {
+  test::FakeHub server;
+  server.add("org/tiny", test::FakeRepo::from_folder(tiny_dir(), kMain));
+  const std::string root = fresh_dir("progress");
+  VfRun r = run_vf(root, {"HF_ENDPOINT=" + server.endpoint()}, {"info", "org/tiny"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(r.err, "");
+  fs::remove_all(root + "/hf-home");
+  const std::string vf = "env -u HF_TOKEN -u HF_HUB_CACHE -u HF_HUB_OFFLINE HF_HOME=" + quoted(root + "/hf-home") +
+                         " HF_ENDPOINT=" + server.endpoint() + " " + quoted(VF_VF_BINARY) + " info org/tiny";
+  const std::string cmd = "script -qec " + quoted(vf) + " /dev/null >" + quoted(root + "/tty.txt") + " 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << test::read_bytes(root + "/tty.txt");
+  const std::string tty = test::read_bytes(root + "/tty.txt");
+  EXPECT_HAS(tty, "model.safetensors");
+  EXPECT_HAS(tty, "100%");
+  EXPECT_HAS(tty, "296.6 kB / 296.6 kB");  // 296604 bytes
+  EXPECT_HAS(tty, "model_type:   convnext");
+}

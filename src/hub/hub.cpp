@@ -151,7 +151,7 @@ struct Progress {
   std::string name;
   int64_t offset = 0, total = 0;
   std::chrono::steady_clock::time_point last{};
-  bool shown = false;
+  bool shown = false, finished = false;
 };
 
 struct Transfer {
@@ -203,21 +203,33 @@ size_t on_body(char* data, size_t size, size_t n, void* user) {
   return bytes;
 }
 
+std::string human_size(int64_t bytes) {
+  char buf[32];
+  if (bytes < 1000000)
+    std::snprintf(buf, sizeof buf, "%.1f kB", double(bytes) / 1e3);
+  else if (bytes < 1000000000)
+    std::snprintf(buf, sizeof buf, "%.1f MB", double(bytes) / 1e6);
+  else
+    std::snprintf(buf, sizeof buf, "%.2f GB", double(bytes) / 1e9);
+  return buf;
+}
+
 int on_progress(void* user, curl_off_t total, curl_off_t now, curl_off_t, curl_off_t) {
   auto* p = static_cast<Progress*>(user);
   auto t = std::chrono::steady_clock::now();
   const int64_t full = p->total > 0 ? p->total : p->offset + int64_t(total);
   const int64_t have = p->offset + int64_t(now);
   const bool done = full > 0 && have >= full;
-  if (!done && p->shown && t - p->last < std::chrono::milliseconds(200)) return 0;
+  if (p->finished || (!done && p->shown && t - p->last < std::chrono::milliseconds(200))) return 0;
   p->last = t;
   p->shown = true;
+  p->finished = done;
   const int width = 30;
   const double frac = full > 0 ? std::min(1.0, double(have) / double(full)) : 0.0;
   std::string bar(size_t(frac * width), '#');
   bar.resize(width, '.');
-  std::fprintf(stderr, "\r%-32.32s [%s] %3d%% %8.1f/%.1f MB", p->name.c_str(), bar.c_str(), int(frac * 100),
-               double(have) / 1e6, double(full) / 1e6);
+  std::fprintf(stderr, "\r%-32.32s [%s] %3d%% %10s / %s", p->name.c_str(), bar.c_str(), int(frac * 100),
+               human_size(have).c_str(), human_size(full).c_str());
   std::fflush(stderr);
   return 0;
 }
