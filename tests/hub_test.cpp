@@ -211,6 +211,7 @@ TEST(Hub, RevisionsAndCommits) {
   test::FakeHub server;
   test::FakeRepo repo = test::FakeRepo::from_folder(tiny_dir(), kMain);
   repo.refs["v1"] = kV1;
+  repo.refs["refs/pr/1"] = kV1;
   server.add("org/tiny", repo);
   const std::string cache = fresh_dir("revisions");
   hub::HubOptions o = options_for(server, cache);
@@ -231,6 +232,10 @@ TEST(Hub, RevisionsAndCommits) {
   EXPECT_EQ(blobs, 3);
 
   EXPECT_HAS(unavailable_message([&] { hub::resolve_model("org/tiny@nope", o); }), "revision not found");
+  // A pull request's ref: quoted in the URL (refs%2Fpr%2F1), nested under refs/ as Python does.
+  EXPECT_EQ(fs::path(hub::resolve_model("org/tiny@refs/pr/1", o)), storage / "snapshots" / kV1);
+  EXPECT_EQ(test::read_bytes((storage / "refs" / "refs" / "pr" / "1").string()), kV1);
+  EXPECT_EQ(server.count("hub", "GET", "/revision/refs/pr/1"), 1);  // as the server decoded it
 }
 
 TEST(Hub, RefusalsAreOneLine) {

@@ -158,7 +158,7 @@ struct Transfer {
   CURL* curl = nullptr;
   Response* response = nullptr;
   FileSink* sink = nullptr;
-  size_t max_body = 1 << 20;
+  size_t max_body = 16 << 20;  // a revision's file list can be long
 };
 
 size_t on_header(char* data, size_t size, size_t n, void* user) {
