@@ -9,6 +9,7 @@
 #include <functional>
 #include <set>
 
+#include "hub/hub.h"
 #include "io/checkpoint.h"
 #include "io/json.h"
 #include "processors/detr_postprocess.h"
@@ -17,7 +18,8 @@ namespace vf {
 
 namespace fs = std::filesystem;
 
-Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string& architecture) {
+Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::string& architecture) {
+  const std::string dir = hub::resolve_model(dir_or_id);  // "org/name[@revision]": the Hub cache's snapshot
   Pretrained p;
   p.dir = dir;
   if (!fs::is_directory(dir)) throw InputError(dir + ": not a model folder (expected a folder with config.json)");

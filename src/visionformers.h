@@ -28,8 +28,9 @@ struct Pretrained {
   std::shared_ptr<ImageProcessor> processor;
 
   // Reads config.json, preprocessor_config.json and the weights (model.safetensors, a sharded
-  // index, or pytorch_model.bin). `architecture` overrides config.architectures[0].
-  static Pretrained from_pretrained(const std::string& dir, const std::string& architecture = "");
+  // index, or pytorch_model.bin). `architecture` overrides config.architectures[0]. `dir_or_id` is a
+  // folder, or a Hub id "org/name[@revision]" fetched into huggingface_hub's cache (src/hub/hub.h).
+  static Pretrained from_pretrained(const std::string& dir_or_id, const std::string& architecture = "");
 
   // The processor, then the model.
   ModelOutput run(const std::vector<Image>& images, bool output_hidden_states = false,

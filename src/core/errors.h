@@ -18,4 +18,11 @@ struct ModelError : Error {
   using Error::Error;
 };
 
+// A model named by Hub id cannot be obtained: the Hub (HF_ENDPOINT) is unreachable or offline mode is
+// on and the model is not in the cache, or the Hub refuses it (unknown repository, revision or file,
+// gated or private without a token, a failed or corrupt download). src/hub throws it.
+struct UnavailableError : Error {
+  using Error::Error;
+};
+
 }  // namespace vf
