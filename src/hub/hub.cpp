@@ -348,8 +348,8 @@ std::string what_failed(const Response& r) {
 // ---------------------------------------------------------------------------------------------
 // Cache files
 
-// An exclusive flock held for the object's lifetime: the same lock file huggingface_hub's FileLock
-// takes (blobs/<etag>.lock), so vf and Python processes exclude each other too.
+// An exclusive flock held for the object's lifetime: the lock file huggingface_hub's FileLock takes
+// (<cache>/.locks/models--org--name/<etag>.lock), so vf and Python processes exclude each other too.
 class BlobLock {
  public:
   explicit BlobLock(const fs::path& path) {
@@ -545,7 +545,9 @@ class Downloader {
     fs::create_directories(blobs);
     const fs::path blob = blobs / m.etag;
     if (!fs::exists(blob)) {
-      BlobLock lock(blobs / (m.etag + ".lock"));
+      const fs::path locks = storage_.parent_path() / ".locks" / storage_.filename();
+      fs::create_directories(locks);
+      BlobLock lock(locks / (m.etag + ".lock"));
       if (!fs::exists(blob)) download_blob(file, m, blob);  // another process may have finished it meanwhile
     }
     link_pointer(storage_, commit_, file, m.etag);
