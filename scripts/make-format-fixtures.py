@@ -343,7 +343,9 @@ def make_tiff():
     record("cmyk.tif", pil_bytes(rgb.convert("CMYK"), "TIFF"))
     g16 = GRAY.astype(np.uint16) * 3 + 100
     record("gray16.tif", pil_bytes(Image.fromarray(g16.astype("<u2"), "I;16"), "TIFF"))
+    # Pillow transposes a TIFF by its Orientation tag on load, and exif_transpose then does it again.
     record("rgb-exif6.tif", pil_bytes(rgb, "TIFF", tiffinfo={274: 6}), exif=True)
+    record("rgb-orientation6.tif", pil_bytes(rgb, "TIFF", tiffinfo={274: 6}))
     record("rgb-exif7-lzw.tif", pil_bytes(rgb, "TIFF", compression="tiff_lzw", tiffinfo={274: 7}), exif=True)
     # Layouts Pillow does not write.
     rows = [GRAY[y].tobytes() for y in range(H)]

@@ -7,7 +7,8 @@
 //    alpha divided out first as Pillow's RGBa unpacker does;
 //  - CMYK (5) at 8 or 16 bits through Pillow's cmyk2rgb; YCbCr (6) when JPEG-compressed (libjpeg converts
 //    it to RGB, as Pillow asks libtiff to).
-// Contiguous or planar samples, strips or tiles. Float and 32-bit samples are refused.
+// Contiguous or planar samples, strips or tiles. Float and 32-bit samples are refused. The Orientation
+// tag is applied on decode, as Pillow applies it on load (and once more with EXIF orientation on).
 #include <tiffio.h>
 
 #include <cstdarg>
@@ -110,7 +111,7 @@ Image decode_tiff(const uint8_t* data, size_t size, const std::string& name, boo
   TIFFGetField(t, TIFFTAG_EXTRASAMPLES, &extra_count, &extra);
   const bool associated_alpha = extra_count > 0 && extra && extra[0] == EXTRASAMPLE_ASSOCALPHA;
   uint16_t orientation = 1;
-  if (want_exif) TIFFGetField(t, TIFFTAG_ORIENTATION, &orientation);
+  TIFFGetField(t, TIFFTAG_ORIENTATION, &orientation);
 
   auto layout = [&] {
     return "photometric " + std::to_string(photometric) + ", " + std::to_string(spp) + " samples of " +
@@ -250,6 +251,9 @@ Image decode_tiff(const uint8_t* data, size_t size, const std::string& name, boo
         }
       }
     }
+  // Pillow's TiffImageFile.load_end transposes by the Orientation tag whenever the pixels are loaded, and
+  // keeps the tag: ImageOps.exif_transpose (transformers' load_image) then transposes by it once more.
+  img = apply_orientation(std::move(img), orientation);
   return want_exif ? apply_orientation(std::move(img), orientation) : img;
 }
 
