@@ -64,7 +64,7 @@ def exif_with_orientation(o):
 
 # ---- PNG -------------------------------------------------------------------------------------
 
-def png(width, height, depth, ctype, rows, extra_chunks=(), interlace=0):
+def png(width, height, depth, ctype, rows, extra_chunks=(), interlace=0, chunks_after=()):
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
     raw = b"".join(b"\0" + r for r in rows)
@@ -72,7 +72,10 @@ def png(width, height, depth, ctype, rows, extra_chunks=(), interlace=0):
     out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
     for t, d in extra_chunks:
         out += chunk(t, d)
-    return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    out += chunk(b"IDAT", zlib.compress(raw))
+    for t, d in chunks_after:
+        out += chunk(t, d)
+    return out + chunk(b"IEND", b"")
 
 
 def pack_bits(values, bits):  # MSB-first packing of one row
@@ -114,6 +117,9 @@ def make_png():
     record("palette4.png", png(W, H, 4, 3, [pack_bits(idx4[y], 4) for y in range(H)], [(b"PLTE", plte)]))
     record("rgb8-exif6.png", pil_bytes(rgb, "PNG", exif=exif_with_orientation(6)), exif=True)
     record("rgb8-exif3.png", pil_bytes(rgb, "PNG", exif=exif_with_orientation(3)), exif=True)
+    # eXIf after the image data (allowed by the PNG spec; Pillow finds it there too).
+    record("rgb8-exif8-after-idat.png", png(W, H, 8, 2, [RGB[y].tobytes() for y in range(H)],
+                                            chunks_after=[(b"eXIf", exif_with_orientation(8)[6:])]), exif=True)
 
 
 # ---- JPEG ------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ struct PngInfo {
   png_uint_32 width = 0, height = 0;
   int bit_depth = 0, color_type = 0;
   int orientation = 1;
+  bool has_exif = false;
   bool too_large = false;
   png_color palette[256];
   int num_palette = 0;
@@ -102,7 +103,10 @@ bool decode_png_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& raw,
   if (want_exif) {
     png_bytep exif = nullptr;
     png_uint_32 exif_len = 0;
-    if (png_get_eXIf_1(png, pinfo, &exif_len, &exif) & PNG_INFO_eXIf) info.orientation = exif_orientation(exif, exif_len);
+    if (png_get_eXIf_1(png, pinfo, &exif_len, &exif) & PNG_INFO_eXIf) {
+      info.orientation = exif_orientation(exif, exif_len);
+      info.has_exif = true;
+    }
   }
 #endif
   if (info.bit_depth < 8) png_set_packing(png);  // one byte per sample, values unscaled
@@ -122,6 +126,23 @@ bool decode_png_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& raw,
 }
 
 }  // namespace
+
+// An eXIf chunk may also follow the image data, where png_read_info does not look; Pillow reads it there
+// too (its getexif loads the whole file). The walk stops at IEND or at anything that is not a chunk, so
+// trailing padding is never scanned.
+int png_exif_orientation_after_idat(const uint8_t* p, size_t n) {
+  size_t pos = 8;
+  while (pos + 12 <= n) {
+    const size_t len = (size_t(p[pos]) << 24) | (size_t(p[pos + 1]) << 16) | (size_t(p[pos + 2]) << 8) | p[pos + 3];
+    const uint8_t* type = p + pos + 4;
+    for (int i = 0; i < 4; ++i)
+      if (!((type[i] >= 'A' && type[i] <= 'Z') || (type[i] >= 'a' && type[i] <= 'z'))) return 1;
+    if (std::memcmp(type, "IEND", 4) == 0 || len > n - pos - 12) return 1;
+    if (std::memcmp(type, "eXIf", 4) == 0) return exif_orientation(p + pos + 8, len);
+    pos += 12 + len;
+  }
+  return 1;
+}
 
 Image decode_png(const uint8_t* data, size_t size, const std::string& name, bool want_exif) {
   std::vector<uint8_t> raw;
@@ -186,7 +207,8 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& name, bool
       }
     }
   }
-  return want_exif ? apply_orientation(img, info.orientation) : img;
+  if (!want_exif) return img;
+  return apply_orientation(std::move(img), info.has_exif ? info.orientation : png_exif_orientation_after_idat(data, size));
 }
 
 }  // namespace image_detail
