@@ -244,3 +244,35 @@ TEST(HostileImageFile, ProgressiveJpegWithEndlessScansIsRefused) {
   EXPECT_HAS(msg, "scans.jpg");
   EXPECT_HAS(msg, "more than 1000 scans");
 }
+
+TEST(ImageFormats, CorruptedFilesDecodeOrFailCleanly) {
+  // Seeded byte corruption of every fixture: each result is an image of consistent size or one InputError
+  // (a crash, a hang or another exception type fails the test run).
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto next = [&] {
+    state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+    return state;
+  };
+  size_t decoded = 0, refused = 0;
+  for (const auto& fx : fixtures()) {
+    const std::string bytes = test::read_bytes(formats_dir() + "/" + fx.file);
+    for (int round = 0; round < 60; ++round) {
+      std::string bad = bytes;
+      const int flips = 1 + int(next() % 4);
+      for (int i = 0; i < flips; ++i) {
+        // Mostly headers: the first 64 bytes hold most of what a decoder trusts.
+        const size_t at = (next() % 2 ? next() % std::min<size_t>(64, bad.size()) : next() % bad.size());
+        bad[at] = char(next() % 3 == 0 ? 0xFF : next() & 0xFF);
+      }
+      try {
+        Image img = decode_image(reinterpret_cast<const uint8_t*>(bad.data()), bad.size(), fx.file, true);
+        ASSERT_EQ(img.rgb.size(), img.pixels() * 3) << fx.file;
+        ++decoded;
+      } catch (const InputError&) {
+        ++refused;
+      }
+    }
+  }
+  EXPECT_GT(decoded, 0u);
+  EXPECT_GT(refused, 0u);
+}

@@ -30,7 +30,6 @@ std::vector<uint8_t> decode_rle(const uint8_t* data, size_t size, size_t pos, in
                                 bool rle4) {
   const size_t total = size_t(width) * size_t(height);
   std::vector<uint8_t> out;
-  out.reserve(total);
   int64_t x = 0;
   while (out.size() < total) {
     if (pos + 2 > size) break;
@@ -160,27 +159,33 @@ Image decode_bmp(const uint8_t* data, size_t size, const std::string& name, bool
     }
   }
 
+  const size_t W = size_t(width), H = size_t(height);
+  const size_t stride = ((W * bits + 31) >> 3) & ~size_t(3);
+  const bool rle = compression == 1 || compression == 2;
+  if (offset > size) fail(name, "the pixel data offset is past the end of the file");
+  // Checked before allocating: a few corrupt header bytes can claim a hundred million pixels.
+  if (!rle && (size - offset) / stride < H) fail(name, "the file is truncated (pixel data ends before the last row)");
+  std::vector<uint8_t> rle_indices;
+  if (rle) {
+    rle_indices = decode_rle(data, size, offset, width, height, compression == 2);
+    if (rle_indices.size() < W * H) fail(name, "not enough image data (the RLE stream ends before the last row)");
+  }
   Image img;
   img.width = width, img.height = height;
   img.rgb.assign(img.pixels() * 3, 0);
-  const size_t W = size_t(width), H = size_t(height);
   auto out_row = [&](size_t file_row) {  // rows in the file run bottom-up unless the height was negative
     return img.rgb.data() + 3 * W * (top_down ? file_row : H - 1 - file_row);
   };
   auto put_index = [&](uint8_t* o, unsigned idx) {
     if (idx < 256) o[0] = palette[idx][0], o[1] = palette[idx][1], o[2] = palette[idx][2];
   };
-  if (compression == 1 || compression == 2) {
-    if (offset > size) fail(name, "the pixel data offset is past the end of the file");
-    std::vector<uint8_t> idx = decode_rle(data, size, offset, width, height, compression == 2);
-    if (idx.size() < W * H) fail(name, "not enough image data (the RLE stream ends before the last row)");
+  if (rle) {
+    const std::vector<uint8_t>& idx = rle_indices;
     for (size_t r = 0; r < H; ++r) {
       uint8_t* o = out_row(r);
       for (size_t x = 0; x < W; ++x) put_index(o + 3 * x, idx[r * W + x]);
     }
   } else {
-    const size_t stride = ((W * bits + 31) >> 3) & ~size_t(3);
-    if (offset > size || (size - offset) / stride < H) fail(name, "the file is truncated (pixel data ends before the last row)");
     for (size_t r = 0; r < H; ++r) {
       const uint8_t* in = data + offset + r * stride;
       uint8_t* o = out_row(r);

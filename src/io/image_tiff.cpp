@@ -149,6 +149,11 @@ Image decode_tiff(const uint8_t* data, size_t size, const std::string& name, boo
   const int planes = planar == PLANARCONFIG_SEPARATE ? spp : 1;
   const int per_plane = planar == PLANARCONFIG_SEPARATE ? 1 : spp;
   const size_t row_bytes = (W * bps * per_plane + 7) / 8;
+  // Uncompressed samples must all be in the file: checked before allocating, since a few corrupt header
+  // bytes can claim a hundred million pixels.
+  if (compression == COMPRESSION_NONE && row_bytes * H * size_t(planes) > size)
+    fail("the file is truncated (" + std::to_string(size) + " bytes cannot hold " + std::to_string(W) + "x" +
+         std::to_string(H) + " uncompressed pixels)");
   std::vector<std::vector<uint8_t>> plane(planes, std::vector<uint8_t>(row_bytes * H));
   if (TIFFIsTiled(t)) {
     uint32_t tw = 0, th = 0;
