@@ -95,10 +95,12 @@ bool decode_jpeg_raw(const uint8_t* data, size_t size, std::vector<uint8_t>& pix
     result.components = -1;  // the caller reports the dimensions
     return false;
   }
-  if (want_exif)
+  if (want_exif)  // the first Exif APP1 counts, as in Pillow's JpegImagePlugin
     for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next)
-      if (m->marker == JPEG_APP0 + 1 && m->data_length >= 6 && std::memcmp(m->data, "Exif\0\0", 6) == 0)
+      if (m->marker == JPEG_APP0 + 1 && m->data_length >= 6 && std::memcmp(m->data, "Exif\0\0", 6) == 0) {
         result.orientation = exif_orientation(m->data, m->data_length);
+        break;
+      }
   // Pillow asks libjpeg for L (grayscale), RGB (3 components, any colour transform libjpeg
   // detects) or CMYK (4 components, converted afterwards); islow DCT and fancy upsampling are
   // libjpeg's defaults and Pillow keeps them outside draft mode.
