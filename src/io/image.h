@@ -1,4 +1,4 @@
-// Image files: JPEG (libjpeg-turbo) and PNG (libpng), decoded to 8-bit RGB exactly as Pillow's
+// Image files: JPEG, PNG, WebP, BMP, GIF and TIFF, decoded to 8-bit RGB exactly as Pillow's
 // `Image.open(path).convert("RGB")` does, since the reference processors start from that.
 #pragma once
 
@@ -22,15 +22,22 @@ struct Image {
 // refused (checked on the header's dimensions, before anything is decoded).
 constexpr int64_t kMaxImagePixels = 2 * 89478485LL;
 
-// Decodes a JPEG or PNG file (format from its magic bytes) to RGB:
+// Decodes an image file (format from its magic bytes, decoders in src/io/image_*.cpp) to RGB exactly as
+// Pillow's `Image.open(f).convert("RGB")` does:
 //  - JPEG: islow DCT, fancy upsampling; grayscale -> replicated, CMYK/YCCK -> Pillow's cmyk2rgb
-//    (Adobe inverted polarity). A file that ends before the last scanline is an error.
+//    (Adobe inverted polarity). A file that ends before the last scanline, or has more than 1000
+//    scans, is an error.
 //  - PNG: 1/2/4/8-bit gray (scaled like Pillow), 16-bit gray (clipped to 255 like Pillow's I;16 ->
 //    RGB), palette (tRNS ignored, indices past the palette are black), RGB/RGBA/gray+alpha at 8 or
 //    16 bits (16-bit keeps the high byte, alpha dropped, no compositing).
-// Throws vf::Error naming the file for unreadable, truncated, corrupt, unsupported or too large
-// images. When `apply_exif_orientation` is set, a JPEG's EXIF orientation is applied first (what
-// transformers' `load_image` does through `ImageOps.exif_transpose`).
+//  - WebP (libwebp), BMP, GIF (first frame), TIFF (libtiff, first image): see the notes atop each
+//    decoder's file.
+// Throws vf::InputError naming the file for unreadable, truncated, corrupt, unsupported or too large
+// images, and for formats vf does not read (naming the format when it is recognised). When
+// `apply_exif_orientation` is set, the EXIF orientation (JPEG APP1, PNG eXIf, WebP EXIF, TIFF
+// Orientation tag) is applied first (what transformers' `load_image` does through
+// `ImageOps.exif_transpose`). load_image opens `path` with open_regular_file (io/file.h) and maps it,
+// so FIFOs, devices and directories are refused and bytes the image does not need are never read.
 Image load_image(const std::string& path, bool apply_exif_orientation = false);
 Image decode_image(const uint8_t* data, size_t size, const std::string& name,
                    bool apply_exif_orientation = false);
