@@ -38,9 +38,15 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   }
 
   json bc = has_backbone_config ? config["backbone_config"] : json::object();
-  std::string model_type = cfg_get<std::string>(bc, "model_type", "resnet");
-  if (model_type != "resnet")
-    throw Error("backbone_config.model_type '" + model_type + "' is not supported (only 'resnet')");
+  c.model_type = cfg_get<std::string>(bc, "model_type", "resnet");
+  if (c.model_type == "swin") {
+    c.swin = read_swin_config(bc);
+    c.num_channels = c.swin.num_channels;
+    return c;
+  }
+  if (c.model_type != "resnet")
+    throw ModelError("config.json: backbone_config.model_type '" + c.model_type +
+                     "' is not supported (the DETR family runs 'resnet' and 'swin' backbones)");
   c.num_channels = cfg_get<int64_t>(bc, "num_channels", 3);
   c.embedding_size = cfg_get<int64_t>(bc, "embedding_size", c.embedding_size);
   c.hidden_sizes = cfg_get<std::vector<int64_t>>(bc, "hidden_sizes", c.hidden_sizes);
@@ -161,6 +167,7 @@ TimmResNetSpec timm_spec(const std::string& name) {
 }  // namespace
 
 struct DetrConvEncoder::Impl {
+  SwinBackbone swin;  // defined for model_type "swin"; the ResNet members below are then unused
   Conv2d stem;
   bool pool_before_stem_output = false;  // transformers' "stem" feature is after the max pool
   std::vector<std::vector<ResidualBlock>> stages;
@@ -170,6 +177,12 @@ struct DetrConvEncoder::Impl {
 DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w) {
   auto impl = std::make_shared<Impl>();
   const Act relu = Act::Relu;
+  if (!cfg.use_timm_backbone && cfg.model_type == "swin") {
+    impl->swin = SwinBackbone(cfg.swin, w);
+    channels_ = impl->swin.channels();
+    impl_ = std::move(impl);
+    return;
+  }
   if (cfg.use_timm_backbone) {
     TimmResNetSpec spec = timm_spec(cfg.backbone);
     impl->stem = conv_bn(w, "conv1.weight", w.pp("bn1"), 64, cfg.num_channels, 7, conv_opts(7, 2, 1, relu));
@@ -298,6 +311,12 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
     throw Error("pixel_mask must be " + shape_str({B, H, W}) + ", got " + shape_str(mask.shape()));
   }
 
+  if (impl_->swin.defined()) {
+    std::vector<DetrFeatureMap> out;
+    for (Tensor& f : impl_->swin.forward(pixel_values))
+      out.push_back({f, downsample_pixel_mask(mask, f.size(1), f.size(2))});
+    return out;
+  }
   const int last = *std::max_element(impl_->out_levels.begin(), impl_->out_levels.end());
   std::vector<Tensor> levels(last + 1);
   Tensor x = impl_->stem.forward(nchw_to_nhwc(pixel_values));
