@@ -4,12 +4,16 @@
 // the reference by the deta-swin-* golden cases.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <memory>
 
 #include "core/attention.h"
 #include "core/errors.h"
 #include "core/ops.h"
 #include "models/detr_backbone.h"
+#include "models/model.h"
 #include "models/swin.h"
 
 using namespace vf;
@@ -128,4 +132,75 @@ TEST(Swin, BackboneConfigSelection) {
   bad = config;
   bad["backbone_config"]["model_type"] = "convnext";
   EXPECT_THROW(read_detr_backbone_config(bad, {}, {}, false), ModelError);
+}
+
+namespace {
+
+// Synthetic weights: small deterministic values, layer-norm weights near 1.
+// Records every name asked for in `asked`.
+std::shared_ptr<WeightStore> synthetic_store(std::shared_ptr<std::vector<std::string>> asked = nullptr) {
+  auto store = std::make_shared<WeightStore>();
+  store->set_missing_filler([asked](const std::string& name, const Shape& shape) {
+    if (asked) asked->push_back(name);
+    Tensor t = Tensor::empty(shape);
+    const bool norm_weight = name.find("norm") != std::string::npos && name.size() > 7 &&
+                             name.compare(name.size() - 7, 7, ".weight") == 0;
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = (norm_weight ? 1.0f : 0.0f) + 0.01f * float((i * 7) % 13 - 6);
+    return t;
+  });
+  return store;
+}
+
+json swin_backbone_config() {
+  return {{"model_type", "swin"}, {"embed_dim", 8},      {"depths", {1, 2, 1}},
+          {"num_heads", {1, 2, 2}}, {"window_size", 4}, {"out_features", {"stem", "stage2", "stage3"}}};
+}
+
+}  // namespace
+
+// A 40x57 image: patches of 4 give 10x15 (the width padded to 60), then patch merging pads odd
+// sides: 10x15 -> 5x8 -> 3x4; every stage's map is padded to windows of 4 inside the layers.
+TEST(Swin, FeatureMapSizesAndChannels) {
+  json config = {{"backbone_config", swin_backbone_config()}};
+  DetrBackboneConfig bc = read_detr_backbone_config(config, {}, {}, false);
+  DetrConvEncoder enc(bc, Weights(synthetic_store()));
+  EXPECT_EQ(enc.intermediate_channel_sizes(), (std::vector<int64_t>{8, 16, 32}));
+  Tensor pixels = Tensor::full({1, 3, 40, 57}, 0.5f);
+  auto maps = enc.forward(pixels, Tensor());
+  ASSERT_EQ(maps.size(), 3u);
+  EXPECT_EQ(maps[0].features.shape(), (Shape{1, 10, 15, 8}));
+  EXPECT_EQ(maps[1].features.shape(), (Shape{1, 5, 8, 16}));
+  EXPECT_EQ(maps[2].features.shape(), (Shape{1, 3, 4, 32}));
+  EXPECT_EQ(maps[2].mask.shape(), (Shape{1, 3, 4}));
+  for (auto& m : maps)
+    for (int64_t i = 0; i < m.features.numel(); ++i) ASSERT_TRUE(std::isfinite(m.features.f32()[i]));
+}
+
+// Every family that takes backbone_config builds on the Swin backbone, with the Hub's names under
+// each family's backbone prefix.
+TEST(Swin, EveryDetrFamilyTakesIt) {
+  const std::vector<std::array<std::string, 3>> families = {
+      {"detr", "DetrForObjectDetection", "model.backbone.conv_encoder.model."},
+      {"conditional_detr", "ConditionalDetrForObjectDetection", "model.backbone.conv_encoder.model."},
+      {"deformable_detr", "DeformableDetrForObjectDetection", "model.backbone.conv_encoder.model."},
+      {"deta", "DetaForObjectDetection", "model.backbone.model."}};
+  for (const auto& [type, arch, prefix] : families) {
+    json config = {{"model_type", type}, {"architectures", {arch}}, {"backbone_config", swin_backbone_config()},
+                   {"use_timm_backbone", false}, {"num_queries", 5}, {"two_stage_num_proposals", 5},
+                   {"d_model", 32}, {"encoder_layers", 1}, {"decoder_layers", 1}, {"encoder_attention_heads", 2},
+                   {"decoder_attention_heads", 2}, {"encoder_ffn_dim", 16}, {"decoder_ffn_dim", 16},
+                   {"num_labels", 3}, {"assign_first_stage", false}, {"num_feature_levels", 4}};
+    auto asked = std::make_shared<std::vector<std::string>>();
+    auto model = create_model(config, arch, Weights(synthetic_store(asked)));
+    ModelInputs in;
+    in.pixel_values = Tensor::full({1, 3, 64, 96}, 0.25f);
+    ModelOutput out = model->forward(in);
+    EXPECT_EQ(out.get("logits").size(1), 5) << type;
+    // An empty checkpoint reads as the base model's (no "model." in front).
+    const std::string stem = prefix + "embeddings.patch_embeddings.projection.weight";
+    const bool found = std::any_of(asked->begin(), asked->end(), [&](const std::string& n) {
+      return n == stem || "model." + n == stem;
+    });
+    EXPECT_TRUE(found) << type << ": " << stem;
+  }
 }

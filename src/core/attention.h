@@ -20,6 +20,9 @@ struct AttentionOptions {
   // Optional per-head factor on the probabilities after the softmax (transformers' head_mask as
   // the 4.x self-attention applies it: probs * head_mask[h]). Float32, numel == heads; or undefined.
   Tensor head_mask;
+  // When set, *probs receives the probabilities [B, heads, Lq, Lk] (after the head mask, as the
+  // reference returns them with output_attentions).
+  Tensor* probs = nullptr;
   // Optional additive terms on the scaled scores before the softmax, in this order (Swin's window
   // attention: relative position bias, then the shifted-window mask).
   //  bias: float32 [heads, Lq, Lk], the same for every batch element.
@@ -27,9 +30,6 @@ struct AttentionOptions {
   //  (batches laid out as image-major runs of M windows).
   Tensor bias;
   Tensor batch_bias;
-  // When set, *probs receives the probabilities [B, heads, Lq, Lk] (after the head mask, as the
-  // reference returns them with output_attentions).
-  Tensor* probs = nullptr;
 };
 
 // q: [B, Lq, heads*dk], k: [B, Lk, heads*dk], v: [B, Lk, heads*dv] -> [B, Lq, heads*dv].

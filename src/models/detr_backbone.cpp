@@ -56,9 +56,9 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   c.downsample_in_first_stage = cfg_get<bool>(bc, "downsample_in_first_stage", false);
   c.downsample_in_bottleneck = cfg_get<bool>(bc, "downsample_in_bottleneck", false);
   if (c.layer_type != "bottleneck" && c.layer_type != "basic")
-    throw Error("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
+    throw ModelError("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
   if (c.depths.size() != c.hidden_sizes.size())
-    throw Error("backbone_config: depths and hidden_sizes differ in length");
+    throw ModelError("backbone_config: depths and hidden_sizes differ in length");
 
   std::vector<std::string> stage_names = {"stem"};
   for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
@@ -69,7 +69,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
     for (int idx : json_to<std::vector<int>>(bc["out_indices"], "backbone_config.out_indices")) {
       int i = idx < 0 ? idx + static_cast<int>(stage_names.size()) : idx;
       if (i < 0 || i >= static_cast<int>(stage_names.size()))
-        throw Error("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
+        throw ModelError("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
       requested.push_back(stage_names[i]);
     }
   } else if (!has_backbone_config) {
@@ -81,7 +81,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   for (auto& name : stage_names)
     if (std::find(requested.begin(), requested.end(), name) != requested.end()) c.out_features.push_back(name);
   if (c.out_features.size() != requested.size())
-    throw Error("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
+    throw ModelError("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
                 std::to_string(c.depths.size()) + ")");
   return c;
 }
@@ -159,7 +159,7 @@ TimmResNetSpec timm_spec(const std::string& name) {
   if (name == "resnext101_32x8d") return {true, {3, 4, 23, 3}, 32, 8};
   if (name == "wide_resnet50_2") return {true, {3, 4, 6, 3}, 1, 128};
   if (name == "wide_resnet101_2") return {true, {3, 4, 23, 3}, 1, 128};
-  throw Error("timm backbone '" + name +
+  throw ModelError("timm backbone '" + name +
               "' is not supported (resnet18/26/34/50/101/152, resnext50_32x4d, resnext101_32x8d, "
               "wide_resnet50_2, wide_resnet101_2)");
 }
@@ -237,7 +237,7 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
     }
     for (int idx : cfg.out_indices) {
       if (idx < 0 || idx > static_cast<int>(spec.depths.size()))
-        throw Error("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
+        throw ModelError("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
                     std::to_string(spec.depths.size()));
       impl->out_levels.push_back(idx);
       channels_.push_back(channels_all[idx]);
