@@ -58,10 +58,20 @@ static void BM_DetrResnet50(benchmark::State& s) {
 static void BM_DetaResnet50(benchmark::State& s) {
   run(s, {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91}}, 800, 1066, true);
 }
+// jozhang97/deta-swin-large's config (convert_deta_swin_to_pytorch.py): Swin-L backbone, stages 2-4.
+static void BM_DetaSwinLarge(benchmark::State& s) {
+  vf::json backbone = {{"model_type", "swin"}, {"embed_dim", 192}, {"depths", {2, 2, 18, 2}},
+                       {"num_heads", {6, 12, 24, 48}}, {"window_size", 12}, {"out_indices", {2, 3, 4}}};
+  run(s, {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91},
+          {"backbone_config", backbone}, {"num_queries", 900}, {"encoder_ffn_dim", 2048}, {"decoder_ffn_dim", 2048},
+          {"num_feature_levels", 5}, {"assign_first_stage", true}, {"with_box_refine", true}, {"two_stage", true}},
+      800, 1066, true);
+}
 
 BENCHMARK(BM_ConvNextTiny)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
 BENCHMARK(BM_DeiTBase)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
 BENCHMARK(BM_DetrResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
 BENCHMARK(BM_DetaResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
+BENCHMARK(BM_DetaSwinLarge)->Unit(benchmark::kMillisecond)->Iterations(1)->UseRealTime();
 
 BENCHMARK_MAIN();

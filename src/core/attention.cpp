@@ -55,6 +55,11 @@ void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor) {
   }
 }
 
+void add_rows(float* s, const float* add, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) s[i] += add[i];
+}
+
 // One operand: element (b, t, h*d + c) lives at p[b*batch_stride + t*row_stride + h*d + c].
 struct Operand {
   const float* p;
@@ -76,6 +81,23 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       throw Error("attention: head_mask must hold one float per head (" + std::to_string(H) + "), got " +
                   shape_str(opt.head_mask.shape()));
     head_mask = opt.head_mask.f32();
+  }
+  const float* bias = nullptr;
+  if (opt.bias.defined()) {
+    if (opt.bias.dtype() != DType::F32 || opt.bias.shape() != Shape{H, Lq, Lk})
+      throw Error("attention: bias must be float32 " + shape_str({H, Lq, Lk}) + ", got " +
+                  shape_str(opt.bias.shape()));
+    bias = opt.bias.f32();
+  }
+  const float* batch_bias = nullptr;
+  int64_t batch_bias_count = 0;
+  if (opt.batch_bias.defined()) {
+    const Tensor& bb = opt.batch_bias;
+    if (bb.dtype() != DType::F32 || bb.dim() != 3 || bb.size(0) == 0 || bb.size(1) != Lq || bb.size(2) != Lk)
+      throw Error("attention: batch_bias must be float32 [M, " + std::to_string(Lq) + ", " + std::to_string(Lk) +
+                  "], got " + shape_str(bb.shape()));
+    batch_bias = bb.f32();
+    batch_bias_count = bb.size(0);
   }
   Tensor out = Tensor::empty({B, Lq, H * dv});
   if (B == 0 || Lq == 0) {
@@ -118,6 +140,8 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       s = scratch.f32() + static_cast<int64_t>(omp_get_thread_num()) * qb * Lk;
 
     sgemm('N', 'T', rows, Lk, dk, opt.scale, qp, q.row_stride, kp, k.row_stride, s, Lk);
+    if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
+    if (batch_bias) add_rows(s, batch_bias + ((b % batch_bias_count) * Lq + i0) * Lk, rows * Lk);
     softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
     sgemm('N', 'N', rows, dv, Lk, 1.0f, s, Lk, vp, v.row_stride, out_p + (b * Lq + i0) * H * dv + h * dv, H * dv);
   }

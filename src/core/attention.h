@@ -23,6 +23,13 @@ struct AttentionOptions {
   // When set, *probs receives the probabilities [B, heads, Lq, Lk] (after the head mask, as the
   // reference returns them with output_attentions).
   Tensor* probs = nullptr;
+  // Optional additive terms on the scaled scores before the softmax, in this order (Swin's window
+  // attention: relative position bias, then the shifted-window mask).
+  //  bias: float32 [heads, Lq, Lk], the same for every batch element.
+  //  batch_bias: float32 [M, Lq, Lk] shared by the heads; batch element b gets batch_bias[b % M]
+  //  (batches laid out as image-major runs of M windows).
+  Tensor bias;
+  Tensor batch_bias;
 };
 
 // q: [B, Lq, heads*dk], k: [B, Lk, heads*dk], v: [B, Lk, heads*dv] -> [B, Lq, heads*dv].

@@ -369,6 +369,69 @@ Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float
   return y;
 }
 
+namespace {
+
+void check_window_grid(int64_t H, int64_t W, int64_t window, int64_t shift, const char* what) {
+  if (window <= 0 || H % window != 0 || W % window != 0 || shift < 0 || shift >= window)
+    throw Error(std::string(what) + ": a " + std::to_string(H) + "x" + std::to_string(W) +
+                " map is not a grid of windows of " + std::to_string(window) + " shifted by " + std::to_string(shift));
+}
+
+}  // namespace
+
+Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) {
+  require_f32(x, "window_partition");
+  if (x.dim() != 4) throw Error("window_partition: x must be [B, H, W, C], got " + shape_str(x.shape()));
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  check_window_grid(H, W, window, shift, "window_partition");
+  const int64_t nh = H / window, nw = W / window;
+  Tensor y = Tensor::empty({B * nh * nw, window * window, C});
+  const float* px = x.f32();
+  float* py = y.f32();
+  // One task per (window, row of the window): a row of a window is at most two contiguous runs of
+  // the source row (it wraps around once when shifted).
+#pragma omp parallel for collapse(2)
+  for (int64_t wi = 0; wi < B * nh * nw; ++wi)
+    for (int64_t i = 0; i < window; ++i) {
+      const int64_t b = wi / (nh * nw), a = (wi / nw) % nh, c = wi % nw;
+      const int64_t r = (a * window + i + shift) % H;
+      const float* row = px + (b * H + r) * W * C;
+      float* dst = py + (wi * window + i) * window * C;
+      for (int64_t j = 0; j < window; ++j)
+        std::memcpy(dst + j * C, row + ((c * window + j + shift) % W) * C, C * sizeof(float));
+    }
+  return y;
+}
+
+Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift, int64_t out_h,
+                      int64_t out_w) {
+  require_f32(windows, "window_reverse");
+  check_window_grid(H, W, window, shift, "window_reverse");
+  const int64_t nh = H / window, nw = W / window;
+  if (windows.dim() != 3 || windows.size(1) != window * window || windows.size(0) % (nh * nw) != 0)
+    throw Error("window_reverse: windows " + shape_str(windows.shape()) + " do not tile a " + std::to_string(H) +
+                "x" + std::to_string(W) + " map by " + std::to_string(window));
+  if (out_h < 0 || out_h > H || out_w < 0 || out_w > W) throw Error("window_reverse: crop larger than the map");
+  const int64_t B = windows.size(0) / (nh * nw), C = windows.size(2);
+  Tensor y = Tensor::empty({B, out_h, out_w, C});
+  const float* pw = windows.f32();
+  float* py = y.f32();
+  // Each output pixel (y, x) reads token ((y - shift) mod window ...) of the window holding the
+  // unshifted position: the gather form of the reference's scatter, so rows are written once.
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t yy = 0; yy < out_h; ++yy) {
+      const int64_t u = (yy - shift + H) % H, a = u / window, i = u % window;
+      float* dst = py + (b * out_h + yy) * out_w * C;
+      for (int64_t xx = 0; xx < out_w; ++xx) {
+        const int64_t v = (xx - shift + W) % W, c = v / window, j = v % window;
+        std::memcpy(dst + xx * C, pw + (((b * nh + a) * nw + c) * window * window + i * window + j) * C,
+                    C * sizeof(float));
+      }
+    }
+  return y;
+}
+
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   if (xs.empty()) throw Error("cat of nothing");
   int64_t d = xs[0].dim();

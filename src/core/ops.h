@@ -117,6 +117,15 @@ Tensor permute(const Tensor& x, const std::vector<int>& perm);
 Tensor transpose_last2(const Tensor& x);
 // Constant padding of an NHWC map (nn.functional.pad on the H and W dims).
 Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float value = 0.0f);
+// Swin's window partition of a cyclically shifted map (torch.roll by -shift on H and W, then
+// window_partition): x [B, H, W, C], H and W multiples of `window` -> [B * nh * nw, window^2, C]
+// (nh = H / window, nw = W / window), windows image-major then row-major, tokens row-major inside a
+// window. Token (i, j) of window (a, c) is x[(a*window + i + shift) mod H, (c*window + j + shift) mod W].
+Tensor window_partition(const Tensor& x, int64_t window, int64_t shift = 0);
+// The inverse (window_reverse, then torch.roll by +shift), keeping only the top-left out_h x out_w
+// (the unpadded map): windows [B * nh * nw, window^2, C] of an H x W map -> [B, out_h, out_w, C].
+Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift, int64_t out_h,
+                      int64_t out_w);
 // Concatenate along `dim` (all other dims equal, same dtype).
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
 // Sub-range along any dim: [begin, end).

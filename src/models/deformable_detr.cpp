@@ -496,7 +496,8 @@ DeformableDetrModel::DeformableDetrModel(const DeformableDetrConfig& cfg, const 
   // Checkpoints saved by transformers 5 drop DeformableDetrConvModel's conv_encoder level.
   std::string backbone_path = variant.backbone_path;
   auto has_stem = [&](const std::string& path) {
-    return w.pp(path).has("conv1.weight") || w.pp(path).has("embedder.embedder.convolution.weight");
+    return w.pp(path).has("conv1.weight") || w.pp(path).has("embedder.embedder.convolution.weight") ||
+           w.pp(path).has("embeddings.patch_embeddings.projection.weight");
   };
   if (!has_stem(backbone_path) && has_stem("backbone.model")) backbone_path = "backbone.model";
   backbone_ = DetrConvEncoder(cfg.backbone_config, w.pp(backbone_path));

@@ -38,9 +38,15 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   }
 
   json bc = has_backbone_config ? config["backbone_config"] : json::object();
-  std::string model_type = cfg_get<std::string>(bc, "model_type", "resnet");
-  if (model_type != "resnet")
-    throw Error("backbone_config.model_type '" + model_type + "' is not supported (only 'resnet')");
+  c.model_type = cfg_get<std::string>(bc, "model_type", "resnet");
+  if (c.model_type == "swin") {
+    c.swin = read_swin_config(bc);
+    c.num_channels = c.swin.num_channels;
+    return c;
+  }
+  if (c.model_type != "resnet")
+    throw ModelError("config.json: backbone_config.model_type '" + c.model_type +
+                     "' is not supported (the DETR family runs 'resnet' and 'swin' backbones)");
   c.num_channels = cfg_get<int64_t>(bc, "num_channels", 3);
   c.embedding_size = cfg_get<int64_t>(bc, "embedding_size", c.embedding_size);
   c.hidden_sizes = cfg_get<std::vector<int64_t>>(bc, "hidden_sizes", c.hidden_sizes);
@@ -50,9 +56,9 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   c.downsample_in_first_stage = cfg_get<bool>(bc, "downsample_in_first_stage", false);
   c.downsample_in_bottleneck = cfg_get<bool>(bc, "downsample_in_bottleneck", false);
   if (c.layer_type != "bottleneck" && c.layer_type != "basic")
-    throw Error("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
+    throw ModelError("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
   if (c.depths.size() != c.hidden_sizes.size())
-    throw Error("backbone_config: depths and hidden_sizes differ in length");
+    throw ModelError("backbone_config: depths and hidden_sizes differ in length");
 
   std::vector<std::string> stage_names = {"stem"};
   for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
@@ -63,7 +69,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
     for (int idx : json_to<std::vector<int>>(bc["out_indices"], "backbone_config.out_indices")) {
       int i = idx < 0 ? idx + static_cast<int>(stage_names.size()) : idx;
       if (i < 0 || i >= static_cast<int>(stage_names.size()))
-        throw Error("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
+        throw ModelError("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
       requested.push_back(stage_names[i]);
     }
   } else if (!has_backbone_config) {
@@ -75,7 +81,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   for (auto& name : stage_names)
     if (std::find(requested.begin(), requested.end(), name) != requested.end()) c.out_features.push_back(name);
   if (c.out_features.size() != requested.size())
-    throw Error("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
+    throw ModelError("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
                 std::to_string(c.depths.size()) + ")");
   return c;
 }
@@ -153,7 +159,7 @@ TimmResNetSpec timm_spec(const std::string& name) {
   if (name == "resnext101_32x8d") return {true, {3, 4, 23, 3}, 32, 8};
   if (name == "wide_resnet50_2") return {true, {3, 4, 6, 3}, 1, 128};
   if (name == "wide_resnet101_2") return {true, {3, 4, 23, 3}, 1, 128};
-  throw Error("timm backbone '" + name +
+  throw ModelError("timm backbone '" + name +
               "' is not supported (resnet18/26/34/50/101/152, resnext50_32x4d, resnext101_32x8d, "
               "wide_resnet50_2, wide_resnet101_2)");
 }
@@ -161,6 +167,7 @@ TimmResNetSpec timm_spec(const std::string& name) {
 }  // namespace
 
 struct DetrConvEncoder::Impl {
+  SwinBackbone swin;  // defined for model_type "swin"; the ResNet members below are then unused
   Conv2d stem;
   bool pool_before_stem_output = false;  // transformers' "stem" feature is after the max pool
   std::vector<std::vector<ResidualBlock>> stages;
@@ -170,6 +177,12 @@ struct DetrConvEncoder::Impl {
 DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w) {
   auto impl = std::make_shared<Impl>();
   const Act relu = Act::Relu;
+  if (!cfg.use_timm_backbone && cfg.model_type == "swin") {
+    impl->swin = SwinBackbone(cfg.swin, w);
+    channels_ = impl->swin.channels();
+    impl_ = std::move(impl);
+    return;
+  }
   if (cfg.use_timm_backbone) {
     TimmResNetSpec spec = timm_spec(cfg.backbone);
     impl->stem = conv_bn(w, "conv1.weight", w.pp("bn1"), 64, cfg.num_channels, 7, conv_opts(7, 2, 1, relu));
@@ -224,7 +237,7 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
     }
     for (int idx : cfg.out_indices) {
       if (idx < 0 || idx > static_cast<int>(spec.depths.size()))
-        throw Error("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
+        throw ModelError("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
                     std::to_string(spec.depths.size()));
       impl->out_levels.push_back(idx);
       channels_.push_back(channels_all[idx]);
@@ -298,6 +311,12 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
     throw Error("pixel_mask must be " + shape_str({B, H, W}) + ", got " + shape_str(mask.shape()));
   }
 
+  if (impl_->swin.defined()) {
+    std::vector<DetrFeatureMap> out;
+    for (Tensor& f : impl_->swin.forward(pixel_values))
+      out.push_back({f, downsample_pixel_mask(mask, f.size(1), f.size(2))});
+    return out;
+  }
   const int last = *std::max_element(impl_->out_levels.begin(), impl_->out_levels.end());
   std::vector<Tensor> levels(last + 1);
   Tensor x = impl_->stem.forward(nchw_to_nhwc(pixel_values));

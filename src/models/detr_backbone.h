@@ -13,6 +13,7 @@
 //  - transformers ResNet (`backbone_config` with model_type "resnet"): embedder.embedder.*,
 //    encoder.stages.N.layers.M.{layer.K,shortcut}.{convolution,normalization}; `out_features` pick
 //    stages ("stem" = after the max pool, "stage1".."stage4").
+// A `backbone_config` with model_type "swin" builds transformers' SwinBackbone instead (models/swin.h).
 // Every BatchNorm is the reference's FrozenBatchNorm2d (eps 1e-5), folded into its convolution at
 // load. Feature maps are channels-last, [B, h, w, C].
 #pragma once
@@ -25,11 +26,15 @@
 #include "core/ops.h"
 #include "core/tensor.h"
 #include "core/weights.h"
+#include "models/swin.h"
 
 namespace vf {
 
 struct DetrBackboneConfig {
   bool use_timm_backbone = true;
+  // backbone_config.model_type when timm is off: "resnet" or "swin".
+  std::string model_type = "resnet";
+  SwinConfig swin;
   // timm
   std::string backbone = "resnet50";
   bool dilation = false;            // DC5: output_stride 16
