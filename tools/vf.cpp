@@ -10,6 +10,8 @@
 #include "core/ops.h"
 #include "exit_codes.h"
 #include "io/draw.h"
+#include "serve/results_json.h"
+#include "serve/server.h"
 #include "visionformers.h"
 
 namespace {
@@ -21,13 +23,9 @@ int cmd_classify(const std::string& model_dir, const std::vector<std::string>& i
   for (auto& path : images) imgs.push_back(vf::load_image(path, /*apply_exif_orientation=*/true));
   auto results = vf::classify(p, imgs, top_k);
   if (as_json) {
-    nlohmann::json all = nlohmann::json::array();
-    for (auto& r : results) {
-      nlohmann::json one = nlohmann::json::array();
-      for (auto& ls : r) one.push_back({{"label", ls.label}, {"score", ls.score}});
-      all.push_back(one);
-    }
-    std::cout << (results.size() == 1 ? all[0] : all).dump(2) << "\n";
+    nlohmann::ordered_json all = nlohmann::ordered_json::array();
+    for (auto& r : results) all.push_back(vf::serve::classify_json(r));
+    std::cout << vf::serve::cli_json_text(all);
   } else {
     for (size_t i = 0; i < results.size(); ++i) {
       std::printf("%s\n", images[i].c_str());
@@ -69,15 +67,8 @@ int cmd_detect(const std::string& model_dir, const std::vector<std::string>& ima
   }
   if (as_json) {
     nlohmann::ordered_json all = nlohmann::ordered_json::array();
-    for (auto& r : results) {
-      nlohmann::ordered_json one = nlohmann::ordered_json::array();
-      for (auto& o : r)
-        one.push_back({{"score", o.score},
-                       {"label", o.label},
-                       {"box", {{"xmin", o.box.xmin}, {"ymin", o.box.ymin}, {"xmax", o.box.xmax}, {"ymax", o.box.ymax}}}});
-      all.push_back(one);
-    }
-    std::cout << (results.size() == 1 ? all[0] : all).dump(2) << "\n";
+    for (auto& r : results) all.push_back(vf::serve::detect_json(r));
+    std::cout << vf::serve::cli_json_text(all);
   } else {
     for (size_t i = 0; i < results.size(); ++i) {
       std::printf("%s: %zu objects\n", images[i].c_str(), results[i].size());
@@ -107,15 +98,7 @@ int cmd_segment(const std::string& model_dir, const std::string& image_path, con
     }
   }
   if (as_json) {
-    nlohmann::ordered_json all = nlohmann::ordered_json::array();
-    for (size_t i = 0; i < seg.segments.size(); ++i) {
-      const auto& s = seg.segments[i];
-      nlohmann::ordered_json one = {{"score", s.score ? nlohmann::ordered_json(*s.score) : nlohmann::ordered_json(nullptr)},
-                            {"label", s.label}};
-      if (!mask_paths[i].empty()) one["mask"] = mask_paths[i];
-      all.push_back(one);
-    }
-    std::cout << all.dump(2) << "\n";
+    std::cout << vf::serve::segment_json(seg, mask_paths).dump(2) << "\n";
   } else {
     std::printf("%s: %zu segments (%s)\n", image_path.c_str(), seg.segments.size(), params.task.c_str());
     for (size_t i = 0; i < seg.segments.size(); ++i) {
@@ -186,6 +169,15 @@ int main(int argc, char** argv) {
   auto* info = app.add_subcommand("info", "what a model folder holds");
   info->add_option("model", model_dir)->required();
 
+  std::vector<std::string> serve_models;
+  vf::serve::ServerOptions serve_opt;
+  auto* serve = app.add_subcommand("serve", "HTTP server: Open Inference Protocol v2 and /v1/models/NAME (README: server)");
+  serve->add_option("models", serve_models, "[NAME=]MODEL ... (NAME: the folder's last component)")->required();
+  serve->add_option("--host", serve_opt.host)->capture_default_str();
+  serve->add_option("--port", serve_opt.port, "0: any free port")->capture_default_str();
+  serve->add_option("--max-batch", serve_opt.max_batch, "images per forward (dynamic batching)")->capture_default_str();
+  serve->add_option("--max-queue", serve_opt.max_queue, "requests waiting per model before 503")->capture_default_str();
+
   auto* check = app.add_subcommand("check", "run a golden case folder and compare with its expected results");
   check->add_option("case", case_dir)->required();
   check->add_option("--images", images_dir, "folder of the case's images")->required();
@@ -203,6 +195,11 @@ int main(int argc, char** argv) {
     if (*detect) return cmd_detect(model_dir, detect_images, threshold, as_json, draw_path);
     if (*segment) return cmd_segment(model_dir, seg_image, seg_params, as_json, out_path);
     if (*info) return cmd_info(model_dir);
+    if (*serve) {
+      std::vector<vf::serve::ModelSpec> specs;
+      for (auto& m : serve_models) specs.push_back(vf::serve::parse_model_arg(m));
+      return vf::serve::serve_until_signal(specs, serve_opt);
+    }
     if (*check) return vf::check::run_check(case_dir, images_dir);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vf: error: %s\n", e.what());
