@@ -733,6 +733,9 @@ struct Server::Impl {
 
   void routes() {
     http.set_payload_max_length(opt.max_body_bytes);
+    // httplib writes headers and body separately: with Nagle on, a client's delayed ACK holds every
+    // answer back ~40 ms.
+    http.set_tcp_nodelay(true);
     const int threads = std::max(1, opt.http_threads);
     http.new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
     // httplib's own errors (413 past the payload limit, 404 for unknown paths) in our JSON shape.

@@ -22,7 +22,7 @@ struct ServerOptions {
   int batch_wait_ms = 5;    // how long the first request of a batch waits for company
   size_t max_body_bytes = 32u << 20;     // larger bodies: 413
   int64_t max_image_pixels = 40'000'000;  // per image, decoded or as pixel_values: larger ones 413
-  int http_threads = 8;
+  int http_threads = 32;  // connections served at once (httplib keeps a keep-alive connection on its thread)
 };
 
 struct ModelSpec {
