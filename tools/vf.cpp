@@ -175,8 +175,12 @@ int main(int argc, char** argv) {
   serve->add_option("models", serve_models, "[NAME=]MODEL ... (NAME: the folder's last component)")->required();
   serve->add_option("--host", serve_opt.host)->capture_default_str();
   serve->add_option("--port", serve_opt.port, "0: any free port")->capture_default_str();
-  serve->add_option("--max-batch", serve_opt.max_batch, "images per forward (dynamic batching)")->capture_default_str();
-  serve->add_option("--max-queue", serve_opt.max_queue, "requests waiting per model before 503")->capture_default_str();
+  serve->add_option("--max-batch", serve_opt.max_batch, "images per forward (dynamic batching)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  serve->add_option("--max-queue", serve_opt.max_queue, "requests waiting per model before 503")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
 
   auto* check = app.add_subcommand("check", "run a golden case folder and compare with its expected results");
   check->add_option("case", case_dir)->required();
