@@ -15,6 +15,8 @@
 #include "core/ops.h"
 #include "exit_codes.h"
 #include "io/draw.h"
+#include "serve/results_json.h"
+#include "serve/server.h"
 #include "visionformers.h"
 
 namespace {
@@ -86,15 +88,13 @@ int cmd_classify(const std::string& model_dir, const RunOptions& o, int top_k) {
                                   Results& out) {
     auto results = vf::classify(p, images, top_k);
     for (size_t i = 0; i < results.size(); ++i) {
-      nlohmann::ordered_json one = nlohmann::ordered_json::array();
       std::string text = paths[indices[i]] + "\n";
       for (auto& ls : results[i]) {
-        one.push_back({{"label", ls.label}, {"score", ls.score}});
         char line[64];
         std::snprintf(line, sizeof line, "  %8.5f  ", ls.score);
         text += line + ls.label + "\n";
       }
-      out.add(indices[i], std::move(one), text);
+      out.add(indices[i], vf::serve::classify_json(results[i]), text);
     }
   });
 }
@@ -135,21 +135,17 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
         vf::draw_boxes(drawn, boxes);
         vf::save_png(paths.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(n)), drawn);
       }
-      nlohmann::ordered_json one = nlohmann::ordered_json::array();
       char head[64];
       std::snprintf(head, sizeof head, ": %zu objects\n", results[i].size());
       std::string text = paths[n] + head;
       for (auto& d : results[i]) {
-        one.push_back({{"score", d.score},
-                       {"label", d.label},
-                       {"box", {{"xmin", d.box.xmin}, {"ymin", d.box.ymin}, {"xmax", d.box.xmax}, {"ymax", d.box.ymax}}}});
         if (!coco_path.empty()) coco.push_back(vf::cli::coco_result(image_ids[n], d));
         char line[160];
         std::snprintf(line, sizeof line, "  %8.5f  %-20s  [%d, %d, %d, %d]\n", d.score, d.label.c_str(), d.box.xmin,
                       d.box.ymin, d.box.xmax, d.box.ymax);
         text += line;
       }
-      out.add(n, std::move(one), text);
+      out.add(n, vf::serve::detect_json(results[i]), text);
     }
   });
   if (coco_file) coco_file->commit(coco.dump() + "\n");
@@ -180,20 +176,15 @@ int cmd_segment(const std::string& model_dir, const RunOptions& o, const vf::Seg
           vf::save_png(mask_paths[k], vf::render_mask(seg.map, seg.segments[k].id));
         }
       }
-      nlohmann::ordered_json one = nlohmann::ordered_json::array();
       std::string text = paths[n] + ": " + std::to_string(seg.segments.size()) + " segments (" + params.task + ")\n";
       for (size_t k = 0; k < seg.segments.size(); ++k) {
         const auto& s = seg.segments[k];
-        nlohmann::ordered_json entry = {
-            {"score", s.score ? nlohmann::ordered_json(*s.score) : nlohmann::ordered_json(nullptr)}, {"label", s.label}};
-        if (!mask_paths[k].empty()) entry["mask"] = mask_paths[k];
-        one.push_back(entry);
         std::string score = s.score ? score_text(*s.score) : "-";
         char line[64];
         std::snprintf(line, sizeof line, "  id %-4lld %8s  ", static_cast<long long>(s.id), score.c_str());
         text += line + s.label + (mask_paths[k].empty() ? "" : "  ") + mask_paths[k] + "\n";
       }
-      out.add(n, std::move(one), text);
+      out.add(n, vf::serve::segment_json(seg, out_path.empty() ? std::vector<std::string>{} : mask_paths), text);
     }
   });
 }
@@ -269,6 +260,19 @@ int main(int argc, char** argv) {
   auto* info = app.add_subcommand("info", "what a model folder holds");
   info->add_option("model", model_dir)->required();
 
+  std::vector<std::string> serve_models;
+  vf::serve::ServerOptions serve_opt;
+  auto* serve = app.add_subcommand("serve", "HTTP server: Open Inference Protocol v2 and /v1/models/NAME (README: server)");
+  serve->add_option("models", serve_models, "[NAME=]MODEL ... (NAME: the folder's last component)")->required();
+  serve->add_option("--host", serve_opt.host)->capture_default_str();
+  serve->add_option("--port", serve_opt.port, "0: any free port")->capture_default_str();
+  serve->add_option("--max-batch", serve_opt.max_batch, "images per forward (dynamic batching)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  serve->add_option("--max-queue", serve_opt.max_queue, "requests waiting per model before 503")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
+
   auto* check = app.add_subcommand("check", "run a golden case folder and compare with its expected results");
   check->add_option("case", case_dir)->required();
   check->add_option("--images", images_dir, "folder of the case's images")->required();
@@ -295,6 +299,11 @@ int main(int argc, char** argv) {
       return cmd_segment(model_dir, run, seg_params, out_path);
     }
     if (*info) return cmd_info(model_dir);
+    if (*serve) {
+      std::vector<vf::serve::ModelSpec> specs;
+      for (auto& m : serve_models) specs.push_back(vf::serve::parse_model_arg(m));
+      return vf::serve::serve_until_signal(specs, serve_opt);
+    }
     if (*check) return vf::check::run_check(case_dir, images_dir);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vf: error: %s\n", e.what());

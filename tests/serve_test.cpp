@@ -1,0 +1,426 @@
+// The HTTP server (src/serve): started in-process on 127.0.0.1 port 0 with the vendored tiny models,
+// and `vf serve` as a process for SIGTERM. Answers are compared with the `vf` CLI's --json output
+// and with the front door's own results for the same images.
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "serve/server.h"
+#include "test_util.h"
+#include "visionformers.h"
+
+namespace {
+
+using nlohmann::json;
+
+std::string tiny_convnext() { return std::string(VF_SOURCE_DIR) + "/assets/tiny-convnext"; }
+std::string cat_jpg() { return std::string(VF_SOURCE_DIR) + "/assets/cat.jpg"; }
+std::string image(const std::string& name) { return vf::test::images_dir() + "/" + name; }
+
+std::string base64(const std::string& bytes) {
+  static const char* k = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  size_t i = 0;
+  for (; i + 2 < bytes.size(); i += 3) {
+    uint32_t v = uint8_t(bytes[i]) << 16 | uint8_t(bytes[i + 1]) << 8 | uint8_t(bytes[i + 2]);
+    for (int s = 18; s >= 0; s -= 6) out += k[(v >> s) & 63];
+  }
+  if (i + 1 == bytes.size()) {
+    uint32_t v = uint8_t(bytes[i]) << 16;
+    out += k[(v >> 18) & 63];
+    out += k[(v >> 12) & 63];
+    out += "==";
+  } else if (i + 2 == bytes.size()) {
+    uint32_t v = uint8_t(bytes[i]) << 16 | uint8_t(bytes[i + 1]) << 8;
+    out += k[(v >> 18) & 63];
+    out += k[(v >> 12) & 63];
+    out += k[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+// `vf ARGS` stdout.
+std::string vf_stdout(const std::string& args) {
+  std::string out = vf::test::temp_dir("serve") + "/cli.json";
+  int rc = std::system((std::string(VF_VF_BINARY) + " " + args + " >" + out).c_str());
+  EXPECT_EQ(rc, 0) << args;
+  return vf::test::read_bytes(out);
+}
+
+// A running in-process server.
+struct Running {
+  vf::serve::Server server;
+  int port;
+  std::thread thread;
+  Running(const std::vector<vf::serve::ModelSpec>& models, const vf::serve::ServerOptions& opt)
+      : server(models, opt), port(server.bind()), thread([this] { server.listen(); }) {}
+  ~Running() {
+    server.stop();
+    thread.join();
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(120, 0);
+    return c;
+  }
+};
+
+class Serve : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    vf::serve::ServerOptions opt;
+    opt.port = 0;
+    opt.max_batch = 4;
+    running_ = new Running({vf::serve::parse_model_arg(tiny_convnext()),
+                            {"det", vf::test::golden_case("conditional-detr-tiny-det")},
+                            {"backbone", vf::test::golden_case("convnext-tiny-backbone")}},
+                           opt);
+  }
+  static void TearDownTestSuite() {
+    delete running_;
+    running_ = nullptr;
+  }
+  static Running* running_;
+};
+Running* Serve::running_ = nullptr;
+
+TEST(ServeArgs, ModelNames) {
+  auto a = vf::serve::parse_model_arg("models/tiny-convnext/");
+  EXPECT_EQ(a.name, "tiny-convnext");
+  EXPECT_EQ(a.path, "models/tiny-convnext/");
+  auto b = vf::serve::parse_model_arg("cls=models/x=y");
+  EXPECT_EQ(b.name, "cls");
+  EXPECT_EQ(b.path, "models/x=y");
+  EXPECT_EQ(vf::serve::parse_model_arg("a/b=c").name, "b=c");
+}
+
+TEST_F(Serve, HealthAndMetadata) {
+  auto c = running_->client();
+  for (const char* path : {"/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/tiny-convnext/ready"}) {
+    auto r = c.Get(path);
+    ASSERT_TRUE(r) << path;
+    EXPECT_EQ(r->status, 200) << path;
+  }
+  EXPECT_EQ(json::parse(c.Get("/v2/health/live")->body)["live"], true);
+  EXPECT_EQ(json::parse(c.Get("/v2")->body)["name"], "visionformers");
+
+  auto r = c.Get("/v2/models/tiny-convnext");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200);
+  json meta = json::parse(r->body);
+  EXPECT_EQ(meta["name"], "tiny-convnext");
+  json logits, results;
+  for (auto& o : meta["outputs"]) {
+    if (o["name"] == "logits") logits = o;
+    if (o["name"] == "results") results = o;
+  }
+  EXPECT_EQ(logits["datatype"], "FP32");
+  EXPECT_EQ(logits["shape"], json::array({-1, 5}));  // num_labels 5 in its config
+  EXPECT_EQ(results["datatype"], "BYTES");
+
+  // DETR's processor keeps the aspect ratio: the hidden states' length varies with the image.
+  json det = json::parse(c.Get("/v2/models/det")->body);
+  for (auto& o : det["outputs"]) {
+    if (o["name"] == "pred_boxes") EXPECT_EQ(o["shape"][2], 4);
+    if (o["name"] == "encoder_last_hidden_state") EXPECT_EQ(o["shape"][1], -1);
+  }
+  // A backbone has no pipeline: no results output.
+  json bb = json::parse(c.Get("/v2/models/backbone")->body);
+  for (auto& o : bb["outputs"]) EXPECT_NE(o["name"], "results");
+
+  auto missing = c.Get("/v2/models/nope");
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_TRUE(json::parse(missing->body).contains("error"));
+  EXPECT_EQ(c.Get("/v2/models/nope/ready")->status, 404);
+}
+
+TEST_F(Serve, V1AnswersWhatTheCliPrints) {
+  auto c = running_->client();
+  auto r = c.Post("/v1/models/tiny-convnext?top_k=3", vf::test::read_bytes(cat_jpg()), "image/jpeg");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(r->body, vf_stdout("classify " + tiny_convnext() + " " + cat_jpg() + " --top-k 3 --json"));
+  EXPECT_EQ(json::parse(r->body).size(), 3u);
+  // Any Content-Type: curl --data-binary sends a 13 KB image as a form.
+  auto form = c.Post("/v1/models/tiny-convnext?top_k=3", vf::test::read_bytes(cat_jpg()), "application/x-www-form-urlencoded");
+  ASSERT_TRUE(form);
+  EXPECT_EQ(form->status, 200);
+  EXPECT_EQ(form->body, r->body);
+
+  // Detection at threshold 0 lists every query, so the comparison covers all of them.
+  std::string det = vf::test::golden_case("conditional-detr-tiny-det");
+  auto d = c.Post("/v1/models/det?threshold=0", vf::test::read_bytes(image("rocket.jpg")), "application/octet-stream");
+  ASSERT_TRUE(d);
+  ASSERT_EQ(d->status, 200) << d->body;
+  EXPECT_EQ(d->body, vf_stdout("detect " + det + " " + image("rocket.jpg") + " --threshold 0 --json"));
+  EXPECT_GT(json::parse(d->body).size(), 0u);
+
+  auto backbone = c.Post("/v1/models/backbone", vf::test::read_bytes(cat_jpg()), "image/jpeg");
+  EXPECT_EQ(backbone->status, 400);
+}
+
+TEST_F(Serve, V2Base64MatchesTheLibrary) {
+  auto p = vf::Pretrained::from_pretrained(tiny_convnext());
+  vf::Image cat = vf::load_image(cat_jpg(), true), camera = vf::load_image(image("camera.png"), true);
+  vf::ModelOutput expected = p.run({cat, camera});
+  auto labels = vf::classify(p, {cat, camera}, 2);
+
+  json req = {{"id", "42"},
+              {"parameters", {{"top_k", 2}}},
+              {"inputs",
+               {{{"name", "image"},
+                 {"datatype", "BYTES"},
+                 {"shape", {2}},
+                 {"data", {base64(vf::test::read_bytes(cat_jpg())), base64(vf::test::read_bytes(image("camera.png")))}}}}}};
+  auto r = running_->client().Post("/v2/models/tiny-convnext/infer", req.dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  json ans = json::parse(r->body);
+  EXPECT_EQ(ans["id"], "42");
+  EXPECT_EQ(ans["model_name"], "tiny-convnext");
+  bool saw_logits = false, saw_results = false;
+  for (auto& o : ans["outputs"]) {
+    if (o["name"] == "logits") {
+      saw_logits = true;
+      EXPECT_EQ(o["shape"], json::array({2, 5}));
+      const vf::Tensor& l = expected.get("logits");
+      ASSERT_EQ(o["data"].size(), size_t(l.numel()));
+      for (int64_t i = 0; i < l.numel(); ++i) EXPECT_EQ(o["data"][i].get<float>(), l.f32()[i]) << i;
+    }
+    if (o["name"] == "results") {
+      saw_results = true;
+      EXPECT_EQ(o["datatype"], "BYTES");
+      ASSERT_EQ(o["data"].size(), 2u);
+      for (size_t i = 0; i < 2; ++i) {
+        json one = json::parse(o["data"][i].get<std::string>());
+        ASSERT_EQ(one.size(), 2u);
+        for (size_t k = 0; k < 2; ++k) {
+          EXPECT_EQ(one[k]["label"], labels[i][k].label);
+          EXPECT_FLOAT_EQ(one[k]["score"].get<float>(), labels[i][k].score);
+        }
+      }
+    }
+  }
+  EXPECT_TRUE(saw_logits);
+  EXPECT_TRUE(saw_results);
+}
+
+// Triton's binary data extension, both ways: the image as a length-prefixed BYTES element, logits
+// back as raw little-endian float32, results as JSON.
+TEST_F(Serve, V2BinaryData) {
+  auto p = vf::Pretrained::from_pretrained(tiny_convnext());
+  const vf::Tensor logits = p.run({vf::load_image(cat_jpg(), true)}).get("logits");
+  std::string file = vf::test::read_bytes(cat_jpg());
+  std::string element;
+  uint32_t n = uint32_t(file.size());
+  element.append(reinterpret_cast<const char*>(&n), 4);  // little-endian on x86-64
+  element += file;
+  json header = {{"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {1}},
+                               {"parameters", {{"binary_data_size", element.size()}}}}}},
+                 {"outputs", {{{"name", "logits"}, {"parameters", {{"binary_data", true}}}}, {{"name", "results"}}}}};
+  std::string h = header.dump();
+  httplib::Headers headers = {{"Inference-Header-Content-Length", std::to_string(h.size())}};
+  auto r = running_->client().Post("/v2/models/tiny-convnext/infer", headers, h + element, "application/octet-stream");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  ASSERT_TRUE(r->has_header("Inference-Header-Content-Length"));
+  size_t json_len = std::stoul(r->get_header_value("Inference-Header-Content-Length"));
+  json ans = json::parse(r->body.substr(0, json_len));
+  ASSERT_EQ(ans["outputs"].size(), 2u);
+  EXPECT_EQ(ans["outputs"][0]["name"], "logits");
+  EXPECT_EQ(ans["outputs"][0]["parameters"]["binary_data_size"], 20);
+  ASSERT_EQ(r->body.size(), json_len + 20);
+  std::vector<float> got(5);
+  std::memcpy(got.data(), r->body.data() + json_len, 20);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(got[i], logits.f32()[i]) << i;
+  EXPECT_EQ(ans["outputs"][1]["name"], "results");
+  EXPECT_EQ(json::parse(ans["outputs"][1]["data"][0].get<std::string>())[0]["label"],
+            json::parse(vf_stdout("classify " + tiny_convnext() + " " + cat_jpg() + " --json"))[0]["label"]);
+}
+
+// pixel_values (with pixel_mask as binary INT64) go to the model alone: the same tensors as run().
+TEST_F(Serve, V2PixelValues) {
+  auto p = vf::Pretrained::from_pretrained(vf::test::golden_case("conditional-detr-tiny-det"));
+  vf::Image img = vf::load_image(image("chelsea.png"), true);
+  vf::BatchFeature f = p.processor->preprocess({img});
+  vf::ModelOutput expected = p.run({img});
+  const vf::Tensor& pv = f.pixel_values;
+  std::vector<float> values(pv.f32(), pv.f32() + pv.numel());
+  json header = {{"inputs",
+                  {{{"name", "pixel_values"}, {"datatype", "FP32"}, {"shape", pv.shape()}, {"data", values}},
+                   {{"name", "pixel_mask"}, {"datatype", "INT64"}, {"shape", f.pixel_mask.shape()},
+                    {"parameters", {{"binary_data_size", f.pixel_mask.nbytes()}}}}}},
+                 {"outputs", {{{"name", "pred_boxes"}}, {{"name", "logits"}}}}};
+  std::string h = header.dump();
+  httplib::Headers headers = {{"Inference-Header-Content-Length", std::to_string(h.size())}};
+  std::string body = h + std::string(static_cast<const char*>(f.pixel_mask.raw()), f.pixel_mask.nbytes());
+  auto r = running_->client().Post("/v2/models/det/infer", headers, body, "application/octet-stream");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  json ans = json::parse(r->body);
+  ASSERT_EQ(ans["outputs"].size(), 2u);
+  for (auto& o : ans["outputs"]) {
+    const vf::Tensor& t = expected.get(o["name"]);
+    EXPECT_EQ(o["shape"].get<std::vector<int64_t>>(), t.shape());
+    ASSERT_EQ(o["data"].size(), size_t(t.numel()));
+    for (int64_t i = 0; i < t.numel(); ++i) ASSERT_EQ(o["data"][i].get<float>(), t.f32()[i]) << o["name"] << i;
+  }
+  // No original image size, so no post-processed results.
+  header["outputs"] = {{{"name", "results"}}};
+  h = header.dump();
+  headers = {{"Inference-Header-Content-Length", std::to_string(h.size())}};
+  body = h + std::string(static_cast<const char*>(f.pixel_mask.raw()), f.pixel_mask.nbytes());
+  EXPECT_EQ(running_->client().Post("/v2/models/det/infer", headers, body, "application/octet-stream")->status, 400);
+}
+
+TEST_F(Serve, BadRequests) {
+  auto c = running_->client();
+  auto expect = [](const httplib::Result& r, int status, const std::string& what) {
+    ASSERT_TRUE(r) << what;
+    EXPECT_EQ(r->status, status) << what << ": " << r->body;
+    EXPECT_TRUE(json::parse(r->body).contains("error")) << what;
+  };
+  std::string cat = vf::test::read_bytes(cat_jpg());
+  expect(c.Post("/v1/models/nope", cat, "image/jpeg"), 404, "unknown model");
+  expect(c.Post("/v2/models/nope/infer", "{}", "application/json"), 404, "unknown model v2");
+  expect(c.Post("/v1/models/tiny-convnext", "not an image", "image/jpeg"), 400, "garbage image");
+  expect(c.Post("/v1/models/tiny-convnext", vf::test::read_bytes(image("truncated.jpg")), "image/jpeg"), 400, "truncated");
+  expect(c.Post("/v1/models/tiny-convnext", "", "image/jpeg"), 400, "empty body");
+  expect(c.Post("/v1/models/tiny-convnext?top_k=abc", cat, "image/jpeg"), 400, "bad top_k");
+  expect(c.Post("/v2/models/tiny-convnext/infer", "{not json", "application/json"), 400, "bad JSON");
+  json bad64 = {{"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {1}}, {"data", {"***"}}}}}};
+  expect(c.Post("/v2/models/tiny-convnext/infer", bad64.dump(), "application/json"), 400, "bad base64");
+  json count = {{"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {2}}, {"data", {base64(cat)}}}}}};
+  expect(c.Post("/v2/models/tiny-convnext/infer", count.dump(), "application/json"), 400, "shape vs data");
+  json pv = {{"inputs", {{{"name", "pixel_values"}, {"datatype", "FP32"}, {"shape", {1, 2, 2, 2}}, {"data", std::vector<float>(8)}}}}};
+  expect(c.Post("/v2/models/tiny-convnext/infer", pv.dump(), "application/json"), 400, "two channels");
+  json out = {{"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {1}}, {"data", {base64(cat)}}}}},
+              {"outputs", {{{"name", "nope"}}}}};
+  expect(c.Post("/v2/models/tiny-convnext/infer", out.dump(), "application/json"), 400, "unknown output");
+  std::string h = "{\"inputs\": []}";
+  expect(c.Post("/v2/models/tiny-convnext/infer", {{"Inference-Header-Content-Length", "999"}}, h, "application/json"), 400,
+         "header length");
+  // Still serving after all that.
+  EXPECT_EQ(c.Post("/v1/models/tiny-convnext", cat, "image/jpeg")->status, 200);
+}
+
+TEST(ServeLimits, TooLargeAndBusy) {
+  vf::serve::ServerOptions opt;
+  opt.port = 0;
+  opt.max_body_bytes = 4000;
+  opt.max_image_pixels = 100;
+  opt.max_queue = 0;  // nothing may wait: every request that reaches the queue is turned away
+  Running s({vf::serve::parse_model_arg(tiny_convnext())}, opt);
+  auto c = s.client();
+  auto big = c.Post("/v1/models/tiny-convnext", vf::test::read_bytes(cat_jpg()), "image/jpeg");  // 13 KB
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
+  EXPECT_TRUE(json::parse(big->body).contains("error"));
+
+  std::string dir = vf::test::temp_dir("serve_limits");
+  vf::Image img;
+  img.height = 20;
+  img.width = 20;  // 400 pixels > 100
+  img.rgb.assign(20 * 20 * 3, 90);
+  vf::save_png(dir + "/20.png", img);
+  auto many = c.Post("/v1/models/tiny-convnext", vf::test::read_bytes(dir + "/20.png"), "image/png");
+  ASSERT_TRUE(many);
+  EXPECT_EQ(many->status, 413) << many->body;
+
+  img.height = img.width = 8;
+  img.rgb.assign(8 * 8 * 3, 90);
+  vf::save_png(dir + "/8.png", img);
+  auto busy = c.Post("/v1/models/tiny-convnext", vf::test::read_bytes(dir + "/8.png"), "image/png");
+  ASSERT_TRUE(busy);
+  EXPECT_EQ(busy->status, 503);
+  EXPECT_EQ(busy->get_header_value("Retry-After"), "1");
+}
+
+// 8 clients at once, batched by the server, get what one client gets alone.
+TEST_F(Serve, ConcurrentClientsGetSerialResults) {
+  const std::vector<std::string> files = {cat_jpg(), image("camera.png"), image("chelsea.png"), image("rocket.jpg")};
+  std::vector<std::string> bodies, serial;
+  auto c = running_->client();
+  for (auto& f : files) {
+    bodies.push_back(vf::test::read_bytes(f));
+    auto r = c.Post("/v1/models/tiny-convnext?top_k=5", bodies.back(), "image/jpeg");
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200);
+    serial.push_back(r->body);
+  }
+  constexpr int kClients = 8, kRequests = 6;
+  std::vector<std::vector<std::string>> got(kClients);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kClients; ++t)
+    threads.emplace_back([&, t] {
+      auto cc = running_->client();
+      for (int i = 0; i < kRequests; ++i) {
+        auto r = cc.Post("/v1/models/tiny-convnext?top_k=5", bodies[(t + i) % bodies.size()], "image/jpeg");
+        got[t].push_back(r && r->status == 200 ? r->body : "failed");
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kClients; ++t)
+    for (int i = 0; i < kRequests; ++i) {
+      const json a = json::parse(got[t][i], nullptr, false), b = json::parse(serial[(t + i) % bodies.size()]);
+      ASSERT_FALSE(a.is_discarded()) << got[t][i];
+      ASSERT_EQ(a.size(), b.size());
+      // A batch of several images may round its last bits differently from a batch of one.
+      for (size_t k = 0; k < a.size(); ++k) {
+        EXPECT_EQ(a[k]["label"], b[k]["label"]);
+        EXPECT_NEAR(a[k]["score"].get<double>(), b[k]["score"].get<double>(), 1e-6);
+      }
+    }
+}
+
+// `vf serve` as a process: prints its address, serves, and exits 0 on SIGTERM.
+TEST(ServeProcess, SigtermExitsZero) {
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(out[1], 1);
+    close(out[0]);
+    execl(VF_VF_BINARY, VF_VF_BINARY, "serve", ("tiny=" + tiny_convnext()).c_str(), "--port", "0", nullptr);
+    _exit(127);
+  }
+  close(out[1]);
+  std::string line;
+  char ch;
+  pollfd pfd{out[0], POLLIN, 0};
+  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 60000) > 0 && read(out[0], &ch, 1) == 1) line += ch;
+  close(out[0]);
+  ASSERT_EQ(line.rfind("listening on http://127.0.0.1:", 0), 0u) << line;
+  int port = std::stoi(line.substr(std::strlen("listening on http://127.0.0.1:")));
+  httplib::Client c("127.0.0.1", port);
+  c.set_read_timeout(60, 0);
+  auto r = c.Post("/v1/models/tiny", vf::test::read_bytes(cat_jpg()), "image/jpeg");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  kill(pid, SIGTERM);
+  int status = 0;
+  bool reaped = false;
+  for (int i = 0; i < 600 && !reaped; ++i) {
+    reaped = waitpid(pid, &status, WNOHANG) == pid;
+    if (!reaped) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (!reaped) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    FAIL() << "vf serve did not exit within 60 s of SIGTERM";
+  }
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+}  // namespace
