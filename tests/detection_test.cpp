@@ -379,6 +379,36 @@ TEST(DetPost, GoldenComparisonCatchesWrongOutputs) {
   EXPECT_GT(run_post_on(c, outs).first, 0);
 }
 
+// A NaN must fail, never match: comparisons with NaN are false, so "score differs by more than the
+// tolerance" and "box error above the tolerance" both let a NaN through unless it is checked.
+TEST(DetPost, GoldenComparisonFailsOnNaN) {
+  for (const char* name : {"postproc-deta", "postproc-detr"}) {
+    check::Case c = load_case(name);
+    ASSERT_EQ(run_post_on(c, c.expected).first, 0) << name;
+    // The best query's box becomes NaN (its score and label stay right).
+    std::map<std::string, Tensor> outs = c.expected;
+    const Tensor& l0 = outs["logits"];
+    const int64_t Q = l0.size(1), C = l0.size(2);
+    const float* l = l0.f32();
+    const int64_t best_query = (std::max_element(l, l + Q * C) - l) / C;
+    Tensor boxes = outs["pred_boxes"].clone();
+    for (int k = 0; k < 4; ++k) boxes.f32()[4 * best_query + k] = NAN;
+    outs["pred_boxes"] = boxes;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN box";
+    // One NaN coordinate only.
+    boxes = c.expected.at("pred_boxes").clone();
+    boxes.f32()[4 * best_query + 2] = NAN;
+    outs["pred_boxes"] = boxes;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN width";
+    // The best query's logits become NaN: its score is NaN.
+    outs = c.expected;
+    Tensor logits = outs["logits"].clone();
+    for (int64_t k = 0; k < C; ++k) logits.f32()[best_query * C + k] = NAN;
+    outs["logits"] = logits;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN score";
+  }
+}
+
 // ---- losses -------------------------------------------------------------------------------------------
 #include "core/ops.h"
 #include "models/detr_loss.h"

@@ -42,6 +42,7 @@ void CheckReport::pass(const std::string& name, const std::string& detail) {
 }
 
 void CheckReport::fail(const std::string& name, const std::string& detail) {
+  ++checked_;
   ++failures_;
   std::printf("  %-40s %s  FAIL\n", name.c_str(), detail.c_str());
 }
