@@ -506,8 +506,11 @@ TEST(CliVf, ClassifyAppliesExifOrientation) {
   float max_diff_upright = 0, max_diff_sideways = 0;
   for (size_t i = 0; i < 5; ++i) {
     EXPECT_EQ(ja[i]["label"], jb[i]["label"]);
-    max_diff_upright = std::max(max_diff_upright, std::fabs(ja[i]["score"].get<float>() - jb[i]["score"].get<float>()));
-    max_diff_sideways = std::max(max_diff_sideways, std::fabs(ja[i]["score"].get<float>() - jc[i]["score"].get<float>()));
+    // A NaN must stick (std::max(m, NaN) returns m) so that the expectations below fail on it.
+    const float up = std::fabs(ja[i]["score"].get<float>() - jb[i]["score"].get<float>());
+    const float side = std::fabs(ja[i]["score"].get<float>() - jc[i]["score"].get<float>());
+    if (!(up <= max_diff_upright)) max_diff_upright = up;
+    if (!(side <= max_diff_sideways)) max_diff_sideways = side;
   }
   EXPECT_LT(max_diff_upright, 1e-6f);
   EXPECT_GT(max_diff_sideways, max_diff_upright);  // the orientation matters to the scores at all

@@ -443,8 +443,8 @@ TEST(ProcDetrFixtures, CocoDetectionAnnotations) {
   expect_near_all(values_of(t.area), {5887.9600, 11250.2061, 489353.8438, 837122.7500, 147967.5156, 165732.3438}, 1e-8,
                   1e-5, "area");
   ASSERT_EQ(shape_str(t.boxes.shape()), "[6, 4]");
-  expect_near_all(std::vector<double>(values_of(t.boxes).begin(), values_of(t.boxes).begin() + 4),
-                  {0.5503, 0.2765, 0.0604, 0.2215}, 1e-3, 0, "boxes[0]");
+  const std::vector<double> boxes = values_of(t.boxes);
+  expect_near_all({boxes.begin(), boxes.begin() + 4}, {0.5503, 0.2765, 0.0604, 0.2215}, 1e-3, 0, "boxes[0]");
   EXPECT_EQ(values_of(t.image_id), std::vector<double>{39769});
   EXPECT_EQ(values_of(t.iscrowd), std::vector<double>(6, 0.0));
   EXPECT_EQ(values_of(t.class_labels), (std::vector<double>{75, 75, 63, 65, 17, 17}));
@@ -459,15 +459,15 @@ TEST(ProcDetrFixtures, BatchedCocoDetectionAnnotationsWithMasks) {
   Image image0 = load_image(dir + "/000000039769.png");
   // The reference test resizes the image to 800x800 with PIL (bicubic); only its size matters here.
   Image image1 = resize_pil(image0, 800, 800, Resample::Bicubic);
+  // The test scales the boxes (not the polygons) to the second image's size, coords * w_1 / w_0, in
+  // dicts that both annotations share: the first image gets the scaled boxes too (clipped to it).
   json objects = read_json_file(dir + "/coco_annotations.txt");
-  json annotations = json::array({{{"image_id", 39769}, {"annotations", objects}}, {{"image_id", 39769}, {"annotations", objects}}});
-  // The boxes (not the polygons) of the second image are scaled to its size, as Python computes
-  // coords * w_1 / w_0.
-  for (json& obj : annotations[1]["annotations"]) {
+  for (json& obj : objects) {
     json& b = obj["bbox"];
     b = json::array({b[0].get<double>() * 800 / 640, b[1].get<double>() * 800 / 480, b[2].get<double>() * 800 / 640,
                      b[3].get<double>() * 800 / 480});
   }
+  json annotations = json::array({{{"image_id", 39769}, {"annotations", objects}}, {{"image_id", 39769}, {"annotations", objects}}});
   PreprocessInputs inputs;
   inputs.annotations = &annotations;
   inputs.return_segmentation_masks = true;
@@ -520,8 +520,8 @@ TEST(ProcDetrFixtures, CocoPanopticAnnotations) {
   expect_near_all(values_of(t.area), {147979.6875, 165527.0469, 484638.5938, 11292.9375, 5879.6562, 7634.1147}, 1e-8,
                   1e-5, "area");
   ASSERT_EQ(shape_str(t.boxes.shape()), "[6, 4]");
-  expect_near_all(std::vector<double>(values_of(t.boxes).begin(), values_of(t.boxes).begin() + 4),
-                  {0.2625, 0.5437, 0.4688, 0.8625}, 1e-3, 0, "boxes[0]");
+  const std::vector<double> boxes = values_of(t.boxes);
+  expect_near_all({boxes.begin(), boxes.begin() + 4}, {0.2625, 0.5437, 0.4688, 0.8625}, 1e-3, 0, "boxes[0]");
   EXPECT_EQ(values_of(t.class_labels), (std::vector<double>{17, 17, 63, 75, 75, 93}));
   EXPECT_EQ(values_of(t.iscrowd), std::vector<double>(6, 0.0));
   ASSERT_TRUE(t.masks.defined());
