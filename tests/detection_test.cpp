@@ -409,6 +409,25 @@ TEST(DetPost, GoldenComparisonFailsOnNaN) {
   }
 }
 
+// vf check's tensor comparison: a NaN on our side fails at any tolerance, and so does a shape that
+// differs with the same element count.
+TEST(DetPost, CheckReportFailsOnNaNAndShapeMismatch) {
+  const Tensor a = Tensor::from<float>({2, 2}, {1, 2, 3, 4});
+  const Tensor nan = Tensor::from<float>({2, 2}, {1, 2, NAN, 4});
+  check::CheckReport r;
+  r.compare("same", a, a, 0.0);
+  EXPECT_EQ(r.failures(), 0);
+  r.compare("nan", nan, a, 1e9);
+  EXPECT_EQ(r.failures(), 1);
+  r.compare_scaled("nan scaled", nan, a, 1e9);
+  EXPECT_EQ(r.failures(), 2);
+  r.compare("shape", a, a.reshape({4}), 1e9);
+  EXPECT_EQ(r.failures(), 3);
+  r.compare("shape", a, a.reshape({1, 4}), 1e9);
+  EXPECT_EQ(r.failures(), 4);
+  EXPECT_EQ(r.checked(), 5);
+}
+
 // ---- losses -------------------------------------------------------------------------------------------
 #include "core/ops.h"
 #include "models/detr_loss.h"
