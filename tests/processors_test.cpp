@@ -11,6 +11,7 @@
 #include "io/image.h"
 #include "io/json.h"
 #include "io/safetensors.h"
+#include "processors/coco_mask.h"
 #include "processors/image_processor.h"
 #include "processors/resample.h"
 #include "test_util.h"
@@ -504,6 +505,29 @@ TEST(ProcDetrFixtures, BatchedCocoDetectionAnnotationsWithMasks) {
     EXPECT_GT(sum, 0) << k;
   }
   EXPECT_EQ(padded, 0);
+}
+
+TEST(ProcDetrFixtures, PolygonMasksCoverTheAnnotatedAreas) {
+  // COCO's `area` of a polygon object is its geometric area: the rasterised mask (one pixel per
+  // centre inside, in pycocotools' rounding) must count about as many pixels, off by a fraction of
+  // the outline's length (an inverted, emptied or wrongly clipped mask is off by far more; exactness is
+  // proc-detr-polygon-masks' job).
+  const std::string dir = coco_fixtures();
+  for (const json& obj : read_json_file(dir + "/coco_annotations.txt")) {
+    const std::vector<uint8_t> mask = coco_segmentation_to_mask(obj["segmentation"], 480, 640);
+    int64_t count = 0;
+    for (uint8_t v : mask) count += v;
+    double perimeter = 0;
+    for (const json& poly : obj["segmentation"]) {
+      const std::vector<double> p = poly.get<std::vector<double>>();
+      const size_t k = p.size() / 2;
+      for (size_t i = 0; i < k; ++i)
+        perimeter += std::hypot(p[2 * ((i + 1) % k)] - p[2 * i], p[2 * ((i + 1) % k) + 1] - p[2 * i + 1]);
+    }
+    const double area = obj["area"].get<double>();
+    EXPECT_LE(std::fabs(double(count) - area), 0.1 * perimeter + 2) << "object " << obj["id"] << ": " << count
+                                                                     << " pixels, area " << area;
+  }
 }
 
 TEST(ProcDetrFixtures, CocoPanopticAnnotations) {
