@@ -2,8 +2,9 @@
 //
 // Stages: the processor on the case's images (check_preprocess.cpp), the model on the processor's
 // output with the case's labels, every model tensor of expected.safetensors, then the
-// post-processing calls of case.json (check_post.cpp). Exit 0 when all pass, 1 on a mismatch or an
-// error, 2 when the case's family is not supported.
+// post-processing calls of case.json (check_post.cpp). Exit 0 when all pass, 1 on a mismatch, an
+// error or a case that compares nothing of what it is about, 2 when the case's family is not
+// supported.
 #include "check.h"
 
 #include <cmath>
