@@ -205,7 +205,6 @@ TEST(CliDraw, SegmentColorsAndMasks) {
 // ---- library: detect / segment --------------------------------------------------------------------
 
 TEST(CliDetect, ConditionalDetrMatchesReferencePostProcessing) {
-  if (!is_supported_model_type("conditional_detr")) GTEST_SKIP() << "Conditional DETR model not built in yet";
   expect_detections_match_golden("conditional-detr-tiny-det");
 }
 
@@ -533,8 +532,11 @@ TEST(CliVf, ClassifyAppliesExifOrientation) {
   float max_diff_upright = 0, max_diff_sideways = 0;
   for (size_t i = 0; i < 5; ++i) {
     EXPECT_EQ(ja[i]["label"], jb[i]["label"]);
-    max_diff_upright = std::max(max_diff_upright, std::fabs(ja[i]["score"].get<float>() - jb[i]["score"].get<float>()));
-    max_diff_sideways = std::max(max_diff_sideways, std::fabs(ja[i]["score"].get<float>() - jc[i]["score"].get<float>()));
+    // A NaN must stick (std::max(m, NaN) returns m) so that the expectations below fail on it.
+    const float up = std::fabs(ja[i]["score"].get<float>() - jb[i]["score"].get<float>());
+    const float side = std::fabs(ja[i]["score"].get<float>() - jc[i]["score"].get<float>());
+    if (!(up <= max_diff_upright)) max_diff_upright = up;
+    if (!(side <= max_diff_sideways)) max_diff_sideways = side;
   }
   EXPECT_LT(max_diff_upright, 1e-6f);
   EXPECT_GT(max_diff_sideways, max_diff_upright);  // the orientation matters to the scores at all
@@ -585,4 +587,42 @@ TEST(CliVf, SegmentFolderInBatches) {
     }
     EXPECT_EQ(load_image(scratch + "/seg-" + std::to_string(n) + ".png").height, image.height);
   }
+}
+
+namespace {
+
+// A copy of a golden case folder without some of its files, in a scratch folder.
+std::string case_copy(const std::string& name, const std::set<std::string>& drop, const std::string& scratch) {
+  const std::string src = test::golden_case(name), dst = scratch + "/" + name;
+  fs::remove_all(dst);
+  fs::create_directories(dst);
+  for (const auto& e : fs::directory_iterator(src))
+    if (!drop.count(e.path().filename().string())) fs::copy(e.path(), dst / e.path().filename());
+  return dst;
+}
+
+}  // namespace
+
+// A case that compares nothing must fail, not pass with "0 compared".
+TEST(CliVf, CheckFailsWhenACaseComparesNothing) {
+  const std::string scratch = test::temp_dir("cli_check_empty");
+  // As given, each passes.
+  for (const char* name : {"proc-detr-nopad-norescale", "detr-tiny-model", "postproc-deta"})
+    EXPECT_EQ(run_vf({"check", test::golden_case(name), "--images", test::images_dir()}, scratch).rc, 0) << name;
+  // Without expected.safetensors: a processor case has no pixels, a model case no outputs, a
+  // post-processing case no inputs (its post entries fail).
+  for (const char* name : {"proc-detr-nopad-norescale", "detr-tiny-model", "postproc-deta"}) {
+    const std::string dir = case_copy(name, {"expected.safetensors"}, scratch);
+    CommandResult r = run_vf({"check", dir, "--images", test::images_dir()}, scratch);
+    EXPECT_EQ(r.rc, 1) << name << "\n" << r.out << r.err;
+    EXPECT_NE(r.out.find("FAIL"), std::string::npos) << name << "\n" << r.out;
+  }
+  // A post-processing case without post entries compares nothing either.
+  const std::string dir = case_copy("postproc-deta", {}, scratch);
+  json spec = read_json_file(dir + "/case.json");
+  spec.erase("post");
+  test::write_bytes(dir + "/case.json", spec.dump());
+  CommandResult r = run_vf({"check", dir, "--images", test::images_dir()}, scratch);
+  EXPECT_EQ(r.rc, 1) << r.out << r.err;
+  EXPECT_NE(r.out.find("compares no post-processing result"), std::string::npos) << r.out;
 }

@@ -379,6 +379,55 @@ TEST(DetPost, GoldenComparisonCatchesWrongOutputs) {
   EXPECT_GT(run_post_on(c, outs).first, 0);
 }
 
+// A NaN must fail, never match: comparisons with NaN are false, so "score differs by more than the
+// tolerance" and "box error above the tolerance" both let a NaN through unless it is checked.
+TEST(DetPost, GoldenComparisonFailsOnNaN) {
+  for (const char* name : {"postproc-deta", "postproc-detr"}) {
+    check::Case c = load_case(name);
+    ASSERT_EQ(run_post_on(c, c.expected).first, 0) << name;
+    // The best query's box becomes NaN (its score and label stay right).
+    std::map<std::string, Tensor> outs = c.expected;
+    const Tensor& l0 = outs["logits"];
+    const int64_t Q = l0.size(1), C = l0.size(2);
+    const float* l = l0.f32();
+    const int64_t best_query = (std::max_element(l, l + Q * C) - l) / C;
+    Tensor boxes = outs["pred_boxes"].clone();
+    for (int k = 0; k < 4; ++k) boxes.f32()[4 * best_query + k] = NAN;
+    outs["pred_boxes"] = boxes;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN box";
+    // One NaN coordinate only.
+    boxes = c.expected.at("pred_boxes").clone();
+    boxes.f32()[4 * best_query + 2] = NAN;
+    outs["pred_boxes"] = boxes;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN width";
+    // The best query's logits become NaN: its score is NaN.
+    outs = c.expected;
+    Tensor logits = outs["logits"].clone();
+    for (int64_t k = 0; k < C; ++k) logits.f32()[best_query * C + k] = NAN;
+    outs["logits"] = logits;
+    EXPECT_GT(run_post_on(c, outs).first, 0) << name << ": NaN score";
+  }
+}
+
+// vf check's tensor comparison: a NaN on our side fails at any tolerance, and so does a shape that
+// differs with the same element count.
+TEST(DetPost, CheckReportFailsOnNaNAndShapeMismatch) {
+  const Tensor a = Tensor::from<float>({2, 2}, {1, 2, 3, 4});
+  const Tensor nan = Tensor::from<float>({2, 2}, {1, 2, NAN, 4});
+  check::CheckReport r;
+  r.compare("same", a, a, 0.0);
+  EXPECT_EQ(r.failures(), 0);
+  r.compare("nan", nan, a, 1e9);
+  EXPECT_EQ(r.failures(), 1);
+  r.compare_scaled("nan scaled", nan, a, 1e9);
+  EXPECT_EQ(r.failures(), 2);
+  r.compare("shape", a, a.reshape({4}), 1e9);
+  EXPECT_EQ(r.failures(), 3);
+  r.compare("shape", a, a.reshape({1, 4}), 1e9);
+  EXPECT_EQ(r.failures(), 4);
+  EXPECT_EQ(r.checked(), 5);
+}
+
 // ---- losses -------------------------------------------------------------------------------------------
 #include "core/ops.h"
 #include "models/detr_loss.h"

@@ -132,3 +132,24 @@ TEST(Ops, GroupNormNormalisesEachGroup) {
   for (int p = 0; p < 9; ++p) s += y.f32()[p * 4] + y.f32()[p * 4 + 1];
   EXPECT_NEAR(s, 0.0, 1e-4);
 }
+
+// The comparison every test goes through: a NaN anywhere must fail any tolerance, shapes must match.
+TEST(Ops, MaxAbsDiffFailsOnNaNAndShapeMismatch) {
+  Tensor a = Tensor::from<float>({2, 2}, {1.0f, 2.0f, 3.0f, 4.0f});
+  Tensor b = Tensor::from<float>({2, 2}, {1.0f, 2.5f, 3.0f, 4.0f});
+  EXPECT_DOUBLE_EQ(max_abs_diff(a, b), 0.5);
+  // A NaN after a larger difference (std::max(0.5, NaN) would keep 0.5), in either argument.
+  Tensor n = Tensor::from<float>({2, 2}, {1.0f, 2.5f, 3.0f, NAN});
+  EXPECT_TRUE(std::isnan(max_abs_diff(a, n)));
+  EXPECT_TRUE(std::isnan(max_abs_diff(n, a)));
+  EXPECT_FALSE(max_abs_diff(a, n) <= 1e9);
+  EXPECT_FALSE(max_abs_diff(n, n) == 0.0);  // NaN does not even equal itself
+  // Equal infinities agree; different ones do not.
+  Tensor inf = Tensor::from<float>({1}, {-INFINITY});
+  EXPECT_EQ(max_abs_diff(inf, inf), 0.0);
+  EXPECT_EQ(max_abs_diff(inf, Tensor::from<float>({1}, {0.0f})), INFINITY);
+  // Same element count, different shapes: [2, 2] vs [4] and vs [1, 4].
+  EXPECT_THROW(max_abs_diff(a, Tensor::from<float>({4}, {1.0f, 2.0f, 3.0f, 4.0f})), Error);
+  EXPECT_THROW(max_abs_diff(a, a.reshape({1, 4})), Error);
+  EXPECT_THROW(max_abs_diff(a, a.reshape({4, 1})), Error);
+}

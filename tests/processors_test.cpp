@@ -3,12 +3,15 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 
+#include "core/ops.h"
 #include "io/image.h"
 #include "io/json.h"
 #include "io/safetensors.h"
+#include "processors/coco_mask.h"
 #include "processors/image_processor.h"
 #include "processors/resample.h"
 #include "test_util.h"
@@ -32,15 +35,6 @@ BatchFeature run_case(const std::string& case_dir, const json** spec_out = nullp
   PreprocessInputs inputs;
   if (spec.contains("annotations")) inputs.annotations = &spec["annotations"];
   return processor->preprocess(images, inputs);
-}
-
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(shape_str(a.shape()), shape_str(b.shape()));
-  if (a.shape() != b.shape()) return INFINITY;
-  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
-  double err = 0;
-  for (int64_t i = 0; i < x.numel(); ++i) err = std::max(err, std::fabs(x.data<double>()[i] - y.data<double>()[i]));
-  return err;
 }
 
 void expect_pixels_match(const std::string& case_name) {
@@ -233,6 +227,11 @@ TEST(ProcDetr, CocoDetectionLabels) {
   // detr-tiny-model's processor and images with COCO annotations; the expected targets are the
   // reference's (transformers 5.17, DetrImageProcessorPil): crowd objects dropped, boxes resized,
   // normalised, and rescaled for the second image's 1-pixel right padding; "size" is the padded size.
+  // Regenerate: scripts/coco_target_values.py (transformers); its --numpy mode, which follows the
+  // reference's steps in numpy/Pillow, reproduces every value below bit for bit. By hand, box 0 of
+  // image 0: xyxy (45.1, 60, 180.4, 135) * (288/451, 192/300) = (28.8, 38.4, 115.2, 86.4) -> centre
+  // (72/288, 62.4/192) = (0.25, 0.325), size (86.4/288, 48/192) = (0.3, 0.25), to float32 rounding;
+  // area 10147.5 * 0.64 * 288/451 = 4147.2.
   std::string dir = test::golden_case("detr-tiny-model");
   auto processor = create_image_processor(read_json_file(dir + "/preprocessor_config.json"));
   std::vector<Image> images = {load_image(test::images_dir() + "/chelsea.png"), load_image(test::images_dir() + "/rocket.jpg")};
@@ -293,7 +292,9 @@ TEST(ProcDetr, CocoPanopticLabels) {
   // Expected values from the reference's numpy/PIL code (prepare_coco_panoptic_annotation,
   // masks_to_boxes, resize_annotation with NEAREST masks, normalize_annotation, padding update) on
   // the same PNGs: masks_to_boxes' inclusive maxima, an empty segment's 1e8 minima, the second
-  // image padded from 287 to 288 columns.
+  // image padded from 287 to 288 columns. Regenerate: scripts/coco_target_values.py (transformers
+  // 5.17.0, DetrImageProcessorPil); checked here with its --numpy mode (numpy + Pillow's NEAREST
+  // resize, no transformers), which gives every value below exactly.
   std::string dir = test::golden_case("detr-tiny-model");
   json config = read_json_file(dir + "/preprocessor_config.json");
   config["format"] = "coco_panoptic";
@@ -368,6 +369,12 @@ TEST(ProcDetr, LegacyConfigKeys) {
   EXPECT_TRUE(q->options().do_pad);
   EXPECT_EQ(q->options().resample, Resample::Bilinear);
   EXPECT_THROW(create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}, {"format", "coco_keypoints"}}), Error);
+  // Given with do_pad, the legacy key wins: 4.37's __init__ pops pad_and_return_pixel_mask into do_pad.
+  for (bool legacy : {false, true}) {
+    auto r = create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}, {"do_pad", !legacy},
+                                         {"pad_and_return_pixel_mask", legacy}});
+    EXPECT_EQ(r->options().do_pad, legacy);
+  }
 }
 
 TEST(ProcDetr, MismatchedAnnotationsAreAnError) {
@@ -395,6 +402,158 @@ TEST(ProcDetr, MismatchedAnnotationsAreAnError) {
   ASSERT_EQ(out.labels.size(), 1u);
   EXPECT_EQ(shape_str(out.labels[0].boxes.shape()), "[0, 4]");
   EXPECT_EQ(out.labels[0].size.at(0), 20);
+}
+
+// ---- transformers' own COCO fixtures (../shared/fixtures/coco, tests/fixtures/tests_samples/COCO) ----
+// The expectations are those of transformers' integration tests (tests/models/detr/
+// test_image_processing_detr.py: test_call_pytorch_with_coco_detection_annotations,
+// test_batched_coco_detection_annotations, test_call_pytorch_with_coco_panoptic_annotations), at their
+// tolerances: values printed to 4 decimals.
+
+std::string coco_fixtures() {
+  const std::string dir = std::string(VF_SOURCE_DIR) + "/../shared/fixtures/coco";
+  EXPECT_TRUE(std::filesystem::exists(dir + "/000000039769.png")) << "COCO fixtures missing: " << dir;
+  return dir;
+}
+
+std::vector<double> values_of(const Tensor& t) {
+  Tensor d = t.to(DType::F64);
+  return std::vector<double>(d.data<double>(), d.data<double>() + d.numel());
+}
+
+void expect_near_all(const std::vector<double>& ours, const std::vector<double>& want, double atol, double rtol,
+                     const std::string& what) {
+  ASSERT_EQ(ours.size(), want.size()) << what;
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_LE(std::fabs(ours[i] - want[i]), atol + rtol * std::fabs(want[i])) << what << "[" << i << "]";
+}
+
+TEST(ProcDetrFixtures, CocoDetectionAnnotations) {
+  const std::string dir = coco_fixtures();
+  auto processor = create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}});  // 800 / 1333
+  json target = {{"image_id", 39769}, {"annotations", read_json_file(dir + "/coco_annotations.txt")}};
+  PreprocessInputs inputs;
+  inputs.annotations = &target;
+  BatchFeature enc = processor->preprocess({load_image(dir + "/000000039769.png")}, inputs);
+  ASSERT_EQ(shape_str(enc.pixel_values.shape()), "[1, 3, 800, 1066]");
+  expect_near_all({enc.pixel_values.f32()[0], enc.pixel_values.f32()[1], enc.pixel_values.f32()[2]},
+                  {0.2796, 0.3138, 0.3481}, 1e-4, 0, "pixel_values[0, 0, 0, :3]");
+  ASSERT_EQ(enc.labels.size(), 1u);
+  const DetectionTarget& t = enc.labels[0];
+  // torch.allclose defaults: rtol 1e-5, atol 1e-8.
+  expect_near_all(values_of(t.area), {5887.9600, 11250.2061, 489353.8438, 837122.7500, 147967.5156, 165732.3438}, 1e-8,
+                  1e-5, "area");
+  ASSERT_EQ(shape_str(t.boxes.shape()), "[6, 4]");
+  const std::vector<double> boxes = values_of(t.boxes);
+  expect_near_all({boxes.begin(), boxes.begin() + 4}, {0.5503, 0.2765, 0.0604, 0.2215}, 1e-3, 0, "boxes[0]");
+  EXPECT_EQ(values_of(t.image_id), std::vector<double>{39769});
+  EXPECT_EQ(values_of(t.iscrowd), std::vector<double>(6, 0.0));
+  EXPECT_EQ(values_of(t.class_labels), (std::vector<double>{75, 75, 63, 65, 17, 17}));
+  EXPECT_EQ(values_of(t.orig_size), (std::vector<double>{480, 640}));
+  EXPECT_EQ(values_of(t.size), (std::vector<double>{800, 1066}));
+  EXPECT_FALSE(t.masks.defined());
+}
+
+TEST(ProcDetrFixtures, BatchedCocoDetectionAnnotationsWithMasks) {
+  const std::string dir = coco_fixtures();
+  auto processor = create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}});
+  Image image0 = load_image(dir + "/000000039769.png");
+  // The reference test resizes the image to 800x800 with PIL (bicubic); only its size matters here.
+  Image image1 = resize_pil(image0, 800, 800, Resample::Bicubic);
+  // The test scales the boxes (not the polygons) to the second image's size, coords * w_1 / w_0, in
+  // dicts that both annotations share: the first image gets the scaled boxes too (clipped to it).
+  json objects = read_json_file(dir + "/coco_annotations.txt");
+  for (json& obj : objects) {
+    json& b = obj["bbox"];
+    b = json::array({b[0].get<double>() * 800 / 640, b[1].get<double>() * 800 / 480, b[2].get<double>() * 800 / 640,
+                     b[3].get<double>() * 800 / 480});
+  }
+  json annotations = json::array({{{"image_id", 39769}, {"annotations", objects}}, {{"image_id", 39769}, {"annotations", objects}}});
+  PreprocessInputs inputs;
+  inputs.annotations = &annotations;
+  inputs.return_segmentation_masks = true;
+  BatchFeature enc = processor->preprocess({image0, image1}, inputs);
+  ASSERT_EQ(shape_str(enc.pixel_values.shape()), "[2, 3, 800, 1066]");
+  ASSERT_EQ(enc.labels.size(), 2u);
+  expect_near_all(values_of(enc.labels[0].boxes),
+                  {0.6879, 0.4609, 0.0755, 0.3691, 0.2118, 0.3359, 0.2601, 0.1566, 0.5011, 0.5000, 0.9979, 1.0000,
+                   0.5010, 0.5020, 0.9979, 0.9959, 0.3284, 0.5944, 0.5884, 0.8112, 0.8394, 0.5445, 0.3213, 0.9110},
+                  1e-3, 0, "boxes 0");
+  expect_near_all(values_of(enc.labels[1].boxes),
+                  {0.4130, 0.2765, 0.0453, 0.2215, 0.1272, 0.2016, 0.1561, 0.0940, 0.3757, 0.4933, 0.7488, 0.9865,
+                   0.3759, 0.5002, 0.7492, 0.9955, 0.1971, 0.5456, 0.3532, 0.8646, 0.5790, 0.4115, 0.3430, 0.7161},
+                  1e-3, 0, "boxes 1");
+  // The masks are padded with the images.
+  for (int i = 0; i < 2; ++i) {
+    const Tensor& m = enc.labels[i].masks;
+    ASSERT_TRUE(m.defined());
+    EXPECT_EQ(shape_str(m.shape()), "[6, 800, 1066]");
+    EXPECT_EQ(m.dtype(), DType::Bool);
+  }
+  // Image 1 (800x800) is padded from 800 to 1066 columns: nothing of its masks lies there, and every
+  // mask has pixels (the polygons lie inside the image).
+  const uint8_t* m1 = static_cast<const uint8_t*>(enc.labels[1].masks.raw());
+  int64_t padded = 0;
+  for (int64_t k = 0; k < 6; ++k) {
+    int64_t sum = 0;
+    for (int64_t y = 0; y < 800; ++y)
+      for (int64_t x = 0; x < 1066; ++x) {
+        const uint8_t v = m1[(k * 800 + y) * 1066 + x];
+        sum += v;
+        if (x >= 800) padded += v;
+      }
+    EXPECT_GT(sum, 0) << k;
+  }
+  EXPECT_EQ(padded, 0);
+}
+
+TEST(ProcDetrFixtures, PolygonMasksCoverTheAnnotatedAreas) {
+  // COCO's `area` of a polygon object is its geometric area: the rasterised mask (one pixel per
+  // centre inside, in pycocotools' rounding) must count about as many pixels, off by a fraction of
+  // the outline's length (an inverted, emptied or wrongly clipped mask is off by far more; exactness is
+  // proc-detr-polygon-masks' job).
+  const std::string dir = coco_fixtures();
+  for (const json& obj : read_json_file(dir + "/coco_annotations.txt")) {
+    const std::vector<uint8_t> mask = coco_segmentation_to_mask(obj["segmentation"], 480, 640);
+    int64_t count = 0;
+    for (uint8_t v : mask) count += v;
+    double perimeter = 0;
+    for (const json& poly : obj["segmentation"]) {
+      const std::vector<double> p = poly.get<std::vector<double>>();
+      const size_t k = p.size() / 2;
+      for (size_t i = 0; i < k; ++i)
+        perimeter += std::hypot(p[2 * ((i + 1) % k)] - p[2 * i], p[2 * ((i + 1) % k) + 1] - p[2 * i + 1]);
+    }
+    const double area = obj["area"].get<double>();
+    EXPECT_LE(std::fabs(double(count) - area), 0.1 * perimeter + 2) << "object " << obj["id"] << ": " << count
+                                                                     << " pixels, area " << area;
+  }
+}
+
+TEST(ProcDetrFixtures, CocoPanopticAnnotations) {
+  const std::string dir = coco_fixtures();
+  auto processor = create_image_processor(json{{"image_processor_type", "DetrImageProcessor"}, {"format", "coco_panoptic"}});
+  json target = {{"file_name", "000000039769.png"}, {"image_id", 39769},
+                 {"segments_info", read_json_file(dir + "/coco_panoptic_annotations.txt")}};
+  PreprocessInputs inputs;
+  inputs.annotations = &target;
+  inputs.masks_path = dir + "/coco_panoptic";
+  BatchFeature enc = processor->preprocess({load_image(dir + "/000000039769.png")}, inputs);
+  ASSERT_EQ(shape_str(enc.pixel_values.shape()), "[1, 3, 800, 1066]");
+  const DetectionTarget& t = enc.labels.at(0);
+  expect_near_all(values_of(t.area), {147979.6875, 165527.0469, 484638.5938, 11292.9375, 5879.6562, 7634.1147}, 1e-8,
+                  1e-5, "area");
+  ASSERT_EQ(shape_str(t.boxes.shape()), "[6, 4]");
+  const std::vector<double> boxes = values_of(t.boxes);
+  expect_near_all({boxes.begin(), boxes.begin() + 4}, {0.2625, 0.5437, 0.4688, 0.8625}, 1e-3, 0, "boxes[0]");
+  EXPECT_EQ(values_of(t.class_labels), (std::vector<double>{17, 17, 63, 75, 75, 93}));
+  EXPECT_EQ(values_of(t.iscrowd), std::vector<double>(6, 0.0));
+  ASSERT_TRUE(t.masks.defined());
+  int64_t sum = 0;
+  for (double v : values_of(t.masks)) sum += static_cast<int64_t>(v);
+  EXPECT_EQ(sum, 822873);
+  EXPECT_EQ(values_of(t.orig_size), (std::vector<double>{480, 640}));
+  EXPECT_EQ(values_of(t.size), (std::vector<double>{800, 1066}));
 }
 
 }  // namespace

@@ -2,8 +2,9 @@
 //
 // Stages: the processor on the case's images (check_preprocess.cpp), the model on the processor's
 // output with the case's labels, every model tensor of expected.safetensors, then the
-// post-processing calls of case.json (check_post.cpp). Exit 0 when all pass, 1 on a mismatch or an
-// error, 2 when the case's family is not supported.
+// post-processing calls of case.json (check_post.cpp). Exit 0 when all pass, 1 on a mismatch, an
+// error or a case that compares nothing of what it is about, 2 when the case's family is not
+// supported.
 #include "check.h"
 
 #include <cmath>
@@ -125,12 +126,15 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
     }
   }
 
+  // A case passes only if it compared what it is about (a case whose expected.safetensors is missing
+  // or names nothing we compare would otherwise pass with "0 compared").
+  int pixels_compared = 0, outputs_compared = 0, post_compared = 0;
   std::map<std::string, Tensor> outputs;
   bool postproc_only = c.spec.value("task", "") == "post-processing";
   if (postproc_only) {
     outputs = c.expected;
   } else {
-    BatchFeature features = run_preprocess(c, report);
+    BatchFeature features = run_preprocess(c, report, &pixels_compared);
     if (!model_class.empty()) {
       auto store = load_case_weights(c);
       auto model = create_model(c.config, model_class, Weights(store));
@@ -151,11 +155,23 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
         if (k.find("attentions.") != std::string::npos) in.output_attentions = true;
       }
       ModelOutput out = model->forward(in);
+      const int before = report.checked();
       compare_outputs(c, out, report);
+      outputs_compared = report.checked() - before;
       for (auto& [k, v] : out.items()) outputs[k] = v;
     }
   }
-  if (c.spec.contains("post")) run_post(c, outputs, report);
+  if (c.spec.contains("post")) {
+    const int before = report.checked();
+    run_post(c, outputs, report);
+    post_compared = report.checked() - before;
+  }
+  if (!model_class.empty() && outputs_compared == 0)
+    report.fail("case", "compares no model output (expected.safetensors holds none of the model's outputs)");
+  else if (model_class.empty() && !postproc_only && pixels_compared == 0)
+    report.fail("case", "compares no pixels (expected.safetensors has no pixel_values, case.json no pixel_values_shape)");
+  else if (postproc_only && post_compared == 0)
+    report.fail("case", "compares no post-processing result (case.json has no `post` entries)");
 
   std::printf("%s: %d compared, %d failed\n", report.ok() ? "PASS" : "FAIL", report.checked(), report.failures());
   return report.ok() ? 0 : 1;

@@ -98,6 +98,14 @@ void compare_detections(const std::string& name, const Detections& ours, const C
   const std::vector<double> os = tensor_values(ours.scores), ol = tensor_values(ours.labels),
                             ob = tensor_values(ours.boxes);
   const size_t on = os.size();
+  // Every comparison below is false for a NaN, which would let a NaN score or box match anything
+  // (or hide as "below the cut-off"): a NaN fails outright.
+  auto has_nan = [](const std::vector<double>& v) { return std::any_of(v.begin(), v.end(), [](double x) { return std::isnan(x); }); };
+  if (has_nan(rs.v) || has_nan(rb.v)) throw Error("case.json: " + name + " reference scores or boxes hold NaN");
+  if (has_nan(os) || has_nan(ob) || has_nan(ol)) {
+    report.fail(name, "NaN in our " + std::string(has_nan(os) ? "scores" : has_nan(ob) ? "boxes" : "labels"));
+    return;
+  }
 
   // The cut-off: the threshold, or the last score of a full top-k.
   double cut = threshold;
@@ -113,7 +121,7 @@ void compare_detections(const std::string& name, const Detections& ours, const C
     size_t best = on;
     double best_err = INFINITY;
     for (size_t j = 0; j < on; ++j) {
-      if (used[j] || ol[j] != rl.v[i] || std::fabs(os[j] - rs.v[i]) > kScoreTol) continue;
+      if (used[j] || ol[j] != rl.v[i] || !(std::fabs(os[j] - rs.v[i]) <= kScoreTol)) continue;
       double err = 0;
       for (int k = 0; k < 4; ++k) err = std::max(err, std::fabs(ob[4 * j + k] - rb.v[4 * i + k]));
       if (err <= box_tol && err < best_err) best = j, best_err = err;
@@ -191,7 +199,7 @@ void compare_segments_info(const std::string& name, const std::vector<SegmentInf
         problem = at + "id " + std::to_string(ours[i].id) + ", expected " + r.at("id").dump();
       else if (r.contains("was_fused") && ours[i].was_fused != r.at("was_fused").get<bool>())
         problem = at + "was_fused differs";
-      else if (std::fabs(ours[i].score - r.at("score").get<double>()) > kScoreTol)
+      else if (!(std::fabs(ours[i].score - r.at("score").get<double>()) <= kScoreTol))  // NaN fails
         problem = at + "score " + fmt("%.6f", ours[i].score) + ", expected " + r.at("score").dump();
     }
   }

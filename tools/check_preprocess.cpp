@@ -117,15 +117,15 @@ void compare_processed_labels(const Case& c, const std::vector<DetectionTarget>&
         report.pass(prefix + it.key(), "empty");
         continue;
       }
-      report.compare(prefix + it.key(), mine, r.reshape(mine.numel() == r.numel() ? mine.shape() : r.shape()),
-                     is_float ? kLabelTol : 0.0);
+      report.compare(prefix + it.key(), mine, r, is_float ? kLabelTol : 0.0);
       ours.erase(found);
     }
     for (const auto& [name, _] : ours) report.fail(prefix + name, "not in the reference's labels");
   }
 }
 
-BatchFeature run_preprocess(const Case& c, CheckReport& report) {
+BatchFeature run_preprocess(const Case& c, CheckReport& report, int* pixels_compared) {
+  if (pixels_compared) *pixels_compared = 0;
   if (!c.spec.contains("images") || c.spec["images"].empty()) return {};  // postproc-* cases
   auto processor = create_image_processor(c.preprocessor);
   std::vector<Image> images;
@@ -137,12 +137,16 @@ BatchFeature run_preprocess(const Case& c, CheckReport& report) {
                             ? (std::filesystem::path(c.dir) / c.spec["masks_path"].get<std::string>()).string()
                             : c.images_dir;
   }
+  if (cfg_has(c.spec, "return_segmentation_masks"))
+    inputs.return_segmentation_masks = c.spec["return_segmentation_masks"].get<bool>();
   BatchFeature out = processor->preprocess(images, inputs);
+  const int before = report.checked();
   if (const Tensor* ref = c.find("pixel_values")) {
     report.compare("pixel_values", out.pixel_values, *ref, kPixelTol);
   } else if (c.find("pixel_values_shape") || c.spec.contains("pixel_values_shape")) {
     compare_stats(c, out.pixel_values, report);
   }
+  if (pixels_compared) *pixels_compared = report.checked() - before;
   if (const Tensor* ref = c.find("pixel_mask")) {
     if (!out.pixel_mask.defined()) report.fail("pixel_mask", "the processor returned no pixel_mask");
     else report.compare("pixel_mask", out.pixel_mask, *ref, 0.0);

@@ -12,7 +12,9 @@ namespace vf::check {
 // case.json's `annotations` when present (panoptic masks are looked up in case.json's
 // `masks_path`, relative to the case folder, else in the images folder). Reports every comparison
 // and returns the processor's output for the model stage (empty for a case without images).
-BatchFeature run_preprocess(const Case& c, CheckReport& report);
+// `pixels_compared`, when given, receives how many pixel_values items (tensor or shape/stats) were
+// compared.
+BatchFeature run_preprocess(const Case& c, CheckReport& report, int* pixels_compared = nullptr);
 
 // Compares `labels` with case.json's `processed_labels` (ints exact, floats within 1e-5).
 void compare_processed_labels(const Case& c, const std::vector<DetectionTarget>& labels, CheckReport& report);

@@ -8,11 +8,11 @@
 namespace vf::check {
 
 void CheckReport::compare(const std::string& name, const Tensor& ours, const Tensor& ref, double abs_tol) {
-  ++checked_;
   if (ours.shape() != ref.shape()) {
     fail(name, "shape " + shape_str(ours.shape()) + ", expected " + shape_str(ref.shape()));
     return;
   }
+  ++checked_;
   Tensor a = ours.to(DType::F64), b = ref.to(DType::F64);
   const double* pa = a.data<double>();
   const double* pb = b.data<double>();
@@ -42,6 +42,7 @@ void CheckReport::pass(const std::string& name, const std::string& detail) {
 }
 
 void CheckReport::fail(const std::string& name, const std::string& detail) {
+  ++checked_;
   ++failures_;
   std::printf("  %-40s %s  FAIL\n", name.c_str(), detail.c_str());
 }

@@ -31,7 +31,7 @@ class CheckReport {
   void fail(const std::string& name, const std::string& detail);
   bool ok() const { return failures_ == 0; }
   int failures() const { return failures_; }
-  int checked() const { return checked_; }
+  int checked() const { return checked_; }  // items reported, passed or failed
 
  private:
   int failures_ = 0;

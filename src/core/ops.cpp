@@ -687,11 +687,20 @@ double max_abs(const Tensor& x) {
   return m;
 }
 
+// Over equal shapes only (a [2, 3] is not a [6]); equal infinities agree; a NaN on either side makes
+// the result NaN, so that `max_abs_diff(a, b) <= tol` and every other comparison with it is false.
 double max_abs_diff(const Tensor& a, const Tensor& b) {
-  if (a.numel() != b.numel()) throw Error("max_abs_diff: sizes differ");
+  if (a.shape() != b.shape())
+    throw Error("max_abs_diff: shapes differ: " + shape_str(a.shape()) + " vs " + shape_str(b.shape()));
   Tensor x = a.to(DType::F64), y = b.to(DType::F64);
   double m = 0;
-  for (int64_t i = 0; i < x.numel(); ++i) m = std::max(m, std::fabs(x.data<double>()[i] - y.data<double>()[i]));
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double xi = x.data<double>()[i], yi = y.data<double>()[i];
+    const double d = xi == yi ? 0.0 : std::fabs(xi - yi);  // equal infinities agree
+    // std::max(m, NaN) keeps m: a NaN must make the result NaN, so that every tolerance test fails.
+    if (std::isnan(d)) return std::numeric_limits<double>::quiet_NaN();
+    m = std::max(m, d);
+  }
   return m;
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "processors/coco_mask.h"
 #include "processors/image_processor.h"
 
 #pragma GCC optimize("fp-contract=off")
@@ -48,16 +49,21 @@ double json_number(const json& v, const std::string& what) {
 
 // prepare_coco_detection_annotation: crowd objects dropped, xywh -> clipped xyxy, degenerate boxes
 // dropped.
+// With return_masks, every kept object's `segmentation` rasterised as convert_coco_poly_to_mask does
+// (coco_mask.h); the reference rasterises every non-crowd object before dropping degenerate boxes,
+// so a bad segmentation of a dropped object is still an error.
 Target prepare_coco_detection(int64_t height, int64_t width, const json& target, bool return_masks) {
-  if (return_masks)
-    throw Error("return_segmentation_masks with coco_detection annotations needs COCO polygon rasterisation "
-                "(pycocotools), which is not supported");
   Target t;
   t.image_id = json_int(target.at("image_id"), "image_id");
   t.orig_size[0] = height, t.orig_size[1] = width;
   const float fw = static_cast<float>(width), fh = static_cast<float>(height);
   for (const json& obj : target.at("annotations")) {
     if (obj.contains("iscrowd") && json_int(obj["iscrowd"], "iscrowd") != 0) continue;
+    std::vector<uint8_t> mask;
+    if (return_masks) {
+      if (!obj.contains("segmentation")) throw Error("annotation has no 'segmentation' (return_segmentation_masks)");
+      mask = coco_segmentation_to_mask(obj["segmentation"], height, width);
+    }
     const json& bbox = obj.at("bbox");
     if (!bbox.is_array() || bbox.size() != 4) throw Error("annotation bbox must be [x, y, w, h], got " + bbox.dump());
     float b[4];
@@ -73,7 +79,9 @@ Target prepare_coco_detection(int64_t height, int64_t width, const json& target,
     t.area.push_back(static_cast<float>(json_number(obj.at("area"), "area")));
     t.iscrowd.push_back(obj.contains("iscrowd") ? json_int(obj["iscrowd"], "iscrowd") : 0);
     t.boxes.insert(t.boxes.end(), b, b + 4);
+    t.masks.insert(t.masks.end(), mask.begin(), mask.end());
   }
+  if (return_masks) t.has_masks = true, t.mask_height = height, t.mask_width = width;
   return t;
 }
 
@@ -222,8 +230,8 @@ json detr_config(const json& config) {
       if (max_size) c["size"]["longest_edge"] = max_size;
     }
   }
-  if (!c.contains("do_pad") && cfg_has(config, "pad_and_return_pixel_mask"))
-    c["do_pad"] = config["pad_and_return_pixel_mask"];
+  // 4.37's __init__ pops the legacy key into do_pad, so it wins over a do_pad given with it.
+  if (cfg_has(config, "pad_and_return_pixel_mask")) c["do_pad"] = config["pad_and_return_pixel_mask"];
   return c;
 }
 
