@@ -6,6 +6,8 @@
 #include <map>
 #include <mutex>
 
+#include <malloc.h>
+
 namespace vf {
 
 size_t dtype_size(DType t) {
@@ -110,7 +112,11 @@ PoolStats pool_stats() {
   std::lock_guard<std::mutex> lock(pool().mu);
   return pool().stats;
 }
-void pool_release_cached() { pool().release(); }
+void pool_release_cached() {
+  pool().release();
+  // Large buffers freed in the middle of the heap stay resident until trimmed.
+  malloc_trim(0);
+}
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
   Tensor t;
