@@ -169,6 +169,10 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   if (impl->bias.numel() != impl->out) throw Error("conv2d: bias of " + shape_str(bias.shape()));
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
   impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
+  // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
+  // the kernel) picks the weights' layout, in practice the one every input size gets; a size that
+  // wants another one gets its own copy at its first run.
+  impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false);
   out_ = impl->out;
   in_ = impl->in;
   impl_ = std::move(impl);
@@ -246,6 +250,8 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   dnnl::post_ops probe;
   if (!append_act(probe, act))
     throw Error("linear: activation cannot be fused; apply it separately");
+  // Layout changes happen at load (see Conv2d): the layout for a nominal 64 rows.
+  if (out_ > 0 && in_ > 0) impl->prim_for(64, false);
   impl_ = std::move(impl);
 }
 
