@@ -53,8 +53,9 @@ int64_t shape_numel(const Shape& s) {
 }
 
 // ---- buffer pool ------------------------------------------------------------------------------
-// Buffers are bucketed by their exact byte size (rounded up to 64). Forward passes allocate the
-// same few sizes over and over, so exact buckets hit nearly always and waste nothing.
+// Buffers are bucketed by their byte size (rounded up to 64). Forward passes allocate the same few
+// sizes over and over, so exact buckets hit nearly always; a request may also take a cached buffer
+// up to twice its size.
 namespace {
 struct Pool {
   std::mutex mu;
@@ -62,12 +63,17 @@ struct Pool {
   PoolStats stats;
   static constexpr size_t kMaxCached = size_t(2) << 30;
 
-  void* get(size_t bytes) {
+  // `bytes` in: the size wanted; out: the size of the buffer handed out (what put() takes back).
+  void* get(size_t& bytes) {
     {
       std::lock_guard<std::mutex> lock(mu);
-      auto it = free_list.find(bytes);
-      if (it != free_list.end()) {
+      // The smallest cached buffer that fits, if it is at most twice the size: a pass over a large
+      // input makes many sizes once each, and caching every one of them apart would hold a
+      // multiple of what is ever live at once.
+      auto it = free_list.lower_bound(bytes);
+      if (it != free_list.end() && it->first / 2 <= bytes) {
         void* p = it->second;
+        bytes = it->first;
         free_list.erase(it);
         stats.cached_bytes -= bytes;
         note_live(bytes);
