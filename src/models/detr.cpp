@@ -408,7 +408,8 @@ Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& atte
       Tensor masks = attention_masks.slice0(b * Q + q0, b * Q + q0 + n);
       Tensor x = norm(0, lay1_attention_.forward(masks, &shared));
       x = norm(1, lay_[1].forward(x));
-      for (int s = 0; s < 3; ++s) x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn[s].slice0(b, b + 1), n)));
+      for (int s = 0; s < 3; ++s)
+        x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn[s].slice0(b, b + 1), n)));
       Tensor o = out_lay_.forward(x);  // [n, H', W', 1]
       std::copy_n(o.f32(), n * plane, out.f32() + (b * Q + q0) * plane);
     }
