@@ -93,7 +93,8 @@ struct Pool {
       std::free(p);
       return;
     }
-    free_list.emplace(bytes, p);
+    // First among its size: the buffer freed last is handed out next, while its lines are warm.
+    free_list.emplace_hint(free_list.lower_bound(bytes), bytes, p);
     stats.cached_bytes += bytes;
   }
   void note_live(size_t bytes) {
