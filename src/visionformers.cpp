@@ -40,6 +40,10 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::
   } catch (const ModelError& e) {  // name the folder (config.json and its weights)
     throw ModelError(dir + ": " + e.what());
   }
+  // The model holds what it needs (in place or as its own reordered copies): checkpoint tensors
+  // nobody kept, and the buffers load-time folding freed, go back to the system.
+  store.reset();
+  pool_release_cached();
   return p;
 }
 

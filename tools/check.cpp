@@ -139,6 +139,9 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
       auto store = load_case_weights(c);
       auto model = create_model(c.config, model_class, Weights(store));
       store->check_complete();
+      // The model holds what it needs (in place or as its own reordered copies): the rest goes.
+      store.reset();
+      pool_release_cached();
       ModelInputs in;
       in.pixel_values = features.pixel_values;
       in.pixel_mask = features.pixel_mask;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "core/file_pages.h"
 #include "core/ops.h"
 
 namespace vf {
@@ -51,18 +52,38 @@ std::mutex& dnnl_mutex() {
   return m;
 }
 
-// Weights reordered into a primitive's preferred layout; reused by every primitive that wants it.
+// A layer's weights, in the layouts its primitives want. The checkpoint's tensor (a view of the
+// memory-mapped file, or a generated or folded buffer) is used in place when a primitive takes the
+// plain layout; when one wants another layout, the reordered copy replaces it: the original is
+// released (and the file pages it had touched are handed back), so the weights are held once.
 struct PreparedWeights {
+  Tensor source;       // the plain tensor, until a reorder replaces it
+  memory plain;        // `source` described in its plain layout; then the first reordered copy
+  bool plain_in_use = false;  // a primitive runs on `source` itself: it stays
   std::vector<std::pair<memory::desc, memory>> by_desc;
-  memory get(const memory& plain, const memory::desc& want) {
+
+  void init(Tensor t, const memory::desc& plain_desc) {
+    source = std::move(t);
+    plain = memory(plain_desc, engine(), source.raw());
+    by_desc.emplace_back(plain_desc, plain);
+  }
+  memory get(const memory::desc& want) {
     for (auto& [d, m] : by_desc)
-      if (d == want) return m;
-    memory m = plain;
-    if (!(plain.get_desc() == want)) {
-      m = memory(want, engine());
-      memory src = plain;
-      dnnl::reorder(src, m).execute(stream(), src, m);
-      stream().wait();
+      if (d == want) {
+        if (source.defined()) plain_in_use = true;
+        return m;
+      }
+    memory m(want, engine());
+    memory src = plain;
+    dnnl::reorder(src, m).execute(stream(), src, m);
+    stream().wait();
+    if (source.defined() && !plain_in_use) {
+      // The plain weights are no longer needed: the copy is the reference from now on (any later
+      // layout is reordered from it).
+      by_desc.clear();
+      release_file_pages(source);
+      source = Tensor();
+      plain = m;
     }
     by_desc.emplace_back(want, m);
     return m;
@@ -74,10 +95,9 @@ struct PreparedWeights {
 // ---- Conv2d --------------------------------------------------------------------------------------
 
 struct Conv2d::Impl {
-  Tensor weight, bias;  // OIHW (grouped: GOIHW view) and [out]
+  Tensor bias;  // [out]; the weight (OIHW, grouped: GOIHW view) lives in `prepared`
   Conv2dOptions opt;
   int64_t out, in, kh, kw;
-  memory plain_weights;
   PreparedWeights prepared;
   struct Prim {
     dnnl::convolution_forward prim;
@@ -128,7 +148,7 @@ struct Conv2d::Impl {
                                       src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
                                       {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
     dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::convolution_forward(pd), prepared.get(plain_weights, pd.weights_desc()), oh, ow};
+    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -139,17 +159,20 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
     throw Error("conv2d: weight " + shape_str(weight.shape()) + " with " + std::to_string(opt.groups) +
                 " groups (sizes and groups must be positive)");
   auto impl = std::make_shared<Impl>();
-  impl->weight = weight.clone();
   impl->opt = opt;
   impl->out = weight.size(0);
   impl->in = weight.size(1) * opt.groups;
   impl->kh = weight.size(2);
   impl->kw = weight.size(3);
   if (impl->out % opt.groups) throw Error("conv2d: out channels not divisible by groups");
-  impl->bias = bias.defined() ? bias.clone() : Tensor::zeros({impl->out});
+  impl->bias = bias.defined() ? bias : Tensor::zeros({impl->out});
   if (impl->bias.numel() != impl->out) throw Error("conv2d: bias of " + shape_str(bias.shape()));
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
-  impl->plain_weights = memory(memory::desc(impl->weight_dims(), dt::f32, plain_tag), engine(), impl->weight.raw());
+  impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
+  // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
+  // the kernel) picks the weights' layout, in practice the one every input size gets; a size that
+  // wants another one gets its own copy at its first run.
+  impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false);
   out_ = impl->out;
   in_ = impl->in;
   impl_ = std::move(impl);
@@ -183,10 +206,10 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
 // ---- Linear --------------------------------------------------------------------------------------
 
 struct Linear::Impl {
-  Tensor weight, bias;  // [out, in], [out]
+  int64_t out, in;
+  Tensor bias;  // [out]; the weight [out, in] lives in `prepared`
   Act act;
-  memory plain_weights;  // viewed as [in, out] (tag ba)
-  PreparedWeights prepared;
+  PreparedWeights prepared;  // viewed as [in, out] (tag ba)
   struct Prim {
     dnnl::matmul prim;
     memory weights;
@@ -199,7 +222,6 @@ struct Linear::Impl {
     auto key = std::make_pair(m, residual);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
-    int64_t out = weight.size(0), in = weight.size(1);
     memory::desc src_md({m, in}, dt::f32, tag::ab);
     memory::desc w_md({in, out}, dt::f32, tag::any);
     memory::desc b_md({1, out}, dt::f32, tag::ab);
@@ -211,7 +233,7 @@ struct Linear::Impl {
     attr.set_post_ops(po);
     dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
     dnnl::matmul::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::matmul(pd), prepared.get(plain_weights, pd.weights_desc())};
+    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc())};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -219,16 +241,17 @@ struct Linear::Impl {
 Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   if (weight.dim() != 2) throw Error("linear weight must be 2-D, got " + shape_str(weight.shape()));
   auto impl = std::make_shared<Impl>();
-  impl->weight = weight.clone();
   impl->act = act;
-  out_ = weight.size(0);
-  in_ = weight.size(1);
-  impl->bias = bias.defined() ? bias.clone() : Tensor::zeros({out_});
+  out_ = impl->out = weight.size(0);
+  in_ = impl->in = weight.size(1);
+  impl->bias = bias.defined() ? bias : Tensor::zeros({out_});
   if (impl->bias.numel() != out_) throw Error("linear: bias of " + shape_str(bias.shape()));
-  impl->plain_weights = memory(memory::desc({in_, out_}, dt::f32, tag::ba), engine(), impl->weight.raw());
+  impl->prepared.init(weight, memory::desc({in_, out_}, dt::f32, tag::ba));
   dnnl::post_ops probe;
   if (!append_act(probe, act))
     throw Error("linear: activation cannot be fused; apply it separately");
+  // Layout changes happen at load (see Conv2d): the layout for a nominal 64 rows.
+  if (out_ > 0 && in_ > 0) impl->prim_for(64, false);
   impl_ = std::move(impl);
 }
 

@@ -6,6 +6,8 @@
 #include <map>
 #include <mutex>
 
+#include <malloc.h>
+
 namespace vf {
 
 size_t dtype_size(DType t) {
@@ -51,8 +53,9 @@ int64_t shape_numel(const Shape& s) {
 }
 
 // ---- buffer pool ------------------------------------------------------------------------------
-// Buffers are bucketed by their exact byte size (rounded up to 64). Forward passes allocate the
-// same few sizes over and over, so exact buckets hit nearly always and waste nothing.
+// Buffers are bucketed by their byte size (rounded up to 64). Forward passes allocate the same few
+// sizes over and over, so exact buckets hit nearly always; a request may also take a cached buffer
+// up to twice its size.
 namespace {
 struct Pool {
   std::mutex mu;
@@ -60,12 +63,17 @@ struct Pool {
   PoolStats stats;
   static constexpr size_t kMaxCached = size_t(2) << 30;
 
-  void* get(size_t bytes) {
+  // `bytes` in: the size wanted; out: the size of the buffer handed out (what put() takes back).
+  void* get(size_t& bytes) {
     {
       std::lock_guard<std::mutex> lock(mu);
-      auto it = free_list.find(bytes);
-      if (it != free_list.end()) {
+      // The smallest cached buffer that fits, if it is at most twice the size: a pass over a large
+      // input makes many sizes once each, and caching every one of them apart would hold a
+      // multiple of what is ever live at once.
+      auto it = free_list.lower_bound(bytes);
+      if (it != free_list.end() && it->first / 2 <= bytes) {
         void* p = it->second;
+        bytes = it->first;
         free_list.erase(it);
         stats.cached_bytes -= bytes;
         note_live(bytes);
@@ -85,7 +93,8 @@ struct Pool {
       std::free(p);
       return;
     }
-    free_list.emplace(bytes, p);
+    // First among its size: the buffer freed last is handed out next, while its lines are warm.
+    free_list.emplace_hint(free_list.lower_bound(bytes), bytes, p);
     stats.cached_bytes += bytes;
   }
   void note_live(size_t bytes) {
@@ -110,7 +119,11 @@ PoolStats pool_stats() {
   std::lock_guard<std::mutex> lock(pool().mu);
   return pool().stats;
 }
-void pool_release_cached() { pool().release(); }
+void pool_release_cached() {
+  pool().release();
+  // Large buffers freed in the middle of the heap stay resident until trimmed.
+  malloc_trim(0);
+}
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
   Tensor t;

@@ -1,6 +1,7 @@
 #include "io/mapped_file.h"
 
 #include "core/errors.h"
+#include "core/file_pages.h"
 
 #include <cerrno>
 #include <cstring>
@@ -39,7 +40,12 @@ MappedFile MappedFile::open(const std::string& path) {
   if (p == MAP_FAILED) throw InputError(path + ": cannot mmap " + std::to_string(m.size) + " bytes: " + std::strerror(err));
   size_t n = m.size;
   m.data = static_cast<const uint8_t*>(p);
-  m.owner = std::shared_ptr<void>(p, [n](void* q) { ::munmap(q, n); });
+  // Nothing writes to checkpoint bytes: pages of tensors that layers copied can be handed back.
+  register_file_mapping(p, n);
+  m.owner = std::shared_ptr<void>(p, [n](void* q) {
+    unregister_file_mapping(q);
+    ::munmap(q, n);
+  });
   return m;
 }
 

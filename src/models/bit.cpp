@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/file_pages.h"
 #include "models/common.h"
 #include "models/image_classification.h"
 
@@ -46,7 +47,9 @@ int make_div(double value, int divisor = 8) {
 // after dilation, else TF-style padding computed per input; "VALID" -> none.
 WeightStandardizedConv2d WeightStandardizedConv2d::load(const Weights& w, const BitConfig& cfg, int in, int out,
                                                         int kernel, int stride, int dilation, float eps) {
-  Tensor weight = w.get("weight", {out, in, kernel, kernel}).clone();
+  Tensor original = w.get("weight", {out, in, kernel, kernel});
+  Tensor weight = original.clone();
+  release_file_pages(original);  // the standardised copy replaces it
   int64_t fan = int64_t(in) * kernel * kernel;
   float* p = weight.f32();
   for (int o = 0; o < out; ++o) {

@@ -1,5 +1,6 @@
 #include "models/convnext.h"
 
+#include "core/file_pages.h"
 #include "models/common.h"
 #include "models/image_classification.h"
 
@@ -61,8 +62,10 @@ ConvNextLayer ConvNextLayer::load(const Weights& w, const ConvNextConfig& cfg, i
   } else if (cfg.layer_scale_init_value > 0) {
     // gamma * (x W^T + b) == x (gamma W)^T + gamma b: the layer scale folds into pwconv2.
     l.layer_scale_parameter = w.get("layer_scale_parameter", {dim});
+    Tensor original = w2;
     w2 = w2.clone();
     b2 = b2.clone();
+    release_file_pages(original);  // the scaled copy replaces it
     for (int o = 0; o < dim; ++o) {
       float g = l.layer_scale_parameter.f32()[o];
       for (int i = 0; i < 4 * dim; ++i) w2.f32()[o * 4 * dim + i] *= g;

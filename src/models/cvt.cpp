@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/attention.h"
+#include "core/file_pages.h"
 #include "core/ops.h"
 #include "models/common.h"
 #include "models/image_classification.h"
@@ -136,7 +137,9 @@ struct CvtSelfAttentionConvProjection {
   CvtSelfAttentionConvProjection(int64_t embed_dim, int64_t kernel_size, int64_t padding, int64_t stride,
                                  const Weights& w) {
     const int64_t C = embed_dim, k = kernel_size;
-    Tensor weight = w.pp("convolution").get("weight", {C, 1, k, k}).clone();
+    Tensor original = w.pp("convolution").get("weight", {C, 1, k, k});
+    Tensor weight = original.clone();
+    release_file_pages(original);  // the folded copy replaces it
     Weights bn = w.pp("normalization");
     Tensor gamma = bn.get("weight", {C}), beta = bn.get("bias", {C});
     Tensor mean = bn.get("running_mean", {C}), var = bn.get("running_var", {C});

@@ -386,18 +386,34 @@ Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& atte
   auto norm = [&](int i, const Tensor& in) { return group_norm_nhwc(in, gn_groups_[i], gn_w_[i], gn_b_[i], 1e-5f, act_); };
   // lay1(cat([features, attention_masks])) = lay1_features(features) + lay1_attention(attention_masks).
   Tensor per_image = lay1_features_.forward(features);  // [B, h, w, C1]
-  const int64_t C1 = per_image.size(3), n = h * w * C1;
-  Tensor shared = Tensor::empty({BQ, h, w, C1});
-  for (int64_t bq = 0; bq < BQ; ++bq) std::copy_n(per_image.f32() + (bq / Q) * n, n, shared.f32() + bq * n);
-  Tensor x = norm(0, lay1_attention_.forward(attention_masks, &shared));
-  x = norm(1, lay_[1].forward(x));
-  for (int s = 0; s < 3; ++s) {
-    // The adapter runs once per image; its output is shared by the image's queries.
-    Tensor fpn = adapter_[s].forward(fpn_features[s]);
-    x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn, Q)));
-  }
-  Tensor out = out_lay_.forward(x);  // [B*Q, H', W', 1]
-  return out.reshape({B, Q, out.size(1), out.size(2)});
+  const int64_t C1 = per_image.size(3), n1 = h * w * C1;
+  // The adapters run once per image; their outputs are shared by the image's queries.
+  std::vector<Tensor> fpn;
+  for (int s = 0; s < 3; ++s) fpn.push_back(adapter_[s].forward(fpn_features[s]));
+  const int64_t out_h = fpn[2].size(1), out_w = fpn[2].size(2), plane = out_h * out_w;
+  // Every query's maps reach the finest FPN resolution (1/4 of the input): for all queries at once
+  // they would take gigabytes and most of the time would go to first touches of fresh pages. The
+  // queries are independent (convolutions and group norms act per map), so they run in chunks
+  // whose largest map stays within a few tens of MB, and each chunk reuses the previous one's
+  // buffers from the pool.
+  constexpr int64_t kChunkBytes = int64_t(32) << 20;
+  const int64_t per_query = plane * fpn[2].size(3) * int64_t(sizeof(float));
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(per_query, 1), 1, std::max<int64_t>(Q, 1));
+  Tensor out = Tensor::empty({B, Q, out_h, out_w});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q0 = 0; q0 < Q; q0 += chunk) {
+      const int64_t n = std::min(chunk, Q - q0);
+      Tensor shared = Tensor::empty({n, h, w, C1});
+      for (int64_t i = 0; i < n; ++i) std::copy_n(per_image.f32() + b * n1, n1, shared.f32() + i * n1);
+      Tensor masks = attention_masks.slice0(b * Q + q0, b * Q + q0 + n);
+      Tensor x = norm(0, lay1_attention_.forward(masks, &shared));
+      x = norm(1, lay_[1].forward(x));
+      for (int s = 0; s < 3; ++s)
+        x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn[s].slice0(b, b + 1), n)));
+      Tensor o = out_lay_.forward(x);  // [n, H', W', 1]
+      std::copy_n(o.f32(), n * plane, out.f32() + (b * Q + q0) * plane);
+    }
+  return out;
 }
 
 DetrSegmentationHead::DetrSegmentationHead(const Weights& w, const DetrConfig& cfg,

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/file_pages.h"
+
 namespace vf {
 
 // ---- config -------------------------------------------------------------------------------------
@@ -96,7 +98,9 @@ constexpr float kFrozenBatchNormEps = 1e-5f;
 // s = weight * rsqrt(var + eps) (FrozenBatchNorm2d's own arithmetic).
 Conv2d conv_bn(const Weights& conv_w, const std::string& conv_name, const Weights& bn_w, int64_t out, int64_t in,
                int k, Conv2dOptions opt) {
-  Tensor weight = conv_w.get(conv_name, {out, in / opt.groups, k, k}).clone();
+  Tensor original = conv_w.get(conv_name, {out, in / opt.groups, k, k});
+  Tensor weight = original.clone();
+  release_file_pages(original);  // the folded copy replaces it
   Tensor gamma = bn_w.get("weight", {out});
   Tensor beta = bn_w.get("bias", {out});
   Tensor mean = bn_w.get("running_mean", {out});
