@@ -1,5 +1,7 @@
 #include "visionformers.h"
 
+#include "io/file.h"
+
 #include "core/errors.h"
 
 #include <algorithm>
@@ -20,9 +22,16 @@ Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string
   Pretrained p;
   p.dir = dir;
   if (!fs::is_directory(dir)) throw InputError(dir + ": not a model folder (expected a folder with config.json)");
-  p.config = read_json_file((fs::path(dir) / "config.json").string());
+  // Links may lead only inside the folder (or, in a Hub cache snapshot, into its blobs/).
+  auto inside = [&](const fs::path& f) {
+    if (fs::exists(fs::symlink_status(f)) && !path_inside_model_folder(dir, f.string()))
+      throw InputError(f.string() + ": leads outside the model folder through a symbolic link");
+    return f.string();
+  };
+  p.config = read_json_file(inside(fs::path(dir) / "config.json"));
   fs::path pre = fs::path(dir) / "preprocessor_config.json";
-  if (fs::exists(pre)) {
+  if (fs::exists(fs::symlink_status(pre))) {
+    inside(pre);
     p.preprocessor = read_json_file(pre.string());
     try {
       p.processor = create_image_processor(p.preprocessor);
@@ -41,8 +50,13 @@ Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string
 }
 
 ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden_states, bool output_attentions) const {
-  if (!processor) throw Error(dir + ": no preprocessor_config.json");
-  BatchFeature f = processor->preprocess(images);
+  if (!processor) throw InputError(dir + ": no preprocessor_config.json (the image processor settings are needed to run the model)");
+  BatchFeature f;
+  try {
+    f = processor->preprocess(images);
+  } catch (const ModelError& e) {  // a processor setting that cannot apply: name the file
+    throw ModelError((fs::path(dir) / "preprocessor_config.json").string() + ": " + e.what());
+  }
   ModelInputs in;
   in.pixel_values = f.pixel_values;
   in.pixel_mask = f.pixel_mask;

@@ -1,6 +1,7 @@
 // vf: the command-line front end. Each subcommand is a thin wrapper over the library.
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -10,6 +11,7 @@
 #include "core/ops.h"
 #include "exit_codes.h"
 #include "io/draw.h"
+#include "io/file.h"
 #include "visionformers.h"
 
 namespace {
@@ -50,6 +52,16 @@ std::string score_text(double score) {
   return buf;
 }
 
+// A box corner as the pipeline's int() would give it; a NaN corner (NaN weights or inputs: int()
+// raises in Python) is shown as "nan" in text and null in JSON, never as -2147483648.
+bool box_is_nan(const vf::DetectedObject& o) {
+  return std::isnan(o.x0) || std::isnan(o.y0) || std::isnan(o.x1) || std::isnan(o.y1);
+}
+std::string corner_text(float exact, int truncated) { return std::isnan(exact) ? "nan" : std::to_string(truncated); }
+nlohmann::ordered_json corner_json(float exact, int truncated) {
+  return std::isnan(exact) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(truncated);
+}
+
 int cmd_detect(const std::string& model_dir, const std::vector<std::string>& images, float threshold, bool as_json,
                const std::string& draw_path) {
   auto p = vf::Pretrained::from_pretrained(model_dir);
@@ -57,15 +69,18 @@ int cmd_detect(const std::string& model_dir, const std::vector<std::string>& ima
   for (auto& path : images) imgs.push_back(vf::load_image(path, /*apply_exif_orientation=*/true));
   auto results = vf::detect(p, imgs, threshold);
   if (!draw_path.empty()) {
+    vf::AtomicOutputs outputs;  // all the images appear together, or none
     for (size_t i = 0; i < results.size(); ++i) {
       // Lowest score first, so that the best boxes end up on top.
       std::vector<vf::BoxAnnotation> boxes;
       for (auto it = results[i].rbegin(); it != results[i].rend(); ++it)
-        boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
+        if (!box_is_nan(*it))
+          boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
                          it->label + " " + score_text(it->score)});
       vf::draw_boxes(imgs[i], boxes);
-      vf::save_png(results.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(i)), imgs[i]);
+      vf::save_png(outputs, results.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(i)), imgs[i]);
     }
+    outputs.commit();
   }
   if (as_json) {
     nlohmann::ordered_json all = nlohmann::ordered_json::array();
@@ -74,7 +89,8 @@ int cmd_detect(const std::string& model_dir, const std::vector<std::string>& ima
       for (auto& o : r)
         one.push_back({{"score", o.score},
                        {"label", o.label},
-                       {"box", {{"xmin", o.box.xmin}, {"ymin", o.box.ymin}, {"xmax", o.box.xmax}, {"ymax", o.box.ymax}}}});
+                       {"box", {{"xmin", corner_json(o.x0, o.box.xmin)}, {"ymin", corner_json(o.y0, o.box.ymin)},
+                                {"xmax", corner_json(o.x1, o.box.xmax)}, {"ymax", corner_json(o.y1, o.box.ymax)}}}});
       all.push_back(one);
     }
     std::cout << (results.size() == 1 ? all[0] : all).dump(2) << "\n";
@@ -82,8 +98,9 @@ int cmd_detect(const std::string& model_dir, const std::vector<std::string>& ima
     for (size_t i = 0; i < results.size(); ++i) {
       std::printf("%s: %zu objects\n", images[i].c_str(), results[i].size());
       for (auto& o : results[i])
-        std::printf("  %8.5f  %-20s  [%d, %d, %d, %d]\n", o.score, o.label.c_str(), o.box.xmin, o.box.ymin,
-                    o.box.xmax, o.box.ymax);
+        std::printf("  %8.5f  %-20s  [%s, %s, %s, %s]\n", o.score, o.label.c_str(),
+                    corner_text(o.x0, o.box.xmin).c_str(), corner_text(o.y0, o.box.ymin).c_str(),
+                    corner_text(o.x1, o.box.xmax).c_str(), corner_text(o.y1, o.box.ymax).c_str());
     }
   }
   return 0;
@@ -100,11 +117,13 @@ int cmd_segment(const std::string& model_dir, const std::string& image_path, con
     std::vector<std::pair<int64_t, vf::Rgb>> colors;
     for (auto& s : seg.segments)
       colors.push_back({s.id, vf::palette_color(params.task == "semantic" ? s.label_id + 1 : s.id)});
-    vf::save_png(out_path, vf::render_segments(seg.map, colors));
+    vf::AtomicOutputs outputs;  // the map and every mask appear together, or none
+    vf::save_png(outputs, out_path, vf::render_segments(seg.map, colors));
     for (size_t i = 0; i < seg.segments.size(); ++i) {
       mask_paths[i] = suffixed_path(out_path, std::to_string(i));
-      vf::save_png(mask_paths[i], vf::render_mask(seg.map, seg.segments[i].id));
+      vf::save_png(outputs, mask_paths[i], vf::render_mask(seg.map, seg.segments[i].id));
     }
+    outputs.commit();
   }
   if (as_json) {
     nlohmann::ordered_json all = nlohmann::ordered_json::array();

@@ -4,10 +4,9 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sys/stat.h>
 
 #include "core/tensor.h"
+#include "io/file.h"
 
 namespace vf {
 
@@ -42,6 +41,7 @@ json parse_json_text(const std::string& text, const std::string& origin, int max
     // nlohmann prefixes "[json.exception.parse_error.101] parse error at line L, column C: ..."
     auto colon = what.find(": ");
     std::string detail = colon == std::string::npos ? what : what.substr(colon + 2);
+    detail = detail.substr(0, detail.find("; last read"));  // never quote the file's bytes
     throw InputError(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
   } catch (const json::exception& e) {  // e.g. a number out of range
     throw InputError(origin + ": invalid JSON: " + e.what());
@@ -49,20 +49,7 @@ json parse_json_text(const std::string& text, const std::string& origin, int max
 }
 
 json read_json_file(const std::string& path, size_t max_bytes) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0)
-    throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) throw InputError(path + ": expected a JSON file, found a directory");
-  if (static_cast<uint64_t>(st.st_size) > max_bytes)
-    throw InputError(path + ": JSON file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
-                std::to_string(max_bytes));
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
-  std::string text;
-  text.resize(static_cast<size_t>(st.st_size));
-  f.read(text.data(), static_cast<std::streamsize>(text.size()));
-  if (f.gcount() != static_cast<std::streamsize>(text.size()))
-    throw InputError(path + ": short read (" + std::to_string(f.gcount()) + " of " + std::to_string(text.size()) + " bytes)");
+  std::string text = read_regular_file(path, max_bytes);
   return parse_json_text(text, path);
 }
 

@@ -1,5 +1,7 @@
 #include "models/common.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -47,7 +49,7 @@ Tensor classification_loss(const Tensor& logits_in, const Tensor& labels, const 
     }
     loss /= std::max<int64_t>(y.numel(), 1);
   } else {
-    throw Error("unknown problem_type '" + problem + "'");
+    throw ModelError("unknown problem_type '" + problem + "'");
   }
   return Tensor::from<float>({1}, {float(loss)});
 }
@@ -60,17 +62,17 @@ std::vector<int> backbone_out_indices(const json& config, const std::vector<std:
   if (!features.empty()) {
     for (auto& f : features) {
       auto it = std::find(stage_names.begin(), stage_names.end(), f);
-      if (it == stage_names.end()) throw Error("out_features names unknown stage '" + f + "'");
+      if (it == stage_names.end()) throw ModelError("out_features names unknown stage '" + f + "'");
       out.push_back(static_cast<int>(it - stage_names.begin()));
     }
     if (!indices.empty()) {
-      if (indices.size() != features.size()) throw Error("out_features and out_indices differ in length");
+      if (indices.size() != features.size()) throw ModelError("out_features and out_indices differ in length");
       for (size_t i = 0; i < indices.size(); ++i)
-        if (((indices[i] % n) + n) % n != out[i]) throw Error("out_features and out_indices disagree");
+        if (((indices[i] % n) + n) % n != out[i]) throw ModelError("out_features and out_indices disagree");
     }
   } else if (!indices.empty()) {
     for (int i : indices) {
-      if (i < -n || i >= n) throw Error("out_indices has " + std::to_string(i) + " for " + std::to_string(n) + " stages");
+      if (i < -n || i >= n) throw ModelError("out_indices has " + std::to_string(i) + " for " + std::to_string(n) + " stages");
       out.push_back((i + n) % n);
     }
   } else {

@@ -1,5 +1,7 @@
 #include "models/detr_backbone.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -40,7 +42,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   json bc = has_backbone_config ? config["backbone_config"] : json::object();
   std::string model_type = cfg_get<std::string>(bc, "model_type", "resnet");
   if (model_type != "resnet")
-    throw Error("backbone_config.model_type '" + model_type + "' is not supported (only 'resnet')");
+    throw ModelError("backbone_config.model_type '" + model_type + "' is not supported (only 'resnet')");
   c.num_channels = cfg_get<int64_t>(bc, "num_channels", 3);
   c.embedding_size = cfg_get<int64_t>(bc, "embedding_size", c.embedding_size);
   c.hidden_sizes = cfg_get<std::vector<int64_t>>(bc, "hidden_sizes", c.hidden_sizes);
@@ -50,9 +52,13 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   c.downsample_in_first_stage = cfg_get<bool>(bc, "downsample_in_first_stage", false);
   c.downsample_in_bottleneck = cfg_get<bool>(bc, "downsample_in_bottleneck", false);
   if (c.layer_type != "bottleneck" && c.layer_type != "basic")
-    throw Error("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
+    throw ModelError("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
   if (c.depths.size() != c.hidden_sizes.size())
-    throw Error("backbone_config: depths and hidden_sizes differ in length");
+    throw ModelError("backbone_config: depths and hidden_sizes differ in length");
+  // A ResNet stage always builds its first layer, whatever its depth: a depth below 1 would be
+  // silently one layer in the reference and none here.
+  for (int64_t d : c.depths)
+    if (d < 1) throw ModelError("config key 'backbone_config.depths' has a value " + std::to_string(d) + " below 1");
 
   std::vector<std::string> stage_names = {"stem"};
   for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
@@ -63,7 +69,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
     for (int idx : json_to<std::vector<int>>(bc["out_indices"], "backbone_config.out_indices")) {
       int i = idx < 0 ? idx + static_cast<int>(stage_names.size()) : idx;
       if (i < 0 || i >= static_cast<int>(stage_names.size()))
-        throw Error("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
+        throw ModelError("backbone_config.out_indices: " + std::to_string(idx) + " is out of range");
       requested.push_back(stage_names[i]);
     }
   } else if (!has_backbone_config) {
@@ -75,7 +81,7 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
   for (auto& name : stage_names)
     if (std::find(requested.begin(), requested.end(), name) != requested.end()) c.out_features.push_back(name);
   if (c.out_features.size() != requested.size())
-    throw Error("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
+    throw ModelError("backbone_config.out_features: unknown stage name (expected stem or stage1..stage" +
                 std::to_string(c.depths.size()) + ")");
   return c;
 }
@@ -153,7 +159,7 @@ TimmResNetSpec timm_spec(const std::string& name) {
   if (name == "resnext101_32x8d") return {true, {3, 4, 23, 3}, 32, 8};
   if (name == "wide_resnet50_2") return {true, {3, 4, 6, 3}, 1, 128};
   if (name == "wide_resnet101_2") return {true, {3, 4, 23, 3}, 1, 128};
-  throw Error("timm backbone '" + name +
+  throw ModelError("timm backbone '" + name +
               "' is not supported (resnet18/26/34/50/101/152, resnext50_32x4d, resnext101_32x8d, "
               "wide_resnet50_2, wide_resnet101_2)");
 }
@@ -224,7 +230,7 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
     }
     for (int idx : cfg.out_indices) {
       if (idx < 0 || idx > static_cast<int>(spec.depths.size()))
-        throw Error("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
+        throw ModelError("timm backbone out_indices: " + std::to_string(idx) + " is out of range 0.." +
                     std::to_string(spec.depths.size()));
       impl->out_levels.push_back(idx);
       channels_.push_back(channels_all[idx]);
@@ -282,7 +288,7 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
       channels_.push_back(channels_all[idx]);
     }
   }
-  if (impl->out_levels.empty()) throw Error("DETR backbone: no output feature level selected");
+  if (impl->out_levels.empty()) throw ModelError("DETR backbone: no output feature level selected");
   impl_ = std::move(impl);
 }
 
