@@ -43,8 +43,8 @@ Pretrained Pretrained::from_pretrained(const std::string& dir, const std::string
   try {
     p.model = create_model(p.config, architecture, Weights(store));
     store->check_complete();
-  } catch (const ModelError& e) {  // name the folder (config.json and its weights)
-    throw ModelError(dir + ": " + e.what());
+  } catch (const ModelError& e) {  // name config.json (what it says, or implies of the weights)
+    throw ModelError((fs::path(dir) / "config.json").string() + ": " + e.what());
   }
   return p;
 }

@@ -877,7 +877,7 @@ TEST(HostileCli, InvalidConfigsAndProcessorsAreNotInternalErrors) {
     std::string out;
     EXPECT_EQ(run_vf_output(c.command + " " + m + (c.command == "detect" ? " " + img : ""), &out), c.code) << out;
     EXPECT_HAS(out, c.key);
-    EXPECT_HAS(out, c.file == "config.json" ? m : m + "/" + c.file);
+    EXPECT_HAS(out, m + "/" + c.file);
   }
   // A missing preprocessor_config.json, when a command needs it.
   const std::string m = copy_model("conditional-detr-tiny-det", "exit_nopre");

@@ -11,6 +11,7 @@
 #include <unordered_set>
 
 #include "io/file.h"
+#include "io/json.h"
 #include "io/mapped_file.h"
 
 namespace vf {
@@ -104,39 +105,29 @@ std::vector<std::pair<std::string, Tensor>> parse_safetensors(const uint8_t* byt
   const uint64_t data_size = size - 8 - n;
   const uint8_t* data = bytes + 8 + n;
 
-  // Parsed into a sorted object (inserting n keys into an ordered_json is O(n^2)); the header
-  // order is kept aside.
-  nlohmann::json header;
+  // Checked in one linear pass (syntax, nesting, the order and uniqueness of the tensor names),
+  // then parsed into a sorted object without callbacks: an ordered_json, or nlohmann's parser
+  // callbacks, are quadratic in the number of tensors.
   std::vector<std::string> order;
   std::unordered_set<std::string> names;
   std::string duplicate;
-  // The JSON parser keeps the last of repeated keys; a repeated tensor name is an error here.
-  auto note_key = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    if (depth == 1 && event == nlohmann::json::parse_event_t::key && parsed.is_string()) {
-      if (names.insert(parsed.get<std::string>()).second)
-        order.push_back(parsed.get<std::string>());
-      else if (duplicate.empty())
-        duplicate = parsed.get<std::string>();
-    }
-    return true;
+  auto on_key = [&](const std::string& k) {
+    if (names.insert(k).second)
+      order.push_back(k);
+    else if (duplicate.empty())
+      duplicate = k;
   };
+  std::string error;
+  size_t error_byte = 0;
+  if (!scan_json(bytes + 8, bytes + 8 + n, 16, on_key, &error, &error_byte)) {
+    if (error.rfind("nested deeper", 0) == 0)
+      throw fail("header JSON is " + error + " (expected {name: {dtype, shape, data_offsets}})");
+    throw fail("header is not valid JSON (at byte " + std::to_string(error_byte) + " of the header): " + error);
+  }
+  nlohmann::json header;
   try {
-    // The header nests three levels; refuse deep nesting early. Repeated tensor names are noted
-    // (the JSON parser keeps the last of repeated keys).
-    auto on_event = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-      if ((event == nlohmann::json::parse_event_t::object_start ||
-           event == nlohmann::json::parse_event_t::array_start) &&
-          depth >= 16)
-        throw fail("header JSON is nested deeper than 16 levels (expected {name: {dtype, shape, data_offsets}})");
-      return note_key(depth, event, parsed);
-    };
-    header = nlohmann::json::parse(bytes + 8, bytes + 8 + n, on_event);
-  } catch (const nlohmann::json::parse_error& e) {
-    // Without the parser's "last read: '...'" (it would quote the bytes of a file that is not safetensors).
-    std::string what = e.what();
-    what = what.substr(0, what.find("; last read"));
-    throw fail("header is not valid JSON (at byte " + std::to_string(e.byte) + " of the header): " + what);
-  } catch (const nlohmann::json::exception& e) {  // e.g. a number out of range
+    header = nlohmann::json::parse(bytes + 8, bytes + 8 + n);
+  } catch (const nlohmann::json::exception& e) {
     throw fail(std::string("header is not valid JSON: ") + e.what());
   }
   if (!duplicate.empty()) throw fail("tensor '" + duplicate + "' appears twice in the header");
