@@ -30,8 +30,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // header length (whose low byte may well be 0x80) followed by '{': that is checked first.
 bool looks_like_torch(const std::string& path) {
   unsigned char b[9] = {};
-  FileDescriptor fd = open_regular_file(path);
-  ssize_t got = ::read(fd.get(), b, sizeof b);
+  RegularFile file = open_regular_file(path, "weights file");
+  ssize_t got = ::read(file.fd(), b, sizeof b);
   size_t n = got < 0 ? 0 : static_cast<size_t>(got);
   if (n >= 4 && b[0] == 'P' && b[1] == 'K' && ((b[2] == 3 && b[3] == 4) || (b[2] == 5 && b[3] == 6))) return true;
   if (n == 9 && b[8] == '{') return false;

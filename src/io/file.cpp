@@ -14,15 +14,17 @@ namespace vf {
 
 namespace fs = std::filesystem;
 
-FileDescriptor& FileDescriptor::operator=(FileDescriptor&& o) noexcept {
+RegularFile& RegularFile::operator=(RegularFile&& o) noexcept {
   if (this != &o) {
     if (fd_ >= 0) ::close(fd_);
-    fd_ = o.release();
+    fd_ = o.fd_;
+    size_ = o.size_;
+    o.fd_ = -1;
   }
   return *this;
 }
 
-FileDescriptor::~FileDescriptor() {
+RegularFile::~RegularFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
@@ -37,30 +39,31 @@ const char* file_kind(mode_t mode) {
 }
 }  // namespace
 
-FileDescriptor open_regular_file(const std::string& path) {
-  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
-  if (fd.get() < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
+RegularFile open_regular_file(const std::string& path, const std::string& what) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) throw InputError(path + ": cannot open " + what + ": " + std::strerror(errno));
+  auto fail = [&](const std::string& msg) {
+    ::close(fd);
+    return InputError(path + ": " + msg);
+  };
   struct stat st;
-  if (::fstat(fd.get(), &st) != 0) throw InputError(path + ": cannot stat: " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode))
-    throw InputError(path + ": is " + file_kind(st.st_mode) + ", expected a regular file");
-  int flags = ::fcntl(fd.get(), F_GETFL);
-  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0)
-    throw InputError(path + ": cannot set blocking mode: " + std::strerror(errno));
-  return fd;
+  if (::fstat(fd, &st) != 0) throw fail("cannot stat " + what + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw fail(what + " is " + file_kind(st.st_mode) + ", expected a regular file");
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0)
+    throw fail(std::string("cannot set blocking mode: ") + std::strerror(errno));
+  return RegularFile(fd, static_cast<uint64_t>(st.st_size));
 }
 
-std::string read_regular_file(const std::string& path, size_t max_bytes) {
-  FileDescriptor fd = open_regular_file(path);
-  struct stat st;
-  if (::fstat(fd.get(), &st) != 0) throw InputError(path + ": cannot stat: " + std::strerror(errno));
-  if (static_cast<uint64_t>(st.st_size) > max_bytes)
-    throw InputError(path + ": file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
+std::string read_regular_file(const std::string& path, const std::string& what, size_t max_bytes) {
+  RegularFile file = open_regular_file(path, what);
+  if (file.size() > max_bytes)
+    throw InputError(path + ": " + what + " is " + std::to_string(file.size()) + " bytes, more than the limit of " +
                      std::to_string(max_bytes));
-  std::string text(static_cast<size_t>(st.st_size), '\0');
+  std::string text(static_cast<size_t>(file.size()), '\0');
   size_t got = 0;
   while (got < text.size()) {
-    ssize_t n = ::read(fd.get(), text.data() + got, text.size() - got);
+    ssize_t n = ::read(file.fd(), text.data() + got, text.size() - got);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) throw InputError(path + ": read failed: " + std::strerror(errno));
     if (n == 0) break;

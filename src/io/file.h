@@ -3,6 +3,7 @@
 // and outputs appear complete or not at all, never through a link planted where a temporary goes.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -10,35 +11,32 @@
 
 namespace vf {
 
-// An open file descriptor, closed on destruction.
-class FileDescriptor {
+// An open, read-only regular file. Closes its descriptor when destroyed.
+class RegularFile {
  public:
-  FileDescriptor() = default;
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(FileDescriptor&& o) noexcept : fd_(o.release()) {}
-  FileDescriptor& operator=(FileDescriptor&& o) noexcept;
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor();
-  int get() const { return fd_; }
-  int release() {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
+  RegularFile() = default;
+  RegularFile(int fd, uint64_t size) : fd_(fd), size_(size) {}
+  RegularFile(RegularFile&& o) noexcept : fd_(o.fd_), size_(o.size_) { o.fd_ = -1; }
+  RegularFile& operator=(RegularFile&& o) noexcept;
+  RegularFile(const RegularFile&) = delete;
+  RegularFile& operator=(const RegularFile&) = delete;
+  ~RegularFile();
+  int fd() const { return fd_; }
+  uint64_t size() const { return size_; }  // at open time
 
  private:
   int fd_ = -1;
+  uint64_t size_ = 0;
 };
 
 // Opens `path` for reading. Anything but a regular file (FIFO, socket, device, directory) is
-// refused with one InputError naming the path, without blocking: the file is opened O_NONBLOCK
-// (a FIFO without writer would otherwise block open() forever), checked with fstat, and only
-// then set back to blocking reads.
-FileDescriptor open_regular_file(const std::string& path);
+// refused with one InputError naming the path and `what` it is ("config file", ...), without
+// blocking: the file is opened O_NONBLOCK (a FIFO without writer would otherwise block open()
+// forever), checked with fstat, and only then set back to blocking reads.
+RegularFile open_regular_file(const std::string& path, const std::string& what);
 
 // The whole content of a regular file of at most `max_bytes` bytes (InputError otherwise).
-std::string read_regular_file(const std::string& path, size_t max_bytes);
+std::string read_regular_file(const std::string& path, const std::string& what, size_t max_bytes);
 
 // `relative` (a file name read from a file inside `root`, e.g. a shard of an index) resolved with
 // its symbolic links. It must stay inside `root` (also resolved) or, when `root` is a snapshot of

@@ -108,7 +108,7 @@ json parse_json_text(const std::string& text, const std::string& origin, int max
 }
 
 json read_json_file(const std::string& path, size_t max_bytes) {
-  std::string text = read_regular_file(path, max_bytes);
+  std::string text = read_regular_file(path, "JSON file", max_bytes);
   return parse_json_text(text, path);
 }
 

@@ -15,12 +15,10 @@
 namespace vf {
 
 MappedFile MappedFile::open(const std::string& path) {
-  FileDescriptor file = open_regular_file(path);
-  const int fd = file.get();
-  struct stat st;
-  if (::fstat(fd, &st) != 0) throw InputError(path + ": cannot stat: " + std::strerror(errno));
+  RegularFile file = open_regular_file(path, "weights file");
+  const int fd = file.fd();
   MappedFile m;
-  m.size = static_cast<size_t>(st.st_size);
+  m.size = static_cast<size_t>(file.size());
   if (m.size == 0) {
     m.owner = std::make_shared<int>(0);
     return m;
