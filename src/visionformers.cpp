@@ -1,5 +1,7 @@
 #include "visionformers.h"
 
+#include "io/file.h"
+
 #include "core/errors.h"
 
 #include <algorithm>
@@ -23,9 +25,16 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::
   Pretrained p;
   p.dir = dir;
   if (!fs::is_directory(dir)) throw InputError(dir + ": not a model folder (expected a folder with config.json)");
-  p.config = read_json_file((fs::path(dir) / "config.json").string());
+  // Links may lead only inside the folder (or, in a Hub cache snapshot, into its blobs/).
+  auto inside = [&](const fs::path& f) {
+    if (fs::exists(fs::symlink_status(f)) && !path_inside_model_folder(dir, f.string()))
+      throw InputError(f.string() + ": leads outside the model folder through a symbolic link");
+    return f.string();
+  };
+  p.config = read_json_file(inside(fs::path(dir) / "config.json"));
   fs::path pre = fs::path(dir) / "preprocessor_config.json";
-  if (fs::exists(pre)) {
+  if (fs::exists(fs::symlink_status(pre))) {
+    inside(pre);
     p.preprocessor = read_json_file(pre.string());
     try {
       p.processor = create_image_processor(p.preprocessor);
@@ -37,8 +46,8 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::
   try {
     p.model = create_model(p.config, architecture, Weights(store));
     store->check_complete();
-  } catch (const ModelError& e) {  // name the folder (config.json and its weights)
-    throw ModelError(dir + ": " + e.what());
+  } catch (const ModelError& e) {  // name config.json (what it says, or implies of the weights)
+    throw ModelError((fs::path(dir) / "config.json").string() + ": " + e.what());
   }
   // The model holds what it needs (in place or as its own reordered copies): checkpoint tensors
   // nobody kept, and the buffers load-time folding freed, go back to the system.
@@ -59,9 +68,15 @@ ModelOutput forward(const Pretrained& p, const Tensor& pixel_values, const Tenso
   return p.model->forward(in);
 }
 
-const ImageProcessor& processor_of(const Pretrained& p) {
-  if (!p.processor) throw Error(p.dir + ": no preprocessor_config.json");
-  return *p.processor;
+// The model's image processor on `images`; a processor setting that cannot apply names its file.
+BatchFeature preprocess(const Pretrained& p, const std::vector<Image>& images) {
+  if (!p.processor)
+    throw InputError(p.dir + ": no preprocessor_config.json (the image processor settings are needed to run the model)");
+  try {
+    return p.processor->preprocess(images);
+  } catch (const ModelError& e) {
+    throw ModelError((fs::path(p.dir) / "preprocessor_config.json").string() + ": " + e.what());
+  }
 }
 
 // Runs the images `batch_size` at a time (<= 0: all at once). Each image is processed alone and
@@ -71,12 +86,11 @@ const ImageProcessor& processor_of(const Pretrained& p) {
 // and its images' indices, increasing within a forward.
 void run_unpadded(const Pretrained& p, const std::vector<Image>& images, int batch_size,
                   const std::function<void(const ModelOutput&, const std::vector<size_t>&)>& use) {
-  const ImageProcessor& processor = processor_of(p);
   const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
   for (size_t begin = 0; begin < images.size(); begin += step) {
     const size_t end = std::min(images.size(), begin + step);
     std::vector<BatchFeature> features;
-    for (size_t i = begin; i < end; ++i) features.push_back(processor.preprocess({images[i]}));
+    for (size_t i = begin; i < end; ++i) features.push_back(preprocess(p, {images[i]}));
     std::vector<bool> done(features.size(), false);
     for (size_t first = 0; first < features.size(); ++first) {
       if (done[first]) continue;
@@ -99,7 +113,7 @@ void run_unpadded(const Pretrained& p, const std::vector<Image>& images, int bat
 }  // namespace
 
 ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden_states, bool output_attentions) const {
-  BatchFeature f = processor_of(*this).preprocess(images);
+  BatchFeature f = preprocess(*this, images);
   return forward(*this, f.pixel_values, f.pixel_mask, output_hidden_states, output_attentions);
 }
 

@@ -8,14 +8,24 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <functional>
+#include <limits>
+#include <set>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "core/config.h"
 #include "core/errors.h"
+#include "core/limits.h"
 #include "exit_codes.h"
+#include "core/attention.h"
+#include "core/ops.h"
 #include "io/checkpoint.h"
+#include "io/file.h"
 #include "io/image.h"
 #include "io/json.h"
+#include "io/pickle.h"
 #include "io/safetensors.h"
 #include "io/torch_checkpoint.h"
 #include "models/model.h"
@@ -493,4 +503,386 @@ TEST(HostileCli, ExitCodesTellFailuresApart) {
   write_bytes(unknown + "/config.json", R"({"model_type": "gpt2"})");
   write_safetensors(unknown + "/model.safetensors", {{"a", Tensor::from<float>({1}, {1})}});
   EXPECT_EQ(run_vf("info " + unknown), exit_code::kModelProblem);
+}
+
+// ---- non-regular files, scale, memory, paths (issue 11, part 5) --------------------------------
+
+namespace {
+
+// Runs vf with `args` (and `env` assignments before it); returns the exit code and puts stdout and
+// stderr together in *out.
+int run_vf_output(const std::string& args, std::string* out, const std::string& env = "") {
+  const std::string log = scratch("cli_out") + "/out.txt";
+  std::string cmd = env + " " + std::string(VF_VF_BINARY) + " " + args + " >" + log + " 2>&1 </dev/null";
+  int st = std::system(cmd.c_str());
+  *out = read_bytes(log);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// A copy of a golden case's model folder (config, preprocessor config, weights).
+std::string copy_model(const std::string& golden, const std::string& name) {
+  const std::string src = test::golden_case(golden), dst = scratch("model_" + name);
+  for (auto& e : fs::directory_iterator(dst)) fs::remove_all(e.path());
+  for (const char* f : {"config.json", "preprocessor_config.json", "model.safetensors"})
+    fs::copy_file(src + "/" + f, dst + "/" + f, fs::copy_options::overwrite_existing);
+  return dst;
+}
+
+void edit_json(const std::string& path, const std::function<void(json&)>& edit) {
+  json j = read_json_file(path);
+  edit(j);
+  write_bytes(path, j.dump());
+}
+
+}  // namespace
+
+// A FIFO (or a directory) where a model file should be is refused at once: opening a FIFO for
+// reading blocks until a writer comes, so a hang here would be this test timing out.
+TEST(HostileFiles, FifoOrDirectoryAsAnyInputIsRefusedWithoutBlocking) {
+  const std::string dir = scratch("fifo");
+  for (auto& e : fs::directory_iterator(dir)) fs::remove_all(e.path());
+  const std::string model = copy_model("convnext-tiny-backbone", "fifo");
+  auto make_fifo = [](const std::string& p) {
+    fs::remove_all(p);
+    ASSERT_EQ(::mkfifo(p.c_str(), 0600), 0) << p;
+  };
+  // Every loader, called directly.
+  make_fifo(dir + "/config.json");
+  std::string msg = error_of<InputError>([&] { read_json_file(dir + "/config.json"); });
+  EXPECT_HAS(msg, "FIFO");
+  EXPECT_HAS(msg, dir + "/config.json");
+  for (const char* name : {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "w.pt", "w"}) {
+    SCOPED_TRACE(name);
+    make_fifo(dir + "/" + name);
+    EXPECT_HAS(error_of<InputError>([&] { load_weights_file(dir + "/" + name); }), "FIFO");
+  }
+  EXPECT_HAS(error_of<InputError>([&] { read_safetensors(dir + "/model.safetensors"); }), "FIFO");
+  EXPECT_HAS(error_of<InputError>([&] { read_torch_checkpoint(dir + "/pytorch_model.bin"); }), "FIFO");
+  // A shard named by an index.
+  write_bytes(dir + "/index.json", R"({"weight_map": {"a": "shard.safetensors"}})");
+  make_fifo(dir + "/shard.safetensors");
+  EXPECT_HAS(error_of<InputError>([&] { load_weights_file(dir + "/index.json"); }), "FIFO");
+  // Through the model folder: config.json, preprocessor_config.json, the weights.
+  for (const char* name : {"config.json", "preprocessor_config.json", "model.safetensors"}) {
+    SCOPED_TRACE(name);
+    const std::string m = copy_model("convnext-tiny-backbone", "fifo");
+    make_fifo(m + "/" + name);
+    EXPECT_HAS(error_of<InputError>([&] { Pretrained::from_pretrained(m); }), m + "/" + name);
+    std::string out;
+    EXPECT_EQ(run_vf_output("info " + m, &out), exit_code::kBadInput) << out;
+    EXPECT_HAS(out, name);
+  }
+  // A directory given as the weights file.
+  const std::string m = copy_model("convnext-tiny-backbone", "dirweights");
+  fs::remove(m + "/model.safetensors");
+  fs::create_directories(m + "/model.safetensors");
+  std::string out;
+  EXPECT_EQ(run_vf_output("info " + m, &out), exit_code::kBadInput) << out;
+  EXPECT_HAS(out, "model.safetensors");
+  EXPECT_HAS(out, "directory");
+}
+
+// Parsers stay O(n log n): a shard index with 100k distinct shard names and a safetensors header
+// of 200k tensors were quadratic (minutes); they now load within the test's time.
+TEST(HostileScale, HugeShardIndexAndSafetensorsHeaderAreNotQuadratic) {
+  const std::string dir = scratch("scale");
+  std::string index = R"({"weight_map": {)";
+  for (int i = 0; i < 100000; ++i)
+    index += (i ? "," : "") + ("\"t" + std::to_string(i) + "\": \"shard-" + std::to_string(i) + ".safetensors\"");
+  write_bytes(dir + "/model.safetensors.index.json", index + "}}");
+  // The first shard (in order of appearance) is absent: the whole map was read first.
+  EXPECT_HAS(error_of<InputError>([&] { load_weights_file(dir + "/model.safetensors.index.json"); }),
+             "shard 'shard-0.safetensors' is missing");
+
+  std::string header = "{";
+  const int n = 200000;
+  for (int i = 0; i < n; ++i)
+    header += (i ? "," : "") + ("\"z" + std::to_string(n - i) + "\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}");
+  header += "}";
+  write_bytes(dir + "/many.safetensors", le64(header.size()) + header);
+  auto tensors = read_safetensors(dir + "/many.safetensors");
+  ASSERT_EQ(tensors.size(), size_t(n));
+  EXPECT_EQ(tensors.front().first, "z200000");  // header order, not sorted
+  EXPECT_EQ(tensors.back().first, "z1");
+  // The writer is linear too.
+  std::vector<std::pair<std::string, Tensor>> many;
+  for (int i = 0; i < n; ++i) many.emplace_back("w" + std::to_string(i), Tensor::empty({0}));
+  write_safetensors(dir + "/written.safetensors", many);
+  auto back = read_safetensors(dir + "/written.safetensors");
+  ASSERT_EQ(back.size(), size_t(n));
+  EXPECT_EQ(back[12345].first, "w12345");
+}
+
+namespace {
+long max_rss_mb() {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss / 1024;
+}
+}  // namespace
+
+// Memory follows what the pickle keeps: 4 million empty tuples made and dropped one by one (an 8 MB
+// pickle) used to be kept to the end (about a gigabyte).
+TEST(HostileMemory, PickleFreesWhatItDrops) {
+  const std::string dir = scratch("pickle_memory");
+  std::string pkl = "\x80\x02";
+  for (int i = 0; i < 4000000; ++i) pkl += ")0";
+  pkl += "}.";
+  write_bytes(dir + "/drops.bin", make_zip({{"archive/data.pkl", pkl}}));
+  const long before = max_rss_mb();
+  EXPECT_TRUE(read_torch_checkpoint(dir + "/drops.bin").empty());
+  EXPECT_LT(max_rss_mb() - before, 200) << "MB of peak memory for a pickle that keeps nothing";
+  // Containers in reference cycles cannot be freed early: their number is limited.
+  std::string cycles = "\x80\x02";
+  for (int i = 0; i < 3000; ++i) cycles += "]2a0";  // a list appended to itself, dropped
+  cycles += "}.";
+  pickle::Limits limits;
+  limits.max_live_containers = 1000;
+  size_t pos = 0;
+  std::string msg = error_of<InputError>([&] {
+    pickle::unpickle(reinterpret_cast<const uint8_t*>(cycles.data()), cycles.size(), pos, "cycles.pkl", {}, limits);
+  });
+  EXPECT_HAS(msg, "containers alive at once");
+}
+
+// A stride-0 view of one element claiming 2^29 elements (2 GB once copied) has its shape checked
+// against the model before anything is copied.
+TEST(HostileMemory, StrideZeroViewIsShapeCheckedBeforeItIsCopied) {
+  const std::string dir = scratch("stride0");
+  auto k = [](int v) { return "K" + std::string(1, static_cast<char>(v)); };
+  const std::string pkl = "\x80\x02}(" + pstr("w") + "ctorch._utils\n_rebuild_tensor_v2\n((" + pstr("storage") +
+                          "ctorch\nFloatStorage\n" + pstr("0") + pstr("cpu") + k(1) + "tQ" + k(0) + "J" +
+                          le32(1u << 29) + "\x85" + k(0) + "\x85\x89}tRu.";
+  write_bytes(dir + "/pytorch_model.bin", make_zip({{"archive/data.pkl", pkl}, {"archive/data/0", le32(0x3f800000)}}));
+  const long before = max_rss_mb();
+  auto store = load_weights_file(dir + "/pytorch_model.bin");
+  ASSERT_TRUE(store->shape_of("w"));
+  EXPECT_EQ(*store->shape_of("w"), (Shape{1 << 29}));
+  std::string msg = error_of<ModelError>([&] { Weights(store).get("w", {4}); });
+  EXPECT_HAS(msg, "[536870912]");
+  EXPECT_HAS(msg, "[4]");
+  EXPECT_LT(max_rss_mb() - before, 1000) << "MB: the view was copied before its shape was checked";
+  // A view of the size the model expects is copied on use: four ones.
+  const std::string small = "\x80\x02}(" + pstr("w") + "ctorch._utils\n_rebuild_tensor_v2\n((" + pstr("storage") +
+                            "ctorch\nFloatStorage\n" + pstr("0") + pstr("cpu") + k(1) + "tQ" + k(0) + k(4) +
+                            "\x85" + k(0) + "\x85\x89}tRu.";
+  write_bytes(dir + "/small.bin", make_zip({{"archive/data.pkl", small}, {"archive/data/0", le32(0x3f800000)}}));
+  Tensor w = Weights(load_weights_file(dir + "/small.bin")).get("w", {4});
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(w.f32()[i], 1.0f);
+}
+
+// A forward whose tensors (or the attention scores the reference would build) exceed
+// VF_MAX_FORWARD_BYTES is refused with an input error, not left to exhaust memory.
+TEST(HostileMemory, ForwardPastTheMemoryLimitIsRefused) {
+  const std::string m = copy_model("conditional-detr-tiny-det", "forward_limit");
+  const std::string img = test::images_dir() + "/chelsea.png";
+  std::string out;
+  ASSERT_EQ(run_vf_output("detect " + m + " " + img, &out), exit_code::kOk) << out;
+  EXPECT_EQ(run_vf_output("detect " + m + " " + img, &out, "VF_MAX_FORWARD_BYTES=64K"), exit_code::kBadInput) << out;
+  EXPECT_HAS(out, "VF_MAX_FORWARD_BYTES");
+  // Attention is estimated from its shapes, as the reference materialises the scores: 80k tokens
+  // (a ~80 megapixel image in a DETR encoder) would need 25.6 GB for one head.
+  const int64_t L = 80000;
+  Tensor q = Tensor::zeros({1, L, 2});
+  std::string msg = error_of<InputError>([&] { multi_head_attention(q, q, q, 1, {}); });
+  EXPECT_HAS(msg, "80000 x 80000");
+  EXPECT_HAS(msg, "VF_MAX_FORWARD_BYTES");
+  EXPECT_LE(max_forward_bytes(), uint64_t(16) << 30);
+}
+
+// Temporary outputs are created exclusively: a link planted where a temporary used to go
+// (OUT.tmp) is never written through, and a failed multi-file output leaves nothing.
+TEST(HostileOutput, PlantedLinksAreNotFollowedAndFailedOutputsLeaveNothing) {
+  const std::string dir = scratch("planted");
+  for (auto& e : fs::directory_iterator(dir)) fs::remove_all(e.path());
+  write_bytes(dir + "/victim", "precious");
+  fs::create_symlink(dir + "/victim", dir + "/out.png.tmp");
+  Image img;
+  img.height = 2;
+  img.width = 3;
+  img.rgb.assign(18, 100);
+  save_png(dir + "/out.png", img);
+  EXPECT_EQ(read_bytes(dir + "/victim"), "precious");
+  EXPECT_TRUE(fs::is_symlink(dir + "/out.png.tmp"));
+  EXPECT_EQ(decode_image(reinterpret_cast<const uint8_t*>(read_bytes(dir + "/out.png").data()),
+                         read_bytes(dir + "/out.png").size(), "out.png").rgb, img.rgb);
+  fs::create_symlink(dir + "/victim", dir + "/w.safetensors.tmp");
+  write_safetensors(dir + "/w.safetensors", {{"a", Tensor::from<float>({1}, {1})}});
+  EXPECT_EQ(read_bytes(dir + "/victim"), "precious");
+  // Several outputs: none appears unless all are committed.
+  {
+    AtomicOutputs outs;
+    save_png(outs, dir + "/a.png", img);
+    save_png(outs, dir + "/b.png", img);
+    EXPECT_THROW(save_png(outs, dir + "/no/such/c.png", img), InputError);
+  }
+  std::set<std::string> left;
+  for (auto& e : fs::directory_iterator(dir)) left.insert(e.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{"victim", "out.png", "out.png.tmp", "w.safetensors", "w.safetensors.tmp"}));
+  // Through the CLI: an output folder that does not exist is bad input (65), and no mask is left.
+  const std::string m = copy_model("conditional-detr-tiny-det", "draw");
+  std::string out;
+  EXPECT_EQ(run_vf_output("detect " + m + " " + test::images_dir() + "/chelsea.png --draw " + dir + "/absent/x.png", &out),
+            exit_code::kBadInput)
+      << out;
+  EXPECT_HAS(out, dir + "/absent");
+}
+
+// Files named by a model folder stay inside it, links included, except the links of a Hugging Face
+// cache snapshot into its repository's blobs/; errors never echo the bytes of a file.
+TEST(HostilePaths, ShardsThroughLinksStayInsideTheModelFolder) {
+  const std::string root = scratch("paths");
+  fs::remove_all(root);
+  const std::string outside = root + "/outside", model = root + "/model";
+  fs::create_directories(outside);
+  fs::create_directories(model);
+  write_bytes(outside + "/secret", "s3cr3t-p4ssw0rd\n");
+  write_safetensors(outside + "/w.safetensors", {{"a", Tensor::from<float>({1}, {1})}});
+  fs::create_directory_symlink(outside, model + "/linked");
+  write_bytes(model + "/model.safetensors.index.json", R"({"weight_map": {"a": "linked/w.safetensors"}})");
+  std::string msg = error_of<InputError>([&] { load_checkpoint(model); });
+  EXPECT_HAS(msg, "outside the model folder");
+  EXPECT_HAS(msg, "linked/w.safetensors");
+  // A link in the folder itself to a file outside is refused as well.
+  fs::remove(model + "/model.safetensors.index.json");
+  fs::create_symlink(outside + "/secret", model + "/model.safetensors");
+  EXPECT_HAS(error_of<InputError>([&] { load_checkpoint(model); }), "outside the model folder");
+  // A file that is not safetensors: the error does not print its first 8 bytes as a number.
+  fs::remove(model + "/model.safetensors");
+  fs::copy_file(outside + "/secret", model + "/model.safetensors");
+  uint64_t first8 = 0;
+  std::memcpy(&first8, "s3cr3t-p", 8);
+  msg = error_of<InputError>([&] { load_checkpoint(model); });
+  EXPECT_EQ(msg.find(std::to_string(first8)), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("s3cr3t"), std::string::npos) << msg;
+
+  // A Hub cache snapshot: links into ../../blobs are followed, even for the shards.
+  const std::string repo = root + "/hub/models--org--name";
+  const std::string snap = repo + "/snapshots/0123abc";
+  fs::create_directories(repo + "/blobs");
+  fs::create_directories(snap);
+  write_safetensors(repo + "/blobs/b1", {{"a", Tensor::from<float>({1}, {7})}});
+  write_bytes(repo + "/blobs/b2", R"({"weight_map": {"a": "model-00001.safetensors"}})");
+  fs::create_symlink("../../blobs/b1", snap + "/model-00001.safetensors");
+  fs::create_symlink("../../blobs/b2", snap + "/model.safetensors.index.json");
+  auto store = load_checkpoint(snap);
+  EXPECT_EQ(store->find("a")->f32()[0], 7.0f);
+  // ... but not beyond the repository.
+  fs::remove(snap + "/model-00001.safetensors");
+  fs::create_symlink("../../../../outside/w.safetensors", snap + "/model-00001.safetensors");
+  EXPECT_HAS(error_of<InputError>([&] { load_checkpoint(snap); }), "outside the model folder");
+}
+
+// id2label keys are read as Python's int() reads a str; anything else is refused (stoll read
+// "1.9" as 1 and "0x4" as 0).
+TEST(HostileConfig, Id2labelKeysAreReadAsPythonInt) {
+  int64_t v = -1;
+  for (auto [s, want] : std::vector<std::pair<std::string, int64_t>>{
+           {"0", 0}, {"17", 17}, {" 3 ", 3}, {"+4", 4}, {"-2", -2}, {"1_000", 1000}, {"007", 7}, {"\t9\n", 9}}) {
+    EXPECT_TRUE(parse_python_int(s, &v)) << s;
+    EXPECT_EQ(v, want) << s;
+  }
+  for (std::string s : {"1.9", "0x4", "4abc", "", " ", "_1", "1_", "1__0", "+", "1 2", "1e3", "99999999999999999999"})
+    EXPECT_FALSE(parse_python_int(s, &v)) << s;
+  auto store = std::make_shared<WeightStore>();
+  json c = read_json_file(test::goldens_dir() + "/convnext-tiny-backbone/config.json");
+  c["id2label"] = {{"0", "cat"}, {"1.9", "dog"}};
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(c, "", Weights(store)); }), "'id2label'");
+  c["id2label"] = {{"0", "cat"}, {"0x4", "dog"}};
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(c, "", Weights(store)); }), "0x4");
+}
+
+TEST(HostileConfig, NegativeDepthsAreRefused) {
+  auto store = std::make_shared<WeightStore>();
+  json c = read_json_file(test::goldens_dir() + "/convnext-tiny-backbone/config.json");
+  c["depths"][1] = -1;
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(c, "", Weights(store)); }), "'depths'");
+  json b = read_json_file(test::goldens_dir() + "/bit-tiny-bottleneck-same/config.json");
+  b["depths"][0] = -2;
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(b, "", Weights(store)); }), "'depths'");
+  json d = read_json_file(test::goldens_dir() + "/detr-tiny-model/config.json");
+  d["backbone_config"]["depths"][2] = 0;
+  EXPECT_HAS(error_of<ModelError>([&] { create_model(d, "", Weights(store)); }), "depths");
+}
+
+// NaN weights give NaN, as in PyTorch: max pooling keeps a NaN in its window, and the CLI shows a
+// NaN box as nan (text) / null (JSON), not -2147483648.
+TEST(HostileNaN, MaxPoolPropagatesNaNAndTheCliShowsNaNBoxes) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // 1x3x3x1, a NaN in the middle; 2x2 windows, stride 1: every window holds it.
+  Tensor x = Tensor::from<float>({1, 3, 3, 1}, {1, 2, 3, 4, nan, 6, 7, 8, 9});
+  Tensor y = max_pool2d_nhwc(x, 2, 1, 0, 0, 0, 0);
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(std::isnan(y.f32()[i])) << i;
+  Tensor x2 = Tensor::from<float>({1, 2, 3, 1}, {nan, 1, 5, 2, 3, 4});  // windows {nan,1,2,3}, {1,5,3,4}
+  Tensor y2 = max_pool2d_nhwc(x2, 2, 1, 0, 0, 0, 0);
+  EXPECT_TRUE(std::isnan(y2.f32()[0]));
+  EXPECT_EQ(y2.f32()[1], 5.0f);
+
+  const std::string m = copy_model("conditional-detr-tiny-det", "nan_boxes");
+  auto tensors = read_safetensors(m + "/model.safetensors");
+  bool found = false;
+  for (auto& [name, t] : tensors)
+    if (name.find("bbox_predictor.layers.2.bias") != std::string::npos) {
+      Tensor c = Tensor::empty(t.shape(), t.dtype());
+      for (int64_t i = 0; i < c.numel(); ++i) c.f32()[i] = nan;
+      t = c;
+      found = true;
+    }
+  ASSERT_TRUE(found);
+  write_safetensors(m + "/model.safetensors", tensors);
+  const std::string img = test::images_dir() + "/chelsea.png";
+  std::string out;
+  ASSERT_EQ(run_vf_output("detect " + m + " " + img + " --threshold 0", &out), exit_code::kOk) << out;
+  EXPECT_HAS(out, "[nan, nan, nan, nan]");
+  EXPECT_EQ(out.find("2147483648"), std::string::npos) << out;
+  ASSERT_EQ(run_vf_output("detect " + m + " " + img + " --threshold 0 --json", &out), exit_code::kOk) << out;
+  EXPECT_HAS(out, "\"xmin\": null");
+  EXPECT_EQ(out.find("2147483648"), std::string::npos) << out;
+}
+
+// Invalid config and processor values, and missing files, are bad input (65) or a model problem
+// (66) naming the file and the key, never "internal" (70).
+TEST(HostileCli, InvalidConfigsAndProcessorsAreNotInternalErrors) {
+  const std::string img = test::images_dir() + "/chelsea.png";
+  struct Case {
+    std::string name, golden, file, command;
+    std::function<void(json&)> edit;
+    int code;
+    std::string key;
+  };
+  const std::vector<Case> cases = {
+      {"feature_levels", "deformable-detr-tiny-det", "config.json", "info",
+       [](json& j) { j["num_feature_levels"] = 0; }, exit_code::kModelProblem, "num_feature_levels"},
+      {"heads", "detr-tiny-model", "config.json", "info", [](json& j) { j["encoder_attention_heads"] = 7; },
+       exit_code::kModelProblem, "d_model"},
+      {"image_size", "deit-tiny-model", "config.json", "info", [](json& j) { j["image_size"] = 0; },
+       exit_code::kModelProblem, "image_size"},
+      {"activation", "convnext-tiny-backbone", "config.json", "info", [](json& j) { j["hidden_act"] = "nope"; },
+       exit_code::kModelProblem, "hidden_act"},
+      {"resample", "conditional-detr-tiny-det", "preprocessor_config.json", "detect",
+       [](json& j) { j["resample"] = 99; }, exit_code::kModelProblem, "resample"},
+      {"crop_pct_0", "convnext-tiny-backbone", "preprocessor_config.json", "info",
+       [](json& j) { j["crop_pct"] = 0; }, exit_code::kModelProblem, "crop_pct"},
+      {"crop_pct_tiny", "convnext-tiny-backbone", "preprocessor_config.json", "info",
+       [](json& j) { j["crop_pct"] = 1e-300; }, exit_code::kModelProblem, "crop_pct"},
+      {"pad_size", "conditional-detr-tiny-det", "preprocessor_config.json", "detect",
+       [](json& j) { j["pad_size"] = {{"height", 8}, {"width", 8}}; }, exit_code::kModelProblem, "pad_size"},
+      {"size_limit", "conditional-detr-tiny-det", "preprocessor_config.json", "detect",
+       [](json& j) { j["size"] = {{"height", 1e9}, {"width", 4}}; }, exit_code::kModelProblem, "size.height"},
+  };
+  for (auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string m = copy_model(c.golden, "exit_" + c.name);
+    edit_json(m + "/" + c.file, c.edit);
+    std::string out;
+    EXPECT_EQ(run_vf_output(c.command + " " + m + (c.command == "detect" ? " " + img : ""), &out), c.code) << out;
+    EXPECT_HAS(out, c.key);
+    EXPECT_HAS(out, m + "/" + c.file);
+  }
+  // A missing preprocessor_config.json, when a command needs it.
+  const std::string m = copy_model("conditional-detr-tiny-det", "exit_nopre");
+  fs::remove(m + "/preprocessor_config.json");
+  std::string out;
+  EXPECT_EQ(run_vf_output("detect " + m + " " + img, &out), exit_code::kBadInput) << out;
+  EXPECT_HAS(out, "preprocessor_config.json");
 }

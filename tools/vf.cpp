@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -15,6 +16,7 @@
 #include "core/ops.h"
 #include "exit_codes.h"
 #include "io/draw.h"
+#include "io/file.h"
 #include "serve/results_json.h"
 #include "serve/server.h"
 #include "visionformers.h"
@@ -112,6 +114,13 @@ std::string score_text(double score) {
   return buf;
 }
 
+// A box corner as the pipeline's int() would give it; a NaN corner (NaN weights or inputs: int()
+// raises in Python) is shown as "nan" in text and null in JSON, never as -2147483648.
+bool box_is_nan(const vf::DetectedObject& o) {
+  return std::isnan(o.x0) || std::isnan(o.y0) || std::isnan(o.x1) || std::isnan(o.y1);
+}
+std::string corner_text(float exact, int truncated) { return std::isnan(exact) ? "nan" : std::to_string(truncated); }
+
 int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshold, const std::string& draw_path,
                const std::string& coco_path) {
   auto p = vf::Pretrained::from_pretrained(model_dir);
@@ -129,8 +138,9 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
         // Lowest score first, so that the best boxes end up on top.
         std::vector<vf::BoxAnnotation> boxes;
         for (auto it = results[i].rbegin(); it != results[i].rend(); ++it)
-          boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
-                           it->label + " " + score_text(it->score)});
+          if (!box_is_nan(*it))
+            boxes.push_back({it->box.xmin, it->box.ymin, it->box.xmax, it->box.ymax, vf::palette_color(it->label_id + 1),
+                             it->label + " " + score_text(it->score)});
         vf::Image drawn = images[i];
         vf::draw_boxes(drawn, boxes);
         vf::save_png(paths.size() == 1 ? draw_path : suffixed_path(draw_path, std::to_string(n)), drawn);
@@ -141,8 +151,9 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
       for (auto& d : results[i]) {
         if (!coco_path.empty()) coco.push_back(vf::cli::coco_result(image_ids[n], d));
         char line[160];
-        std::snprintf(line, sizeof line, "  %8.5f  %-20s  [%d, %d, %d, %d]\n", d.score, d.label.c_str(), d.box.xmin,
-                      d.box.ymin, d.box.xmax, d.box.ymax);
+        std::snprintf(line, sizeof line, "  %8.5f  %-20s  [%s, %s, %s, %s]\n", d.score, d.label.c_str(),
+                      corner_text(d.x0, d.box.xmin).c_str(), corner_text(d.y0, d.box.ymin).c_str(),
+                      corner_text(d.x1, d.box.xmax).c_str(), corner_text(d.y1, d.box.ymax).c_str());
         text += line;
       }
       out.add(n, vf::serve::detect_json(results[i]), text);
@@ -170,11 +181,13 @@ int cmd_segment(const std::string& model_dir, const RunOptions& o, const vf::Seg
         std::vector<std::pair<int64_t, vf::Rgb>> colors;
         for (auto& s : seg.segments)
           colors.push_back({s.id, vf::palette_color(params.task == "semantic" ? s.label_id + 1 : s.id)});
-        vf::save_png(map_path, vf::render_segments(seg.map, colors));
+        vf::AtomicOutputs outputs;  // the map and every mask appear together, or none
+        vf::save_png(outputs, map_path, vf::render_segments(seg.map, colors));
         for (size_t k = 0; k < seg.segments.size(); ++k) {
           mask_paths[k] = suffixed_path(map_path, std::to_string(k));
-          vf::save_png(mask_paths[k], vf::render_mask(seg.map, seg.segments[k].id));
+          vf::save_png(outputs, mask_paths[k], vf::render_mask(seg.map, seg.segments[k].id));
         }
+        outputs.commit();
       }
       std::string text = paths[n] + ": " + std::to_string(seg.segments.size()) + " segments (" + params.task + ")\n";
       for (size_t k = 0; k < seg.segments.size(); ++k) {

@@ -1,5 +1,8 @@
 #include "core/attention.h"
 
+#include "core/errors.h"
+#include "core/limits.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -99,6 +102,14 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     batch_bias = bb.f32();
     batch_bias_count = bb.size(0);
   }
+  // The reference materialises the B x H x Lq x Lk scores (computed here in blocks); an input that
+  // large is refused rather than left to run for hours.
+  const double score_bytes = double(B) * double(H) * double(Lq) * double(Lk) * sizeof(float);
+  if (score_bytes > double(max_forward_bytes()))
+    throw InputError("attention over " + std::to_string(Lq) + " x " + std::to_string(Lk) + " tokens (" +
+                     std::to_string(H) + " heads, batch " + std::to_string(B) + ") needs " +
+                     std::to_string(uint64_t(score_bytes)) + " bytes of scores, more than the limit of " +
+                     std::to_string(max_forward_bytes()) + " (VF_MAX_FORWARD_BYTES): the image size is too large");
   Tensor out = Tensor::empty({B, Lq, H * dv});
   if (B == 0 || Lq == 0) {
     if (opt.probs) *opt.probs = Tensor::zeros({B, H, Lq, Lk});

@@ -2,6 +2,8 @@
 // Loops are parallelised over the outermost independent dimension with OpenMP.
 #include "core/ops.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -41,7 +43,8 @@ Act act_from_name(const std::string& name) {
   if (name == "laplace") return Act::Laplace;
   if (name == "sqrtsoftplus") return Act::SqrtSoftplus;
   if (name == "prelu" || name == "xielu")
-    throw Error("activation function '" + name + "' has learned parameters, which are not supported");
+    throw ModelError("config activation (hidden_act / activation_function) '" + name +
+                     "' has learned parameters, which are not supported");
   if (name == "silu" || name == "swish") return Act::Silu;
   if (name == "selu") return Act::Selu;
   if (name == "sigmoid") return Act::Sigmoid;
@@ -50,7 +53,8 @@ Act act_from_name(const std::string& name) {
   if (name == "relu6") return Act::Relu6;
   if (name == "leaky_relu") return Act::LeakyRelu;
   if (name == "linear" || name == "identity") return Act::None;
-  throw Error("unknown activation function '" + name + "'");
+  throw ModelError("config activation (hidden_act / activation_function) '" + name.substr(0, 100) +
+                   "' is not a known activation function");
 }
 
 void act_inplace(Tensor& x, Act a) {
@@ -251,7 +255,9 @@ Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, in
             int64_t ix = ox * s - pl + kx;
             if (ix < 0 || ix >= w) continue;
             const float* in = px + ((i * h + iy) * w + ix) * c;
-            for (int64_t ch = 0; ch < c; ++ch) out[ch] = std::max(out[ch], in[ch]);
+            // As PyTorch: a NaN in the window is the maximum (std::max would drop it).
+            for (int64_t ch = 0; ch < c; ++ch)
+              if (in[ch] > out[ch] || std::isnan(in[ch])) out[ch] = in[ch];
           }
         }
       }

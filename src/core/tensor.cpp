@@ -1,10 +1,14 @@
 #include "core/tensor.h"
 
+#include "core/errors.h"
+#include "core/limits.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <unistd.h>
 
 #include <malloc.h>
 
@@ -125,12 +129,37 @@ void pool_release_cached() {
   malloc_trim(0);
 }
 
+uint64_t max_forward_bytes() {
+  static const uint64_t limit = [] {
+    uint64_t v = uint64_t(16) << 30;
+    long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0) v = std::min<uint64_t>(v, uint64_t(pages) * uint64_t(page) / 2);
+    if (const char* env = std::getenv("VF_MAX_FORWARD_BYTES"); env && *env) {
+      char* end = nullptr;
+      unsigned long long n = std::strtoull(env, &end, 10);
+      int shift = 0;
+      if (*end == 'K' || *end == 'k') shift = 10;
+      else if (*end == 'M' || *end == 'm') shift = 20;
+      else if (*end == 'G' || *end == 'g') shift = 30;
+      else if (*end == 'T' || *end == 't') shift = 40;
+      if (shift) ++end;
+      if (end != env && *end == '\0' && n > 0 && n <= (~0ull >> shift)) v = uint64_t(n) << shift;
+    }
+    return v;
+  }();
+  return limit;
+}
+
 Tensor Tensor::empty(Shape shape, DType dtype) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
   size_t n = static_cast<size_t>(shape_numel(t.shape_));
   if (n > (SIZE_MAX / 2) / dtype_size(dtype)) throw Error("tensor of shape " + shape_str(t.shape_) + " is too large");
+  if (n * dtype_size(dtype) > max_forward_bytes())
+    throw InputError("a tensor of shape " + shape_str(t.shape_) + " would take " + std::to_string(n * dtype_size(dtype)) +
+                     " bytes, more than the limit of " + std::to_string(max_forward_bytes()) +
+                     " (VF_MAX_FORWARD_BYTES): the input or config asks for too much memory");
   size_t bytes = std::max<size_t>(64, (n * dtype_size(dtype) + 63) / 64 * 64);
   void* p = pool().get(bytes);
   t.data_ = p;

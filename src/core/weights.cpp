@@ -10,11 +10,37 @@ constexpr int64_t kMaxMissingPlaceholder = int64_t(1) << 26;
 constexpr size_t kMaxMissingTensors = 100000;
 }  // namespace
 
-void WeightStore::add(const std::string& name, Tensor t) { tensors_[name] = std::move(t); }
+void WeightStore::add(const std::string& name, Tensor t) {
+  Shape shape = t.shape();
+  tensors_[name] = Entry{std::move(t), std::move(shape), nullptr};
+}
+
+void WeightStore::add_lazy(const std::string& name, Shape shape, Maker make) {
+  tensors_[name] = Entry{Tensor(), std::move(shape), std::move(make)};
+}
+
+void WeightStore::add_from(const WeightStore& other, const std::string& name) {
+  auto it = other.tensors_.find(name);
+  if (it == other.tensors_.end()) return;
+  std::lock_guard<std::mutex> lock(other.make_mu_);
+  tensors_[name] = it->second;
+}
 
 const Tensor* WeightStore::find(const std::string& name) const {
   auto it = tensors_.find(name);
-  return it == tensors_.end() ? nullptr : &it->second;
+  if (it == tensors_.end()) return nullptr;
+  std::lock_guard<std::mutex> lock(make_mu_);
+  Entry& e = const_cast<Entry&>(it->second);
+  if (!e.tensor.defined() && e.make) {
+    e.tensor = e.make();
+    e.make = nullptr;
+  }
+  return &e.tensor;
+}
+
+const Shape* WeightStore::shape_of(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second.shape;
 }
 
 bool WeightStore::has_prefix(const std::string& prefix) const {
@@ -91,8 +117,8 @@ Tensor Weights::get(const std::string& name, const Shape& shape) const {
     if (d <= 0)
       throw ModelError("config.json implies tensor " + full + " of shape " + shape_str(shape) +
                        " (every size must be positive)");
-  const Tensor* t = store_ ? store_->find(full) : nullptr;
-  if (!t) {
+  const Shape* found = store_ ? store_->shape_of(full) : nullptr;
+  if (!found) {
     if (store_ && store_->missing_filler()) return store_->missing_filler()(full, shape);
     if (store_) store_->note_missing(full, shape);
     // A placeholder so that the load can go on and report every missing name (note_missing
@@ -100,8 +126,10 @@ Tensor Weights::get(const std::string& name, const Shape& shape) const {
     return Tensor::zeros(shape);
   }
   store_->note_used(full);
-  if (t->shape() != shape)
-    throw ModelError("tensor " + full + " has shape " + shape_str(t->shape()) + ", the config implies " + shape_str(shape));
+  // Checked before the tensor is produced (a lazy one may claim far more than the file holds).
+  if (*found != shape)
+    throw ModelError("tensor " + full + " has shape " + shape_str(*found) + ", the config implies " + shape_str(shape));
+  const Tensor* t = store_->find(full);
   return t->dtype() == DType::F32 ? *t : t->to(DType::F32);
 }
 

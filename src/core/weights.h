@@ -21,9 +21,19 @@ namespace vf {
 class WeightStore {
  public:
   void add(const std::string& name, Tensor t);
+  // A tensor produced on first use (a strided checkpoint view that must be copied): its shape is
+  // known without producing it, so that a shape the model does not expect is refused before
+  // anything of that size is allocated (a stride-0 view of one element can claim gigabytes).
+  using Maker = std::function<Tensor()>;
+  void add_lazy(const std::string& name, Shape shape, Maker make);
+  // Copies the entry `name` of `other` (lazy or not).
+  void add_from(const WeightStore& other, const std::string& name);
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   bool has_prefix(const std::string& prefix) const;
+  // Produces a lazy tensor if needed.
   const Tensor* find(const std::string& name) const;
+  // The shape of `name` without producing it (nullptr when absent).
+  const Shape* shape_of(const std::string& name) const;
   std::vector<std::string> names() const;
   size_t size() const { return tensors_.size(); }
 
@@ -44,7 +54,13 @@ class WeightStore {
   std::vector<std::string> unused() const;
 
  private:
-  std::map<std::string, Tensor> tensors_;
+  struct Entry {
+    Tensor tensor;  // undefined until a lazy entry is produced
+    Shape shape;
+    Maker make;
+  };
+  std::map<std::string, Entry> tensors_;
+  mutable std::mutex make_mu_;
   mutable std::mutex mu_;
   mutable std::set<std::string> used_;
   mutable std::vector<std::string> missing_;

@@ -6,8 +6,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <set>
+#include <unistd.h>
 #include <vector>
 
+#include "io/file.h"
 #include "io/json.h"
 #include "io/safetensors.h"
 #include "io/torch_checkpoint.h"
@@ -26,11 +29,10 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // in the legacy format, with a pickle PROTO opcode (0x80). A safetensors file starts with its
 // header length (whose low byte may well be 0x80) followed by '{': that is checked first.
 bool looks_like_torch(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) return false;  // the loader reports the error
   unsigned char b[9] = {};
-  size_t n = std::fread(b, 1, 9, f);
-  std::fclose(f);
+  RegularFile file = open_regular_file(path, "weights file");
+  ssize_t got = ::read(file.fd(), b, sizeof b);
+  size_t n = got < 0 ? 0 : static_cast<size_t>(got);
   if (n >= 4 && b[0] == 'P' && b[1] == 'K' && ((b[2] == 3 && b[3] == 4) || (b[2] == 5 && b[3] == 6))) return true;
   if (n == 9 && b[8] == '{') return false;
   return n >= 1 && b[0] == 0x80;
@@ -56,6 +58,7 @@ void load_sharded(const std::string& index_path, WeightStore& store) {
     throw InputError(index_path + ": shard index has no 'weight_map' object");
   const fs::path dir = fs::path(index_path).parent_path();
   std::vector<std::string> files;  // in order of first appearance
+  std::set<std::string> known_files;
   std::map<std::string, std::string> file_of;
   for (auto& [name, file] : wm->items()) {
     if (!file.is_string()) throw InputError(index_path + ": weight_map entry '" + name + "' is not a file name");
@@ -64,13 +67,14 @@ void load_sharded(const std::string& index_path, WeightStore& store) {
     bool bad = f.empty() || fp.is_absolute();
     for (auto& part : fp) bad = bad || part == "..";
     if (bad) throw InputError(index_path + ": shard file name '" + f + "' must be a relative path inside the model folder");
-    if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
-    file_of[name] = f;
+    if (known_files.insert(f).second) files.push_back(f);
+    file_of.emplace_hint(file_of.end(), name, f);  // items() are sorted by name
   }
   if (files.empty()) throw InputError(index_path + ": weight_map is empty");
   for (auto& f : files) {
     std::string shard_path = (dir / f).string();
     if (!fs::exists(shard_path)) throw InputError(index_path + ": shard '" + f + "' is missing (" + shard_path + ")");
+    resolve_inside_model_folder(dir.empty() ? "." : dir.string(), f, index_path);
     WeightStore shard;
     load_one_file(shard_path, shard);
     for (auto& name : shard.names()) {
@@ -80,7 +84,7 @@ void load_sharded(const std::string& index_path, WeightStore& store) {
       if (it->second != f)
         throw InputError(shard_path + ": tensor '" + name + "' is mapped to '" + it->second + "' by " + index_path);
       if (store.has(name)) throw InputError(shard_path + ": tensor '" + name + "' is already loaded");
-      store.add(name, *shard.find(name));
+      store.add_from(shard, name);
     }
   }
   std::vector<std::string> missing;
@@ -111,7 +115,11 @@ std::shared_ptr<WeightStore> load_checkpoint(const std::string& model_dir) {
   for (const char* name : {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                            "pytorch_model.bin.index.json"}) {
     fs::path p = fs::path(model_dir) / name;
-    if (fs::exists(p)) return load_weights_file(p.string());
+    if (!fs::exists(fs::symlink_status(p))) continue;
+    if (!path_inside_model_folder(model_dir, p.string()))
+      throw InputError(p.string() + ": leads outside the model folder through a symbolic link (only links into "
+                       "the folder, or into the blobs/ of a Hugging Face cache repository, are followed)");
+    return load_weights_file(p.string());
   }
   throw InputError(model_dir + ": no weights found (expected model.safetensors, model.safetensors.index.json, "
               "pytorch_model.bin or pytorch_model.bin.index.json)");

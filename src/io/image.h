@@ -9,6 +9,8 @@
 
 namespace vf {
 
+class AtomicOutputs;
+
 // An 8-bit image, rows of interleaved channels (HWC). `channels` is 3 (RGB) for decoded files.
 struct Image {
   int64_t height = 0, width = 0;
@@ -42,8 +44,10 @@ Image load_image(const std::string& path, bool apply_exif_orientation = false);
 Image decode_image(const uint8_t* data, size_t size, const std::string& name,
                    bool apply_exif_orientation = false);
 
-// Writes an 8-bit PNG (channels 1 = gray, 3 = RGB, 4 = RGBA) to a temporary file next to `path`
-// and renames it into place.
+// Writes an 8-bit PNG (channels 1 = gray, 3 = RGB, 4 = RGBA) to a temporary file created
+// exclusively next to `path` and renames it into place (io/file.h, AtomicOutputs).
 void save_png(const std::string& path, const Image& img);
+// The same as one of several outputs that appear together when `out` commits.
+void save_png(AtomicOutputs& out, const std::string& path, const Image& img);
 
 }  // namespace vf

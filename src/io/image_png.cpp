@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "io/file.h"
 #include "io/image_codecs.h"
 
 namespace vf {
@@ -258,28 +259,21 @@ bool write_png_raw(PngWriteState& st, const Image& img) {
 
 }  // namespace
 
-void save_png(const std::string& path, const Image& img) {
+void save_png(AtomicOutputs& out, const std::string& path, const Image& img) {
   if (img.channels != 1 && img.channels != 3 && img.channels != 4)
     throw Error("save_png('" + path + "'): " + std::to_string(img.channels) + " channels (expected 1, 3 or 4)");
   if (img.height <= 0 || img.width <= 0 || img.rgb.size() != img.pixels() * size_t(img.channels))
     throw Error("save_png('" + path + "'): image buffer does not match " + std::to_string(img.height) + "x" +
                 std::to_string(img.width) + "x" + std::to_string(img.channels));
-  std::string tmp = path + ".tmp";
-  PngWriteState st{std::fopen(tmp.c_str(), "wb"), {0}};
-  if (!st.file) throw Error("save_png: cannot create '" + tmp + "'");
-  bool ok = write_png_raw(st, img);
-  ok = (std::fclose(st.file) == 0) && ok;
-  if (!ok) {
-    std::remove(tmp.c_str());
+  PngWriteState st{out.add(path), {0}};
+  if (!write_png_raw(st, img))
     throw Error("save_png: cannot write '" + path + "': " + (st.message[0] ? st.message : "I/O error"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    throw Error("save_png: cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
-  }
 }
 
+void save_png(const std::string& path, const Image& img) {
+  AtomicOutputs out;
+  save_png(out, path, img);
+  out.commit();
+}
 
 }  // namespace vf

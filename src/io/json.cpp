@@ -4,10 +4,9 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sys/stat.h>
 
 #include "core/tensor.h"
+#include "io/file.h"
 
 namespace vf {
 
@@ -23,46 +22,93 @@ std::string position_str(const std::string& text, size_t pos) {
 }
 }  // namespace
 
+namespace {
+
+// A SAX handler that builds nothing: it counts nesting and reports the top-level keys.
+class ScanSax : public json::json_sax_t {
+ public:
+  ScanSax(int max_depth, const std::function<void(const std::string&)>& on_top_key)
+      : max_depth_(max_depth), on_top_key_(on_top_key) {}
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return open(); }
+  bool start_array(std::size_t) override { return open(); }
+  bool end_object() override { return --depth_, true; }
+  bool end_array() override { return --depth_, true; }
+  bool key(string_t& k) override {
+    if (depth_ == 1 && on_top_key_) on_top_key_(k);
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& ex) override {
+    std::string what = ex.what();
+    // "[json.exception.parse_error.101] parse error at line L, column C: <detail>; last read: '<text>'"
+    auto colon = what.find(": ");
+    what = colon == std::string::npos ? what : what.substr(colon + 2);
+    error = what.substr(0, what.find("; last read"));  // never quote the text
+    error_byte = position;
+    return false;
+  }
+
+  std::string error;
+  size_t error_byte = 0;
+  bool too_deep = false;
+
+ private:
+  bool open() {
+    if (++depth_ <= max_depth_) return true;
+    too_deep = true;
+    error = "nested deeper than " + std::to_string(max_depth_) + " levels";
+    return false;
+  }
+  int depth_ = 0;
+  const int max_depth_;
+  const std::function<void(const std::string&)>& on_top_key_;
+};
+
+}  // namespace
+
+bool scan_json(const uint8_t* begin, const uint8_t* end, int max_depth,
+               const std::function<void(const std::string&)>& on_top_key, std::string* error,
+               size_t* error_byte) {
+  ScanSax sax(max_depth, on_top_key);
+  bool ok;
+  try {
+    ok = json::sax_parse(begin, end, &sax);
+  } catch (const json::exception& e) {  // e.g. a number out of range
+    sax.error = e.what();
+    ok = false;
+  }
+  if (ok) return true;
+  *error = sax.error.empty() ? "invalid JSON" : sax.error;
+  *error_byte = sax.error_byte;
+  return false;
+}
+
 json parse_json_text(const std::string& text, const std::string& origin, int max_depth) {
   // Depth-limited: configs nest a few levels; a file of a million '[' is refused early, before it
   // can exhaust memory or the stack of code that walks the parsed value recursively.
-  auto limit_depth = [&](int depth, json::parse_event_t event, json&) {
-    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
-        depth >= max_depth)
-      throw InputError(origin + ": invalid JSON: nested deeper than " + std::to_string(max_depth) +
-                  " levels (expected a shallow configuration file)");
-    return true;
-  };
+  std::string error;
+  size_t byte = 0;
+  const auto* b = reinterpret_cast<const uint8_t*>(text.data());
+  if (!scan_json(b, b + text.size(), max_depth, nullptr, &error, &byte)) {
+    if (error.rfind("nested deeper", 0) == 0)
+      throw InputError(origin + ": invalid JSON: " + error + " (expected a shallow configuration file)");
+    throw InputError(origin + ": invalid JSON at " + position_str(text, byte > 0 ? byte - 1 : 0) + ": " + error);
+  }
   try {
-    return json::parse(text, limit_depth);
-  } catch (const json::parse_error& e) {
-    // e.byte is 1-based: the byte at which parsing stopped.
-    size_t pos = e.byte > 0 ? e.byte - 1 : 0;
-    std::string what = e.what();
-    // nlohmann prefixes "[json.exception.parse_error.101] parse error at line L, column C: ..."
-    auto colon = what.find(": ");
-    std::string detail = colon == std::string::npos ? what : what.substr(colon + 2);
-    throw InputError(origin + ": invalid JSON at " + position_str(text, pos) + ": " + detail);
-  } catch (const json::exception& e) {  // e.g. a number out of range
+    return json::parse(text);
+  } catch (const json::exception& e) {
     throw InputError(origin + ": invalid JSON: " + e.what());
   }
 }
 
 json read_json_file(const std::string& path, size_t max_bytes) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0)
-    throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) throw InputError(path + ": expected a JSON file, found a directory");
-  if (static_cast<uint64_t>(st.st_size) > max_bytes)
-    throw InputError(path + ": JSON file is " + std::to_string(st.st_size) + " bytes, more than the limit of " +
-                std::to_string(max_bytes));
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw InputError(path + ": cannot open JSON file: " + std::strerror(errno));
-  std::string text;
-  text.resize(static_cast<size_t>(st.st_size));
-  f.read(text.data(), static_cast<std::streamsize>(text.size()));
-  if (f.gcount() != static_cast<std::streamsize>(text.size()))
-    throw InputError(path + ": short read (" + std::to_string(f.gcount()) + " of " + std::to_string(text.size()) + " bytes)");
+  std::string text = read_regular_file(path, "JSON file", max_bytes);
   return parse_json_text(text, path);
 }
 

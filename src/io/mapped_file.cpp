@@ -11,32 +11,21 @@
 #include <unistd.h>
 
 #include "core/tensor.h"
+#include "io/file.h"
 
 namespace vf {
 
 MappedFile MappedFile::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw InputError(path + ": cannot open: " + std::strerror(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    int err = errno;
-    ::close(fd);
-    throw InputError(path + ": cannot stat: " + std::strerror(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw InputError(path + ": not a regular file");
-  }
+  RegularFile file = open_regular_file(path, "weights file");
+  const int fd = file.fd();
   MappedFile m;
-  m.size = static_cast<size_t>(st.st_size);
+  m.size = static_cast<size_t>(file.size());
   if (m.size == 0) {
-    ::close(fd);
     m.owner = std::make_shared<int>(0);
     return m;
   }
   void* p = ::mmap(nullptr, m.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   int err = errno;
-  ::close(fd);
   if (p == MAP_FAILED) throw InputError(path + ": cannot mmap " + std::to_string(m.size) + " bytes: " + std::strerror(err));
   size_t n = m.size;
   m.data = static_cast<const uint8_t*>(p);

@@ -87,9 +87,22 @@ class Unpickler {
   }
 
   ValuePtr make(Kind k) {
-    auto v = std::make_shared<Value>();
+    if (k != Kind::Tuple && k != Kind::List && k != Kind::Dict) {
+      auto v = std::make_shared<Value>();
+      v->kind = k;
+      return v;
+    }
+    // Not make_shared: a weak reference would keep the whole allocation alive.
+    ValuePtr v(new Value);
     v->kind = k;
-    if (k == Kind::Tuple || k == Kind::List || k == Kind::Dict) out_.containers.push_back(v);
+    auto& all = out_.containers;
+    if (all.size() >= prune_at_) {
+      std::erase_if(all, [](const std::weak_ptr<Value>& w) { return w.expired(); });
+      prune_at_ = std::max<size_t>(1024, 2 * all.size());
+      if (all.size() > limits_.max_live_containers)
+        throw fail("more than " + std::to_string(limits_.max_live_containers) + " containers alive at once");
+    }
+    all.push_back(v);
     return v;
   }
   ValuePtr make_int(int64_t i) {
@@ -190,6 +203,7 @@ class Unpickler {
   std::vector<ValuePtr> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, ValuePtr> memo_;
+  size_t prune_at_ = 1024;
 };
 
 int64_t int_of(const ValuePtr& v, const std::string& what, const std::function<InputError(const std::string&)>& fail) {
@@ -429,10 +443,11 @@ bool storage_global_dtype(const std::string& global, DType* out) {
 
 Pickle::~Pickle() {
   root.reset();
-  for (auto& c : containers) {
-    c->items.clear();
-    c->dict.clear();
-  }
+  for (auto& w : containers)
+    if (ValuePtr c = w.lock()) {
+      c->items.clear();
+      c->dict.clear();
+    }
 }
 
 Pickle unpickle(const uint8_t* data, size_t size, size_t& pos, const std::string& origin,

@@ -60,11 +60,16 @@ struct Limits {
   size_t max_memo = 1 << 20;   // memo entries
   size_t max_marks = 512;      // nested MARKs
   int max_depth = 128;         // container nesting
+  // Containers alive at once (a state dict needs a few per tensor); those in reference cycles
+  // stay alive until the end, so a pickle that makes and drops cyclic lists is refused here.
+  size_t max_live_containers = 1 << 21;
 };
 
 // The result of unpickling: `root` and everything it refers to. Containers may refer to each
-// other in cycles (a hostile pickle can make a list contain itself); the destructor breaks them
-// and frees deep nestings without recursion, so keep the Pickle alive while using `root`.
+// other in cycles (a hostile pickle can make a list contain itself); the destructor breaks them,
+// so keep the Pickle alive while using `root`. Values the pickle machine drops are freed as it
+// drops them (only weak references to containers are kept, pruned as they expire), so memory
+// follows what the pickle keeps, not what it builds.
 class Pickle {
  public:
   Pickle() = default;
@@ -73,7 +78,7 @@ class Pickle {
   Pickle(Pickle&&) = default;
   ~Pickle();
   ValuePtr root;
-  std::vector<ValuePtr> containers;  // every Tuple/List/Dict made
+  std::vector<std::weak_ptr<Value>> containers;  // the Tuples/Lists/Dicts made (expired ones pruned)
 };
 
 // Unpickles one pickle starting at data[pos]; on return `pos` is just past its STOP.

@@ -6,11 +6,12 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <unistd.h>
+#include <unordered_set>
 
+#include "io/file.h"
+#include "io/json.h"
 #include "io/mapped_file.h"
 
 namespace vf {
@@ -52,7 +53,7 @@ uint64_t read_u64_le(const uint8_t* p) {
 }
 
 // A non-negative JSON integer (nlohmann parses those as unsigned).
-bool as_u64(const nlohmann::ordered_json& v, uint64_t* out) {
+bool as_u64(const nlohmann::json& v, uint64_t* out) {
   if (v.is_number_unsigned()) {
     *out = v.get<uint64_t>();
     return true;
@@ -93,39 +94,40 @@ std::vector<std::pair<std::string, Tensor>> parse_safetensors(const uint8_t* byt
   if (size < 8)
     throw fail("the file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
   uint64_t n = read_u64_le(bytes);
+  // The length is not echoed: for a file that is not safetensors (a link to a secret, say) it
+  // would print the file's first 8 bytes.
   if (n > kMaxHeaderBytes)
-    throw fail("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
+    throw fail("the header length (first 8 bytes) exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
                " bytes (a corrupt or non-safetensors file?)");
   if (n > size - 8)
-    throw fail("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) +
-               " bytes; truncated?)");
+    throw fail("the header length (first 8 bytes) runs past the end of the file (" + std::to_string(size) +
+               " bytes; truncated or not a safetensors file?)");
   const uint64_t data_size = size - 8 - n;
   const uint8_t* data = bytes + 8 + n;
 
-  nlohmann::ordered_json header;
-  std::set<std::string> names;
+  // Checked in one linear pass (syntax, nesting, the order and uniqueness of the tensor names),
+  // then parsed into a sorted object without callbacks: an ordered_json, or nlohmann's parser
+  // callbacks, are quadratic in the number of tensors.
+  std::vector<std::string> order;
+  std::unordered_set<std::string> names;
   std::string duplicate;
-  // The JSON parser keeps the last of repeated keys; a repeated tensor name is an error here.
-  auto note_key = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
-    if (depth == 1 && event == nlohmann::ordered_json::parse_event_t::key && parsed.is_string() &&
-        !names.insert(parsed.get<std::string>()).second && duplicate.empty())
-      duplicate = parsed.get<std::string>();
-    return true;
+  auto on_key = [&](const std::string& k) {
+    if (names.insert(k).second)
+      order.push_back(k);
+    else if (duplicate.empty())
+      duplicate = k;
   };
+  std::string error;
+  size_t error_byte = 0;
+  if (!scan_json(bytes + 8, bytes + 8 + n, 16, on_key, &error, &error_byte)) {
+    if (error.rfind("nested deeper", 0) == 0)
+      throw fail("header JSON is " + error + " (expected {name: {dtype, shape, data_offsets}})");
+    throw fail("header is not valid JSON (at byte " + std::to_string(error_byte) + " of the header): " + error);
+  }
+  nlohmann::json header;
   try {
-    // The header nests three levels; refuse deep nesting early. Repeated tensor names are noted
-    // (the JSON parser keeps the last of repeated keys).
-    auto on_event = [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
-      if ((event == nlohmann::ordered_json::parse_event_t::object_start ||
-           event == nlohmann::ordered_json::parse_event_t::array_start) &&
-          depth >= 16)
-        throw fail("header JSON is nested deeper than 16 levels (expected {name: {dtype, shape, data_offsets}})");
-      return note_key(depth, event, parsed);
-    };
-    header = nlohmann::ordered_json::parse(bytes + 8, bytes + 8 + n, on_event);
-  } catch (const nlohmann::ordered_json::parse_error& e) {
-    throw fail("header is not valid JSON (at byte " + std::to_string(e.byte) + " of the header): " + e.what());
-  } catch (const nlohmann::ordered_json::exception& e) {  // e.g. a number out of range
+    header = nlohmann::json::parse(bytes + 8, bytes + 8 + n);
+  } catch (const nlohmann::json::exception& e) {
     throw fail(std::string("header is not valid JSON: ") + e.what());
   }
   if (!duplicate.empty()) throw fail("tensor '" + duplicate + "' appears twice in the header");
@@ -133,7 +135,10 @@ std::vector<std::pair<std::string, Tensor>> parse_safetensors(const uint8_t* byt
 
   std::vector<Entry> entries;
   entries.reserve(header.size());
-  for (auto& [name, info] : header.items()) {
+  for (const std::string& name : order) {
+    auto found = header.find(name);
+    if (found == header.end()) continue;
+    const nlohmann::json& info = *found;
     if (name == "__metadata__") {
       if (!info.is_object()) throw fail("__metadata__ is not a JSON object");
       for (auto& [k, v] : info.items())
@@ -228,7 +233,8 @@ void load_safetensors(const std::string& path, WeightStore& store) {
 }
 
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  // The header object is written entry by entry: an ordered_json would look each name up linearly.
+  std::string h = "{";
   std::set<std::string> seen;
   uint64_t offset = 0;
   for (auto& [name, t] : tensors) {
@@ -236,35 +242,24 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     if (!seen.insert(name).second) throw Error(path + ": tensor name '" + name + "' appears twice");
     if (!t.defined()) throw Error(path + ": tensor '" + name + "' is undefined");
     uint64_t n = t.nbytes();
-    header[name] = {{"dtype", safetensors_dtype_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + n}}};
+    nlohmann::ordered_json entry = {
+        {"dtype", safetensors_dtype_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + n}}};
+    h += (h.size() > 1 ? "," : "") + nlohmann::json(name).dump() + ":" + entry.dump();
     offset += n;
   }
-  std::string h = header.dump();
+  h += "}";
   h.append((8 - h.size() % 8) % 8, ' ');  // as the reference: data starts 8-byte aligned
 
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw Error(tmp + ": cannot create: " + std::strerror(errno));
-    uint8_t len[8];
-    uint64_t hn = h.size();
-    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(hn >> (8 * i));
-    f.write(reinterpret_cast<const char*>(len), 8);
-    f.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (auto& [name, t] : tensors)
-      if (t.nbytes()) f.write(static_cast<const char*>(t.raw()), static_cast<std::streamsize>(t.nbytes()));
-    f.flush();
-    if (!f) {
-      f.close();
-      std::remove(tmp.c_str());
-      throw Error(tmp + ": write failed: " + std::strerror(errno));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot rename " + tmp + " into place: " + std::strerror(err));
-  }
+  AtomicOutputs out;
+  std::FILE* f = out.add(path);
+  uint8_t len[8];
+  uint64_t hn = h.size();
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(hn >> (8 * i));
+  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  for (auto& [name, t] : tensors)
+    if (ok && t.nbytes()) ok = std::fwrite(t.raw(), 1, t.nbytes(), f) == t.nbytes();
+  if (!ok) throw Error(path + ": write failed: " + std::strerror(errno));
+  out.commit();
 }
 
 }  // namespace vf

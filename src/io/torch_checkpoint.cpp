@@ -46,8 +46,9 @@ void strided_copy(const T* src, T* dst, const Shape& size, const Shape& stride) 
 
 // A pickled tensor (a strided view of a storage) as a contiguous Tensor: wraps the mapping when
 // the view is contiguous and aligned, copies otherwise. Every index is checked against the storage.
+// With `copy` false, a view that needs a copy is only checked and comes back undefined.
 Tensor materialise(const pickle::TensorRef& ref, const StorageBytes& st, const std::shared_ptr<void>& owner,
-                   const std::string& origin, const std::string& name) {
+                   const std::string& origin, const std::string& name, bool copy = true) {
   auto fail = [&](const std::string& what) {
     return InputError(origin + ": tensor '" + name + "': " + what);
   };
@@ -96,6 +97,7 @@ Tensor materialise(const pickle::TensorRef& ref, const StorageBytes& st, const s
   const uint8_t* src = st.data + (view_offset + ref.offset) * esize;
   if (contiguous && reinterpret_cast<uintptr_t>(src) % esize == 0)
     return Tensor::wrap(const_cast<uint8_t*>(src), ref.size, dt, owner);
+  if (!copy) return Tensor();
   Tensor t = Tensor::empty(ref.size, dt);
   if (contiguous) {
     std::memcpy(t.raw(), src, t.nbytes());
@@ -120,10 +122,12 @@ Tensor materialise(const pickle::TensorRef& ref, const StorageBytes& st, const s
   return t;
 }
 
-// The state dict at the root of the pickle: {str: tensor}.
+// The state dict at the root of the pickle: {str: tensor}. With `lazy`, the views that need a
+// copy go there as lazy entries (copied once the model has checked their shape) instead.
 template <class Resolve>
 std::vector<std::pair<std::string, Tensor>> collect(const pickle::Pickle& p, const std::string& origin,
-                                                    const std::shared_ptr<void>& owner, Resolve&& resolve) {
+                                                    const std::shared_ptr<void>& owner, Resolve&& resolve,
+                                                    WeightStore* lazy) {
   if (p.root->kind != Kind::Dict)
     throw InputError(origin + ": the checkpoint holds a " + std::string(pickle::kind_name(p.root->kind)) +
                 ", expected a state dict (a dict of tensors)");
@@ -133,7 +137,15 @@ std::vector<std::pair<std::string, Tensor>> collect(const pickle::Pickle& p, con
     if (k->kind != Kind::Str) throw InputError(origin + ": state dict key is a " + std::string(pickle::kind_name(k->kind)) + ", not a string");
     if (v->kind != Kind::Tensor)
       throw InputError(origin + ": state dict entry '" + k->s + "' is a " + pickle::kind_name(v->kind) + ", not a tensor");
-    out.emplace_back(k->s, materialise(*v->tensor, resolve(v->tensor->storage, k->s), owner, origin, k->s));
+    StorageBytes st = resolve(v->tensor->storage, k->s);
+    Tensor t = materialise(*v->tensor, st, owner, origin, k->s, /*copy=*/lazy == nullptr);
+    if (t.defined()) {
+      out.emplace_back(k->s, std::move(t));
+    } else {
+      if (lazy->has(k->s)) throw InputError(origin + ": tensor '" + k->s + "' is already loaded (from another file?)");
+      lazy->add_lazy(k->s, v->tensor->size,
+                     [ref = *v->tensor, st, owner, origin, name = k->s] { return materialise(ref, st, owner, origin, name); });
+    }
   }
   return out;
 }
@@ -148,7 +160,7 @@ DType storage_dtype(const ValuePtr& v, const std::string& origin) {
 }
 
 // torch >= 1.6: a zip archive <prefix>/data.pkl + <prefix>/data/<key> (+ version, byteorder).
-std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, const std::string& path) {
+std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, const std::string& path, WeightStore* lazy) {
   ZipReader zip(file.data, file.size, path);
   std::string prefix;
   for (auto& e : zip.entries()) {
@@ -190,12 +202,12 @@ std::vector<std::pair<std::string, Tensor>> read_zip(const MappedFile& file, con
     if (!e) throw InputError(path + ": tensor '" + name + "': storage entry '" + prefix + "data/" + s.key + "' is missing");
     const ZipEntry& se = zip.stored(e->name);
     return StorageBytes{se.data, se.size};
-  });
+  }, lazy);
 }
 
 // torch < 1.6: pickles of the magic number, protocol version, system info, the object, the list of
 // storage keys; then each storage as <int64 element count><bytes>.
-std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, const std::string& path) {
+std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, const std::string& path, WeightStore* lazy) {
   static const char kMagic[] = "\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";  // 0x1950a86a20f9469cfc6c, little-endian
   size_t pos = 0;
   auto no_pid = pickle::PersistentLoad();
@@ -274,20 +286,25 @@ std::vector<std::pair<std::string, Tensor>> read_legacy(const MappedFile& file, 
     if (r == roots.end() || (r->second.numel > 0 && !r->second.bytes.data))
       throw InputError(path + ": tensor '" + name + "': storage '" + s.key + "' has no data in the file");
     return r->second.bytes;
-  });
+  }, lazy);
+}
+
+std::vector<std::pair<std::string, Tensor>> read_any(uint8_t* data, size_t size, const std::string& origin,
+                                                     std::shared_ptr<void> owner, WeightStore* lazy) {
+  MappedFile file;
+  file.data = data;
+  file.size = size;
+  file.owner = std::move(owner);
+  if (size >= 4 && data[0] == 'P' && data[1] == 'K') return read_zip(file, origin, lazy);
+  if (size >= 2 && data[0] == 0x80) return read_legacy(file, origin, lazy);
+  throw InputError(origin + ": not a torch.save checkpoint (neither a zip archive nor a legacy pickle)");
 }
 
 }  // namespace
 
 std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(uint8_t* data, size_t size, const std::string& origin,
                                                                   std::shared_ptr<void> owner) {
-  MappedFile file;
-  file.data = data;
-  file.size = size;
-  file.owner = std::move(owner);
-  if (size >= 4 && data[0] == 'P' && data[1] == 'K') return read_zip(file, origin);
-  if (size >= 2 && data[0] == 0x80) return read_legacy(file, origin);
-  throw InputError(origin + ": not a torch.save checkpoint (neither a zip archive nor a legacy pickle)");
+  return read_any(data, size, origin, std::move(owner), nullptr);
 }
 
 std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(const std::string& path) {
@@ -296,7 +313,9 @@ std::vector<std::pair<std::string, Tensor>> read_torch_checkpoint(const std::str
 }
 
 void load_torch_checkpoint(const std::string& path, WeightStore& store) {
-  for (auto& [name, t] : read_torch_checkpoint(path)) {
+  MappedFile file = MappedFile::open(path);
+  // Views that need a copy stay lazy: the model checks their shapes first.
+  for (auto& [name, t] : read_any(const_cast<uint8_t*>(file.data), file.size, path, file.owner, &store)) {
     if (store.has(name)) throw InputError(path + ": tensor '" + name + "' is already loaded (from another file?)");
     store.add(name, std::move(t));
   }

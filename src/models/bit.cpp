@@ -1,5 +1,7 @@
 #include "models/bit.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -26,10 +28,13 @@ BitConfig BitConfig::from_json(const json& j) {
   c.output_stride = cfg_get(j, "output_stride", c.output_stride);
   c.width_factor = cfg_get(j, "width_factor", c.width_factor);
   if (c.layer_type != "preactivation" && c.layer_type != "bottleneck")
-    throw Error("BitConfig: layer_type '" + c.layer_type + "' is not preactivation or bottleneck");
+    throw ModelError("BitConfig: layer_type '" + c.layer_type + "' is not preactivation or bottleneck");
   if (!c.global_padding.empty() && c.global_padding != "SAME" && c.global_padding != "VALID")
-    throw Error("BitConfig: global_padding '" + c.global_padding + "' is not supported");
-  if (c.depths.size() != c.hidden_sizes.size()) throw Error("BitConfig: depths and hidden_sizes differ in length");
+    throw ModelError("BitConfig: global_padding '" + c.global_padding + "' is not supported");
+  if (c.depths.size() != c.hidden_sizes.size()) throw ModelError("BitConfig: depths and hidden_sizes differ in length");
+  // The reference splits the drop-path rates by depths: a negative depth fails there.
+  for (int64_t d : c.depths)
+    if (d < 0) throw ModelError("config key 'depths' has a negative value " + std::to_string(d));
   c.stage_names = {"stem"};
   for (size_t i = 1; i <= c.depths.size(); ++i) c.stage_names.push_back("stage" + std::to_string(i));
   return c;

@@ -1,5 +1,7 @@
 #include "models/common.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -47,7 +49,7 @@ Tensor classification_loss(const Tensor& logits_in, const Tensor& labels, const 
     }
     loss /= std::max<int64_t>(y.numel(), 1);
   } else {
-    throw Error("unknown problem_type '" + problem + "'");
+    throw ModelError("unknown problem_type '" + problem + "'");
   }
   return Tensor::from<float>({1}, {float(loss)});
 }

@@ -1,6 +1,8 @@
 #include "models/convnext.h"
 
+#include "core/errors.h"
 #include "core/file_pages.h"
+
 #include "models/common.h"
 #include "models/image_classification.h"
 
@@ -20,7 +22,10 @@ ConvNextConfig ConvNextConfig::from_json(const json& j, bool v2) {
   c.layer_norm_eps = cfg_get(j, "layer_norm_eps", c.layer_norm_eps);
   if (!v2) c.layer_scale_init_value = cfg_get(j, "layer_scale_init_value", c.layer_scale_init_value);
   if (int(c.hidden_sizes.size()) < c.num_stages || int(c.depths.size()) < c.num_stages)
-    throw Error("ConvNextConfig: hidden_sizes/depths shorter than num_stages");
+    throw ModelError("ConvNextConfig: hidden_sizes/depths shorter than num_stages");
+  // The reference splits the drop-path rates by depths: a negative depth fails there.
+  for (int64_t d : c.depths)
+    if (d < 0) throw ModelError("config key 'depths' has a negative value " + std::to_string(d));
   c.stage_names = {"stem"};
   for (int i = 1; i <= c.num_stages; ++i) c.stage_names.push_back("stage" + std::to_string(i));
   return c;

@@ -23,7 +23,7 @@ template <class T>
 std::vector<T> stage_list(const json& cfg, const std::string& key, const std::vector<T>& fallback) {
   auto it = cfg.find(key);
   if (it == cfg.end() || it->is_null()) return fallback;
-  if (!it->is_array()) throw Error("config key '" + key + "' must be a list (one entry per stage), got " + it->dump());
+  if (!it->is_array()) throw ModelError("config key '" + key + "' must be a list (one entry per stage), got " + it->dump());
   return cfg_get<std::vector<T>>(cfg, key, fallback);
 }
 
@@ -54,10 +54,10 @@ CvtConfig CvtConfig::from_json(const json& cfg) {
   c.layer_norm_eps = cfg_get<double>(cfg, "layer_norm_eps", c.layer_norm_eps);
 
   const size_t n = c.depth.size();
-  if (n == 0) throw Error("Cvt config: depth is empty (no stages)");
+  if (n == 0) throw ModelError("Cvt config: depth is empty (no stages)");
   auto need = [&](size_t have, const char* key) {
     if (have < n)
-      throw Error(std::string("Cvt config: '") + key + "' has " + std::to_string(have) + " entries for " +
+      throw ModelError(std::string("Cvt config: '") + key + "' has " + std::to_string(have) + " entries for " +
                   std::to_string(n) + " stages");
   };
   need(c.patch_sizes.size(), "patch_sizes");
@@ -76,15 +76,15 @@ CvtConfig CvtConfig::from_json(const json& cfg) {
   need(c.stride_q.size(), "stride_q");
   for (size_t s = 0; s < n; ++s) {
     if (c.embed_dim[s] <= 0 || c.num_heads[s] <= 0 || c.embed_dim[s] % c.num_heads[s] != 0)
-      throw Error("Cvt config: stage " + std::to_string(s) + " embed_dim " + std::to_string(c.embed_dim[s]) +
+      throw ModelError("Cvt config: stage " + std::to_string(s) + " embed_dim " + std::to_string(c.embed_dim[s]) +
                   " is not a multiple of num_heads " + std::to_string(c.num_heads[s]));
     const std::string& m = c.qkv_projection_method[s];
     if (m != "dw_bn" && m != "avg" && m != "linear")
-      throw Error("Cvt config: stage " + std::to_string(s) + " qkv_projection_method '" + m +
+      throw ModelError("Cvt config: stage " + std::to_string(s) + " qkv_projection_method '" + m +
                   "' is not one of dw_bn, avg, linear");
     if (c.depth[s] < 0 || c.patch_sizes[s] <= 0 || c.patch_stride[s] <= 0 || c.kernel_qkv[s] <= 0 ||
         c.stride_kv[s] <= 0 || c.stride_q[s] <= 0)
-      throw Error("Cvt config: stage " + std::to_string(s) + " has a non-positive size, stride or depth");
+      throw ModelError("Cvt config: stage " + std::to_string(s) + " has a non-positive size, stride or depth");
   }
   return c;
 }
@@ -301,7 +301,7 @@ struct CvtStage {
     if (with_cls_token) {
       // The reference sizes every stage's token by the last stage's width (embed_dim[-1]).
       if (c.embed_dim.back() != c.embed_dim[s])
-        throw Error("Cvt config: a [CLS] token in stage " + std::to_string(s) + " needs embed_dim " +
+        throw ModelError("Cvt config: a [CLS] token in stage " + std::to_string(s) + " needs embed_dim " +
                     std::to_string(c.embed_dim.back()) + " (the reference sizes it by embed_dim[-1]), got " +
                     std::to_string(c.embed_dim[s]));
       cls_token = w.get("cls_token", {1, 1, c.embed_dim.back()});
@@ -433,7 +433,7 @@ std::unique_ptr<Model> build_cvt(const json& cfg, const std::string& arch, const
     Weights base = prefixed || !w.has(probe) ? w.pp("cvt") : w;
     return std::make_unique<CvtForImageClassification>(c, cfg, w, base);
   }
-  throw Error("Cvt has no architecture '" + arch + "'");
+  throw ModelError("Cvt has no architecture '" + arch + "'");
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "models/deformable_detr.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -62,21 +64,21 @@ DeformableDetrConfig read_deformable_detr_config(const json& c, const Deformable
   auto id2label = read_id2label(c);
   cfg.num_labels = !id2label.empty() ? static_cast<int64_t>(id2label.size()) : cfg_get<int64_t>(c, "num_labels", d.num_labels);
 
-  if (cfg.num_feature_levels < 1) throw Error("config num_feature_levels must be >= 1");
+  if (cfg.num_feature_levels < 1) throw ModelError("config num_feature_levels must be >= 1");
   std::vector<int> timm_out_indices = cfg.num_feature_levels > 1 ? std::vector<int>{2, 3, 4} : std::vector<int>{4};
   cfg.backbone_config = read_detr_backbone_config(c, timm_out_indices, default_out_features, timm_default);
 
-  if (cfg.two_stage && !cfg.with_box_refine) throw Error("config: if two_stage is true, with_box_refine must be true");
-  if (cfg.d_model <= 0 || cfg.d_model % 2) throw Error("config d_model must be a positive even number");
+  if (cfg.two_stage && !cfg.with_box_refine) throw ModelError("config: if two_stage is true, with_box_refine must be true");
+  if (cfg.d_model <= 0 || cfg.d_model % 2) throw ModelError("config d_model must be a positive even number");
   for (int64_t heads : {cfg.encoder_attention_heads, cfg.decoder_attention_heads})
     if (heads <= 0 || cfg.d_model % heads)
-      throw Error("config: d_model " + std::to_string(cfg.d_model) + " is not divisible by " + std::to_string(heads) +
+      throw ModelError("config: d_model " + std::to_string(cfg.d_model) + " is not divisible by " + std::to_string(heads) +
                   " attention heads");
-  if (cfg.d_model % 32) throw Error("config d_model must be a multiple of 32 (GroupNorm(32, d_model))");
-  if (cfg.encoder_n_points < 1 || cfg.decoder_n_points < 1) throw Error("config n_points must be >= 1");
+  if (cfg.d_model % 32) throw ModelError("config d_model must be a multiple of 32 (GroupNorm(32, d_model))");
+  if (cfg.encoder_n_points < 1 || cfg.decoder_n_points < 1) throw ModelError("config n_points must be >= 1");
   if (cfg.position_embedding_type != "sine" && cfg.position_embedding_type != "learned")
-    throw Error("config position_embedding_type '" + cfg.position_embedding_type + "' is not supported");
-  if (cfg.num_labels < 1) throw Error("config has no labels");
+    throw ModelError("config position_embedding_type '" + cfg.position_embedding_type + "' is not supported");
+  if (cfg.num_labels < 1) throw ModelError("config has no labels");
   return cfg;
 }
 
@@ -514,7 +516,7 @@ DeformableDetrModel::DeformableDetrModel(const DeformableDetrConfig& cfg, const 
   // input_proj: 1x1 conv + GroupNorm per backbone level, then 3x3 stride-2 convs for extra levels.
   const auto& channels = backbone_.intermediate_channel_sizes();
   const int64_t n_backbone = static_cast<int64_t>(channels.size());
-  if (n_backbone == 0) throw Error(variant.name + ": the backbone returns no feature maps");
+  if (n_backbone == 0) throw ModelError(variant.name + ": the backbone returns no feature maps");
   auto proj = [&](int64_t level, int64_t in, int k, int stride, int pad) {
     Weights p = w.pp("input_proj").pp(level);
     Conv2dOptions opt;
@@ -528,7 +530,7 @@ DeformableDetrModel::DeformableDetrModel(const DeformableDetrConfig& cfg, const 
   };
   if (L > 1) {
     if (n_backbone > L)
-      throw Error(variant.name + ": the backbone returns " + std::to_string(n_backbone) + " feature maps, more than num_feature_levels " +
+      throw ModelError(variant.name + ": the backbone returns " + std::to_string(n_backbone) + " feature maps, more than num_feature_levels " +
                   std::to_string(L));
     for (int64_t l = 0; l < n_backbone; ++l) proj(l, channels[l], 1, 1, 0);
     int64_t in = channels.back();
@@ -538,7 +540,7 @@ DeformableDetrModel::DeformableDetrModel(const DeformableDetrConfig& cfg, const 
     }
   } else {
     if (n_backbone != 1)
-      throw Error(variant.name + ": num_feature_levels is 1 but the backbone returns " + std::to_string(n_backbone) +
+      throw ModelError(variant.name + ": num_feature_levels is 1 but the backbone returns " + std::to_string(n_backbone) +
                   " feature maps");
     proj(0, channels.back(), 1, 1, 0);
   }

@@ -21,7 +21,7 @@ std::pair<int64_t, int64_t> int_or_pair(const json& cfg, const std::string& key,
   if (it == cfg.end() || it->is_null()) return {fallback, fallback};
   if (it->is_number_integer()) return {it->get<int64_t>(), it->get<int64_t>()};
   auto v = cfg_get<std::vector<int64_t>>(cfg, key, {});
-  if (v.size() != 2) throw Error("config key '" + key + "' must be an int or a pair [h, w], got " + it->dump());
+  if (v.size() != 2) throw ModelError("config key '" + key + "' must be an int or a pair [h, w], got " + it->dump());
   return {v[0], v[1]};
 }
 }  // namespace
@@ -47,14 +47,14 @@ DeiTConfig DeiTConfig::from_json(const json& cfg) {
   c.pooler_act = cfg_get<std::string>(cfg, "pooler_act", c.pooler_act);
 
   if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0)
-    throw Error("DeiT config: hidden_size " + std::to_string(c.hidden_size) +
+    throw ModelError("DeiT config: hidden_size " + std::to_string(c.hidden_size) +
                 " is not a multiple of num_attention_heads " + std::to_string(c.num_attention_heads));
   if (c.patch_size_h <= 0 || c.patch_size_w <= 0 || c.image_size_h < c.patch_size_h || c.image_size_w < c.patch_size_w)
-    throw Error("DeiT config: image_size " + std::to_string(c.image_size_h) + "x" + std::to_string(c.image_size_w) +
+    throw ModelError("DeiT config: image_size " + std::to_string(c.image_size_h) + "x" + std::to_string(c.image_size_w) +
                 " and patch_size " + std::to_string(c.patch_size_h) + "x" + std::to_string(c.patch_size_w) +
                 " give no patches");
   if (c.num_hidden_layers < 0 || c.intermediate_size <= 0 || c.num_channels <= 0 || c.encoder_stride <= 0)
-    throw Error("DeiT config: num_hidden_layers, intermediate_size, num_channels and encoder_stride must be positive");
+    throw ModelError("DeiT config: num_hidden_layers, intermediate_size, num_channels and encoder_stride must be positive");
   return c;
 }
 
@@ -542,7 +542,7 @@ std::unique_ptr<Model> build_deit(const json& cfg, const std::string& arch, cons
   if (arch == "DeiTForImageClassificationWithTeacher")
     return std::make_unique<DeiTForImageClassificationWithTeacher>(c, cfg, w, base);
   if (arch == "DeiTForMaskedImageModeling") return std::make_unique<DeiTForMaskedImageModeling>(c, w, base);
-  throw Error("DeiT has no architecture '" + arch + "'");
+  throw ModelError("DeiT has no architecture '" + arch + "'");
 }
 
 }  // namespace

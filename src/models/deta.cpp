@@ -1,5 +1,7 @@
 #include "models/deta.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -32,7 +34,7 @@ std::vector<int64_t> deta_first_stage_proposals(const std::vector<float>& logits
   const int64_t L = static_cast<int64_t>(layout.levels.size());
   constexpr int64_t pre_nms_topk = 1000;
   if (S < pre_nms_topk)
-    throw Error("DETA: assign_first_stage takes the top " + std::to_string(pre_nms_topk) +
+    throw ModelError("DETA: assign_first_stage takes the top " + std::to_string(pre_nms_topk) +
                 " positions of every level, but the image has only " + std::to_string(S) +
                 " positions in all (the reference fails too)");
 

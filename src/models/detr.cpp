@@ -1,5 +1,7 @@
 #include "models/detr.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -36,10 +38,10 @@ void read_detr_config_fields(const json& cfg, DetrConfig& c) {
 
   if (c.d_model <= 0 || c.encoder_attention_heads <= 0 || c.decoder_attention_heads <= 0 ||
       c.d_model % c.encoder_attention_heads || c.d_model % c.decoder_attention_heads)
-    throw Error("config: d_model " + std::to_string(c.d_model) + " is not divisible by the attention heads");
+    throw ModelError("config: d_model " + std::to_string(c.d_model) + " is not divisible by the attention heads");
   if (c.position_embedding_type != "sine" && c.position_embedding_type != "learned")
-    throw Error("config: position_embedding_type '" + c.position_embedding_type + "' is not 'sine' or 'learned'");
-  if (c.num_queries <= 0) throw Error("config: num_queries must be positive");
+    throw ModelError("config: position_embedding_type '" + c.position_embedding_type + "' is not 'sine' or 'learned'");
+  if (c.num_queries <= 0) throw ModelError("config: num_queries must be positive");
 }
 
 DetrConfig DetrConfig::from_json(const json& cfg) {
@@ -347,8 +349,8 @@ DetrMaskHeadSmallConv::DetrMaskHeadSmallConv(const Weights& w, int64_t input_cha
                                              const std::vector<int64_t>& fpn_channels, int64_t hidden_size, Act act)
     : act_(act) {
   if (input_channels % 8 != 0)
-    throw Error("mask head: input_channels must be divisible by 8, got " + std::to_string(input_channels));
-  if (fpn_channels.size() != 3) throw Error("mask head: needs 3 FPN levels from the backbone");
+    throw ModelError("mask head: input_channels must be divisible by 8, got " + std::to_string(input_channels));
+  if (fpn_channels.size() != 3) throw ModelError("mask head: needs 3 FPN levels from the backbone");
   const int64_t dims[6] = {input_channels, hidden_size / 2, hidden_size / 4, hidden_size / 8, hidden_size / 16, 0};
   Conv2dOptions same3;
   same3.pad_top = same3.pad_left = same3.pad_bottom = same3.pad_right = 1;
@@ -420,7 +422,7 @@ DetrSegmentationHead::DetrSegmentationHead(const Weights& w, const DetrConfig& c
                                            const std::vector<int64_t>& backbone_channels)
     : bbox_attention_(w.pp("bbox_attention"), cfg.d_model, cfg.encoder_attention_heads) {
   if (backbone_channels.size() < 4)
-    throw Error("segmentation needs 4 backbone feature levels (out_features stage1..stage4), got " +
+    throw ModelError("segmentation needs 4 backbone feature levels (out_features stage1..stage4), got " +
                 std::to_string(backbone_channels.size()));
   // intermediate_channel_sizes[::-1][-3:]: the first three levels, coarsest first.
   std::vector<int64_t> fpn = {backbone_channels[2], backbone_channels[1], backbone_channels[0]};

@@ -1,5 +1,7 @@
 #include "models/detr_backbone.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -61,6 +63,10 @@ DetrBackboneConfig read_detr_backbone_config(const json& config, const std::vect
     throw ModelError("backbone_config.layer_type '" + c.layer_type + "' is not 'basic' or 'bottleneck'");
   if (c.depths.size() != c.hidden_sizes.size())
     throw ModelError("backbone_config: depths and hidden_sizes differ in length");
+  // A ResNet stage always builds its first layer, whatever its depth: a depth below 1 would be
+  // silently one layer in the reference and none here.
+  for (int64_t d : c.depths)
+    if (d < 1) throw ModelError("config key 'backbone_config.depths' has a value " + std::to_string(d) + " below 1");
 
   std::vector<std::string> stage_names = {"stem"};
   for (size_t i = 1; i <= c.depths.size(); ++i) stage_names.push_back("stage" + std::to_string(i));
@@ -299,7 +305,7 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
       channels_.push_back(channels_all[idx]);
     }
   }
-  if (impl->out_levels.empty()) throw Error("DETR backbone: no output feature level selected");
+  if (impl->out_levels.empty()) throw ModelError("DETR backbone: no output feature level selected");
   impl_ = std::move(impl);
 }
 

@@ -101,20 +101,49 @@ std::unique_ptr<Model> create_model(const json& config, const std::string& archi
   return model;
 }
 
+bool parse_python_int(const std::string& s, int64_t* out) {
+  // int(str): surrounding whitespace, an optional sign, decimal digits with single underscores
+  // between them. Not "1.9" (stoll would read 1), "0x4" (0) or "4abc" (4).
+  auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; };
+  size_t i = 0, e = s.size();
+  while (i < e && space(s[i])) ++i;
+  while (e > i && space(s[e - 1])) --e;
+  bool negative = false;
+  if (i < e && (s[i] == '+' || s[i] == '-')) negative = s[i++] == '-';
+  if (i == e) return false;
+  uint64_t v = 0;
+  bool prev_digit = false;
+  for (; i < e; ++i) {
+    char c = s[i];
+    if (c == '_') {
+      if (!prev_digit || i + 1 == e) return false;
+      prev_digit = false;
+      continue;
+    }
+    if (c < '0' || c > '9') return false;
+    if (v > (uint64_t(INT64_MAX) - uint64_t(c - '0')) / 10) return false;  // out of range
+    v = v * 10 + uint64_t(c - '0');
+    prev_digit = true;
+  }
+  if (!prev_digit) return false;
+  *out = negative ? -static_cast<int64_t>(v) : static_cast<int64_t>(v);
+  return true;
+}
+
 std::vector<std::string> read_id2label(const json& config) {
   std::vector<std::string> labels;
   auto it = config.find("id2label");
   if (it == config.end() || !it->is_object()) return labels;
   std::map<int64_t, std::string> m;
   for (auto& [k, v] : it->items()) {
-    try {
-      m[std::stoll(k)] = v.is_string() ? v.get<std::string>() : v.dump();
-    } catch (const std::exception&) {
-      throw ModelError("config id2label has a non-integer key '" + k + "'");
-    }
+    int64_t id;
+    if (!parse_python_int(k, &id))
+      throw ModelError("config key 'id2label' has a key '" + k.substr(0, 100) +
+                       "' that is not an integer (as Python's int() reads it) or is out of range");
+    m[id] = v.is_string() ? v.get<std::string>() : v.dump();
   }
   if (m.empty()) return labels;
-  if (m.begin()->first < 0 || m.rbegin()->first > 1000000) throw ModelError("config id2label has out-of-range ids");
+  if (m.begin()->first < 0 || m.rbegin()->first > 1000000) throw ModelError("config key 'id2label' has out-of-range ids (expected 0 to 1000000)");
   labels.resize(m.rbegin()->first + 1);
   for (size_t i = 0; i < labels.size(); ++i) labels[i] = "LABEL_" + std::to_string(i);
   for (auto& [k, v] : m) labels[k] = v;

@@ -69,5 +69,8 @@ std::vector<std::string> supported_model_types();
 
 // Reads config["id2label"] into a dense vector (missing ids get "LABEL_i").
 std::vector<std::string> read_id2label(const json& config);
+// A string as Python's int() reads it (decimal, optional sign and surrounding whitespace,
+// underscores between digits); false for anything else or a value no int64 holds.
+bool parse_python_int(const std::string& s, int64_t* out);
 
 }  // namespace vf

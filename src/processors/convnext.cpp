@@ -12,8 +12,13 @@ class ConvNextImageProcessor : public ImageProcessor {
       : ImageProcessor(type, config, defaults()),
         crop_pct_(cfg_get<double>(config, "crop_pct", 224.0 / 256.0)) {
     if (opt_.do_resize && !opt_.size.shortest_edge)
-      throw Error(type_ + ": size must contain 'shortest_edge', got " + opt_.size.str());
-    if (!(crop_pct_ > 0)) throw Error(type_ + ": crop_pct must be positive, got " + std::to_string(crop_pct_));
+      throw ModelError(type_ + ": size must contain 'shortest_edge', got " + opt_.size.str());
+    if (!(crop_pct_ > 0)) throw ModelError(type_ + ": config key 'crop_pct' must be positive, got " + std::to_string(crop_pct_));
+    // int(shortest_edge / crop_pct) must be a size at all (1e-300 would overflow the conversion).
+    if (opt_.do_resize && opt_.size.shortest_edge < 384 &&
+        !(static_cast<double>(opt_.size.shortest_edge) / crop_pct_ <= double(int64_t(1) << 20)))
+      throw ModelError(type_ + ": config key 'crop_pct' " + std::to_string(crop_pct_) + " resizes shortest_edge " +
+                       std::to_string(opt_.size.shortest_edge) + " past 1048576 pixels");
     // The reference's _preprocess (resize, center crop, rescale, normalize) has no padding step:
     // do_pad and pad_size in the config have no effect.
     opt_.do_pad = false;

@@ -285,18 +285,18 @@ class DetrImageProcessor : public ImageProcessor {
     if (opt_.do_pad) {
       if (!opt_.pad_size.empty()) {
         H = opt_.pad_size.height, W = opt_.pad_size.width;
-        if (!H || !W) throw Error(type_ + ": pad_size must have height and width, got " + opt_.pad_size.str());
+        if (!H || !W) throw ModelError(type_ + ": pad_size must have height and width, got " + opt_.pad_size.str());
       } else {
         for (const Image& im : processed) H = std::max(H, im.height), W = std::max(W, im.width);
       }
     }
     for (const Image& im : processed) {
       if (opt_.do_pad && (im.height > H || im.width > W))
-        throw Error(type_ + ": padding dimensions are negative: pad size " + std::to_string(H) + "x" +
+        throw ModelError(type_ + ": config key 'pad_size' " + std::to_string(H) + "x" +
                     std::to_string(W) + " is smaller than an image of " + std::to_string(im.height) + "x" +
                     std::to_string(im.width));
       if (!opt_.do_pad && (im.height != H || im.width != W))
-        throw Error(type_ + ": with do_pad false the processed images must all have one size (" +
+        throw ModelError(type_ + ": with do_pad false the processed images must all have one size (" +
                     std::to_string(im.height) + "x" + std::to_string(im.width) + " vs " + std::to_string(H) + "x" +
                     std::to_string(W) + ")");
     }
@@ -327,7 +327,7 @@ class DetrImageProcessor : public ImageProcessor {
     else if (size.height && size.width)
       hw = {size.height, size.width};
     else
-      throw Error(type_ + ": size must contain 'height' and 'width' or 'shortest_edge' and 'longest_edge' (or "
+      throw ModelError(type_ + ": size must contain 'height' and 'width' or 'shortest_edge' and 'longest_edge' (or "
                   "'max_height' and 'max_width'); got " + size.str());
     return resize_pil(image, hw.first, hw.second, resample);
   }
@@ -351,7 +351,7 @@ class DetrImageProcessor : public ImageProcessor {
                         : a.is_object() && a.contains("image_id") && a.contains("segments_info") &&
                               a.contains("file_name") && a["segments_info"].is_array();
     if (!ok)
-      throw Error(type_ + ": invalid " +
+      throw ModelError(type_ + ": invalid " +
                   (format_ == AnnotationFormat::CocoDetection
                        ? std::string("COCO detection annotation (expected {image_id, annotations: [...]})")
                        : std::string("COCO panoptic annotation (expected {image_id, file_name, segments_info: [...]})")) +

@@ -177,7 +177,11 @@ ImageProcessor::ImageProcessor(std::string type, const json& config, const Defau
   opt_.do_resize = cfg_get<bool>(config, "do_resize", d.do_resize);
   const json size = cfg_has(config, "size") ? config["size"] : d.size;
   if (!size.is_null()) opt_.size = parse_size_dict(size, opt_.default_to_square, "size");
-  opt_.resample = resample_from_int(cfg_get<int>(config, "resample", static_cast<int>(d.resample)));
+  try {
+    opt_.resample = resample_from_int(cfg_get<int>(config, "resample", static_cast<int>(d.resample)));
+  } catch (const ModelError& e) {
+    throw ModelError("config key 'resample': " + std::string(e.what()));
+  }
   opt_.do_center_crop = cfg_get<bool>(config, "do_center_crop", d.do_center_crop);
   const json crop = cfg_has(config, "crop_size") ? config["crop_size"] : d.crop_size;
   if (!crop.is_null()) opt_.crop_size = parse_size_dict(crop, true, "crop_size");
@@ -209,14 +213,14 @@ Image ImageProcessor::resize(const Image& image, const SizeDict& size, Resample 
   else if (size.height && size.width)
     hw = {size.height, size.width};
   else
-    throw Error(type_ + ": size must contain 'height' and 'width', 'max_height' and 'max_width', or "
+    throw ModelError(type_ + ": size must contain 'height' and 'width', 'max_height' and 'max_width', or "
                 "'shortest_edge'; got " + size.str());
   return resize_pil(image, hw.first, hw.second, resample);
 }
 
 Image ImageProcessor::center_crop(const Image& image, int64_t crop_height, int64_t crop_width) {
   if (crop_height <= 0 || crop_width <= 0)
-    throw Error("center_crop: crop size " + std::to_string(crop_height) + "x" + std::to_string(crop_width) +
+    throw ModelError("center_crop: crop size " + std::to_string(crop_height) + "x" + std::to_string(crop_width) +
                 " must be positive");
   const int64_t H = image.height, W = image.width, C = image.channels;
   int64_t top = (H - crop_height) / 2, left = (W - crop_width) / 2;
@@ -289,15 +293,18 @@ BatchFeature ImageProcessor::preprocess(const std::vector<Image>& images, const 
   if (opt_.do_pad) {
     if (!opt_.pad_size.empty()) {
       if (!opt_.pad_size.height || !opt_.pad_size.width)
-        throw Error(type_ + ": pad_size must have height and width, got " + opt_.pad_size.str());
+        throw ModelError(type_ + ": pad_size must have height and width, got " + opt_.pad_size.str());
       H = opt_.pad_size.height, W = opt_.pad_size.width;
     } else {
       for (const Image& im : processed) H = std::max(H, im.height), W = std::max(W, im.width);
     }
   }
   for (const Image& im : processed)
-    if (opt_.do_pad ? (im.height > H || im.width > W) : (im.height != H || im.width != W))
-      throw Error(type_ + ": processed images have different sizes (" + std::to_string(im.height) + "x" +
+    if (opt_.do_pad && !opt_.pad_size.empty() && (im.height > H || im.width > W))
+      throw ModelError(type_ + ": config key 'pad_size' " + std::to_string(H) + "x" + std::to_string(W) +
+                       " is smaller than an image of " + std::to_string(im.height) + "x" + std::to_string(im.width));
+    else if (opt_.do_pad ? (im.height > H || im.width > W) : (im.height != H || im.width != W))
+      throw ModelError(type_ + ": processed images have different sizes (" + std::to_string(im.height) + "x" +
                   std::to_string(im.width) + " vs " + std::to_string(H) + "x" + std::to_string(W) +
                   (opt_.do_pad ? ", larger than pad_size" : "; enable do_pad or use one size") + ")");
   return stack(processed, H, W);

@@ -1,5 +1,7 @@
 #include "processors/resample.h"
 
+#include "core/errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -15,7 +17,7 @@ namespace vf {
 
 Resample resample_from_int(int value) {
   if (value < 0 || value > 5)
-    throw Error("unknown resampling filter " + std::to_string(value) +
+    throw ModelError("unknown resampling filter " + std::to_string(value) +
                 " (expected 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box or 5 hamming)");
   return static_cast<Resample>(value);
 }
@@ -246,7 +248,7 @@ Image resize_nearest(const Image& in, int64_t out_h, int64_t out_w) {
 
 Image resize_pil(const Image& in, int64_t out_height, int64_t out_width, Resample filter) {
   if (out_height < 1 || out_width < 1)
-    throw Error("resize: output size " + std::to_string(out_height) + "x" + std::to_string(out_width) +
+    throw ModelError("resize: output size " + std::to_string(out_height) + "x" + std::to_string(out_width) +
                 " must be at least 1x1");
   if (in.height < 1 || in.width < 1 || in.channels < 1 ||
       in.rgb.size() != in.pixels() * size_t(in.channels))
@@ -254,7 +256,7 @@ Image resize_pil(const Image& in, int64_t out_height, int64_t out_width, Resampl
                 std::to_string(in.channels));
   if (out_height > (int64_t(1) << 30) || out_width > (int64_t(1) << 30) ||
       out_height * out_width > kMaxImagePixels)
-    throw Error("resize: output size " + std::to_string(out_height) + "x" + std::to_string(out_width) +
+    throw ModelError("resize: output size " + std::to_string(out_height) + "x" + std::to_string(out_width) +
                 " is too large");
   if (out_height == in.height && out_width == in.width) return in;  // Image.resize returns a copy
   if (filter == Resample::Nearest) return resize_nearest(in, out_height, out_width);

@@ -1,5 +1,7 @@
 #include "serve/results_json.h"
 
+#include <cmath>
+
 namespace vf::serve {
 
 using ojson = nlohmann::ordered_json;
@@ -10,12 +12,19 @@ ojson classify_json(const std::vector<LabelScore>& labels) {
   return out;
 }
 
+namespace {
+// A box corner as the pipeline's int() gives it; a NaN corner (NaN weights or inputs, where int()
+// raises in Python) is null, since JSON has no NaN, never -2147483648.
+ojson corner_json(float exact, int truncated) { return std::isnan(exact) ? ojson(nullptr) : ojson(truncated); }
+}  // namespace
+
 ojson detect_json(const std::vector<DetectedObject>& objects) {
   ojson out = ojson::array();
   for (const auto& o : objects)
     out.push_back({{"score", o.score},
                    {"label", o.label},
-                   {"box", {{"xmin", o.box.xmin}, {"ymin", o.box.ymin}, {"xmax", o.box.xmax}, {"ymax", o.box.ymax}}}});
+                   {"box", {{"xmin", corner_json(o.x0, o.box.xmin)}, {"ymin", corner_json(o.y0, o.box.ymin)},
+                            {"xmax", corner_json(o.x1, o.box.xmax)}, {"ymax", corner_json(o.y1, o.box.ymax)}}}});
   return out;
 }
 
