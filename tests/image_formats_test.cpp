@@ -166,6 +166,8 @@ TEST(HostileImageFile, FifoDeviceAndDirectoryAreRefusedWithoutReading) {
             fs::file_size(formats_dir() + "/rgb8.png"));
 }
 
+// The CLI takes a folder as a folder of images (recursed): one without any image file is exit 65
+// saying so; a directory given to load_image itself is refused as a directory.
 TEST(HostileImageFile, DirectoryGivenToTheCliExitsWith65) {
   const std::string dir = test::temp_dir("image_dir_cli");
   const std::string cmd = std::string(VF_VF_BINARY) + " detect " + test::golden_case("detr-tiny-model") + " " +
@@ -173,7 +175,13 @@ TEST(HostileImageFile, DirectoryGivenToTheCliExitsWith65) {
   int status = std::system(cmd.c_str());
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 65) << test::read_bytes(dir + "/out.txt");
-  EXPECT_HAS(test::read_bytes(dir + "/out.txt"), "is a directory");
+  EXPECT_HAS(test::read_bytes(dir + "/out.txt"), "no image files");
+  try {
+    load_image(dir);
+    ADD_FAILURE() << "a directory decoded as an image";
+  } catch (const InputError& e) {
+    EXPECT_HAS(std::string(e.what()), "is a directory");
+  }
 }
 
 namespace {
