@@ -49,24 +49,7 @@ std::string be32(uint32_t v) {
   return std::string{char(v >> 24), char((v >> 16) & 0xff), char((v >> 8) & 0xff), char(v & 0xff)};
 }
 
-// The message of the exception of type E that `f` throws ("" and a test failure otherwise).
-template <class E = Error, class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    std::string m = e.what();
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "error is not one line: " << m;
-    return m;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong kind of error: " << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an error";
-  return "";
-}
-
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << (msg)
+using test::error_of;
 
 std::string pstr(const std::string& s) { return "X" + le32(uint32_t(s.size())) + s; }  // BINUNICODE
 

@@ -57,7 +57,6 @@ std::string unavailable_message(const std::function<void()>& f) {
   return "no exception";
 }
 
-#define EXPECT_HAS(text, part) EXPECT_NE(std::string(text).find(part), std::string::npos) << (text)
 
 std::string quoted(const std::string& s) {
   std::string q = "'";

@@ -47,23 +47,7 @@ std::vector<Fixture> fixtures() {
   return out;
 }
 
-template <class E = Error, class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    std::string m = e.what();
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "error is not one line: " << m;
-    return m;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong kind of error: " << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an error";
-  return "";
-}
-
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << (msg)
+using test::error_of;
 
 Image decode_bytes(const std::string& bytes, const std::string& name) {
   return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), name);

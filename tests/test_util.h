@@ -8,7 +8,31 @@
 #include <iterator>
 #include <string>
 
+#include "core/tensor.h"  // vf::Error
+
 namespace vf::test {
+
+// The message of the exception of type E that `f` throws ("" and a test failure otherwise); an
+// error message must be one line.
+template <class E = Error, class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    std::string m = e.what();
+    EXPECT_EQ(m.find('\n'), std::string::npos) << "error is not one line: " << m;
+    return m;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw the wrong kind of error: " << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an error";
+  return "";
+}
+
+// `msg` contains `part`.
+#define EXPECT_HAS(msg, part) EXPECT_NE(std::string(msg).find(part), std::string::npos) << (msg)
+
 
 inline std::string goldens_dir() {
   namespace fs = std::filesystem;

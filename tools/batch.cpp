@@ -74,56 +74,6 @@ nlohmann::ordered_json coco_result(int64_t image_id, const DetectedObject& o) {
   return {{"image_id", image_id}, {"category_id", o.label_id}, {"bbox", {x, y, w, h}}, {"score", o.score}};
 }
 
-AtomicFile::AtomicFile(const std::string& path) : path_(path) {
-  const fs::path target(path);
-  const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-  std::string name = target.filename().string();
-  name.append(".XXXXXX");  // (not "." + name + ...: GCC 12 warns falsely on that concatenation)
-  tmp_ = (dir / ("." + name)).string();
-  // mkostemp opens with O_CREAT | O_EXCL: a fresh file of its own, never an existing one or a link.
-  fd_ = mkostemp(tmp_.data(), O_CLOEXEC | O_NOFOLLOW);
-  if (fd_ < 0) throw Error(path + ": cannot create a temporary file in " + dir.string() + ": " + std::strerror(errno));
-  // mkostemp makes the file 0600; a results file gets the usual 0666 less the umask.
-  const mode_t mask = ::umask(0);
-  ::umask(mask);
-  if (::fchmod(fd_, 0666 & ~mask) != 0) {
-    const int err = errno;
-    ::close(fd_);
-    ::unlink(tmp_.c_str());
-    throw Error(path + ": cannot set the permissions of " + tmp_ + ": " + std::strerror(err));
-  }
-}
-
-AtomicFile::~AtomicFile() {
-  if (fd_ >= 0) {
-    ::close(fd_);
-    ::unlink(tmp_.c_str());
-  }
-}
-
-void AtomicFile::commit(const std::string& bytes) {
-  if (fd_ < 0) throw Error(path_ + ": already written");
-  const int fd = fd_;
-  fd_ = -1;  // from here on, every path below closes and removes it itself
-  auto fail = [&](const std::string& what, bool close_it) {
-    const int err = errno;
-    if (close_it) ::close(fd);
-    ::unlink(tmp_.c_str());
-    throw Error(path_ + ": " + what + ": " + std::strerror(err));
-  };
-  for (size_t off = 0; off < bytes.size();) {
-    const ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) fail("cannot write " + tmp_, true);
-    off += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) fail("cannot write " + tmp_, true);
-  if (::close(fd) != 0) fail("cannot write " + tmp_, false);
-  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail("cannot rename " + tmp_ + " into place", false);
-}
-
-void write_file_atomically(const std::string& path, const std::string& bytes) { AtomicFile(path).commit(bytes); }
-
 std::string BatchSummary::line() const {
   char buf[160];
   const double rate = seconds > 0 ? double(done) / seconds : 0.0;

@@ -31,24 +31,6 @@ std::vector<int64_t> coco_image_ids(const std::vector<std::string>& paths);
 // from the exact corners in pixels of the original image, score.
 nlohmann::ordered_json coco_result(int64_t image_id, const DetectedObject& o);
 
-// A file written whole or not at all: a new temporary file in the target's folder (created
-// exclusively, never through a link), renamed over the target by commit(); removed if never
-// committed. Created up front, so that an unwritable target fails before a long run, not after.
-class AtomicFile {
- public:
-  explicit AtomicFile(const std::string& path);
-  ~AtomicFile();
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  void commit(const std::string& bytes);
-
- private:
-  std::string path_, tmp_;
-  int fd_ = -1;
-};
-
-void write_file_atomically(const std::string& path, const std::string& bytes);
-
 struct BatchOptions {
   int batch_size = 1;
   bool keep_going = false;  // report an unreadable image on stderr and skip it, instead of stopping

@@ -126,8 +126,9 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
   auto p = vf::Pretrained::from_pretrained(model_dir);
   const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
   const std::vector<int64_t> image_ids = vf::cli::coco_image_ids(paths);
-  std::optional<vf::cli::AtomicFile> coco_file;
-  if (!coco_path.empty()) coco_file.emplace(coco_path);
+  // The results file is created up front, so that an unwritable target fails before a long run.
+  vf::AtomicOutputs coco_out;
+  std::FILE* coco_file = coco_path.empty() ? nullptr : coco_out.add(coco_path);
   nlohmann::ordered_json coco = nlohmann::ordered_json::array();
   int rc = run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
                                     Results& out) {
@@ -159,7 +160,10 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
       out.add(n, vf::serve::detect_json(results[i]), text);
     }
   });
-  if (coco_file) coco_file->commit(coco.dump() + "\n");
+  if (coco_file) {
+    std::fputs((coco.dump() + "\n").c_str(), coco_file);
+    coco_out.commit();
+  }
   return rc;
 }
 
