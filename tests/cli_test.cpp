@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "io/synthetic.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "vf_binary.h"
 #include "visionformers.h"
 
@@ -100,19 +101,7 @@ void expect_detections_match_golden(const std::string& case_name) {
   EXPECT_GT(checked, 0);
 }
 
-// A DETR panoptic model folder: the vendored config files and model.safetensors written from the
-// synthetic weights of weights.json.
-std::string panoptic_model_dir() {
-  const std::string src = std::string(VF_SOURCE_DIR) + "/tests/data/detr-tiny-seg";
-  const std::string dir = test::temp_dir("cli_detr_panoptic");
-  for (const char* f : {"config.json", "preprocessor_config.json"})
-    fs::copy_file(src + "/" + f, dir + "/" + f, fs::copy_options::overwrite_existing);
-  auto store = synthesize_weights(read_json_file(src + "/weights.json"));
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const std::string& name : store->names()) tensors.emplace_back(name, *store->find(name));
-  write_safetensors(dir + "/model.safetensors", tensors);
-  return dir;
-}
+std::string panoptic_model_dir() { return test::panoptic_model_dir("cli_detr_panoptic"); }
 
 std::string panoptic_image() { return test::images_dir() + "/chelsea.png"; }
 

@@ -14,6 +14,7 @@
 
 #include "serve/server.h"
 #include "test_util.h"
+#include "tiny_models.h"
 #include "visionformers.h"
 
 namespace {
@@ -166,6 +167,30 @@ TEST_F(Serve, V1AnswersWhatTheCliPrints) {
 
   auto backbone = c.Post("/v1/models/backbone", vf::test::read_bytes(cat_jpg()), "image/jpeg");
   EXPECT_EQ(backbone->status, 400);
+}
+
+// A segmentation model: /v1 answers what `vf segment --json` prints, for each task.
+TEST(ServeSegment, V1AnswersWhatTheCliPrints) {
+  const std::string model = vf::test::panoptic_model_dir("serve_detr_panoptic");
+  vf::serve::ServerOptions opt;
+  opt.port = 0;
+  Running running({{"seg", model}}, opt);
+  auto c = running.client();
+  const std::string img = image("chelsea.png");
+  for (const char* task : {"panoptic", "instance", "semantic"}) {
+    // Threshold 0 and a low overlap threshold keep segments, so the comparison is not of empty lists.
+    auto r = c.Post(std::string("/v1/models/seg?task=") + task + "&threshold=0&overlap_mask_area_threshold=0.05",
+                    vf::test::read_bytes(img), "image/png");
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    EXPECT_EQ(r->body, vf_stdout("segment " + model + " " + img + " --task " + task +
+                                 " --threshold 0 --overlap-mask-area-threshold 0.05 --json"))
+        << task;
+    EXPECT_GT(json::parse(r->body).size(), 0u) << task;
+  }
+  auto bad = c.Post("/v1/models/seg?task=depth", vf::test::read_bytes(img), "image/png");
+  ASSERT_TRUE(bad);
+  EXPECT_EQ(bad->status, 400);
 }
 
 TEST_F(Serve, V2Base64MatchesTheLibrary) {

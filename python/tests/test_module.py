@@ -7,7 +7,10 @@ import numpy as np
 from PIL import Image
 
 import visionformers as vf
-from common import CAT, DETECTOR, IMAGES, PICTURES, TINY_CONVNEXT, vf_json
+import os
+import tempfile
+
+from common import CAT, DETECTOR, IMAGES, PICTURES, SOURCE_DIR, TINY_CONVNEXT, synthetic_model, vf_json
 
 
 class ModuleTest(unittest.TestCase):
@@ -61,6 +64,30 @@ class ModuleTest(unittest.TestCase):
             self.assertEqual(g["label"], w["label"])
             self.assertEqual(g["box"], w["box"])
             self.assertAlmostEqual(g["score"], w["score"], delta=1e-6)
+
+    def test_segment_matches_cli(self):
+        # DetrForSegmentation of the detr-tiny-seg case; threshold 0 and a low overlap threshold keep segments.
+        with tempfile.TemporaryDirectory() as tmp:
+            model = synthetic_model(os.path.join(SOURCE_DIR, "tests", "data", "detr-tiny-seg"), os.path.join(tmp, "m"))
+            seg = vf.Pretrained(model)
+            image = f"{IMAGES}/chelsea.png"
+            for task in ("panoptic", "instance", "semantic"):
+                with self.subTest(task=task):
+                    out = os.path.join(tmp, f"{task}.png")
+                    want = vf_json("segment", model, image, "--task", task, "--threshold", "0",
+                                   "--overlap-mask-area-threshold", "0.05", "--out", out)
+                    got = seg.segment(image, task=task, threshold=0.0, overlap_mask_area_threshold=0.05)
+                    self.assertGreater(len(want), 0)
+                    self.assertEqual([g["label"] for g in got], [w["label"] for w in want])
+                    for g, w in zip(got, want):
+                        if w["score"] is None:
+                            self.assertIsNone(g["score"])
+                        else:
+                            self.assertAlmostEqual(g["score"], w["score"], delta=1e-6)
+                        # The CLI's mask PNG (255 inside, 0 outside) is the same mask.
+                        mask = np.asarray(Image.open(w["mask"]).convert("L"))
+                        self.assertEqual(g["mask"].dtype, np.uint8)
+                        np.testing.assert_array_equal(g["mask"], mask)
 
     def test_run_returns_float32_arrays(self):
         out = self.tiny.run([CAT, f"{IMAGES}/camera.png"])
