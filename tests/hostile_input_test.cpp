@@ -495,7 +495,9 @@ namespace {
 // Runs vf with `args` (and `env` assignments before it); returns the exit code and puts stdout and
 // stderr together in *out.
 int run_vf_output(const std::string& args, std::string* out, const std::string& env = "") {
-  const std::string log = scratch("cli_out") + "/out.txt";
+  // Its own log per test (CTest runs the tests of this file as parallel processes).
+  const std::string log =
+      scratch(std::string("cli_out_") + ::testing::UnitTest::GetInstance()->current_test_info()->name()) + "/out.txt";
   std::string cmd = env + " " + std::string(VF_VF_BINARY) + " " + args + " >" + log + " 2>&1 </dev/null";
   int st = std::system(cmd.c_str());
   *out = read_bytes(log);

@@ -50,7 +50,10 @@ std::string base64(const std::string& bytes) {
 
 // `vf ARGS` stdout.
 std::string vf_stdout(const std::string& args) {
-  std::string out = vf::test::temp_dir("serve") + "/cli.json";
+  // Its own file per test (CTest runs the tests as parallel processes).
+  std::string out =
+      vf::test::temp_dir(std::string("serve_") + ::testing::UnitTest::GetInstance()->current_test_info()->name()) +
+      "/cli.json";
   int rc = std::system((std::string(VF_VF_BINARY) + " " + args + " >" + out).c_str());
   EXPECT_EQ(rc, 0) << args;
   return vf::test::read_bytes(out);
