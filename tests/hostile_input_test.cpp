@@ -616,7 +616,15 @@ TEST(HostileMemory, PickleFreesWhatItDrops) {
   write_bytes(dir + "/drops.bin", make_zip({{"archive/data.pkl", pkl}}));
   const long before = max_rss_mb();
   EXPECT_TRUE(read_torch_checkpoint(dir + "/drops.bin").empty());
-  EXPECT_LT(max_rss_mb() - before, 200) << "MB of peak memory for a pickle that keeps nothing";
+  // Under AddressSanitizer freed memory waits in its quarantine (256 MB by default) and every block
+  // carries redzones, so the bound grows by that much; the old unpickler, keeping the 4M tuples to
+  // the end, needed gigabytes either way.
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr long kBoundMb = 200 + 400;
+#else
+  constexpr long kBoundMb = 200;
+#endif
+  EXPECT_LT(max_rss_mb() - before, kBoundMb) << "MB of peak memory for a pickle that keeps nothing";
   // Containers in reference cycles cannot be freed early: their number is limited.
   std::string cycles = "\x80\x02";
   for (int i = 0; i < 3000; ++i) cycles += "]2a0";  // a list appended to itself, dropped
