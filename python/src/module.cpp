@@ -86,12 +86,7 @@ class PyPretrained {
   py::object classify(py::handle images, int top_k) {
     bool single;
     auto imgs = to_images(images, single);
-    std::vector<std::vector<vf::LabelScore>> r;
-    {
-      py::gil_scoped_release release;
-      std::lock_guard lk(mu_);
-      r = vf::classify(*p_, imgs, top_k);
-    }
+    std::vector<std::vector<vf::LabelScore>> r = infer([&] { return vf::classify(*p_, imgs, top_k); });
     py::list all;
     for (auto& one : r) {
       py::list l;
@@ -104,12 +99,7 @@ class PyPretrained {
   py::object detect(py::handle images, float threshold) {
     bool single;
     auto imgs = to_images(images, single);
-    std::vector<std::vector<vf::DetectedObject>> r;
-    {
-      py::gil_scoped_release release;
-      std::lock_guard lk(mu_);
-      r = vf::detect(*p_, imgs, threshold);
-    }
+    std::vector<std::vector<vf::DetectedObject>> r = infer([&] { return vf::detect(*p_, imgs, threshold); });
     py::list all;
     for (auto& one : r) {
       py::list l;
@@ -133,12 +123,11 @@ class PyPretrained {
     params.threshold = threshold;
     params.mask_threshold = mask_threshold;
     params.overlap_mask_area_threshold = overlap_mask_area_threshold;
-    std::vector<vf::SegmentedImage> r;
-    {
-      py::gil_scoped_release release;
-      std::lock_guard lk(mu_);
-      for (auto& img : imgs) r.push_back(vf::segment(*p_, img, params));
-    }
+    std::vector<vf::SegmentedImage> r = infer([&] {
+      std::vector<vf::SegmentedImage> all;
+      for (auto& img : imgs) all.push_back(vf::segment(*p_, img, params));
+      return all;
+    });
     py::list all;
     for (auto& seg : r) {
       py::list l;
@@ -159,12 +148,7 @@ class PyPretrained {
   py::dict run(py::handle images) {
     bool single;
     auto imgs = to_images(images, single);
-    vf::ModelOutput out;
-    {
-      py::gil_scoped_release release;
-      std::lock_guard lk(mu_);
-      out = p_->run(imgs);
-    }
+    vf::ModelOutput out = infer([&] { return p_->run(imgs); });
     py::dict d;
     for (const auto& [name, t] : out.items()) d[py::str(name)] = to_numpy(t);
     return d;
@@ -176,6 +160,13 @@ class PyPretrained {
 
  private:
   std::shared_ptr<vf::Pretrained> p_;
+  // Runs `f` with the GIL released (other Python threads go on) and the model to itself.
+  template <class F>
+  auto infer(F&& f) -> decltype(f()) {
+    py::gil_scoped_release release;
+    std::lock_guard lk(mu_);
+    return f();
+  }
   std::mutex mu_;  // one forward at a time per model; other Python threads keep running meanwhile
 };
 

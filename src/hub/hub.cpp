@@ -25,6 +25,7 @@
 
 #include "core/errors.h"
 #include "hub/sha256.h"
+#include "io/file.h"
 #include "io/json.h"
 
 namespace vf::hub {
@@ -379,17 +380,15 @@ std::string unique_suffix() {
   return ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++) + "." + std::to_string(rd());
 }
 
-// Writes `text` to `path` so that readers see the old or the new content, never a part.
+// Writes `text` to `path` so that readers see the old or the new content, never a part (io/file's
+// exclusive temporary + rename); a cache that cannot be written is a Hub-side failure (exit 69).
 void write_atomically(const fs::path& path, const std::string& text) {
   fs::create_directories(path.parent_path());
-  fs::path tmp = path;
-  tmp += unique_suffix();
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << text;
-    if (!f) throw UnavailableError(tmp.string() + ": cannot be written");
+  try {
+    write_file_atomically(path.string(), text);
+  } catch (const Error& e) {
+    throw UnavailableError(e.what());
   }
-  fs::rename(tmp, path);
 }
 
 std::string read_small_file(const fs::path& path) {
