@@ -27,20 +27,34 @@ vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
   return t;
 }
 
+// VF_DEVICE=cuda (or cuda:N) runs the models on a GPU: the input is uploaded once, each iteration
+// is the forward pass until the GPU has finished it (outputs stay on the device, as PyTorch's do).
+vf::Device bench_device() {
+  const char* d = std::getenv("VF_DEVICE");
+  return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
+}
+
 std::unique_ptr<vf::Model> build(const vf::json& config) {
   auto store = std::make_shared<vf::WeightStore>();
   store->set_missing_filler(fill);
+  vf::LoadDeviceScope on(bench_device());
   return vf::create_model(config, "", vf::Weights(store));
 }
 
 void run(benchmark::State& state, const vf::json& config, int64_t h, int64_t w, bool with_mask) {
   if (const char* t = std::getenv("VF_THREADS")) vf::set_num_threads(std::atoi(t));
   auto model = build(config);
+  const vf::Device device = bench_device();
   vf::ModelInputs in;
-  in.pixel_values = fill("pixel_values", {1, 3, h, w});
+  in.pixel_values = fill("pixel_values", {1, 3, h, w}).to(device);
   if (with_mask) in.pixel_mask = vf::Tensor::from_vector<int64_t>({1, h, w}, std::vector<int64_t>(h * w, 1));
-  model->forward(in);  // warm-up: primitive creation and weight reorders happen once
-  for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
+  // Warm-up: primitive creation, weight reorders and uploads, algorithm searches happen once.
+  for (int i = 0; i < (device.is_cpu() ? 1 : 3); ++i) model->forward(in);
+  vf::synchronize(device);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model->forward(in));
+    vf::synchronize(device);
+  }
   state.counters["threads"] = vf::num_threads();
 }
 

@@ -51,6 +51,10 @@ bool cuda_available() {
 #endif
 }
 
+void synchronize(Device d) {
+  if (!d.is_cpu()) backend(d).synchronize();
+}
+
 namespace {
 thread_local Device t_load_device;
 }

@@ -40,6 +40,9 @@ struct Device {
 // True when this build has the CUDA backend and a GPU is visible.
 bool cuda_available();
 
+// Waits until the work queued on `d` is done (nothing to wait for on the CPU): for timing.
+void synchronize(Device d);
+
 // The device that weighted layers (Conv2d, Linear) built on this thread prepare their weights for.
 Device load_device();
 

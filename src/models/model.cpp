@@ -153,6 +153,10 @@ std::vector<std::string> read_id2label(const json& config) {
 
 ModelOutput Model::infer(const ModelInputs& inputs) const {
   if (device.is_cpu()) return forward(inputs);
+  // One forward at a time per process on a device: its backend's handles and stream serve one
+  // caller (a server batches requests instead of running them side by side).
+  static std::mutex device_mutex;
+  std::lock_guard<std::mutex> lock(device_mutex);
   ModelInputs in = inputs;
   in.pixel_values = inputs.pixel_values.to(device);
   ModelOutput on_device = forward(in);

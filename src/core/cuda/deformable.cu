@@ -3,19 +3,13 @@
 // row. Each thread walks the levels and points in the CPU's order and accumulates as it does;
 // products and sums use the _rn intrinsics so that nvcc does not fuse them into FMAs.
 #include "core/cuda/kernels.h"
+#include "core/cuda/launch.cuh"
 
 #include <cmath>
 
 namespace vf::cuda {
 
 namespace {
-
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(b < (int64_t{1} << 20) ? b : (int64_t{1} << 20));
-}
 
 __device__ inline float mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ inline float add(float a, float b) { return __fadd_rn(a, b); }
@@ -27,7 +21,7 @@ __global__ void ms_deform_attn_kernel(float* __restrict__ out, const float* __re
                                       const float* __restrict__ aw, int64_t S, int64_t NH, int64_t D, int64_t NL,
                                       int64_t Q, int64_t NP, int64_t total) {
   const int64_t row = NH * D;  // floats between two positions of the value sequence
-  for (int64_t o = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; o < total; o += int64_t{gridDim.x} * blockDim.x) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t d = o % D, h = (o / D) % NH, bq = o / row;
     const float* vb = value + (bq / Q) * S * row + h * D + d;
     float acc = 0.f;
@@ -67,7 +61,7 @@ void ms_deform_attn(float* out, const float* value, const int64_t* level_hw_star
                     int64_t P, cudaStream_t s) {
   const int64_t total = B * Q * heads * D;
   if (total <= 0) return;
-  ms_deform_attn_kernel<<<blocks_for(total), kThreads, 0, s>>>(out, value, level_hw_start, locations, weights, S,
+  ms_deform_attn_kernel<<<grid_for(total), kThreads, 0, s>>>(out, value, level_hw_start, locations, weights, S,
                                                                 heads, D, L, Q, P, total);
 }
 

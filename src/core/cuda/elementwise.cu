@@ -15,13 +15,15 @@ __global__ void act_kernel(float* x, int64_t n, Act a) {
   VF_GRID_STRIDE(i, n) x[i] = apply_act(x[i], a);
 }
 
+template <bool ResidualBeforeAct>
 __global__ void bias_act_kernel(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols,
                                 Act a) {
   VF_GRID_STRIDE(i, rows * cols) {
     float v = y[i];
     if (bias) v += bias[i % cols];
+    if (ResidualBeforeAct && residual) v += residual[i];
     v = apply_act(v, a);
-    if (residual) v += residual[i];
+    if (!ResidualBeforeAct && residual) v += residual[i];
     y[i] = v;
   }
 }
@@ -117,9 +119,13 @@ void act_inplace(float* x, int64_t n, Act a, cudaStream_t s) {
   act_kernel<<<grid_for(n), kThreads, 0, s>>>(x, n, a);
 }
 
-void bias_act(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols, Act a, cudaStream_t s) {
+void bias_act(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols, Act a,
+              bool residual_before_act, cudaStream_t s) {
   if (rows * cols == 0 || (!bias && !residual && a == Act::None)) return;
-  bias_act_kernel<<<grid_for(rows * cols), kThreads, 0, s>>>(y, bias, residual, rows, cols, a);
+  if (residual_before_act)
+    bias_act_kernel<true><<<grid_for(rows * cols), kThreads, 0, s>>>(y, bias, residual, rows, cols, a);
+  else
+    bias_act_kernel<false><<<grid_for(rows * cols), kThreads, 0, s>>>(y, bias, residual, rows, cols, a);
 }
 
 void binary(int op, float* out, const float* a, const float* b, const int64_t* shape, const int64_t* a_strides,

@@ -3,22 +3,13 @@
 // that nvcc does not fuse them into FMAs: a fused source index can land on the other side of an
 // integer and pick another pixel.
 #include "core/cuda/kernels.h"
+#include "core/cuda/launch.cuh"
 
 #include <cmath>
 
 namespace vf::cuda {
 
 namespace {
-
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(b < (int64_t{1} << 20) ? b : (int64_t{1} << 20));
-}
-
-#define VF_GRID_LOOP(i, n) \
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < (n); i += int64_t{gridDim.x} * blockDim.x)
 
 __device__ inline float mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ inline float add(float a, float b) { return __fadd_rn(a, b); }
@@ -81,7 +72,7 @@ __device__ inline CubicTaps cubic_taps(int64_t o, int64_t in, int64_t out) {
 
 __global__ void nearest_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t oh,
                                int64_t ow, int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ox = o % ow, oy = (o / ow) % oh, p = o / (ow * oh);
     y[o] = x[(p * h + nearest_index(oy, h, oh)) * w + nearest_index(ox, w, ow)];
   }
@@ -89,7 +80,7 @@ __global__ void nearest_kernel(float* __restrict__ y, const float* __restrict__ 
 
 __global__ void bilinear_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t oh,
                                 int64_t ow, bool align_corners, int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ox = o % ow, oy = (o / ow) % oh, p = o / (ow * oh);
     const LinearTap a = linear_tap(oy, h, oh, align_corners), b = linear_tap(ox, w, ow, align_corners);
     const float* in = x + p * h * w;
@@ -101,7 +92,7 @@ __global__ void bilinear_kernel(float* __restrict__ y, const float* __restrict__
 
 __global__ void bicubic_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t oh,
                                int64_t ow, int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ox = o % ow, oy = (o / ow) % oh, p = o / (ow * oh);
     const CubicTaps a = cubic_taps(oy, h, oh), b = cubic_taps(ox, w, ow);
     const float* in = x + p * h * w;
@@ -116,15 +107,13 @@ __global__ void bicubic_kernel(float* __restrict__ y, const float* __restrict__ 
   }
 }
 
-#undef VF_GRID_LOOP
-
 }  // namespace
 
 void interpolate(float* y, const float* x, int64_t nc, int64_t h, int64_t w, int64_t oh, int64_t ow, int mode,
                  cudaStream_t s) {
   const int64_t total = nc * oh * ow;
   if (total <= 0 || h <= 0 || w <= 0) return;
-  const unsigned nb = blocks_for(total);
+  const unsigned nb = grid_for(total);
   switch (mode) {
     case 0: nearest_kernel<<<nb, kThreads, 0, s>>>(y, x, h, w, oh, ow, total); break;
     case 1: bilinear_kernel<<<nb, kThreads, 0, s>>>(y, x, h, w, oh, ow, false, total); break;

@@ -20,8 +20,11 @@ constexpr int kMaxDims = 8;
 
 // ---- elementwise (elementwise.cu) ----
 void act_inplace(float* x, int64_t n, Act a, cudaStream_t s);
-// y[r, c] = act(y[r, c] + bias[c]) (+ residual[r, c] when residual is not null); bias may be null.
-void bias_act(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols, Act a, cudaStream_t s);
+// The epilogues of a product y [rows, cols]; bias and residual may be null.
+//   residual_before_act (Conv2d): y = act(y + bias[c] + residual)
+//   otherwise (Linear):           y = act(y + bias[c]) + residual
+void bias_act(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols, Act a,
+              bool residual_before_act, cudaStream_t s);
 // out = a op b with numpy broadcasting: `shape` is the output's (dims <= kMaxDims), a_strides and
 // b_strides the element strides of a and b over it (0 on a broadcast dim). op: 0 add 1 sub 2 mul 3 div.
 void binary(int op, float* out, const float* a, const float* b, const int64_t* shape, const int64_t* a_strides,

@@ -1,7 +1,9 @@
 // Pooling and the NHWC normalisations (GroupNorm, GRN) of ops.cpp. The float arithmetic is written
 // with the _rn intrinsics where the CPU code has a product next to a sum: nvcc would otherwise fuse
 // them into FMAs, which round differently from the reference.
+#include "core/cuda/activation.cuh"
 #include "core/cuda/kernels.h"
+#include "core/cuda/launch.cuh"
 
 #include <cmath>
 
@@ -9,53 +11,11 @@ namespace vf::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(b < (int64_t{1} << 20) ? b : (int64_t{1} << 20));
-}
-
-#define VF_GRID_LOOP(i, n) \
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < (n); i += int64_t{gridDim.x} * blockDim.x)
-
-__device__ inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ inline float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-__device__ inline float gelu_erf_f(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-
-// The formulas of ops.cpp's act_inplace, one element at a time.
-__device__ inline float apply_act(float v, Act a) {
-  switch (a) {
-    case Act::None: return v;
-    case Act::Relu: return v > 0.f ? v : 0.f;
-    case Act::Gelu: return gelu_erf_f(v);
-    case Act::GeluTanh: {
-      const float k = 0.7978845608028654f;
-      return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
-    }
-    case Act::Silu: return v * sigmoid_f(v);
-    case Act::Selu:
-      return 1.0507009873554804934193349852946f * (v > 0.f ? v : 1.6732632423543772848170429916717f * (expf(v) - 1.f));
-    case Act::Sigmoid: return sigmoid_f(v);
-    case Act::Tanh: return tanhf(v);
-    case Act::QuickGelu: return v * sigmoid_f(1.702f * v);
-    case Act::Relu6: return fminf(fmaxf(v, 0.f), 6.f);
-    case Act::LeakyRelu: return v > 0.f ? v : 0.01f * v;
-    case Act::GeluClip10: return fminf(fmaxf(gelu_erf_f(v), -10.f), 10.f);
-    case Act::HardSwish: return v * fminf(fmaxf(v + 3.f, 0.f), 6.f) / 6.f;
-    case Act::Mish: return v * tanhf(softplus_f(v));
-    case Act::Relu2: return v > 0.f ? v * v : 0.f;
-    case Act::Laplace: return 0.5f * (1.f + erff((v - 0.707107f) / float(0.282095 * 1.4142135623730951)));
-    case Act::SqrtSoftplus: return sqrtf(softplus_f(v));
-  }
-  return v;
-}
-
 // ---- pooling ----
 
 __global__ void max_pool_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t c,
                                 int64_t oh, int64_t ow, int k, int s, int pt, int pl, int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ch = o % c;
     int64_t t = o / c;
     const int64_t ox = t % ow;
@@ -80,7 +40,7 @@ __global__ void max_pool_kernel(float* __restrict__ y, const float* __restrict__
 __global__ void avg_pool_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t c,
                                 int64_t oh, int64_t ow, int k, int s, int pad, bool count_include_pad,
                                 int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ch = o % c;
     int64_t t = o / c;
     const int64_t ox = t % ow;
@@ -103,16 +63,43 @@ __global__ void avg_pool_kernel(float* __restrict__ y, const float* __restrict__
   }
 }
 
-// One thread per (image, channel): consecutive threads read consecutive channels of a pixel.
-__global__ void global_avg_pool_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t hw, int64_t c,
-                                       int64_t total) {
-  VF_GRID_LOOP(o, total) {
-    const int64_t k = o % c, i = o / c;
-    const float* px = x + i * hw * c + k;
+// Per (image, channel) sums over the hw pixels in double: of x (mode 0, then y = float(sum / hw),
+// global average pooling) or of x^2 (mode 1, then y = float(sqrt(sum)), GRN's L2 norm). A block of
+// kColLanes x kRowLanes threads covers kColLanes channels, its rows splitting the pixels; the
+// partial sums meet in shared memory in a fixed order, so the result is deterministic (its order
+// differs from the CPU's sequential sum, which double precision absorbs before the float rounding).
+constexpr int kColLanes = 32, kRowLanes = 16;
+
+template <int kMode>
+__global__ void column_sum_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n, int64_t hw,
+                                  int64_t c) {
+  __shared__ double part[kRowLanes][kColLanes];
+  const int64_t k = int64_t{blockIdx.x} * kColLanes + threadIdx.x;
+  for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {  // the grid's y is capped at 65535 images
     double acc = 0.0;
-    for (int64_t p = 0; p < hw; ++p) acc += px[p * c];
-    y[o] = float(acc / double(hw));
+    if (k < c) {
+      const float* px = x + i * hw * c + k;
+      for (int64_t p = threadIdx.y; p < hw; p += kRowLanes) {
+        const float v = px[p * c];
+        acc += kMode == 0 ? double(v) : double(v) * v;
+      }
+    }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && k < c) {
+      double sum = 0.0;
+      for (int r = 0; r < kRowLanes; ++r) sum += part[r][threadIdx.x];
+      y[i * c + k] = kMode == 0 ? float(sum / double(hw)) : float(sqrt(sum));
+    }
+    __syncthreads();  // part is rewritten for the next image
   }
+}
+
+template <int kMode>
+void column_sum(float* y, const float* x, int64_t n, int64_t hw, int64_t c, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((c + kColLanes - 1) / kColLanes),
+                  static_cast<unsigned>(n < 65535 ? n : 65535));
+  column_sum_kernel<kMode><<<grid, dim3(kColLanes, kRowLanes), 0, s>>>(y, x, n, hw, c);
 }
 
 // ---- GroupNorm ----
@@ -134,7 +121,7 @@ __global__ void group_stats_kernel(float* __restrict__ stats, const float* __res
   s_sum[threadIdx.x] = sum;
   s_sq[threadIdx.x] = sq;
   __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+  for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) {
       s_sum[threadIdx.x] += s_sum[threadIdx.x + half];
       s_sq[threadIdx.x] += s_sq[threadIdx.x + half];
@@ -155,7 +142,7 @@ __global__ void group_apply_kernel(float* __restrict__ y, const float* __restric
                                    const float* __restrict__ w, const float* __restrict__ b, int64_t hw, int64_t c,
                                    int groups, Act a, int64_t total) {
   const int64_t cg = c / groups;
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t ch = o % c, i = o / (hw * c);
     const int64_t ig = i * groups + ch / cg;
     const float mean = stats[2 * ig], inv = stats[2 * ig + 1];
@@ -167,18 +154,6 @@ __global__ void group_apply_kernel(float* __restrict__ y, const float* __restric
 }
 
 // ---- GRN ----
-
-// gx[i, k] = float(sqrt(sum_p x^2)) with the sum in double, in the CPU's order.
-__global__ void grn_norm_kernel(float* __restrict__ gx, const float* __restrict__ x, int64_t hw, int64_t c,
-                                int64_t total) {
-  VF_GRID_LOOP(o, total) {
-    const int64_t k = o % c, i = o / c;
-    const float* px = x + i * hw * c + k;
-    double sq = 0.0;
-    for (int64_t p = 0; p < hw; ++p) sq += double(px[p * c]) * px[p * c];
-    gx[o] = float(sqrt(sq));
-  }
-}
 
 // One block per image: the channel mean of gx (sequential, in double, as the CPU code), then
 // gx[k] becomes nx[k] = gx[k] / (float(mean) + eps) in place.
@@ -198,7 +173,7 @@ __global__ void grn_scale_kernel(float* __restrict__ gx, int64_t c, float eps) {
 __global__ void grn_apply_kernel(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ nx,
                                  const float* __restrict__ gamma, const float* __restrict__ beta, int64_t hw,
                                  int64_t c, int64_t total) {
-  VF_GRID_LOOP(o, total) {
+  VF_GRID_STRIDE(o, total) {
     const int64_t k = o % c, i = o / (hw * c);
     const float v = x[o];
     // gamma * (x * nx) + beta + x
@@ -206,29 +181,28 @@ __global__ void grn_apply_kernel(float* __restrict__ y, const float* __restrict_
   }
 }
 
-#undef VF_GRID_LOOP
-
 }  // namespace
 
 void max_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
                      int k, int stride, int pad_top, int pad_left, cudaStream_t s) {
   const int64_t total = n * oh * ow * c;
   if (total <= 0) return;
-  max_pool_kernel<<<blocks_for(total), kThreads, 0, s>>>(y, x, h, w, c, oh, ow, k, stride, pad_top, pad_left, total);
+  max_pool_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, h, w, c, oh, ow, k, stride, pad_top, pad_left,
+                                                       total);
 }
 
 void avg_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
                      int k, int stride, int pad, bool count_include_pad, cudaStream_t s) {
   const int64_t total = n * oh * ow * c;
   if (total <= 0) return;
-  avg_pool_kernel<<<blocks_for(total), kThreads, 0, s>>>(y, x, h, w, c, oh, ow, k, stride, pad, count_include_pad,
+  avg_pool_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, h, w, c, oh, ow, k, stride, pad, count_include_pad,
                                                          total);
 }
 
 void global_avg_pool_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, cudaStream_t s) {
   const int64_t total = n * c;
   if (total <= 0) return;
-  global_avg_pool_kernel<<<blocks_for(total), kThreads, 0, s>>>(y, x, hw, c, total);
+  column_sum<0>(y, x, n, hw, c, s);
 }
 
 void group_norm_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, int groups, const float* w,
@@ -239,7 +213,7 @@ void group_norm_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c,
   // A failed allocation leaves its error for the backend's cudaGetLastError.
   if (cudaMallocAsync(reinterpret_cast<void**>(&stats), sizeof(float) * 2 * n * groups, s) != cudaSuccess) return;
   group_stats_kernel<<<static_cast<unsigned>(n * groups), kThreads, 0, s>>>(stats, x, hw, c, groups, eps);
-  group_apply_kernel<<<blocks_for(total), kThreads, 0, s>>>(y, x, stats, w, b, hw, c, groups, a, total);
+  group_apply_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, stats, w, b, hw, c, groups, a, total);
   cudaFreeAsync(stats, s);
 }
 
@@ -249,9 +223,9 @@ void grn_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, const 
   if (total <= 0) return;
   float* nx = nullptr;
   if (cudaMallocAsync(reinterpret_cast<void**>(&nx), sizeof(float) * n * c, s) != cudaSuccess) return;
-  grn_norm_kernel<<<blocks_for(n * c), kThreads, 0, s>>>(nx, x, hw, c, n * c);
+  column_sum<1>(nx, x, n, hw, c, s);  // gx = ||x||_2 over (H, W)
   grn_scale_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(nx, c, eps);
-  grn_apply_kernel<<<blocks_for(total), kThreads, 0, s>>>(y, x, nx, gamma, beta, hw, c, total);
+  grn_apply_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, nx, gamma, beta, hw, c, total);
   cudaFreeAsync(nx, s);
 }
 
