@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build-cuda}
 goldens=${GOLDENS:-../shared/goldens}
 out=.device
-mkdir -p "$out/bin"
+rm -rf "$out/bin" && mkdir -p "$out/bin"
 for b in vf tests/vf_cuda_tests bench/vf_bench; do
-  [ -x "$build/$b" ] && strip -o "$out/bin/$(basename "$b")" "$build/$b"
+  if [ -x "$build/$b" ]; then strip -o "$out/bin/$(basename "$b")" "$build/$b"; fi
 done
 
 # Libraries: everything the binaries load except glibc, the C++ runtime and CUDA's own (the GPU
@@ -33,10 +33,15 @@ if ! cmp -s "$stamp.new" "$stamp" || [ ! -f "$out/libs.tar.xz" ]; then
   mv "$stamp.new" "$stamp"
 fi
 rm -rf "$libs" "$stamp.new"
+tar -C "$out/bin" -cf - . | xz -T2 -6 > "$out/bins.tar.xz"
 
 cases=${GOLDEN_CASES:-$(for c in "$goldens"/*/; do
   c=$(basename "$c"); [ -f "$goldens/$c/case.json" ] || continue
   case $c in proc-*|postproc-*) continue;; esac; echo "$c"; done)}
-echo "$cases" | tr ' ' '\n' | grep . > "$out/cases.list"
-tar -C "$goldens" -cf - images $(cat "$out/cases.list") | xz -T2 -6 > "$out/goldens.tar.xz"
+echo "$cases" | tr ' ' '\n' | grep . > "$out/cases.list.new"
+if ! cmp -s "$out/cases.list.new" "$out/cases.list" || [ ! -f "$out/goldens.tar.xz" ]; then
+  tar -C "$goldens" -cf - images $(cat "$out/cases.list.new") | xz -T2 -6 > "$out/goldens.tar.xz"
+fi
+mv "$out/cases.list.new" "$out/cases.list"
+rm -rf "$out/bin"
 du -sh "$out"/* | sort -h

@@ -6,14 +6,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 work=${WORK:-/tmp/vf-device}
 logs=${OUT:-/tmp}
-mkdir -p "$work/lib" "$work/goldens"
+mkdir -p "$work/lib" "$work/goldens" "$work/bin"
 tar -C "$work/lib" -xJf .device/libs.tar.xz
+tar -C "$work/bin" -xJf .device/bins.tar.xz
 tar -C "$work/goldens" -xJf .device/goldens.tar.xz
 # cuDNN: the system's, else the one in PyTorch's wheels.
 cudnn=$(ls /usr/lib/x86_64-linux-gnu/libcudnn.so.9 /usr/local/cuda/lib64/libcudnn.so.9 2>/dev/null | head -1)
 [ -n "$cudnn" ] || cudnn=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib", "libcudnn.so.9"))' 2>/dev/null)
 export LD_LIBRARY_PATH="$work/lib:/usr/local/cuda/lib64:$(dirname "${cudnn:-/nonexistent/x}"):${LD_LIBRARY_PATH:-}"
-bin=.device/bin
+bin=$work/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 echo "== CUDA op tests"

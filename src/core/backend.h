@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -28,6 +29,13 @@ class DeviceLayer {
   virtual Tensor forward(const Tensor& x, const Tensor* residual) const = 0;
 };
 
+// Work recorded once and replayed (a CUDA graph): the same kernels on the same memory.
+class DeviceGraph {
+ public:
+  virtual ~DeviceGraph() = default;
+  virtual void replay() = 0;
+};
+
 class DeviceBackend {
  public:
   virtual ~DeviceBackend() = default;
@@ -43,6 +51,11 @@ class DeviceBackend {
   virtual void fill(Tensor& x, float value) = 0;  // float32; other dtypes: value 0 only
   virtual Tensor convert(const Tensor& x, DType to) = 0;
   virtual void synchronize() = 0;
+  // Records what `enqueue` puts on the device into a graph instead of running it. The memory that
+  // work allocates belongs to the graph (tensors made inside stay valid and are rewritten by each
+  // replay). nullptr when the work cannot be recorded: it waited for the device, copied from the
+  // host, or the backend has no graphs.
+  virtual std::shared_ptr<DeviceGraph> capture(const std::function<void()>& enqueue) { return nullptr; }
 
   // ---- weighted layers ----
   // nullptr: the backend runs the layer through the CPU objects (the emulated device does).

@@ -56,6 +56,7 @@ void require_f32(const Tensor& x, const char* op) {
 class Pool {
  public:
   explicit Pool(int device) : device_(device) {}
+  ~Pool() { release(); }
   void* get(size_t& bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -152,7 +153,7 @@ class CudaLinear final : public DeviceLayer {
 
 class CudaBackend final : public DeviceBackend {
  public:
-  explicit CudaBackend(int index) : index_(index), pool_(index) {
+  explicit CudaBackend(int index) : index_(index), pool_(std::make_shared<Pool>(index)) {
     // Exact float32 everywhere: no TF32 in cuBLAS or cuDNN, whatever the environment says.
     ::setenv("NVIDIA_TF32_OVERRIDE", "0", 1);
     check(cudaSetDevice(index_), "cudaSetDevice");
@@ -162,6 +163,9 @@ class CudaBackend final : public DeviceBackend {
     check(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
     check(cudnnCreate(&cudnn_), "cudnnCreate");
     check(cudnnSetStream(cudnn_, stream_), "cudnnSetStream");
+    // cuBLAS's workspace, given once: no allocation inside a product (graph capture needs that).
+    check(cudaMalloc(&cublas_workspace_, kCublasWorkspace), "cuBLAS workspace");
+    check(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace), "cublasSetWorkspace");
   }
 
   Device device() const { return Device::cuda(index_); }
@@ -180,8 +184,10 @@ class CudaBackend final : public DeviceBackend {
   // ---- memory ----
   std::shared_ptr<void> allocate(size_t bytes) override {
     activate();
-    void* p = pool_.get(bytes);
-    return std::shared_ptr<void>(p, [this, bytes](void* q) { pool_.put(q, bytes); });
+    // While a graph is recorded its memory comes from, and goes back to, the graph's own pool.
+    std::shared_ptr<Pool> pool = capture_pool_ ? capture_pool_ : pool_;
+    void* p = pool->get(bytes);
+    return std::shared_ptr<void>(p, [pool, bytes](void* q) { pool->put(q, bytes); });
   }
   void copy_to_device(void* dst, const void* src, size_t n) override {
     check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream_), "copy to the GPU");
@@ -210,6 +216,8 @@ class CudaBackend final : public DeviceBackend {
     return y;
   }
   void synchronize() override { check(cudaStreamSynchronize(stream_), "the GPU's work"); }
+
+  std::shared_ptr<DeviceGraph> capture(const std::function<void()>& enqueue) override;
 
   // ---- weighted layers ----
   std::shared_ptr<DeviceLayer> make_conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt) override {
@@ -583,7 +591,7 @@ class CudaBackend final : public DeviceBackend {
           "attention scores");
     cuda::attention_softmax(mf(scores), B, H, Lq, Lk, opt.scale, bias.defined() ? cf(bias) : nullptr,
                             batch_bias.defined() ? cf(batch_bias) : nullptr,
-                            batch_bias.defined() ? batch_bias.size(0) : 1,
+                            batch_bias.defined() ? batch_bias.size(0) : 1, /*key_mask=*/nullptr,
                             head_mask.defined() ? cf(head_mask) : nullptr, stream_);
     launched("attention softmax");
     // out[b, :, h] (row-major [Lq, dv], ld H*dv) = column-major [dv, Lq] = V_h x P_h.
@@ -613,12 +621,59 @@ class CudaBackend final : public DeviceBackend {
   }
 
  private:
+  static constexpr size_t kCublasWorkspace = size_t(32) << 20;
   int index_;
-  Pool pool_;
+  std::shared_ptr<Pool> pool_;
+  std::shared_ptr<Pool> capture_pool_;  // set while a graph is recorded
+  void* cublas_workspace_ = nullptr;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   cudnnHandle_t cudnn_ = nullptr;
 };
+
+// ---- CUDA graphs ---------------------------------------------------------------------------------
+
+class CudaGraph final : public DeviceGraph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, std::shared_ptr<Pool> memory, cudaStream_t stream)
+      : exec_(exec), memory_(std::move(memory)), stream_(stream) {}
+  ~CudaGraph() override {
+    cudaStreamSynchronize(stream_);
+    cudaGraphExecDestroy(exec_);
+    memory_->release();
+  }
+  void replay() override { check(cudaGraphLaunch(exec_, stream_), "graph launch"); }
+
+ private:
+  cudaGraphExec_t exec_;
+  std::shared_ptr<Pool> memory_;  // the buffers the recorded kernels read and write
+  cudaStream_t stream_;
+};
+
+std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& enqueue) {
+  activate();
+  synchronize();
+  auto memory = std::make_shared<Pool>(index_);
+  capture_pool_ = memory;
+  // Relaxed: the graph's pool may call cudaMalloc while recording.
+  check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin graph capture");
+  bool enqueued = true;
+  try {
+    enqueue();
+  } catch (const std::exception&) {
+    enqueued = false;  // something waited for the device or copied from the host
+  }
+  cudaGraph_t graph = nullptr;
+  cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+  capture_pool_ = nullptr;
+  cudaGetLastError();
+  cudaGraphExec_t exec = nullptr;
+  bool ok = enqueued && ended == cudaSuccess && graph && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  cudaGetLastError();
+  if (graph) cudaGraphDestroy(graph);
+  if (!ok) return nullptr;
+  return std::make_shared<CudaGraph>(exec, memory, stream_);
+}
 
 // ---- CudaConv ------------------------------------------------------------------------------------
 

@@ -45,9 +45,11 @@ void layer_norm(float* y, const float* x, const float* w, const float* b, int64_
 void softmax_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s);
 // The attention probabilities from raw scores [B, H, Lq, Lk] (= Q K^T), in place, in the CPU
 // kernel's order: s * scale, + bias[h] ([H, Lq, Lk], may be null), + batch_bias[b % M] ([M, Lq, Lk],
-// may be null), softmax over Lk, then * head_mask[h] ([H], may be null).
+// may be null), the lowest float where key_mask[b, j] == 0 ([B, Lk], may be null), softmax over Lk,
+// then * head_mask[h] ([H], may be null).
 void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, const float* bias,
-                       const float* batch_bias, int64_t M, const float* head_mask, cudaStream_t s);
+                       const float* batch_bias, int64_t M, const uint8_t* key_mask, const float* head_mask,
+                       cudaStream_t s);
 
 // ---- layout (layout.cu) ----
 // Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where

@@ -66,7 +66,8 @@ __global__ void softmax_kernel(float* x, int64_t rows, int64_t cols) {
 
 // Rows are (b, h, i) of the [B, H, Lq, Lk] scores; the scale was applied by the product.
 __global__ void attention_softmax_kernel(float* s, int64_t B, int64_t H, int64_t Lq, int64_t Lk, const float* bias,
-                                         const float* batch_bias, int64_t M, const float* head_mask) {
+                                         const float* batch_bias, int64_t M, const uint8_t* key_mask,
+                                         const float* head_mask) {
   const int lane = threadIdx.x & 31;
   const int64_t rows = B * H * Lq;
   for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < rows;
@@ -80,6 +81,11 @@ __global__ void attention_softmax_kernel(float* s, int64_t B, int64_t H, int64_t
     if (batch_bias) {
       const float* add = batch_bias + ((b % M) * Lq + i) * Lk;
       for (int64_t j = lane; j < Lk; j += 32) row[j] += add[j];
+    }
+    if (key_mask) {
+      const uint8_t* keep = key_mask + b * Lk;
+      for (int64_t j = lane; j < Lk; j += 32)
+        if (!keep[j]) row[j] = -3.402823466e+38f;
     }
     softmax_row(row, Lk, head_mask ? head_mask[h] : 1.0f, lane);
   }
@@ -99,12 +105,13 @@ void softmax_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s) {
 }
 
 void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, const float* bias,
-                       const float* batch_bias, int64_t M, const float* head_mask, cudaStream_t s) {
+                       const float* batch_bias, int64_t M, const uint8_t* key_mask, const float* head_mask,
+                       cudaStream_t s) {
   (void)scale;  // applied as the alpha of Q K^T, as the CPU kernel does
   const int64_t rows = B * H * Lq;
   if (rows == 0 || Lk == 0) return;
   attention_softmax_kernel<<<warp_blocks(rows), 32 * kWarpsPerBlock, 0, s>>>(scores, B, H, Lq, Lk, bias, batch_bias,
-                                                                             M, head_mask);
+                                                                             M, key_mask, head_mask);
 }
 
 }  // namespace vf::cuda
