@@ -8,7 +8,7 @@
 namespace vf {
 
 Tensor classification_loss(const Tensor& logits_in, const Tensor& labels, const json& config) {
-  Tensor logits = logits_in.to(DType::F32);
+  Tensor logits = logits_in.cpu().to(DType::F32);  // the loss is computed on the host
   int64_t num_labels = logits.size(-1);
   int64_t batch = logits.numel() / std::max<int64_t>(num_labels, 1);
   bool integer_labels = labels.dtype() == DType::I64 || labels.dtype() == DType::I32;

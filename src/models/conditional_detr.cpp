@@ -13,7 +13,8 @@ ConditionalDetrConfig ConditionalDetrConfig::from_json(const json& cfg) {
   return c;
 }
 
-Tensor encode_sinusoidal_position_embedding(const Tensor& pos, int64_t num_pos_feats, float temperature) {
+Tensor encode_sinusoidal_position_embedding(const Tensor& pos_in, int64_t num_pos_feats, float temperature) {
+  const Tensor pos = pos_in.cpu();  // small (a few coordinates per query): computed on the host
   const int64_t n = pos.size(-1), rows = pos.numel() / n, F = num_pos_feats;
   std::vector<float> dim_t(F);
   for (int64_t i = 0; i < F; ++i)
@@ -32,10 +33,11 @@ Tensor encode_sinusoidal_position_embedding(const Tensor& pos, int64_t num_pos_f
       float* dst = o + r * n * F + slot * F;
       for (int64_t k = 0; k < F; ++k) dst[k] = (k % 2 == 0) ? std::sin(v / dim_t[k]) : std::cos(v / dim_t[k]);
     }
-  return out;
+  return out.to(pos_in.device());
 }
 
-Tensor inverse_sigmoid(const Tensor& x, float eps) {
+Tensor inverse_sigmoid(const Tensor& x_in, float eps) {
+  const Tensor x = x_in.cpu();  // small (reference points): computed on the host
   Tensor y = Tensor::empty(x.shape());
   const float* px = x.f32();
   float* py = y.f32();
@@ -43,7 +45,7 @@ Tensor inverse_sigmoid(const Tensor& x, float eps) {
     const float v = std::clamp(px[i], 0.0f, 1.0f);
     py[i] = std::log(std::max(v, eps) / std::max(1.0f - v, eps));
   }
-  return y;
+  return y.to(x_in.device());
 }
 
 // ---- decoder ------------------------------------------------------------------------------------
@@ -255,13 +257,10 @@ class ConditionalDetrRunner : public Model {
   Tensor predict_boxes(const Tensor& h, const Tensor& reference_before_sigmoid) const {
     Tensor boxes = bbox_predictor_.forward(h);
     if (reference_before_sigmoid.defined()) {
-      const int64_t rows = boxes.numel() / 4;
-      float* b = boxes.f32();
-      const float* r = reference_before_sigmoid.f32();
-      for (int64_t i = 0; i < rows; ++i) {
-        b[i * 4] += r[i * 2];
-        b[i * 4 + 1] += r[i * 2 + 1];
-      }
+      const Tensor& r = reference_before_sigmoid;
+      Shape wh = r.shape();
+      Tensor zeros = Tensor::zeros(wh, DType::F32, boxes.device());
+      boxes = add(boxes, cat({r, zeros}, -1));
     }
     sigmoid_inplace(boxes);
     return boxes;

@@ -315,9 +315,8 @@ struct CvtStage {
     const int64_t B = map.size(0), height = map.size(1), width = map.size(2), C = map.size(3);
     Tensor hidden = map.reshape({B, height * width, C});
     if (with_cls_token) {
-      Tensor cls = Tensor::empty({B, 1, C});
-      for (int64_t b = 0; b < B; ++b) std::copy(cls_token.f32(), cls_token.f32() + C, cls.f32() + b * C);
-      hidden = cat({cls, hidden}, 1);
+      std::vector<Tensor> tokens(static_cast<size_t>(B), cls_token);  // the token, once per image
+      hidden = cat({cat(tokens, 0), hidden}, 1);
     }
     for (const auto& layer : layers) hidden = layer.forward(hidden, height, width);
     Tensor cls_out;
@@ -400,13 +399,7 @@ class CvtForImageClassification : public Model {
     }
     // sequence_output.mean(dim=1)
     const int64_t B = seq.size(0), T = seq.size(1), C = seq.size(2);
-    Tensor mean = Tensor::empty({B, C});
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) {
-        double s = 0;
-        for (int64_t t = 0; t < T; ++t) s += seq.f32()[(b * T + t) * C + c];
-        mean.f32()[b * C + c] = static_cast<float>(s / static_cast<double>(T));
-      }
+    Tensor mean = global_avg_pool_nhwc(seq.reshape({B, 1, T, C}));  // [B, C]
     Tensor logits = classifier_.forward(mean);
     ModelOutput out;
     if (in.labels.defined()) out.set("loss", classification_loss(logits, in.labels, config_));

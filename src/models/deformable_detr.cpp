@@ -94,6 +94,49 @@ namespace {
 
 inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
 
+Tensor layout_value_keep(const MultiScaleLayout& layout) {
+  const Tensor& m = layout.mask_flatten;
+  Tensor keep = Tensor::empty({m.size(0), m.size(1), 1});
+  for (int64_t i = 0; i < m.numel(); ++i) keep.f32()[i] = m.data<uint8_t>()[i] ? 1.0f : 0.0f;
+  return keep;
+}
+
+Tensor layout_level_sizes(const MultiScaleLayout& layout) {
+  const int64_t L = static_cast<int64_t>(layout.levels.size());
+  Tensor sizes = Tensor::empty({L, 1, 2});
+  for (int64_t l = 0; l < L; ++l) {
+    sizes.f32()[2 * l] = static_cast<float>(layout.levels[l].width);
+    sizes.f32()[2 * l + 1] = static_cast<float>(layout.levels[l].height);
+  }
+  return sizes;
+}
+
+// sigmoid(x) with sigmoidf on the host (small tensors: reference points), back on x's device.
+Tensor sigmoid_on_host(const Tensor& x) {
+  Tensor y = x.cpu().clone();
+  float* p = y.f32();
+  for (int64_t i = 0; i < y.numel(); ++i) p[i] = sigmoidf(p[i]);
+  return y.to(x.device());
+}
+
+// inverse_sigmoid(reference)[..., :nc] added to the first nc coordinates of delta [B, Q, 4], then
+// sigmoid: the box refinement of the decoder and the heads, on the host (small), back on delta's device.
+Tensor refine_boxes(const Tensor& delta_in, const Tensor& reference_in) {
+  const Tensor delta = delta_in.cpu(), reference = reference_in.cpu();
+  const int64_t rows = delta.numel() / 4, nc = reference.size(-1);
+  Tensor out = Tensor::empty(delta.shape());
+  const float* d = delta.f32();
+  const float* r = reference.f32();
+  float* o = out.f32();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < 4; ++k) {
+      float v = d[i * 4 + k];
+      if (k < nc) v += inverse_sigmoid(r[i * nc + k]);
+      o[i * 4 + k] = sigmoidf(v);
+    }
+  return out.to(delta_in.device());
+}
+
 Linear load_linear(const Weights& w, int64_t in, int64_t out, Act act = Act::None) {
   return Linear(w.get("weight", {out, in}), w.get("bias", {out}), act);
 }
@@ -114,7 +157,8 @@ Tensor stack_dim1(const std::vector<Tensor>& xs) {
 }
 
 // Rows idx of x [B, S, C] per image -> [B, K, C].
-Tensor gather_rows(const Tensor& x, const std::vector<std::vector<int64_t>>& idx) {
+Tensor gather_rows(const Tensor& x_in, const std::vector<std::vector<int64_t>>& idx) {
+  const Tensor x = x_in.cpu();  // once per forward (two-stage proposals), on the host
   const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
   const int64_t K = static_cast<int64_t>(idx[0].size());
   Tensor y = Tensor::empty({B, K, C});
@@ -124,7 +168,7 @@ Tensor gather_rows(const Tensor& x, const std::vector<std::vector<int64_t>>& idx
       if (s < 0 || s >= S) throw Error("gather_rows: index out of range");
       std::copy_n(x.f32() + (b * S + s) * C, C, y.f32() + (b * K + k) * C);
     }
-  return y;
+  return y.to(x_in.device());
 }
 
 // Indices of the k largest values, largest first; equal values keep index order.
@@ -238,7 +282,10 @@ Tensor DeformableDetrMultiscaleDeformableAttention::forward(const Tensor& hidden
   Tensor query = position_embeddings.defined() ? add(hidden_states, position_embeddings) : hidden_states;
 
   Tensor value = value_proj_.forward(encoder_hidden_states);
-  if (layout.mask_flatten.defined()) {
+  if (layout.mask_flatten.defined() && !value.is_cpu()) {
+    // Padded positions' values are zeroed.
+    value = mul(value.reshape({B, S, d_model_}), layout.value_keep.defined() ? layout.value_keep : layout_value_keep(layout));
+  } else if (layout.mask_flatten.defined()) {
     const uint8_t* m = layout.mask_flatten.data<uint8_t>();
     float* v = value.f32();
 #pragma omp parallel for
@@ -252,31 +299,46 @@ Tensor DeformableDetrMultiscaleDeformableAttention::forward(const Tensor& hidden
 
   // sampling_locations [B, Q, NH, NL, NP, 2]: the reference point moved by the offsets, scaled by
   // the level's size (2-d points) or by half the reference box over n_points (4-d boxes).
-  Tensor locations = Tensor::empty({B, Q, NH, NL, NP, 2});
-  const float* off = offsets.f32();
-  const float* ref = reference_points.f32();
-  float* loc = locations.f32();
-  const float np_f = static_cast<float>(NP);
+  Tensor locations;
+  if (!offsets.is_cpu()) {
+    // The same arithmetic as the loop below, as broadcasting ops.
+    Tensor off = offsets.reshape({B, Q, NH, NL, NP, 2});
+    Tensor ref = reference_points.reshape({B, Q, 1, NL, 1, nc});
+    Tensor ref_xy = nc == 2 ? ref : narrow(ref, 5, 0, 2);
+    if (nc == 2) {
+      const Tensor level_sizes = layout.level_sizes.defined() ? layout.level_sizes : layout_level_sizes(layout);
+      locations = add(ref_xy, div(off, level_sizes));
+    } else {
+      Tensor moved = mul(div(off, Tensor::from<float>({1}, {static_cast<float>(NP)})), narrow(ref, 5, 2, 2));
+      locations = add(ref_xy, scale(moved, 0.5f));
+    }
+  } else {
+    locations = Tensor::empty({B, Q, NH, NL, NP, 2});
+    const float* off = offsets.f32();
+    const float* ref = reference_points.f32();
+    float* loc = locations.f32();
+    const float np_f = static_cast<float>(NP);
 #pragma omp parallel for
-  for (int64_t bq = 0; bq < B * Q; ++bq) {
-    const float* r = ref + bq * NL * nc;
-    for (int64_t h = 0; h < NH; ++h)
-      for (int64_t l = 0; l < NL; ++l) {
-        const float* rl = r + l * nc;
-        const float wl = static_cast<float>(layout.levels[l].width), hl = static_cast<float>(layout.levels[l].height);
-        for (int64_t p = 0; p < NP; ++p) {
-          const int64_t k = 2 * (((bq * NH + h) * NL + l) * NP + p);
-          if (nc == 2) {
-            loc[k] = rl[0] + off[k] / wl;
-            loc[k + 1] = rl[1] + off[k + 1] / hl;
-          } else {
-            loc[k] = rl[0] + off[k] / np_f * rl[2] * 0.5f;
-            loc[k + 1] = rl[1] + off[k + 1] / np_f * rl[3] * 0.5f;
+    for (int64_t bq = 0; bq < B * Q; ++bq) {
+      const float* r = ref + bq * NL * nc;
+      for (int64_t h = 0; h < NH; ++h)
+        for (int64_t l = 0; l < NL; ++l) {
+          const float* rl = r + l * nc;
+          const float wl = static_cast<float>(layout.levels[l].width), hl = static_cast<float>(layout.levels[l].height);
+          for (int64_t p = 0; p < NP; ++p) {
+            const int64_t k = 2 * (((bq * NH + h) * NL + l) * NP + p);
+            if (nc == 2) {
+              loc[k] = rl[0] + off[k] / wl;
+              loc[k + 1] = rl[1] + off[k + 1] / hl;
+            } else {
+              loc[k] = rl[0] + off[k] / np_f * rl[2] * 0.5f;
+              loc[k + 1] = rl[1] + off[k + 1] / np_f * rl[3] * 0.5f;
+            }
           }
         }
-      }
-  }
+    }
 
+  }
   Tensor level_point_weights = weights.reshape({B, Q, NH, NL, NP});
   Tensor out = ms_deform_attn(value.reshape({B, S, NH, D}), layout.levels, locations, level_point_weights);
   if (attention_weights) *attention_weights = level_point_weights;
@@ -417,7 +479,18 @@ DeformableDetrDecoderOutput DeformableDetrDecoder::forward(
   DeformableDetrDecoderOutput out;
   const int64_t B = inputs_embeds.size(0), Q = inputs_embeds.size(1);
   const int64_t L = static_cast<int64_t>(layout.levels.size());
-  const float* vr = layout.valid_ratios.f32();
+  // valid_ratios [B, L, 2] as [B, 1, L, nc] (repeated for box sizes), per nc met.
+  Tensor ratios_for[5];
+  auto ratios = [&](int64_t nc) -> const Tensor& {
+    Tensor& r = ratios_for[nc];
+    if (!r.defined()) {
+      const Tensor vr = layout.valid_ratios.cpu();
+      r = Tensor::empty({B, 1, L, nc});
+      for (int64_t i = 0; i < B * L; ++i)
+        for (int64_t c = 0; c < nc; ++c) r.f32()[i * nc + c] = vr.f32()[i * 2 + (c % 2)];
+    }
+    return r;
+  };
   Tensor hidden = inputs_embeds;
   Tensor reference_points = reference_points_in;
   if (output_hidden_states) out.hidden_states.push_back(hidden);
@@ -427,14 +500,7 @@ DeformableDetrDecoderOutput DeformableDetrDecoder::forward(
     const int64_t nc = reference_points.size(-1);
     if (nc != 2 && nc != 4) throw Error("decoder: reference points' last dimension must be 2 or 4");
     // reference_points[:, :, None] * valid_ratios[:, None] (the ratios repeated for box sizes).
-    Tensor ref_input = Tensor::empty({B, Q, L, nc});
-    const float* rp = reference_points.f32();
-    float* ri = ref_input.f32();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t q = 0; q < Q; ++q)
-        for (int64_t l = 0; l < L; ++l)
-          for (int64_t c = 0; c < nc; ++c)
-            ri[((b * Q + q) * L + l) * nc + c] = rp[(b * Q + q) * nc + c] * vr[(b * L + l) * 2 + (c % 2)];
+    Tensor ref_input = mul(reference_points.reshape({B, Q, 1, nc}), ratios(nc));  // [B, Q, L, nc]
 
     Tensor self_weights, cross_weights;
     hidden = layers_[idx].forward(hidden, query_position_embeddings, ref_input, layout, encoder_hidden_states,
@@ -447,17 +513,7 @@ DeformableDetrDecoderOutput DeformableDetrDecoder::forward(
 
     if (bbox_embed) {
       // Iterative box refinement: the layer's box head moves the reference (in logit space).
-      Tensor tmp = (*bbox_embed)[idx].forward(hidden);  // [B, Q, 4]
-      Tensor refined = Tensor::empty({B, Q, 4});
-      const float* t = tmp.f32();
-      float* nr = refined.f32();
-      for (int64_t i = 0; i < B * Q; ++i)
-        for (int64_t c = 0; c < 4; ++c) {
-          float v = t[i * 4 + c];
-          if (c < nc) v += inverse_sigmoid(rp[i * nc + c]);
-          nr[i * 4 + c] = sigmoidf(v);
-        }
-      reference_points = refined;
+      reference_points = refine_boxes((*bbox_embed)[idx].forward(hidden), reference_points);
     }
     if (output_hidden_states) out.hidden_states.push_back(hidden);
     intermediate.push_back(hidden);
@@ -577,7 +633,8 @@ Tensor DeformableDetrModel::get_valid_ratio(const Tensor& mask) {
   return r;
 }
 
-Tensor DeformableDetrModel::get_proposal_pos_embed(const Tensor& proposals) const {
+Tensor DeformableDetrModel::get_proposal_pos_embed(const Tensor& proposals_in) const {
+  const Tensor proposals = proposals_in.cpu();  // [B, K, 4], once per forward: on the host
   const int64_t B = proposals.size(0), K = proposals.size(1);
   const int64_t F = cfg_.d_model / 2;  // num_pos_feats
   const float scale = 6.283185307179586f;
@@ -595,7 +652,7 @@ Tensor DeformableDetrModel::get_proposal_pos_embed(const Tensor& proposals) cons
       if (j + 1 < F) oi[j + 1] = std::cos(v / dim_t[j + 1]);
     }
   }
-  return pos;
+  return pos.to(proposals_in.device());
 }
 
 std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(const Tensor& enc_output,
@@ -603,9 +660,12 @@ std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(cons
   const int64_t B = enc_output.size(0), S = enc_output.size(1), C = enc_output.size(2);
   const uint8_t* m = layout.mask_flatten.data<uint8_t>();
   Tensor proposals = Tensor::empty({B, S, 4});
-  Tensor object_query = enc_output.clone();
+  // On the CPU the dropped rows are zeroed in a copy; on a device, multiplied by a 0/1 keep mask.
+  const bool host = enc_output.is_cpu();
+  Tensor object_query = host ? enc_output.clone() : Tensor();
+  Tensor keep = host ? Tensor() : Tensor::empty({B, S, 1});
   float* pr = proposals.f32();
-  float* oq = object_query.f32();
+  float* oq = host ? object_query.f32() : nullptr;
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < static_cast<int64_t>(layout.levels.size()); ++l) {
     const auto& lv = layout.levels[l];
@@ -625,17 +685,22 @@ std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(cons
           const bool padding = m[b * S + s] == 0;
           float* out = pr + (b * S + s) * 4;
           for (int c = 0; c < 4; ++c) out[c] = (padding || !valid) ? inf : std::log(box[c] / (1 - box[c]));
-          if (padding || !valid) std::fill_n(oq + (b * S + s) * C, C, 0.f);
+          if (!host) keep.f32()[b * S + s] = (padding || !valid) ? 0.f : 1.f;
+          else if (padding || !valid) std::fill_n(oq + (b * S + s) * C, C, 0.f);
         }
     }
   }
+  if (!host) object_query = mul(enc_output, keep);
   object_query = enc_output_norm_(enc_output_.forward(object_query));
-  return {object_query, proposals};
+  return {object_query, proposals.to(enc_output.device())};
 }
 
-std::vector<std::vector<int64_t>> DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class,
-                                                                        const Tensor& enc_outputs_coord_logits,
+std::vector<std::vector<int64_t>> DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class_in,
+                                                                        const Tensor& enc_outputs_coord_logits_in,
                                                                         const MultiScaleLayout& layout) const {
+  // The top-k selection runs on the host, once per forward.
+  const Tensor enc_outputs_class = enc_outputs_class_in.cpu();
+  const Tensor enc_outputs_coord_logits = variant_.select_proposals ? enc_outputs_coord_logits_in.cpu() : Tensor();
   const int64_t B = enc_outputs_class.size(0), S = enc_outputs_class.size(1), NC = enc_outputs_class.size(2);
   const int64_t K = cfg_.two_stage_num_proposals;
   std::vector<float> logit0(S);
@@ -720,6 +785,10 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
       for (int64_t i = 0; i < hw; ++i) dst[i] = src[i] != 0;
     }
   }
+  if (!pixel_values.is_cpu()) {
+    layout.value_keep = layout_value_keep(layout);
+    layout.level_sizes = layout_level_sizes(layout);
+  }
   Tensor inputs_embeds = cat(source_flatten, 1);
   Tensor position_embeddings = cat(lvl_pos_embed_flatten, 1);
 
@@ -741,9 +810,7 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
 
     auto topk = select_proposals(out.enc_outputs_class, out.enc_outputs_coord_logits, layout);
     Tensor topk_coords_logits = gather_rows(out.enc_outputs_coord_logits, topk);
-    reference_points = topk_coords_logits.clone();
-    for (int64_t i = 0; i < reference_points.numel(); ++i)
-      reference_points.f32()[i] = sigmoidf(reference_points.f32()[i]);
+    reference_points = sigmoid_on_host(topk_coords_logits);
     Tensor pos_trans_out = pos_trans_norm_(pos_trans_.forward(get_proposal_pos_embed(topk_coords_logits)));
     query_embed = narrow(pos_trans_out, 2, 0, C);
     target = narrow(pos_trans_out, 2, C, C);
@@ -757,9 +824,7 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
     Tensor tg = narrow(query_position_embeddings_, 1, C, C);
     query_embed = cat(std::vector<Tensor>(B, qe.reshape({1, NQ, C})), 0);
     target = cat(std::vector<Tensor>(B, tg.reshape({1, NQ, C})), 0);
-    reference_points = reference_points_.forward(query_embed);
-    for (int64_t i = 0; i < reference_points.numel(); ++i)
-      reference_points.f32()[i] = sigmoidf(reference_points.f32()[i]);
+    reference_points = sigmoid_on_host(reference_points_.forward(query_embed));
   }
   out.init_reference_points = reference_points;
 
@@ -797,18 +862,7 @@ DeformableDetrPredictions deformable_detr_predictions(const DeformableDetrHeads&
     Tensor reference = level == 0 ? o.init_reference_points
                                   : narrow(o.intermediate_reference_points, 1, level - 1, 1)
                                         .reshape({B, Q, o.intermediate_reference_points.size(-1)});
-    const int64_t nc = reference.size(-1);
-    Tensor delta = heads.bbox_embed[level].forward(hidden);  // [B, Q, 4]
-    Tensor coord = Tensor::empty({B, Q, 4});
-    const float* d = delta.f32();
-    const float* r = reference.f32();
-    float* c = coord.f32();
-    for (int64_t i = 0; i < B * Q; ++i)
-      for (int64_t k = 0; k < 4; ++k) {
-        float v = d[i * 4 + k];
-        if (k < nc) v += inverse_sigmoid(r[i * nc + k]);
-        c[i * 4 + k] = sigmoidf(v);
-      }
+    Tensor coord = refine_boxes(heads.bbox_embed[level].forward(hidden), reference);  // [B, Q, 4]
     p.outputs_class.push_back(heads.class_embed[level].forward(hidden));
     p.outputs_coord.push_back(coord);
   }
@@ -840,7 +894,7 @@ void deformable_detr_loss(const DeformableDetrConfig& cfg, bool deta, const Defo
   lc.num_queries = cfg.num_queries;
 
   auto sigmoid_of = [](const Tensor& x) {
-    Tensor y = x.clone();
+    Tensor y = x.cpu().clone();  // the loss runs on the host
     for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = sigmoidf(y.f32()[i]);
     return y;
   };

@@ -130,6 +130,9 @@ struct MultiScaleLayout {
   std::vector<DeformLevel> levels;
   Tensor valid_ratios;  // float32 [B, L, 2] (width ratio, height ratio)
   Tensor mask_flatten;  // uint8 [B, S], 1 on real positions
+  // Built once per forward for a device forward (host tensors, uploaded once): float32 [B, S, 1],
+  // 1 on real positions and 0 on padding; each level's (width, height) as float32 [L, 1, 2].
+  Tensor value_keep, level_sizes;
 };
 
 // DeformableDetrMultiscaleDeformableAttention.

@@ -114,21 +114,11 @@ struct DeiTPatchEmbeddings {
                   std::to_string(pixel_values.size(1)) + ".");
     const int64_t B = pixel_values.size(0), H = pixel_values.size(2), W = pixel_values.size(3);
     const int64_t gh = H / ph, gw = W / pw, K = num_channels * ph * pw;
-    Tensor patches = Tensor::empty({B, gh * gw, K});
-    const float* src = pixel_values.f32();
-    float* dst = patches.f32();
-    const int64_t ch = num_channels, kh = ph, kw = pw;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t y = 0; y < gh; ++y)
-        for (int64_t x = 0; x < gw; ++x) {
-          float* d = dst + ((b * gh + y) * gw + x) * K;
-          for (int64_t c = 0; c < ch; ++c)
-            for (int64_t r = 0; r < kh; ++r) {
-              const float* s = src + ((b * ch + c) * H + y * kh + r) * W + x * kw;
-              std::copy(s, s + kw, d + (c * kh + r) * kw);
-            }
-        }
+    Tensor x = pixel_values;
+    if (H != gh * ph) x = narrow(x, 2, 0, gh * ph);  // the conv drops a partial last patch
+    if (W != gw * pw) x = narrow(x, 3, 0, gw * pw);
+    // [B, ch, gh, ph, gw, pw] -> [B, gh, gw, ch, ph, pw]
+    Tensor patches = permute(x.reshape({B, num_channels, gh, ph, gw, pw}), {0, 2, 4, 1, 3, 5}).reshape({B, gh * gw, K});
     return projection.forward(patches);
   }
 };
@@ -191,26 +181,18 @@ struct DeiTEmbeddings {
       masked = mask_bytes(bool_masked_pos);
     }
 
-    Tensor out = Tensor::empty({B, N + 2, C});
-    const float* pos = position.f32();
-    const float* pe = patches.f32();
-    float* o = out.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < N + 2; ++t) {
-        const float* src;
-        if (t == 0)
-          src = cls_token.f32();
-        else if (t == 1)
-          src = distillation_token.f32();
-        else if (!masked.empty() && masked[b * N + t - 2])
-          src = mask_token.f32();
-        else
-          src = pe + (b * N + t - 2) * C;
-        float* d = o + (b * (N + 2) + t) * C;
-        const float* p = pos + t * C;
-        for (int64_t i = 0; i < C; ++i) d[i] = src[i] + p[i];
+    Tensor tokens = patches;
+    if (!masked.empty()) {
+      // Masked patches become the mask token: patches * (1 - m) + mask_token * m.
+      Tensor m = Tensor::empty({B, N, 1}), keep = Tensor::empty({B, N, 1});
+      for (int64_t i = 0; i < B * N; ++i) {
+        m.f32()[i] = masked[i] ? 1.0f : 0.0f;
+        keep.f32()[i] = masked[i] ? 0.0f : 1.0f;
       }
+      tokens = add(mul(patches, keep), mul(mask_token.reshape({1, 1, C}), m));
+    }
+    std::vector<Tensor> heads(static_cast<size_t>(B), cat({cls_token.reshape({1, 1, C}), distillation_token.reshape({1, 1, C})}, 1));
+    Tensor out = add(cat({cat(heads, 0), tokens}, 1), position);
     return out;  // dropout: identity at inference
   }
 };
@@ -413,20 +395,8 @@ class DeiTForMaskedImageModeling : public Model {
 
     // PixelShuffle(s): channel (c, i, j) of patch (y, x) -> pixel (c, y*s + i, x*s + j).
     const int64_t s = c.encoder_stride, ch = c.num_channels, H = side * s, W = side * s;
-    Tensor recon = Tensor::empty({B, ch, H, W});
-    const float* d = decoded.f32();
-    float* r = recon.f32();
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = 0; k < ch; ++k)
-        for (int64_t Y = 0; Y < H; ++Y) {
-          const int64_t y = Y / s, i = Y % s;
-          float* row = r + ((b * ch + k) * H + Y) * W;
-          for (int64_t X = 0; X < W; ++X) {
-            const int64_t x = X / s, j = X % s;
-            row[X] = d[(b * L + y * side + x) * (s * s * ch) + (k * s + i) * s + j];
-          }
-        }
+    // [B, side, side, ch, s, s] -> [B, ch, side, s, side, s]
+    Tensor recon = permute(decoded.reshape({B, side, side, ch, s, s}), {0, 3, 1, 4, 2, 5}).reshape({B, ch, H, W});
 
     ModelOutput out;
     if (in.bool_masked_pos.defined())
@@ -440,7 +410,8 @@ class DeiTForMaskedImageModeling : public Model {
  private:
   // sum(|pixels - reconstruction| * mask) / (sum(mask) + 1e-5) / num_channels, the mask being
   // bool_masked_pos upsampled by patch_size (one channel, broadcast over the channels).
-  Tensor masked_l1_loss(const Tensor& pixel_values, const Tensor& recon, const Tensor& bool_masked_pos) const {
+  Tensor masked_l1_loss(const Tensor& pixel_values_in, const Tensor& recon_in, const Tensor& bool_masked_pos) const {
+    const Tensor pixel_values = pixel_values_in.cpu(), recon = recon_in.cpu();  // the loss runs on the host
     const DeiTConfig& c = deit_.config();
     const int64_t size = c.image_size_h / c.patch_size_h, p = c.patch_size_h;
     const int64_t B = recon.size(0), ch = recon.size(1), H = recon.size(2), W = recon.size(3);

@@ -63,6 +63,20 @@ DetrCheckpointLayout detr_checkpoint_layout(const Weights& w, const std::string&
 
 // ---- attention ----------------------------------------------------------------------------------
 
+namespace {
+// The reference's additive key padding mask as float32 of `shape` (0 on valid keys, finfo.min on
+// padded ones), on the host.
+Tensor key_mask_bias(const Tensor& key_mask, const Shape& shape) {
+  const Tensor m = key_mask.cpu();
+  Tensor bias = Tensor::empty(shape);
+  if (bias.numel() != m.numel()) throw Error("key mask " + shape_str(m.shape()) + " for scores " + shape_str(shape));
+  const uint8_t* pm = m.data<uint8_t>();
+  float* pb = bias.f32();
+  for (int64_t i = 0; i < bias.numel(); ++i) pb[i] = pm[i] ? 0.0f : std::numeric_limits<float>::lowest();
+  return bias;
+}
+}  // namespace
+
 Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads, float scaling,
                            const Tensor& key_mask, Tensor* attn_weights) {
   const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
@@ -71,7 +85,10 @@ Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, in
   Tensor kh = permute(k.reshape({B, Lk, num_heads, dk}), {0, 2, 1, 3});
   Tensor vh = permute(v.reshape({B, Lk, num_heads, dv}), {0, 2, 1, 3});
   Tensor scores = matmul(qh, kh, /*trans_b=*/true, scaling);  // [B, H, Lq, Lk]
-  if (key_mask.defined()) {
+  if (key_mask.defined() && !scores.is_cpu()) {
+    // On a device the reference's addition of finfo.min on padded keys, as an op.
+    scores = add(scores, key_mask_bias(key_mask, {B, 1, 1, Lk}).to(scores.device()));
+  } else if (key_mask.defined()) {
     // The reference adds finfo.min on padded keys; setting it gives the same softmax.
     const uint8_t* m = key_mask.data<uint8_t>();
     float* s = scores.f32();
@@ -329,7 +346,9 @@ Tensor DetrMHAttentionMap::forward(const Tensor& queries, const Tensor& memory, 
   // -> [B, Q, L, H]: softmax runs over heads and positions together, and this order is the mask
   // head's channels-last input.
   Tensor s = permute(scores, {0, 2, 3, 1});
-  if (key_mask.defined()) {
+  if (key_mask.defined() && !s.is_cpu()) {
+    s = add(s, key_mask_bias(key_mask, {B, 1, L, 1}).to(s.device()));
+  } else if (key_mask.defined()) {
     const uint8_t* m = key_mask.data<uint8_t>();
     float* p = s.f32();
     const float lowest = std::numeric_limits<float>::lowest();
@@ -388,7 +407,7 @@ Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& atte
   auto norm = [&](int i, const Tensor& in) { return group_norm_nhwc(in, gn_groups_[i], gn_w_[i], gn_b_[i], 1e-5f, act_); };
   // lay1(cat([features, attention_masks])) = lay1_features(features) + lay1_attention(attention_masks).
   Tensor per_image = lay1_features_.forward(features);  // [B, h, w, C1]
-  const int64_t C1 = per_image.size(3), n1 = h * w * C1;
+  const int64_t C1 = per_image.size(3);
   // The adapters run once per image; their outputs are shared by the image's queries.
   std::vector<Tensor> fpn;
   for (int s = 0; s < 3; ++s) fpn.push_back(adapter_[s].forward(fpn_features[s]));
@@ -401,19 +420,20 @@ Tensor DetrMaskHeadSmallConv::forward(const Tensor& features, const Tensor& atte
   constexpr int64_t kChunkBytes = int64_t(32) << 20;
   const int64_t per_query = plane * fpn[2].size(3) * int64_t(sizeof(float));
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(per_query, 1), 1, std::max<int64_t>(Q, 1));
-  Tensor out = Tensor::empty({B, Q, out_h, out_w});
+  Tensor out = Tensor::empty({B, Q, out_h, out_w}, DType::F32, per_image.device());
+  Tensor out_rows = out.reshape({B * Q, plane});
   for (int64_t b = 0; b < B; ++b)
     for (int64_t q0 = 0; q0 < Q; q0 += chunk) {
       const int64_t n = std::min(chunk, Q - q0);
-      Tensor shared = Tensor::empty({n, h, w, C1});
-      for (int64_t i = 0; i < n; ++i) std::copy_n(per_image.f32() + b * n1, n1, shared.f32() + i * n1);
+      Tensor shared = Tensor::empty({n, h, w, C1}, DType::F32, per_image.device());
+      for (int64_t i = 0; i < n; ++i) shared[i].copy_from(per_image[b]);
       Tensor masks = attention_masks.slice0(b * Q + q0, b * Q + q0 + n);
       Tensor x = norm(0, lay1_attention_.forward(masks, &shared));
       x = norm(1, lay_[1].forward(x));
       for (int s = 0; s < 3; ++s)
         x = norm(2 + s, lay_[2 + s].forward(upsample_nearest_add(x, fpn[s].slice0(b, b + 1), n)));
       Tensor o = out_lay_.forward(x);  // [n, H', W', 1]
-      std::copy_n(o.f32(), n * plane, out.f32() + (b * Q + q0) * plane);
+      out_rows.slice0(b * Q + q0, b * Q + q0 + n).copy_from(o);
     }
   return out;
 }
@@ -444,6 +464,12 @@ Tensor upsample_nearest_add(const Tensor& x, const Tensor& y, int64_t repeat) {
   const int64_t out_h = y.size(1), out_w = y.size(2);
   if (y.size(3) != C || y.size(0) * repeat != NR)
     throw Error("upsample_nearest_add: " + shape_str(x.shape()) + " and " + shape_str(y.shape()));
+  if (!x.is_cpu()) {
+    // The same nearest indices as interpolate_nearest, on NCHW; y broadcast over each run of `repeat` maps.
+    Tensor up = nchw_to_nhwc(interpolate_nearest(nhwc_to_nchw(x), out_h, out_w));
+    const int64_t B = y.size(0);
+    return add(y.reshape({B, 1, out_h, out_w, C}), up.reshape({B, repeat, out_h, out_w, C})).reshape({NR, out_h, out_w, C});
+  }
   std::vector<int64_t> ys(out_h), xs(out_w);
   for (int64_t i = 0; i < out_h; ++i) ys[i] = nearest_source_index(i, H, out_h);
   for (int64_t j = 0; j < out_w; ++j) xs[j] = nearest_source_index(j, W, out_w);

@@ -410,15 +410,27 @@ DetrLossConfig detr_loss_config(const json& config, const std::string& architect
   return c;
 }
 
-std::vector<std::vector<std::pair<int64_t, int64_t>>> detr_hungarian_match(const DetrLossPrediction& p,
+namespace {
+// The loss and the matching run on the host: the predictions are small beside the forward pass.
+DetrLossPrediction on_host(const DetrLossPrediction& p) {
+  return {p.logits.cpu(), p.pred_boxes.cpu(), p.pred_masks.cpu(), p.init_reference.cpu(), p.anchors.cpu()};
+}
+}  // namespace
+
+std::vector<std::vector<std::pair<int64_t, int64_t>>> detr_hungarian_match(const DetrLossPrediction& p_in,
                                                                            const std::vector<DetectionTarget>& targets,
                                                                            const DetrLossConfig& cfg) {
+  const DetrLossPrediction p = on_host(p_in);
   check_prediction(p, p.logits.defined() ? p.logits.size(0) : 0, "");
   check_targets(targets, p.logits.size(0));
   return hungarian(p, targets, cfg);
 }
 
-DetrLossOutput detr_loss(const DetrLossInputs& in, const DetrLossConfig& cfg) {
+DetrLossOutput detr_loss(const DetrLossInputs& in_any, const DetrLossConfig& cfg) {
+  DetrLossInputs in = in_any;
+  in.outputs = on_host(in.outputs);
+  for (DetrLossPrediction& a : in.auxiliary) a = on_host(a);
+  if (in.enc_outputs) in.enc_outputs = on_host(*in.enc_outputs);
   const DetrLossPrediction& main = in.outputs;
   if (!main.logits.defined() || main.logits.dim() != 3) throw Error("detection loss: logits must be [batch, queries, classes]");
   const int64_t batch = main.logits.size(0);
