@@ -200,20 +200,40 @@ TEST(ServeSegment, V1AnswersWhatTheCliPrints) {
   const std::string model = vf::test::panoptic_model_dir("serve_detr_panoptic");
   vf::serve::ServerOptions opt;
   opt.port = 0;
+  opt.batch_wait_ms = 500;  // long enough that the concurrent requests below meet in the queue
   Running running({{"seg", model}}, opt);
   auto c = running.client();
   const std::string img = image("chelsea.png");
-  for (const char* task : {"panoptic", "instance", "semantic"}) {
-    // Threshold 0 and a low overlap threshold keep segments, so the comparison is not of empty lists.
-    auto r = c.Post(std::string("/v1/models/seg?task=") + task + "&threshold=0&overlap_mask_area_threshold=0.05",
-                    vf::test::read_bytes(img), "image/png");
+  const std::vector<std::string> tasks = {"panoptic", "instance", "semantic"};
+  // Threshold 0 and a low overlap threshold keep segments, so the comparison is not of empty lists.
+  auto path = [](const std::string& task) {
+    return "/v1/models/seg?task=" + task + "&threshold=0&overlap_mask_area_threshold=0.05";
+  };
+  std::vector<std::string> expected;
+  for (const auto& task : tasks) {
+    expected.push_back(vf_stdout("segment " + model + " " + img + " --task " + task +
+                                 " --threshold 0 --overlap-mask-area-threshold 0.05 --json"));
+    auto r = c.Post(path(task), vf::test::read_bytes(img), "image/png");
     ASSERT_TRUE(r);
     ASSERT_EQ(r->status, 200) << r->body;
-    EXPECT_EQ(r->body, vf_stdout("segment " + model + " " + img + " --task " + task +
-                                 " --threshold 0 --overlap-mask-area-threshold 0.05 --json"))
-        << task;
+    EXPECT_EQ(r->body, expected.back()) << task;
     EXPECT_GT(json::parse(r->body).size(), 0u) << task;
   }
+  // The three tasks at once: one forward can serve them all, each post-processed as it asked.
+  const Counts before = counts(c, "seg");
+  std::vector<std::string> got(tasks.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < tasks.size(); ++i)
+    threads.emplace_back([&, i] {
+      auto cc = running.client();
+      auto r = cc.Post(path(tasks[i]), vf::test::read_bytes(img), "image/png");
+      got[i] = r && r->status == 200 ? r->body : "failed";
+    });
+  for (auto& th : threads) th.join();
+  for (size_t i = 0; i < tasks.size(); ++i) EXPECT_EQ(got[i], expected[i]) << tasks[i] << " at once";
+  const Counts after = counts(c, "seg");
+  EXPECT_EQ(after.inferences - before.inferences, tasks.size());
+  EXPECT_LT(after.executions - before.executions, tasks.size());
   auto bad = c.Post("/v1/models/seg?task=depth", vf::test::read_bytes(img), "image/png");
   ASSERT_TRUE(bad);
   EXPECT_EQ(bad->status, 400);
