@@ -200,7 +200,7 @@ TEST(ServeSegment, V1AnswersWhatTheCliPrints) {
   const std::string model = vf::test::panoptic_model_dir("serve_detr_panoptic");
   vf::serve::ServerOptions opt;
   opt.port = 0;
-  opt.batch_wait_ms = 500;  // long enough that the concurrent requests below meet in the queue
+  opt.batch_wait_ms = 1000;  // long enough that the concurrent requests below meet in the queue
   Running running({{"seg", model}}, opt);
   auto c = running.client();
   const std::string img = image("chelsea.png");
@@ -237,6 +237,11 @@ TEST(ServeSegment, V1AnswersWhatTheCliPrints) {
   auto bad = c.Post("/v1/models/seg?task=depth", vf::test::read_bytes(img), "image/png");
   ASSERT_TRUE(bad);
   EXPECT_EQ(bad->status, 400);
+  json v2 = {{"parameters", {{"task", "depth"}}},
+             {"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {1}}, {"data", {base64(vf::test::read_bytes(img))}}}}}};
+  auto bad_v2 = c.Post("/v2/models/seg/infer", v2.dump(), "application/json");
+  ASSERT_TRUE(bad_v2);
+  EXPECT_EQ(bad_v2->status, 400) << bad_v2->body;
 }
 
 TEST_F(Serve, V2Base64MatchesTheLibrary) {

@@ -610,6 +610,13 @@ struct Server::Impl {
              {{"architecture", m.p.model->architecture}, {"model_type", m.p.model->model_type}, {"task", task_name(m.task)}}}};
   }
 
+  // Before the request joins a batch: a bad task found after the forward would fail its neighbours'.
+  static void check_segmentation_task(const Job& job) {
+    const std::string& t = job.seg.task;
+    if (job.task == Task::Segment && t != "panoptic" && t != "instance" && t != "semantic")
+      throw HttpError(400, "task '" + t + "': expected panoptic, instance or semantic");
+  }
+
   // POST /v1/models/{name}: the body is one image file; the answer is `vf <task> --json`'s text.
   void v1_predict(const httplib::Request& req, const std::string& body_bytes, httplib::Response& res) {
     ServedModel& m = model(req.matches[1]);
@@ -625,8 +632,7 @@ struct Server::Impl {
     if (req.has_param("overlap_mask_area_threshold"))
       job->seg.overlap_mask_area_threshold =
           parse_double(req.get_param_value("overlap_mask_area_threshold"), "overlap_mask_area_threshold");
-    if (m.task == Task::Segment && job->seg.task != "panoptic" && job->seg.task != "instance" && job->seg.task != "semantic")
-      throw HttpError(400, "task '" + job->seg.task + "': expected panoptic, instance or semantic");
+    check_segmentation_task(*job);
     if (body_bytes.empty()) throw HttpError(400, "empty body: send an image file");
     job->images.push_back(decode(body_bytes, "request body"));
     run(m, job);
@@ -724,6 +730,7 @@ struct Server::Impl {
         if (m.task == Task::None && !all_outputs)
           throw HttpError(400, "model '" + m.name + "' has no pipeline task: no 'results' output");
         job->task = m.task;
+        check_segmentation_task(*job);
       }
     } else if (inputs.count("pixel_values")) {
       const RawInput& r = inputs["pixel_values"];
