@@ -195,7 +195,9 @@ class Batcher {
   void execute(const std::vector<std::shared_ptr<Job>>& batch) {
     if (batch.size() > 1) {
       try {
-        run_images(batch);
+        std::vector<Job*> jobs;
+        for (auto& j : batch) jobs.push_back(j.get());
+        run_images(jobs);
         for (auto& j : batch) j->done.set_value();
         return;
       } catch (...) {
@@ -204,12 +206,8 @@ class Batcher {
     }
     for (auto& j : batch) {
       try {
-        if (j->from_pixels) {
-          j->output = p_.model->forward(j->inputs);
-          count_forward(j->inputs.pixel_values.size(0));
-        } else {
-          run_images({j});
-        }
+        run_one(*j);
+        if (j->from_pixels) count_forward(j->inputs.pixel_values.size(0));
         j->done.set_value();
       } catch (...) {
         j->done.set_exception(std::current_exception());
@@ -226,7 +224,7 @@ class Batcher {
   // The jobs' images through the model together, as the front door's batches run them: each image
   // processed alone, those of one processed size in one forward, never padded to another size (a
   // padded DETR-family image gets other results), so every image gets its one-image results.
-  void run_images(const std::vector<std::shared_ptr<Job>>& jobs) {
+  void run_images(const std::vector<Job*>& jobs) {
     std::vector<Image> images;
     std::vector<size_t> owner, first;  // per image its job; per job its first image
     for (size_t j = 0; j < jobs.size(); ++j) {
@@ -269,6 +267,14 @@ class Batcher {
         count_forward(int64_t(job.images.size()));
       }
     }
+  }
+
+  void run_one(Job& j) {
+    if (j.from_pixels) {
+      j.output = p_.model->forward(j.inputs);
+      return;
+    }
+    run_images({&j});
   }
 
   std::vector<ojson> post_process(const Job& job, const ModelOutput& rows, const std::vector<const Image*>& imgs) {
