@@ -566,7 +566,8 @@ TEST_F(Serve, V2TensorsAndResultsFromOneForward) {
 }
 
 // `vf serve MODEL --port 0` as a process; its port once it prints its address (-1 if it does not
-// within two minutes: loading a full-size synthetic model takes a while on a loaded machine).
+// within five minutes: loading a full-size synthetic model, and the two probe forwards that describe
+// its outputs, take a while on a loaded machine or under the sanitizers).
 pid_t start_vf_serve(const std::string& model_arg, int* port) {
   *port = -1;
   int out[2];
@@ -583,7 +584,7 @@ pid_t start_vf_serve(const std::string& model_arg, int* port) {
   std::string line;
   char ch;
   pollfd pfd{out[0], POLLIN, 0};
-  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 120000) > 0 && read(out[0], &ch, 1) == 1) line += ch;
+  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 300000) > 0 && read(out[0], &ch, 1) == 1) line += ch;
   close(out[0]);
   const std::string prefix = "listening on http://127.0.0.1:";
   EXPECT_EQ(line.rfind(prefix, 0), 0u) << line;
@@ -643,7 +644,7 @@ TEST(ServeProcess, SigtermDrainsInFlightRequests) {
   std::string body;
   std::thread client([&] {
     httplib::Client c("127.0.0.1", port);
-    c.set_read_timeout(120, 0);
+    c.set_read_timeout(300, 0);
     if (auto r = c.Post("/v1/models/slow?threshold=0", vf::test::read_bytes(img), "image/png")) {
       status = r->status;
       body = r->body;
@@ -678,7 +679,7 @@ TEST(ServeProcess, SigtermDrainsInFlightRequests) {
   EXPECT_EQ(status, 200) << body << " (-1: the in-flight request got no answer)";
   EXPECT_EQ(body, expected);
   EXPECT_GT(json::parse(expected).size(), 0u);
-  EXPECT_EQ(wait_exit(pid, 120), 0);
+  EXPECT_EQ(wait_exit(pid, 300), 0);
 }
 
 }  // namespace
