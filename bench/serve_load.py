@@ -1,12 +1,13 @@
 #!/usr/bin/python3
 """Load test of `vf serve` on loopback: requests/s and p50/p99 latency at 1, 8 and 64 concurrent
-clients posting one image to /v1/models/NAME, and the server's RSS before and after (10,000
-requests in all by default).
+clients posting one image to /v1/models/NAME, images per forward (the dynamic batching, from the
+server's statistics), and the server's RSS before and after (10,000 requests in all by default).
 
     /usr/bin/python3 bench/serve_load.py --vf build/vf --model assets/tiny-convnext --image assets/cat.jpg
 """
 import argparse
 import http.client
+import json
 import os
 import re
 import signal
@@ -19,6 +20,15 @@ import time
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+
+def forwards(port):
+    """The server's (images, forwards) so far: GET /v2/models/m/stats."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v2/models/m/stats")
+    s = json.loads(conn.getresponse().read())["model_stats"][0]
+    conn.close()
+    return s["inference_count"], s["execution_count"]
 
 
 def run_level(port, path, body, clients, requests):
@@ -90,11 +100,15 @@ def main():
         rss_before = rss_kib(server.pid)
         print(f"server RSS before: {rss_before / 1024:.1f} MiB")
         for round in range(args.rounds):
-            print(f"{'clients':>8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+            print(f"{'clients':>8} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'img/fwd':>8}")
             for clients, n in zip((1, 8, 64), args.requests):
+                images0, forwards0 = forwards(port)
                 r = run_level(port, "/v1/models/m", body, clients, n)
+                images1, forwards1 = forwards(port)
+                per_forward = (images1 - images0) / max(forwards1 - forwards0, 1)
                 print(f"{r['clients']:>8} {r['requests']:>9} {r['errors']:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} "
-                      f"{r['p99_ms']:>8.1f}", flush=True)
+                      f"{r['p99_ms']:>8.1f} {per_forward:>8.2f}", flush=True)
             rss_after = rss_kib(server.pid)
             print(f"server RSS after {(round + 1) * sum(args.requests)} requests: {rss_after / 1024:.1f} MiB", flush=True)
     finally:

@@ -87,13 +87,12 @@ BatchFeature preprocess(const Pretrained& p, const std::vector<Image>& images) {
   }
 }
 
-// Runs the images `batch_size` at a time (<= 0: all at once). Each image is processed alone and
-// images of one processed size share a forward, unpadded: padding a DETR-family batch changes its
-// outputs (the backbone's borders see the padding, Deformable DETR's / DETA's input GroupNorm
-// averages over it), while the pipelines run every image alone. `use` gets each forward's output
-// and its images' indices, increasing within a forward.
-void run_unpadded(const Pretrained& p, const std::vector<Image>& images, int batch_size,
-                  const std::function<void(const ModelOutput&, const std::vector<size_t>&)>& use) {
+}  // namespace
+
+// Each image is processed alone and images of one processed size share a forward, unpadded: padding
+// a DETR-family batch changes its outputs (the backbone's borders see the padding, Deformable
+// DETR's / DETA's input GroupNorm averages over it), while the pipelines run every image alone.
+void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use) {
   const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
   for (size_t begin = 0; begin < images.size(); begin += step) {
     const size_t end = std::min(images.size(), begin + step);
@@ -118,8 +117,6 @@ void run_unpadded(const Pretrained& p, const std::vector<Image>& images, int bat
   }
 }
 
-}  // namespace
-
 ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden_states, bool output_attentions) const {
   BatchFeature f = preprocess(*this, images);
   return forward(*this, f.pixel_values, f.pixel_mask, output_hidden_states, output_attentions);
@@ -128,25 +125,32 @@ ModelOutput Pretrained::run(const std::vector<Image>& images, bool output_hidden
 std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k,
                                               int batch_size) {
   std::vector<std::vector<LabelScore>> result(images.size());
-  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
-    if (!out.has("logits")) throw ModelError(p.model->architecture + " has no classification head (no logits)");
-    const Tensor& logits = out.get("logits");
-    const int64_t c = logits.size(-1);
-    for (size_t b = 0; b < indices.size(); ++b) {
-      const float* z = logits.f32() + static_cast<int64_t>(b) * c;
-      float m = *std::max_element(z, z + c);
-      double s = 0;
-      for (int64_t k = 0; k < c; ++k) s += std::exp(double(z[k]) - m);
-      std::vector<LabelScore> all;
-      for (int64_t k = 0; k < c; ++k) {
-        std::string label = k < int64_t(p.model->id2label.size()) ? p.model->id2label[k] : "LABEL_" + std::to_string(k);
-        all.push_back({label, float(std::exp(double(z[k]) - m) / s)});
-      }
-      std::stable_sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.score > b.score; });
-      all.resize(std::min<size_t>(all.size(), std::max(top_k, 0)));
-      result[indices[b]] = std::move(all);
-    }
+  run_batches(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+    std::vector<std::vector<LabelScore>> all = classify_output(p, out, top_k);
+    for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(all[b]);
   });
+  return result;
+}
+
+std::vector<std::vector<LabelScore>> classify_output(const Pretrained& p, const ModelOutput& out, int top_k) {
+  if (!out.has("logits")) throw ModelError(p.model->architecture + " has no classification head (no logits)");
+  const Tensor& logits = out.get("logits");
+  const int64_t c = logits.size(-1);
+  std::vector<std::vector<LabelScore>> result(static_cast<size_t>(logits.size(0)));
+  for (size_t b = 0; b < result.size(); ++b) {
+    const float* z = logits.f32() + static_cast<int64_t>(b) * c;
+    float m = *std::max_element(z, z + c);
+    double s = 0;
+    for (int64_t k = 0; k < c; ++k) s += std::exp(double(z[k]) - m);
+    std::vector<LabelScore> all;
+    for (int64_t k = 0; k < c; ++k) {
+      std::string label = k < int64_t(p.model->id2label.size()) ? p.model->id2label[k] : "LABEL_" + std::to_string(k);
+      all.push_back({label, float(std::exp(double(z[k]) - m) / s)});
+    }
+    std::stable_sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.score > b.score; });
+    all.resize(std::min<size_t>(all.size(), std::max(top_k, 0)));
+    result[b] = std::move(all);
+  }
   return result;
 }
 
@@ -174,36 +178,46 @@ const Tensor& require_output(const Pretrained& p, const ModelOutput& out, const 
 
 std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images, float threshold,
                                                 int batch_size) {
-  const DetrPostKind kind = detr_post_kind(p.model->model_type);
   std::vector<std::vector<DetectedObject>> result(images.size());
-  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
-    ObjectDetectionOptions opt;
-    opt.threshold = threshold;
-    for (size_t i : indices) opt.target_sizes.push_back({images[i].height, images[i].width});
-    const Tensor& logits = require_output(p, out, "logits", "not an object detection model");
-    const Tensor& pred_boxes = require_output(p, out, "pred_boxes", "not an object detection model");
-    const std::vector<Detections> all = post_process_object_detection(kind, logits, pred_boxes, opt);
-    for (size_t b = 0; b < indices.size(); ++b) {
-      const Detections& d = all[b];
-      const int64_t n = d.scores.numel();
-      const float* scores = d.scores.f32();
-      const int64_t* labels = d.labels.data<int64_t>();
-      const float* boxes = d.boxes.f32();
-      std::vector<DetectedObject> objects(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) {
-        DetectedObject& o = objects[i];
-        o.score = scores[i];
-        o.label_id = labels[i];
-        o.label = label_name(p, o.label_id);
-        o.x0 = boxes[4 * i];
-        o.y0 = boxes[4 * i + 1];
-        o.x1 = boxes[4 * i + 2];
-        o.y1 = boxes[4 * i + 3];
-        o.box = {to_int32(o.x0), to_int32(o.y0), to_int32(o.x1), to_int32(o.y1)};
-      }
-      result[indices[b]] = std::move(objects);
-    }
+  run_batches(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+    std::vector<const Image*> batch;
+    for (size_t i : indices) batch.push_back(&images[i]);
+    std::vector<std::vector<DetectedObject>> all = detect_output(p, out, batch, threshold);
+    for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(all[b]);
   });
+  return result;
+}
+
+std::vector<std::vector<DetectedObject>> detect_output(const Pretrained& p, const ModelOutput& out,
+                                                       const std::vector<const Image*>& images, float threshold) {
+  const DetrPostKind kind = detr_post_kind(p.model->model_type);
+  ObjectDetectionOptions opt;
+  opt.threshold = threshold;
+  for (const Image* image : images) opt.target_sizes.push_back({image->height, image->width});
+  const Tensor& logits = require_output(p, out, "logits", "not an object detection model");
+  const Tensor& pred_boxes = require_output(p, out, "pred_boxes", "not an object detection model");
+  const std::vector<Detections> all = post_process_object_detection(kind, logits, pred_boxes, opt);
+  std::vector<std::vector<DetectedObject>> result(all.size());
+  for (size_t b = 0; b < all.size(); ++b) {
+    const Detections& d = all[b];
+    const int64_t n = d.scores.numel();
+    const float* scores = d.scores.f32();
+    const int64_t* labels = d.labels.data<int64_t>();
+    const float* boxes = d.boxes.f32();
+    std::vector<DetectedObject> objects(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      DetectedObject& o = objects[i];
+      o.score = scores[i];
+      o.label_id = labels[i];
+      o.label = label_name(p, o.label_id);
+      o.x0 = boxes[4 * i];
+      o.y0 = boxes[4 * i + 1];
+      o.x1 = boxes[4 * i + 2];
+      o.y1 = boxes[4 * i + 3];
+      o.box = {to_int32(o.x0), to_int32(o.y0), to_int32(o.x1), to_int32(o.y1)};
+    }
+    result[b] = std::move(objects);
+  }
   return result;
 }
 
@@ -219,7 +233,7 @@ void check_segmentation(const Pretrained& p, const SegmentParams& params, DetrPo
 }
 
 // The post-processing of one forward's images.
-std::vector<SegmentedImage> segment_output(const Pretrained& p, DetrPostKind kind, const SegmentParams& params,
+std::vector<SegmentedImage> post_segmentation(const Pretrained& p, DetrPostKind kind, const SegmentParams& params,
                                            const ModelOutput& out, const std::vector<const Image*>& images) {
   const char* what = "not a segmentation model: use a DetrForSegmentation / ConditionalDetrForSegmentation checkpoint";
   const Tensor& logits = require_output(p, out, "logits", what);
@@ -279,13 +293,20 @@ std::vector<SegmentedImage> segment(const Pretrained& p, const std::vector<Image
   const DetrPostKind kind = detr_post_kind(p.model->model_type);
   check_segmentation(p, params, kind);
   std::vector<SegmentedImage> result(images.size());
-  run_unpadded(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+  run_batches(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
     std::vector<const Image*> batch;
     for (size_t i : indices) batch.push_back(&images[i]);
-    std::vector<SegmentedImage> segs = segment_output(p, kind, params, out, batch);
+    std::vector<SegmentedImage> segs = post_segmentation(p, kind, params, out, batch);
     for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(segs[b]);
   });
   return result;
+}
+
+std::vector<SegmentedImage> segment_output(const Pretrained& p, const ModelOutput& out,
+                                           const std::vector<const Image*>& images, const SegmentParams& params) {
+  const DetrPostKind kind = detr_post_kind(p.model->model_type);
+  check_segmentation(p, params, kind);
+  return post_segmentation(p, kind, params, out, images);
 }
 
 SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentParams& params) {

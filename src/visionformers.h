@@ -7,6 +7,7 @@
 //   auto seg = vf::segment(vf::Pretrained::from_pretrained("detr-resnet-50-panoptic/"), img, "panoptic");
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -58,6 +59,12 @@ struct Pretrained {
 // backbone's borders see the padding and Deformable DETR's / DETA's input GroupNorm averages over it
 // (as the reference computes them; on the tiny test models by up to 2e-2 in score).
 
+// The batches' building block, for callers that post-process themselves (the server): runs the
+// images `batch_size` at a time (<= 0: all at once) as above, and gives `use` each forward's output
+// with its images' indices into `images`, increasing within a forward.
+using ForwardFn = std::function<void(const ModelOutput& out, const std::vector<size_t>& indices)>;
+void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use);
+
 struct LabelScore {
   std::string label;
   float score;
@@ -67,6 +74,8 @@ struct LabelScore {
 // transformers' image-classification pipeline. Batches: see "Batches" above (0: all at once).
 std::vector<std::vector<LabelScore>> classify(const Pretrained& p, const std::vector<Image>& images, int top_k = 5,
                                               int batch_size = 0);
+// The same post-processing of one forward's output (its rows are images).
+std::vector<std::vector<LabelScore>> classify_output(const Pretrained& p, const ModelOutput& out, int top_k = 5);
 
 // ---- object detection (DETR family), as transformers' object-detection pipeline ----------------
 
@@ -90,6 +99,9 @@ struct DetectedObject {
 // "Batches" above (the default, 1, runs each image alone as the pipeline does; 0: all at once).
 std::vector<std::vector<DetectedObject>> detect(const Pretrained& p, const std::vector<Image>& images,
                                                 float threshold = 0.5f, int batch_size = 1);
+// The same post-processing of one forward's output, whose rows are `images` (for their sizes).
+std::vector<std::vector<DetectedObject>> detect_output(const Pretrained& p, const ModelOutput& out,
+                                                       const std::vector<const Image*>& images, float threshold = 0.5f);
 
 // ---- segmentation (DetrForSegmentation, ConditionalDetrForSegmentation), as the image-segmentation
 // pipeline --------------------------------------------------------------------------------------
@@ -125,5 +137,8 @@ SegmentedImage segment(const Pretrained& p, const Image& image, const SegmentPar
 std::vector<SegmentedImage> segment(const Pretrained& p, const std::vector<Image>& images,
                                     const SegmentParams& params = {}, int batch_size = 1);
 SegmentedImage segment(const Pretrained& p, const Image& image, const std::string& task, double threshold = 0.9);
+// The same post-processing of one forward's output, whose rows are `images` (for their sizes).
+std::vector<SegmentedImage> segment_output(const Pretrained& p, const ModelOutput& out,
+                                           const std::vector<const Image*>& images, const SegmentParams& params = {});
 
 }  // namespace vf

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -76,6 +77,28 @@ struct Running {
     return c;
   }
 };
+
+// Triton's statistics counts of one model.
+struct Counts {
+  uint64_t inferences = 0, executions = 0, pending = 0;
+};
+Counts counts(httplib::Client& c, const std::string& model) {
+  auto r = c.Get(("/v2/models/" + model + "/stats").c_str());
+  EXPECT_TRUE(r && r->status == 200);
+  if (!r || r->status != 200) return {};
+  json s = json::parse(r->body)["model_stats"][0];
+  return {s["inference_count"], s["execution_count"], s["pending_request_count"]};
+}
+
+// Chelsea mirrored: another image of chelsea's size, as a PNG in `dir`.
+std::string mirrored_chelsea(const std::string& dir) {
+  vf::Image a = vf::load_image(image("chelsea.png"), true), b = a;
+  for (int64_t y = 0; y < a.height; ++y)
+    for (int64_t x = 0; x < a.width; ++x)
+      for (int64_t c = 0; c < 3; ++c) b.rgb[(y * a.width + x) * 3 + c] = a.rgb[(y * a.width + a.width - 1 - x) * 3 + c];
+  vf::save_png(dir + "/mirrored.png", b);
+  return dir + "/mirrored.png";
+}
 
 class Serve : public ::testing::Test {
  protected:
@@ -177,23 +200,48 @@ TEST(ServeSegment, V1AnswersWhatTheCliPrints) {
   const std::string model = vf::test::panoptic_model_dir("serve_detr_panoptic");
   vf::serve::ServerOptions opt;
   opt.port = 0;
+  opt.batch_wait_ms = 1000;  // long enough that the concurrent requests below meet in the queue
   Running running({{"seg", model}}, opt);
   auto c = running.client();
   const std::string img = image("chelsea.png");
-  for (const char* task : {"panoptic", "instance", "semantic"}) {
-    // Threshold 0 and a low overlap threshold keep segments, so the comparison is not of empty lists.
-    auto r = c.Post(std::string("/v1/models/seg?task=") + task + "&threshold=0&overlap_mask_area_threshold=0.05",
-                    vf::test::read_bytes(img), "image/png");
+  const std::vector<std::string> tasks = {"panoptic", "instance", "semantic"};
+  // Threshold 0 and a low overlap threshold keep segments, so the comparison is not of empty lists.
+  auto path = [](const std::string& task) {
+    return "/v1/models/seg?task=" + task + "&threshold=0&overlap_mask_area_threshold=0.05";
+  };
+  std::vector<std::string> expected;
+  for (const auto& task : tasks) {
+    expected.push_back(vf_stdout("segment " + model + " " + img + " --task " + task +
+                                 " --threshold 0 --overlap-mask-area-threshold 0.05 --json"));
+    auto r = c.Post(path(task), vf::test::read_bytes(img), "image/png");
     ASSERT_TRUE(r);
     ASSERT_EQ(r->status, 200) << r->body;
-    EXPECT_EQ(r->body, vf_stdout("segment " + model + " " + img + " --task " + task +
-                                 " --threshold 0 --overlap-mask-area-threshold 0.05 --json"))
-        << task;
+    EXPECT_EQ(r->body, expected.back()) << task;
     EXPECT_GT(json::parse(r->body).size(), 0u) << task;
   }
+  // The three tasks at once: one forward can serve them all, each post-processed as it asked.
+  const Counts before = counts(c, "seg");
+  std::vector<std::string> got(tasks.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < tasks.size(); ++i)
+    threads.emplace_back([&, i] {
+      auto cc = running.client();
+      auto r = cc.Post(path(tasks[i]), vf::test::read_bytes(img), "image/png");
+      got[i] = r && r->status == 200 ? r->body : "failed";
+    });
+  for (auto& th : threads) th.join();
+  for (size_t i = 0; i < tasks.size(); ++i) EXPECT_EQ(got[i], expected[i]) << tasks[i] << " at once";
+  const Counts after = counts(c, "seg");
+  EXPECT_EQ(after.inferences - before.inferences, tasks.size());
+  EXPECT_LT(after.executions - before.executions, tasks.size());
   auto bad = c.Post("/v1/models/seg?task=depth", vf::test::read_bytes(img), "image/png");
   ASSERT_TRUE(bad);
   EXPECT_EQ(bad->status, 400);
+  json v2 = {{"parameters", {{"task", "depth"}}},
+             {"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {1}}, {"data", {base64(vf::test::read_bytes(img))}}}}}};
+  auto bad_v2 = c.Post("/v2/models/seg/infer", v2.dump(), "application/json");
+  ASSERT_TRUE(bad_v2);
+  EXPECT_EQ(bad_v2->status, 400) << bad_v2->body;
 }
 
 TEST_F(Serve, V2Base64MatchesTheLibrary) {
@@ -410,45 +458,228 @@ TEST_F(Serve, ConcurrentClientsGetSerialResults) {
     }
 }
 
-// `vf serve` as a process: prints its address, serves, and exits 0 on SIGTERM.
-TEST(ServeProcess, SigtermExitsZero) {
+// Detection requests from several clients at once share forwards (images of one processed size; the
+// square camera runs in a forward of its own) and get what `vf detect --json` prints for each image
+// alone. The statistics show the forwards were shared.
+TEST(ServeBatching, ConcurrentDetectRequestsShareForwards) {
+  vf::serve::ServerOptions opt;
+  opt.port = 0;
+  opt.max_batch = 4;
+  opt.batch_wait_ms = 500;  // long enough that the clients' requests meet in the queue
+  const std::string det = vf::test::golden_case("conditional-detr-tiny-det");
+  Running running({{"det", det}}, opt);
+  const std::string dir = vf::test::temp_dir("serve_batching");
+  const std::vector<std::string> files = {image("chelsea.png"), mirrored_chelsea(dir), image("camera.png")};
+  std::vector<std::string> bodies, expected;
+  for (const auto& f : files) {
+    bodies.push_back(vf::test::read_bytes(f));
+    // Threshold 0: every query is listed, so all of them are compared.
+    expected.push_back(vf_stdout("detect " + det + " " + f + " --threshold 0 --json"));
+  }
+  auto c = running.client();
+  const Counts before = counts(c, "det");
+  constexpr int kClients = 4, kRequests = 3;
+  std::vector<std::vector<std::string>> got(kClients);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kClients; ++t)
+    threads.emplace_back([&, t] {
+      auto cc = running.client();
+      for (int i = 0; i < kRequests; ++i) {
+        auto r = cc.Post("/v1/models/det?threshold=0", bodies[(t + i) % bodies.size()], "application/octet-stream");
+        got[t].push_back(r && r->status == 200 ? r->body : "failed: " + (r ? r->body : std::string("no answer")));
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kClients; ++t)
+    for (int i = 0; i < kRequests; ++i) {
+      const size_t f = (t + i) % bodies.size();
+      EXPECT_EQ(got[t][i], expected[f]) << "client " << t << " request " << i << ": " << files[f];
+    }
+  EXPECT_GT(json::parse(expected[0]).size(), 2u);
+  const Counts after = counts(c, "det");
+  EXPECT_EQ(after.inferences - before.inferences, uint64_t(kClients * kRequests));
+  EXPECT_LT(after.executions - before.executions, uint64_t(kClients * kRequests));
+  std::printf("%d detect requests in %llu forwards\n", kClients * kRequests,
+              static_cast<unsigned long long>(after.executions - before.executions));
+}
+
+// A v2 request for both the tensors and the results runs the model once: the tensors are run()'s,
+// the results what the CLI prints for the image.
+TEST_F(Serve, V2TensorsAndResultsFromOneForward) {
+  const std::string det = vf::test::golden_case("conditional-detr-tiny-det");
+  auto p = vf::Pretrained::from_pretrained(det);
+  auto request = [](const std::vector<std::string>& files) {
+    json data = json::array();
+    for (const auto& f : files) data.push_back(base64(vf::test::read_bytes(f)));
+    return json{{"parameters", {{"threshold", 0}}},
+                {"inputs", {{{"name", "image"}, {"datatype", "BYTES"}, {"shape", {files.size()}}, {"data", data}}}}};
+  };
+  auto output = [](const json& ans, const std::string& name) {
+    for (auto& o : ans["outputs"])
+      if (o["name"] == name) return o;
+    ADD_FAILURE() << "no output " << name;
+    return json();
+  };
+  auto expect_tensor = [](const json& o, const vf::Tensor& t) {
+    ASSERT_EQ(o["shape"].get<std::vector<int64_t>>(), t.shape());
+    for (int64_t i = 0; i < t.numel(); ++i) ASSERT_EQ(o["data"][i].get<float>(), t.f32()[i]) << o["name"] << " " << i;
+  };
+  auto c = running_->client();
+
+  // One image: one forward.
+  const std::string rocket = image("rocket.jpg");
+  Counts before = counts(c, "det");
+  auto r = c.Post("/v2/models/det/infer", request({rocket}).dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  Counts after = counts(c, "det");
+  EXPECT_EQ(after.executions - before.executions, 1u);
+  EXPECT_EQ(after.inferences - before.inferences, 1u);
+  json ans = json::parse(r->body);
+  vf::ModelOutput expected = p.run({vf::load_image(rocket, true)});
+  expect_tensor(output(ans, "logits"), expected.get("logits"));
+  expect_tensor(output(ans, "pred_boxes"), expected.get("pred_boxes"));
+  json results = output(ans, "results");
+  ASSERT_EQ(results["data"].size(), 1u);
+  json cli = json::parse(vf_stdout("detect " + det + " " + rocket + " --threshold 0 --json"));
+  EXPECT_EQ(json::parse(results["data"][0].get<std::string>()), cli);
+  EXPECT_GT(cli.size(), 2u);
+
+  // Two images of different processed sizes: each image's results from its own unpadded forward,
+  // and the tensors of the processor's padded batch, which take a third.
+  const std::string chelsea = image("chelsea.png"), camera = image("camera.png");
+  before = counts(c, "det");
+  r = c.Post("/v2/models/det/infer", request({chelsea, camera}).dump(), "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  after = counts(c, "det");
+  EXPECT_EQ(after.executions - before.executions, 3u);
+  ans = json::parse(r->body);
+  expected = p.run({vf::load_image(chelsea, true), vf::load_image(camera, true)});
+  expect_tensor(output(ans, "logits"), expected.get("logits"));
+  results = output(ans, "results");
+  ASSERT_EQ(results["data"].size(), 2u);
+  EXPECT_EQ(json::parse(results["data"][0].get<std::string>()),
+            json::parse(vf_stdout("detect " + det + " " + chelsea + " --threshold 0 --json")));
+  EXPECT_EQ(json::parse(results["data"][1].get<std::string>()),
+            json::parse(vf_stdout("detect " + det + " " + camera + " --threshold 0 --json")));
+}
+
+// `vf serve MODEL --port 0` as a process; its port once it prints its address (-1 if it does not
+// within five minutes: loading a full-size synthetic model, and the two probe forwards that describe
+// its outputs, take a while on a loaded machine or under the sanitizers).
+pid_t start_vf_serve(const std::string& model_arg, int* port) {
+  *port = -1;
   int out[2];
-  ASSERT_EQ(pipe(out), 0);
+  if (pipe(out) != 0) return -1;
   pid_t pid = fork();
-  ASSERT_GE(pid, 0);
+  if (pid < 0) return -1;
   if (pid == 0) {
     dup2(out[1], 1);
     close(out[0]);
-    execl(VF_VF_BINARY, VF_VF_BINARY, "serve", ("tiny=" + tiny_convnext()).c_str(), "--port", "0", nullptr);
+    execl(VF_VF_BINARY, VF_VF_BINARY, "serve", model_arg.c_str(), "--port", "0", nullptr);
     _exit(127);
   }
   close(out[1]);
   std::string line;
   char ch;
   pollfd pfd{out[0], POLLIN, 0};
-  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 60000) > 0 && read(out[0], &ch, 1) == 1) line += ch;
+  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 300000) > 0 && read(out[0], &ch, 1) == 1) line += ch;
   close(out[0]);
-  ASSERT_EQ(line.rfind("listening on http://127.0.0.1:", 0), 0u) << line;
-  int port = std::stoi(line.substr(std::strlen("listening on http://127.0.0.1:")));
+  const std::string prefix = "listening on http://127.0.0.1:";
+  EXPECT_EQ(line.rfind(prefix, 0), 0u) << line;
+  if (line.rfind(prefix, 0) == 0) *port = std::stoi(line.substr(prefix.size()));
+  return pid;
+}
+
+// Its exit status, or -1 (after SIGKILL) if it has not exited within `seconds`.
+int wait_exit(pid_t pid, int seconds) {
+  int status = 0;
+  for (int i = 0; i < seconds * 10; ++i) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
+
+// `vf serve` as a process: prints its address, serves, and exits 0 on SIGTERM.
+TEST(ServeProcess, SigtermExitsZero) {
+  int port = -1;
+  pid_t pid = start_vf_serve("tiny=" + tiny_convnext(), &port);
+  ASSERT_GT(pid, 0);
+  if (port < 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    FAIL() << "vf serve printed no address";
+  }
   httplib::Client c("127.0.0.1", port);
   c.set_read_timeout(60, 0);
   auto r = c.Post("/v1/models/tiny", vf::test::read_bytes(cat_jpg()), "image/jpeg");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 200);
   kill(pid, SIGTERM);
-  int status = 0;
-  bool reaped = false;
-  for (int i = 0; i < 600 && !reaped; ++i) {
-    reaped = waitpid(pid, &status, WNOHANG) == pid;
-    if (!reaped) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  if (!reaped) {
+  EXPECT_EQ(wait_exit(pid, 60), 0) << "-1: vf serve did not exit within 60 s of SIGTERM";
+}
+
+// SIGTERM while a request is in flight (a full-size DETR-R50 with synthetic weights takes about a
+// second): that request still gets its full answer, new connections are refused or answered 503,
+// and the process exits 0.
+TEST(ServeProcess, SigtermDrainsInFlightRequests) {
+  const std::string model =
+      vf::test::synthetic_model_dir(vf::test::golden_case("detr-resnet-50-synth"), "serve_sigterm_drain");
+  const std::string img = image("chelsea.png");
+  const std::string expected = vf_stdout("detect " + model + " " + img + " --threshold 0 --json");
+  int port = -1;
+  pid_t pid = start_vf_serve("slow=" + model, &port);
+  ASSERT_GT(pid, 0);
+  if (port < 0) {
     kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-    FAIL() << "vf serve did not exit within 60 s of SIGTERM";
+    waitpid(pid, nullptr, 0);
+    FAIL() << "vf serve printed no address";
   }
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  std::atomic<bool> answered{false};
+  int status = -1;  // -1: no answer
+  std::string body;
+  std::thread client([&] {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(300, 0);
+    if (auto r = c.Post("/v1/models/slow?threshold=0", vf::test::read_bytes(img), "image/png")) {
+      status = r->status;
+      body = r->body;
+    }
+    answered = true;
+  });
+  // Until the server holds the request (queued or running): bounded, 60 s.
+  httplib::Client probe("127.0.0.1", port);
+  probe.set_read_timeout(10, 0);
+  bool held = false;
+  for (int i = 0; i < 1200 && !held && !answered; ++i) {
+    held = counts(probe, "slow").pending > 0;
+    if (!held) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  kill(pid, SIGTERM);
+  const bool unanswered_at_sigterm = !answered;
+  // New connections: refused once the server has taken the signal, or answered 503 if one slips in
+  // before it closes its socket. Bounded: 60 s.
+  bool turned_away = false;
+  for (int i = 0; i < 600 && !turned_away; ++i) {
+    httplib::Client late("127.0.0.1", port);
+    late.set_connection_timeout(2, 0);
+    late.set_read_timeout(10, 0);
+    auto r = late.Get("/v2/health/ready");
+    turned_away = !r || r->status == 503;
+    if (!turned_away) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  client.join();
+  EXPECT_TRUE(held) << "the request never showed as pending";
+  EXPECT_TRUE(unanswered_at_sigterm) << "the request was answered before SIGTERM: nothing was drained";
+  EXPECT_TRUE(turned_away);
+  EXPECT_EQ(status, 200) << body << " (-1: the in-flight request got no answer)";
+  EXPECT_EQ(body, expected);
+  EXPECT_GT(json::parse(expected).size(), 0u);
+  EXPECT_EQ(wait_exit(pid, 300), 0);
 }
 
 }  // namespace

@@ -99,10 +99,26 @@ struct Job {
   ModelOutput output;
   std::promise<void> done;
 
-  // Classification images of several requests can share one forward: the processors resize them to
-  // one size and each image's logits depend on that image alone.
-  bool batchable() const { return task == Task::Classify && !want_tensors && !from_pixels; }
+  // Images of several requests share forwards (those of one processed size; see run_images), and
+  // each request is post-processed with its own parameters. pixel_values go to the model as sent.
+  bool batchable() const { return !from_pixels; }
 };
+
+// Triton's model statistics, the counts only.
+struct ModelStats {
+  uint64_t inference_count = 0;  // images (or pixel_values rows) through the model
+  uint64_t execution_count = 0;  // forwards of the model
+  uint64_t pending = 0;          // requests queued or running now
+};
+
+// The rows [begin, end) of every batch-first output (the tensors of some of a forward's images).
+ModelOutput rows_of(const ModelOutput& out, int64_t batch, int64_t begin, int64_t end) {
+  if (begin == 0 && end == batch) return out;
+  ModelOutput rows;
+  for (const auto& [name, t] : out.items())
+    rows.set(name, t.dim() > 0 && t.size(0) == batch ? t.slice0(begin, end) : t);
+  return rows;
+}
 
 class Batcher {
  public:
@@ -128,6 +144,13 @@ class Batcher {
     if (worker_.joinable()) worker_.join();
   }
 
+  ModelStats stats() {
+    std::lock_guard lk(mu_);
+    ModelStats s = stats_;
+    s.pending = queue_.size() + size_t(running_);
+    return s;
+  }
+
  private:
   size_t batchable_images_at_front() const {
     size_t n = 0;
@@ -151,6 +174,7 @@ class Batcher {
             return stopping_ || batchable_images_at_front() >= static_cast<size_t>(opt_.max_batch);
           });
         }
+        // A request of more than --max-batch images still runs, alone.
         batch.push_back(queue_.front());
         queue_.pop_front();
         size_t images = batch[0]->images.size();
@@ -171,7 +195,9 @@ class Batcher {
   void execute(const std::vector<std::shared_ptr<Job>>& batch) {
     if (batch.size() > 1) {
       try {
-        run_classify_batch(batch);
+        std::vector<Job*> jobs;
+        for (auto& j : batch) jobs.push_back(j.get());
+        run_images(jobs);
         for (auto& j : batch) j->done.set_value();
         return;
       } catch (...) {
@@ -181,6 +207,7 @@ class Batcher {
     for (auto& j : batch) {
       try {
         run_one(*j);
+        if (j->from_pixels) count_forward(j->inputs.pixel_values.size(0));
         j->done.set_value();
       } catch (...) {
         j->done.set_exception(std::current_exception());
@@ -188,21 +215,56 @@ class Batcher {
     }
   }
 
-  void run_classify_batch(const std::vector<std::shared_ptr<Job>>& batch) {
+  void count_forward(int64_t images) {
+    std::lock_guard lk(mu_);
+    stats_.execution_count += 1;
+    stats_.inference_count += uint64_t(images);
+  }
+
+  // The jobs' images through the model together, as the front door's batches run them: each image
+  // processed alone, those of one processed size in one forward, never padded to another size (a
+  // padded DETR-family image gets other results), so every image gets its one-image results.
+  void run_images(const std::vector<Job*>& jobs) {
     std::vector<Image> images;
-    int top_k = 0;
-    for (auto& j : batch) {
-      images.insert(images.end(), j->images.begin(), j->images.end());
-      top_k = std::max(top_k, j->top_k);
+    std::vector<size_t> owner, first;  // per image its job; per job its first image
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      first.push_back(images.size());
+      for (const Image& img : jobs[j]->images) {
+        images.push_back(img);
+        owner.push_back(j);
+      }
+      jobs[j]->results.assign(jobs[j]->images.size(), ojson());
+      jobs[j]->output = ModelOutput();
     }
-    auto all = classify(p_, images, top_k);
-    size_t k = 0;
-    for (auto& j : batch) {
-      j->results.clear();
-      for (size_t i = 0; i < j->images.size(); ++i, ++k) {
-        auto r = all[k];
-        r.resize(std::min<size_t>(r.size(), std::max(j->top_k, 0)));
-        j->results.push_back(classify_json(r));
+    std::vector<int> forwards_of(jobs.size(), 0);
+    run_batches(p_, images, 0, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+      count_forward(int64_t(indices.size()));
+      // Indices increase within a forward, so each job's images in it are a run of rows.
+      for (size_t r = 0; r < indices.size();) {
+        const size_t j = owner[indices[r]];
+        size_t e = r;
+        while (e < indices.size() && owner[indices[e]] == j) ++e;
+        Job& job = *jobs[j];
+        ModelOutput rows = rows_of(out, int64_t(indices.size()), int64_t(r), int64_t(e));
+        std::vector<const Image*> imgs;
+        for (size_t k = r; k < e; ++k) imgs.push_back(&images[indices[k]]);
+        std::vector<ojson> res = post_process(job, rows, imgs);
+        for (size_t k = r; k < e; ++k) job.results[indices[k] - first[j]] = std::move(res[k - r]);
+        if (job.want_tensors) {
+          job.output = std::move(rows);
+          ++forwards_of[j];
+        }
+        r = e;
+      }
+    });
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      Job& job = *jobs[j];
+      if (job.task == Task::None) job.results.clear();
+      // Images of several processed sizes: their tensors are those of the processor's padded batch,
+      // which needs its own forward (the results above are the unpadded ones').
+      if (job.want_tensors && forwards_of[j] > 1) {
+        job.output = p_.run(job.images);
+        count_forward(int64_t(job.images.size()));
       }
     }
   }
@@ -212,19 +274,24 @@ class Batcher {
       j.output = p_.model->infer(j.inputs);
       return;
     }
-    if (j.want_tensors) j.output = p_.run(j.images);
-    switch (j.task) {
+    run_images({&j});
+  }
+
+  std::vector<ojson> post_process(const Job& job, const ModelOutput& rows, const std::vector<const Image*>& imgs) {
+    std::vector<ojson> res;
+    switch (job.task) {
       case Task::Classify:
-        for (auto& r : classify(p_, j.images, j.top_k)) j.results.push_back(classify_json(r));
+        for (auto& r : classify_output(p_, rows, job.top_k)) res.push_back(classify_json(r));
         break;
       case Task::Detect:
-        for (auto& r : detect(p_, j.images, j.threshold)) j.results.push_back(detect_json(r));
+        for (auto& r : detect_output(p_, rows, imgs, job.threshold)) res.push_back(detect_json(r));
         break;
       case Task::Segment:
-        for (auto& img : j.images) j.results.push_back(segment_json(segment(p_, img, j.seg)));
+        for (auto& r : segment_output(p_, rows, imgs, job.seg)) res.push_back(segment_json(r));
         break;
-      case Task::None: break;
+      case Task::None: res.resize(imgs.size()); break;
     }
+    return res;
   }
 
   const Pretrained& p_;
@@ -234,6 +301,7 @@ class Batcher {
   std::deque<std::shared_ptr<Job>> queue_;
   int running_ = 0;
   bool stopping_ = false;
+  ModelStats stats_;
   std::thread worker_;  // last: starts once the rest is built
 };
 
@@ -470,9 +538,20 @@ struct Server::Impl {
   }
 
   // Wraps a handler: every error becomes {"error": ...} with its status; nothing escapes.
+  // A request read once stop() has begun (on a connection accepted before it) is turned away; what
+  // was already in flight is answered.
+  void refuse_when_stopping() const {
+    if (stop_requested) throw HttpError(503, "the server is shutting down");
+  }
+
   template <class F>
   httplib::Server::Handler guarded(F f) {
-    return [f](const httplib::Request& req, httplib::Response& res) { answer(res, [&] { f(req, res); }); };
+    return [this, f](const httplib::Request& req, httplib::Response& res) {
+      answer(res, [&] {
+        refuse_when_stopping();
+        f(req, res);
+      });
+    };
   }
 
   // A POST handler that reads the body itself: httplib would otherwise parse (and cap at 8 KB) any
@@ -481,6 +560,7 @@ struct Server::Impl {
   httplib::Server::HandlerWithContentReader guarded_post(F f) {
     return [this, f](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader) {
       answer(res, [&] {
+        refuse_when_stopping();
         std::string body;
         bool too_large = false;
         bool ok = reader([&](const char* data, size_t n) {
@@ -536,6 +616,13 @@ struct Server::Impl {
              {{"architecture", m.p.model->architecture}, {"model_type", m.p.model->model_type}, {"task", task_name(m.task)}}}};
   }
 
+  // Before the request joins a batch: a bad task found after the forward would fail its neighbours'.
+  static void check_segmentation_task(const Job& job) {
+    const std::string& t = job.seg.task;
+    if (job.task == Task::Segment && t != "panoptic" && t != "instance" && t != "semantic")
+      throw HttpError(400, "task '" + t + "': expected panoptic, instance or semantic");
+  }
+
   // POST /v1/models/{name}: the body is one image file; the answer is `vf <task> --json`'s text.
   void v1_predict(const httplib::Request& req, const std::string& body_bytes, httplib::Response& res) {
     ServedModel& m = model(req.matches[1]);
@@ -551,8 +638,7 @@ struct Server::Impl {
     if (req.has_param("overlap_mask_area_threshold"))
       job->seg.overlap_mask_area_threshold =
           parse_double(req.get_param_value("overlap_mask_area_threshold"), "overlap_mask_area_threshold");
-    if (m.task == Task::Segment && job->seg.task != "panoptic" && job->seg.task != "instance" && job->seg.task != "semantic")
-      throw HttpError(400, "task '" + job->seg.task + "': expected panoptic, instance or semantic");
+    check_segmentation_task(*job);
     if (body_bytes.empty()) throw HttpError(400, "empty body: send an image file");
     job->images.push_back(decode(body_bytes, "request body"));
     run(m, job);
@@ -650,6 +736,7 @@ struct Server::Impl {
         if (m.task == Task::None && !all_outputs)
           throw HttpError(400, "model '" + m.name + "' has no pipeline task: no 'results' output");
         job->task = m.task;
+        check_segmentation_task(*job);
       }
     } else if (inputs.count("pixel_values")) {
       const RawInput& r = inputs["pixel_values"];
@@ -756,6 +843,18 @@ struct Server::Impl {
              }));
     http.Get(R"(/v2/models/([^/]+)/versions/1)", guarded([this](const auto& req, auto& res) {
                send_json(res, model_metadata(model(req.matches[1])));
+             }));
+    // Triton's statistics extension, its counts only: execution_count below inference_count means
+    // images shared forwards.
+    http.Get(R"(/v2/models/([^/]+)/stats)", guarded([this](const auto& req, auto& res) {
+               ServedModel& m = model(req.matches[1]);
+               ModelStats s = m.batcher->stats();
+               send_json(res, ojson{{"model_stats",
+                                     {{{"name", m.name},
+                                       {"version", "1"},
+                                       {"inference_count", s.inference_count},
+                                       {"execution_count", s.execution_count},
+                                       {"pending_request_count", s.pending}}}}});
              }));
     http.Get(R"(/v2/models/([^/]+)/ready)", guarded([this](const auto& req, auto& res) {
                model(req.matches[1]);

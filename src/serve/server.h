@@ -1,6 +1,7 @@
 // An HTTP server over the front door: KServe's Open Inference Protocol v2 (with Triton's binary
 // data extension) and a plain /v1 endpoint that answers what `vf classify|detect|segment --json`
-// prints. Requests are queued per model and classification images are batched dynamically.
+// prints. Requests are queued per model and the images of concurrent requests are batched
+// dynamically (those of one processed size share a forward; each request is post-processed alone).
 //
 //   vf::serve::Server s({{"tiny", "assets/tiny-convnext"}}, {.port = 0});
 //   int port = s.bind();   // then s.listen() blocks until s.stop()
@@ -17,7 +18,7 @@ namespace vf::serve {
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8000;          // 0: any free port
-  int max_batch = 8;        // images per forward when classification requests are batched
+  int max_batch = 8;        // images of concurrent requests batched together (a larger request runs alone)
   int max_queue = 64;       // requests waiting per model; more are answered 503 + Retry-After
   int batch_wait_ms = 5;    // how long the first request of a batch waits for company
   size_t max_body_bytes = 32u << 20;     // larger bodies: 413
