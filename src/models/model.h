@@ -53,15 +53,16 @@ class Model {
   // Where the weighted layers were prepared (the LoadDeviceScope the model was built in).
   Device device;
 
+  // Label names of classification / detection heads (config id2label), empty if none.
+  std::vector<std::string> id2label;
+  std::string model_type;
+  std::string architecture;
+
  private:
   // On a GPU, the forward of an input shape seen before is replayed from a recorded graph when its
   // work can be recorded (no host round trip inside): one launch instead of hundreds.
   struct Replay;
   mutable std::shared_ptr<std::map<std::string, std::shared_ptr<Replay>>> replays_;
-  // Label names of classification / detection heads (config id2label), empty if none.
-  std::vector<std::string> id2label;
-  std::string model_type;
-  std::string architecture;
 };
 
 using ModelBuilder =
