@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <map>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 
@@ -209,6 +210,9 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
       r->input = inputs.pixel_values.to(device);
       in.pixel_values = r->input;
       r->graph = backend(device).capture([&] { r->output = forward(in); });
+      if (std::getenv("VF_CUDA_TRACE"))
+        std::fprintf(stderr, "vf: %s %s: %s\n", architecture.c_str(), key.c_str(),
+                     r->graph ? "forward recorded as a CUDA graph" : "forward not recordable (host round trip)");
       if (r->graph) {
         r->graph->replay();
         return download(r->output);

@@ -13,6 +13,8 @@
 #include <cudnn.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -39,8 +41,45 @@ void check(cublasStatus_t e, const char* what) {
 void check(cudnnStatus_t e, const char* what) {
   if (e != CUDNN_STATUS_SUCCESS) throw Error(std::string("cuDNN: ") + what + ": " + cudnnGetErrorString(e));
 }
+// VF_CUDA_TRACE=1: every op waits for the GPU, and the time since the previous op is added to the
+// op's line of a table printed at exit (where a forward's time goes, host work between ops included).
+struct OpTrace {
+  bool on = [] {
+    const char* e = std::getenv("VF_CUDA_TRACE");
+    return e && *e && std::string(e) != "0";
+  }();
+  std::mutex mu;
+  std::map<std::string, std::pair<double, long>> ms;
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  void mark(const char* what) {
+    cudaDeviceSynchronize();
+    std::lock_guard<std::mutex> lock(mu);
+    auto now = std::chrono::steady_clock::now();
+    auto& e = ms[what];
+    e.first += std::chrono::duration<double, std::milli>(now - last).count();
+    e.second += 1;
+    last = now;
+  }
+  ~OpTrace() {
+    if (!on) return;
+    std::vector<std::pair<double, std::string>> rows;
+    double total = 0;
+    for (auto& [k, v] : ms) rows.push_back({v.first, k}), total += v.first;
+    std::sort(rows.rbegin(), rows.rend());
+    std::fprintf(stderr, "VF_CUDA_TRACE: %.1f ms in all\n", total);
+    for (auto& [t, k] : rows) std::fprintf(stderr, "  %-24s %9.2f ms %7ld calls\n", k.c_str(), t, ms[k].second);
+  }
+};
+OpTrace& op_trace() {
+  static OpTrace t;
+  return t;
+}
+
 // After a kernel launch: a bad configuration shows here, a fault at the next synchronisation.
-void launched(const char* what) { check(cudaGetLastError(), what); }
+void launched(const char* what) {
+  check(cudaGetLastError(), what);
+  if (op_trace().on) op_trace().mark(what);
+}
 
 const float* cf(const Tensor& t) { return static_cast<const float*>(t.raw()); }
 float* mf(Tensor& t) { return static_cast<float*>(t.raw()); }
@@ -133,6 +172,7 @@ class CudaConv final : public DeviceLayer {
   Tensor weight_, bias_;
   Conv2dOptions opt_;
   int64_t out_, in_, kh_, kw_;
+  const char* groups_name_;  // for VF_CUDA_TRACE
   cudnnFilterDescriptor_t filter_ = nullptr;
   mutable std::mutex mu_;
   mutable std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans_;
@@ -160,7 +200,7 @@ class CudaBackend final : public DeviceBackend {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
-    check(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+    check(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     check(cudnnCreate(&cudnn_), "cudnnCreate");
     check(cudnnSetStream(cudnn_, stream_), "cudnnSetStream");
     // cuBLAS's workspace, given once: no allocation inside a product (graph capture needs that).
@@ -191,13 +231,16 @@ class CudaBackend final : public DeviceBackend {
   }
   void copy_to_device(void* dst, const void* src, size_t n) override {
     check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream_), "copy to the GPU");
+    launched("copy to the GPU");
   }
   void copy_to_host(void* dst, const void* src, size_t n) override {
     check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy to the host");
     synchronize();
+    launched("copy to the host");
   }
   void copy_on_device(void* dst, const void* src, size_t n) override {
     check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream_), "copy on the GPU");
+    launched("copy on the GPU");
   }
   void fill(Tensor& x, float value) override {
     if (x.dtype() == DType::F32 && value != 0.0f) {
@@ -272,6 +315,7 @@ class CudaBackend final : public DeviceBackend {
       return y;
     }
     gemm(trans_b, M, N, K, alpha, cf(a), K, M * K, cf(b), trans_b ? K : N, K * N, 0.0f, mf(y), N, M * N, batch);
+    launched("matmul");
     return y;
   }
 
@@ -451,6 +495,7 @@ class CudaBackend final : public DeviceBackend {
               "cat");
       offset += chunk;
     }
+    launched("cat");
     return y;
   }
 
@@ -470,6 +515,7 @@ class CudaBackend final : public DeviceBackend {
       check(cudaMemcpy2DAsync(y.raw(), width, static_cast<const char*>(x.raw()) + begin * inner * es,
                               x.size(dim) * inner * es, width, outer, cudaMemcpyDeviceToDevice, stream_),
             "narrow");
+    launched("narrow");
     return y;
   }
 
@@ -683,6 +729,7 @@ CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, co
   in_ = weight.size(1) * opt.groups;
   kh_ = weight.size(2);
   kw_ = weight.size(3);
+  groups_name_ = opt.groups == 1 ? (kh_ == 1 && kw_ == 1 ? "conv 1x1" : "conv kxk") : "conv grouped";
   // [out, in/g, kh, kw] -> [out, kh, kw, in/g]: cuDNN's NHWC filter layout.
   weight_ = vf::permute(weight.to(DType::F32).cpu(), {0, 2, 3, 1}).to(be.device());
   bias_ = bias.to(be.device());
@@ -790,6 +837,7 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
   check(cudnnConvolutionForward(be_.cudnn(), &one, p.x, src.raw(), filter_, weight_.raw(), p.conv, p.algo,
                                 ws.defined() ? ws.raw() : nullptr, p.workspace, &zero, p.y, y.raw()),
         "convolution");
+  launched(groups_name_);
   cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, y.numel() / out_, out_, opt_.act, true,
                  be_.stream());
   launched("conv2d epilogue");
@@ -818,6 +866,7 @@ Tensor CudaLinear::forward(const Tensor& x0, const Tensor* residual) const {
   Tensor res = residual ? be_.here(*residual) : Tensor();
   // y [m, out] = x [m, in] W^T: W [out, in] row-major is op(B) with trans_b.
   be_.gemm(true, m, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
+  launched("linear gemm");
   cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, m, out_, act_, false, be_.stream());
   launched("linear epilogue");
   return y;
