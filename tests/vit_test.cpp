@@ -188,6 +188,47 @@ TEST(VitAttention, HeadMaskScalesProbabilities) {
   EXPECT_THROW(multi_head_attention(q, k, v, H, AttentionOptions{0.5f, Tensor::zeros({2}), nullptr}), Error);
 }
 
+// DETR's key padding mask: a padded key gets no weight, so a batch element equals plain attention
+// over its unpadded keys alone; a batch element with every key padded averages all values.
+TEST(VitAttention, KeyMaskDropsPaddedKeys) {
+  const int64_t B = 3, Lq = 9, Lk = 20, H = 2, d = 8, kept = 13;
+  Tensor q = random_tensor({B, Lq, H * d}, 11), k = random_tensor({B, Lk, H * d}, 12, -3.0f, 3.0f),
+         v = random_tensor({B, Lk, H * d}, 13);
+  Tensor mask = Tensor::zeros({B, Lk}, DType::U8);
+  for (int64_t j = 0; j < Lk; ++j) {
+    mask.data<uint8_t>()[j] = j < kept;   // image 0: keys kept..Lk-1 padded
+    mask.data<uint8_t>()[Lk + j] = 1;     // image 1: none padded
+  }                                       // image 2: all padded
+  Tensor probs;
+  AttentionOptions opt;
+  opt.scale = 0.3f;
+  opt.key_mask = mask;
+  opt.probs = &probs;
+  Tensor ctx = multi_head_attention(q, k, v, H, opt);
+
+  Tensor ref_ctx, ref_probs;
+  plain_attention(q.slice0(0, 1), narrow(k.slice0(0, 1), 1, 0, kept), narrow(v.slice0(0, 1), 1, 0, kept), H, 0.3f,
+                  nullptr, &ref_ctx, &ref_probs);
+  EXPECT_LT(max_abs_diff(ctx.slice0(0, 1), ref_ctx), 1e-5);
+  for (int64_t r = 0; r < H * Lq; ++r)
+    for (int64_t j = 0; j < Lk; ++j) {
+      const float p = probs.f32()[r * Lk + j];
+      if (j < kept)
+        EXPECT_NEAR(p, ref_probs.f32()[r * kept + j], 1e-6);
+      else
+        EXPECT_LT(p, 1e-30f);
+    }
+  plain_attention(q.slice0(1, 2), k.slice0(1, 2), v.slice0(1, 2), H, 0.3f, nullptr, &ref_ctx, &ref_probs);
+  EXPECT_LT(max_abs_diff(ctx.slice0(1, 2), ref_ctx), 1e-5);
+  for (int64_t c = 0; c < H * d; ++c) {
+    double mean = 0;
+    for (int64_t j = 0; j < Lk; ++j) mean += v.f32()[(2 * Lk + j) * H * d + c] / double(Lk);
+    for (int64_t i = 0; i < Lq; ++i) EXPECT_NEAR(ctx.f32()[(2 * Lq + i) * H * d + c], mean, 1e-5);
+  }
+  opt.key_mask = Tensor::zeros({B, Lk});  // float, not uint8
+  EXPECT_THROW(multi_head_attention(q, k, v, H, opt), Error);
+}
+
 TEST(VitDeiT, GoldenTinyModel) { check_golden("deit-tiny-model"); }
 
 TEST(VitCvt, GoldenTinyModel) { check_golden("cvt-tiny-model"); }

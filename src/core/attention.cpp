@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include <oneapi/dnnl/dnnl.h>
@@ -20,9 +21,10 @@ namespace {
 
 // exp(x) for x <= 0 in a form the compiler vectorises (Cephes' expf: range reduction by ln 2 in two
 // parts, a degree-6 polynomial, 2^n through the exponent bits); about 1 ulp, like std::exp. Inputs
-// below -87 return exp(-87) ~ 1.6e-38, which is zero next to the row sum (>= 1).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+// below -87 return 0 (std::exp gives at most 1.6e-38 there, nothing next to the row sum, which is
+// >= 1): a padded key, whose score is the lowest float, gets exactly zero weight as in the reference.
+inline float exp_nonpositive(float in) {
+  const float x = std::max(in, -87.0f);
   // n = round(x / ln 2) by the 1.5 * 2^23 trick rather than std::floor(... + 0.5f): the same
   // reduction (|r| <= ln2 / 2), and unlike floor it vectorises without -fno-trapping-math.
   constexpr float kRound = 12582912.0f;
@@ -37,7 +39,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  return in < -87.0f ? 0.0f : p * std::bit_cast<float>(bits);
 }
 
 // Softmax over each of `rows` rows of length n (leading dimension ld), then the head-mask factor.
@@ -63,6 +65,15 @@ void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor) {
 void add_rows(float* s, const float* add, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] += add[i];
+}
+
+void mask_rows(float* s, int64_t rows, int64_t n, const uint8_t* keep) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] : lowest;
+  }
 }
 
 // One operand: element (b, t, h*d + c) lives at p[b*batch_stride + t*row_stride + h*d + c].
@@ -103,6 +114,13 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
                   "], got " + shape_str(bb.shape()));
     batch_bias = bb.f32();
     batch_bias_count = bb.size(0);
+  }
+  const uint8_t* key_mask = nullptr;
+  if (opt.key_mask.defined()) {
+    if (opt.key_mask.dtype() != DType::U8 || opt.key_mask.shape() != Shape{B, Lk})
+      throw Error("attention: key_mask must be uint8 " + shape_str({B, Lk}) + ", got " +
+                  shape_str(opt.key_mask.shape()));
+    key_mask = opt.key_mask.data<uint8_t>();
   }
   // The reference materialises the B x H x Lq x Lk scores (computed here in blocks); an input that
   // large is refused rather than left to run for hours.
@@ -155,6 +173,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     sgemm('N', 'T', rows, Lk, dk, opt.scale, qp, q.row_stride, kp, k.row_stride, s, Lk);
     if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
     if (batch_bias) add_rows(s, batch_bias + ((b % batch_bias_count) * Lq + i0) * Lk, rows * Lk);
+    if (key_mask) mask_rows(s, rows, Lk, key_mask + b * Lk);
     softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
     sgemm('N', 'N', rows, dv, Lk, 1.0f, s, Lk, vp, v.row_stride, out_p + (b * Lq + i0) * H * dv + h * dv, H * dv);
   }

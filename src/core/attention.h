@@ -30,6 +30,10 @@ struct AttentionOptions {
   //  (batches laid out as image-major runs of M windows).
   Tensor bias;
   Tensor batch_bias;
+  // Optional uint8 [B, Lk], 0 = a padded key: its scaled score becomes the lowest float before the
+  // softmax (what DETR's additive finfo.min mask amounts to), so it gets no weight unless every key
+  // of the row is padded (then all get the same).
+  Tensor key_mask;
 };
 
 // q: [B, Lq, heads*dk], k: [B, Lk, heads*dk], v: [B, Lk, heads*dv] -> [B, Lq, heads*dv].

@@ -208,7 +208,15 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   impl_ = std::move(impl);
 }
 
-Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
+Tensor Conv2d::forward(const Tensor& x, Tensor&& residual) const {
+  if (!residual.sole_owner() || residual.dtype() != DType::F32) return forward(x, &residual);
+  Tensor y = std::move(residual);
+  return forward(x, &y, /*in_place=*/true);
+}
+
+Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
+
+Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
   if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
@@ -218,7 +226,7 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
   if (residual) {
     if (residual->shape() != Shape{n, p.oh, p.ow, out_})
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
-    y = residual->clone();
+    y = in_place ? *residual : residual->clone();
   } else {
     y = Tensor::empty({n, p.oh, p.ow, out_});
   }

@@ -115,6 +115,7 @@ class EmulatedBackend final : public DeviceBackend {
     o.head_mask = host(opt.head_mask);
     o.bias = host(opt.bias);
     o.batch_bias = host(opt.batch_bias);
+    o.key_mask = host(opt.key_mask);
     Tensor y = dev(vf::multi_head_attention(host(q), host(k), host(v), heads, o));
     if (opt.probs && opt.probs->defined()) *opt.probs = dev(*opt.probs);
     return y;

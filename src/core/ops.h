@@ -57,12 +57,16 @@ class Conv2d {
   Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt);
   // x: [N, H, W, in] -> [N, OH, OW, out]. `residual` (same shape as the output) is added before act.
   Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
+  // The same, the sum accumulating in the residual's own storage when no other tensor shares it (a
+  // residual block's shortcut, dead after the sum): no copy of a full feature map.
+  Tensor forward(const Tensor& x, Tensor&& residual) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
   bool defined() const { return impl_ != nullptr; }
   struct Impl;
 
  private:
+  Tensor forward(const Tensor& x, const Tensor* residual, bool in_place) const;
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };

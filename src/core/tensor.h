@@ -104,6 +104,9 @@ class Tensor {
   Tensor operator[](int64_t i) const;       // row i of dim 0, dim 0 dropped
 
   Tensor clone() const;  // on the same device
+  // No other tensor (a view or a copy of the handle) shares this one's storage: an op may then
+  // write into it in place.
+  bool sole_owner() const { return holder_ != nullptr && holder_.use_count() == 1; }
   Tensor to(DType dtype) const;  // value conversion (float <-> integer types, f16/bf16 -> f32)
   void copy_from(const Tensor& src);  // same numel and dtype; any devices
   void fill(float value);

@@ -160,7 +160,7 @@ Tensor BitBottleneckLayer::operator()(const Tensor& hidden_states) const {
     Tensor shortcut = has_downsample ? downsample(preact) : hidden_states;
     Tensor x = conv1(preact);
     x = conv2(norm2(x));
-    return conv3.conv.forward(norm3(x), &shortcut);
+    return conv3.conv.forward(norm3(x), std::move(shortcut));  // in place when shortcut is the downsample
   }
   Tensor shortcut = has_downsample ? downsample(hidden_states) : hidden_states;
   Tensor x = norm1(conv1(hidden_states));

@@ -1,5 +1,6 @@
 #include "models/detr.h"
 
+#include "core/attention.h"
 #include "core/errors.h"
 
 #include <algorithm>
@@ -79,34 +80,13 @@ Tensor key_mask_bias(const Tensor& key_mask, const Shape& shape) {
 
 Tensor multihead_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads, float scaling,
                            const Tensor& key_mask, Tensor* attn_weights) {
-  const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
-  const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
-  Tensor qh = permute(q.reshape({B, Lq, num_heads, dk}), {0, 2, 1, 3});
-  Tensor kh = permute(k.reshape({B, Lk, num_heads, dk}), {0, 2, 1, 3});
-  Tensor vh = permute(v.reshape({B, Lk, num_heads, dv}), {0, 2, 1, 3});
-  Tensor scores = matmul(qh, kh, /*trans_b=*/true, scaling);  // [B, H, Lq, Lk]
-  if (key_mask.defined() && !scores.is_cpu()) {
-    // On a device the reference's addition of finfo.min on padded keys, as an op.
-    scores = add(scores, key_mask_bias(key_mask, {B, 1, 1, Lk}).to(scores.device()));
-  } else if (key_mask.defined()) {
-    // The reference adds finfo.min on padded keys; setting it gives the same softmax.
-    const uint8_t* m = key_mask.data<uint8_t>();
-    float* s = scores.f32();
-    const float lowest = std::numeric_limits<float>::lowest();
-#pragma omp parallel for collapse(2)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = 0; r < num_heads * Lq; ++r) {
-        float* row = s + (b * num_heads * Lq + r) * Lk;
-        const uint8_t* mb = m + b * Lk;
-        for (int64_t j = 0; j < Lk; ++j)
-          if (!mb[j]) row[j] = lowest;
-      }
-  }
-  softmax_lastdim_inplace(scores);
-  // The scores are materialised here anyway: handing them out costs nothing.
-  if (attn_weights) *attn_weights = scores;
-  Tensor out = matmul(scores, vh);  // [B, H, Lq, dv]
-  return permute(out, {0, 2, 1, 3}).reshape({B, Lq, num_heads * dv});
+  // The fused kernel reads the heads in place and never holds more than a block of scores per
+  // thread (the reference's [B, H, Lq, Lk] exists only when the weights are asked for).
+  AttentionOptions opt;
+  opt.scale = scaling;
+  opt.key_mask = key_mask;
+  opt.probs = attn_weights;
+  return multi_head_attention(q, k, v, num_heads, opt);
 }
 
 DetrAttention::DetrAttention(const Weights& w, int64_t d_model, int64_t num_heads) : num_heads_(num_heads) {

@@ -140,14 +140,13 @@ struct ResidualBlock {
   std::vector<Conv2d> convs;
   Conv2d shortcut;  // undefined: identity
 
-  Tensor forward(const Tensor& x) const {
+  // Takes the input by value: the sum then accumulates in place in the shortcut (or in the input
+  // itself when the caller hands over the only reference).
+  Tensor forward(Tensor x) const {
     Tensor h = x;
     for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward(h);
-    if (shortcut.defined()) {
-      Tensor sc = shortcut.forward(x);
-      return convs.back().forward(h, &sc);
-    }
-    return convs.back().forward(h, &x);
+    if (shortcut.defined()) return convs.back().forward(h, shortcut.forward(x));
+    return convs.back().forward(h, std::move(x));
   }
 };
 
@@ -336,7 +335,7 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
     if (impl_->pool_before_stem_output) levels[0] = x;
   }
   for (int s = 1; s <= last; ++s) {
-    for (auto& blk : impl_->stages[s - 1]) x = blk.forward(x);
+    for (auto& blk : impl_->stages[s - 1]) x = blk.forward(std::move(x));
     levels[s] = x;
   }
   std::vector<DetrFeatureMap> out;

@@ -589,7 +589,13 @@ class CudaBackend final : public DeviceBackend {
     Tensor q = here(q0), k = here(k0), v = here(v0);
     const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
     const int64_t dk = q.size(2) / H, dv = v.size(2) / H;
-    Tensor head_mask, bias, batch_bias;
+    Tensor head_mask, bias, batch_bias, key_mask;
+    if (opt.key_mask.defined()) {
+      if (opt.key_mask.dtype() != DType::U8 || opt.key_mask.shape() != Shape{B, Lk})
+        throw Error("attention: key_mask must be uint8 " + shape_str({B, Lk}) + ", got " +
+                    shape_str(opt.key_mask.shape()));
+      key_mask = here(opt.key_mask);
+    }
     if (opt.head_mask.defined()) {
       if (opt.head_mask.dtype() != DType::F32 || opt.head_mask.numel() != H)
         throw Error("attention: head_mask must hold one float per head (" + std::to_string(H) + ")");
@@ -637,7 +643,7 @@ class CudaBackend final : public DeviceBackend {
           "attention scores");
     cuda::attention_softmax(mf(scores), B, H, Lq, Lk, opt.scale, bias.defined() ? cf(bias) : nullptr,
                             batch_bias.defined() ? cf(batch_bias) : nullptr,
-                            batch_bias.defined() ? batch_bias.size(0) : 1, /*key_mask=*/nullptr,
+                            batch_bias.defined() ? batch_bias.size(0) : 1, key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
                             head_mask.defined() ? cf(head_mask) : nullptr, stream_);
     launched("attention softmax");
     // out[b, :, h] (row-major [Lq, dv], ld H*dv) = column-major [dv, Lq] = V_h x P_h.
