@@ -213,9 +213,7 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
     throw Error("attention: packed qkv width " + std::to_string(W) + " is not 3 * " + std::to_string(num_heads) +
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
-  if (!qkv.is_cpu())
-    return backend(qkv.device())
-        .multi_head_attention(narrow(qkv, 2, 0, C), narrow(qkv, 2, C, C), narrow(qkv, 2, 2 * C, C), num_heads, opt);
+  if (!qkv.is_cpu()) return backend(qkv.device()).multi_head_attention_packed(qkv, num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);
 }

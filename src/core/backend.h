@@ -89,6 +89,7 @@ class DeviceBackend {
   virtual Tensor interpolate(const Tensor& x, int64_t out_h, int64_t out_w, Interp mode) = 0;
   virtual Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                                       const AttentionOptions& opt) = 0;
+  virtual Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt) = 0;
   virtual Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels,
                                 const Tensor& sampling_locations, const Tensor& attention_weights) = 0;
 };

@@ -120,6 +120,11 @@ class EmulatedBackend final : public DeviceBackend {
     if (opt.probs && opt.probs->defined()) *opt.probs = dev(*opt.probs);
     return y;
   }
+  Tensor multi_head_attention_packed(const Tensor& qkv, int64_t heads, const AttentionOptions& opt) override {
+    const int64_t C = qkv.size(2) / 3;
+    return multi_head_attention(vf::narrow(qkv, 2, 0, C), vf::narrow(qkv, 2, C, C), vf::narrow(qkv, 2, 2 * C, C),
+                                heads, opt);
+  }
   Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels, const Tensor& loc,
                         const Tensor& weights) override {
     return dev(vf::ms_deform_attn(host(value), levels, host(loc), host(weights)));

@@ -179,6 +179,14 @@ TEST(CudaOps, Conv2d) {
   std::vector<ConvCase> cases;
   Conv2dOptions o;
   cases.push_back({2, 13, 11, 8, 16, 3, o});                    // plain, no padding
+  Conv2dOptions pw;
+  pw.act = Act::Relu;
+  cases.push_back({2, 9, 7, 24, 40, 1, pw});                    // 1x1: a matrix product
+  Conv2dOptions dws;
+  dws.dynamic_same = true;
+  dws.stride_h = dws.stride_w = 2;
+  dws.groups = 12;
+  cases.push_back({1, 15, 16, 12, 12, 3, dws});                 // depthwise, strided, TF SAME
   o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = 1;
   o.stride_h = o.stride_w = 2;
   o.act = Act::Relu;

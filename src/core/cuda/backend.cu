@@ -142,10 +142,6 @@ class Pool {
   size_t cached_ = 0;
 };
 
-__global__ void head_pointers(const float** out, const float* base, int64_t B, int64_t H, int64_t batch_stride,
-                              int64_t head_stride) {
-  VF_GRID_STRIDE(i, B * H) out[i] = base + (i / H) * batch_stride + (i % H) * head_stride;
-}
 
 class CudaBackend;
 
@@ -587,8 +583,26 @@ class CudaBackend final : public DeviceBackend {
   Tensor multi_head_attention(const Tensor& q0, const Tensor& k0, const Tensor& v0, int64_t H,
                               const AttentionOptions& opt) override {
     Tensor q = here(q0), k = here(k0), v = here(v0);
-    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
-    const int64_t dk = q.size(2) / H, dv = v.size(2) / H;
+    return attention({cf(q), q.size(2)}, {cf(k), k.size(2)}, {cf(v), v.size(2)}, q.size(0), q.size(1), k.size(1), H,
+                     q.size(2) / H, v.size(2) / H, opt);
+  }
+
+  // Q | K | V side by side in the rows of one tensor: read in place, rows 3 * C apart.
+  Tensor multi_head_attention_packed(const Tensor& qkv0, int64_t H, const AttentionOptions& opt) override {
+    Tensor qkv = here(qkv0);
+    const int64_t W = qkv.size(2), C = W / 3;
+    return attention({cf(qkv), W}, {cf(qkv) + C, W}, {cf(qkv) + 2 * C, W}, qkv.size(0), qkv.size(1), qkv.size(1), H,
+                     C / H, C / H, opt);
+  }
+
+  // A [B, L, heads * d] operand: row r of batch b starts at p + (b * L + r) * row_stride.
+  struct Operand {
+    const float* p;
+    int64_t row_stride;
+  };
+
+  Tensor attention(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk,
+                   int64_t dv, const AttentionOptions& opt) {
     Tensor head_mask, bias, batch_bias, key_mask;
     if (opt.key_mask.defined()) {
       if (opt.key_mask.dtype() != DType::U8 || opt.key_mask.shape() != Shape{B, Lk})
@@ -625,34 +639,34 @@ class CudaBackend final : public DeviceBackend {
     if (Lk == 0) throw Error("attention: no keys to attend to");
     Tensor scores = empty({B, H, Lq, Lk});
     const int64_t n = B * H;
-    Tensor ptrs = empty({3 * n}, DType::I64);  // pointer arrays: Q (then P), K (then V), scores (then out)
-    auto* pa = static_cast<const float**>(ptrs.raw());
-    const float** pb = pa + n;
-    const float** pc = pa + 2 * n;
+    // Six pointer arrays of n: K, Q, scores for the first product; V, P, out for the second.
+    Tensor ptrs = empty({6 * n}, DType::I64);
+    auto* pp = static_cast<const float**>(ptrs.raw());
+    cuda::AttentionPointers ap{{k.p, q.p, cf(scores), v.p, cf(scores), cf(out)},
+                               {Lk * k.row_stride, Lq * q.row_stride, H * Lq * Lk, Lk * v.row_stride, H * Lq * Lk,
+                                Lq * H * dv},
+                               {dk, dk, Lq * Lk, dv, Lq * Lk, dv}};
+    cuda::attention_pointers(pp, ap, B, H, stream_);
+    launched("attention pointers");
     const float alpha = opt.scale, zero = 0.0f, one = 1.0f;
-    auto pointers = [&](const float** dst, const float* base, int64_t batch_stride, int64_t head_stride) {
-      head_pointers<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(dst, base, B, H, batch_stride, head_stride);
-      launched("attention pointers");
-    };
     // scores[b, h] (row-major [Lq, Lk]) = column-major [Lk, Lq] = K_h (T) x Q_h.
-    pointers(pa, cf(k), Lk * k.size(2), dk);
-    pointers(pb, cf(q), Lq * q.size(2), dk);
-    pointers(pc, cf(scores), H * Lq * Lk, Lq * Lk);
-    check(cublasSgemmBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha, pa,
-                             int(k.size(2)), pb, int(q.size(2)), &zero, const_cast<float**>(pc), int(Lk), int(n)),
+    check(cublasSgemmBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha, pp,
+                             int(k.row_stride), pp + n, int(q.row_stride), &zero, const_cast<float**>(pp + 2 * n),
+                             int(Lk), int(n)),
           "attention scores");
+    launched("attention scores");
     cuda::attention_softmax(mf(scores), B, H, Lq, Lk, opt.scale, bias.defined() ? cf(bias) : nullptr,
                             batch_bias.defined() ? cf(batch_bias) : nullptr,
-                            batch_bias.defined() ? batch_bias.size(0) : 1, key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
+                            batch_bias.defined() ? batch_bias.size(0) : 1,
+                            key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
                             head_mask.defined() ? cf(head_mask) : nullptr, stream_);
     launched("attention softmax");
     // out[b, :, h] (row-major [Lq, dv], ld H*dv) = column-major [dv, Lq] = V_h x P_h.
-    pointers(pa, cf(v), Lk * v.size(2), dv);
-    pointers(pb, cf(scores), H * Lq * Lk, Lq * Lk);
-    pointers(pc, cf(out), Lq * H * dv, dv);
-    check(cublasSgemmBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one, pa, int(v.size(2)),
-                             pb, int(Lk), &zero, const_cast<float**>(pc), int(H * dv), int(n)),
+    check(cublasSgemmBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one, pp + 3 * n,
+                             int(v.row_stride), pp + 4 * n, int(Lk), &zero, const_cast<float**>(pp + 5 * n),
+                             int(H * dv), int(n)),
           "attention context");
+    launched("attention context");
     if (opt.probs) *opt.probs = scores;
     return out;
   }
@@ -710,10 +724,12 @@ std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& e
   // Relaxed: the graph's pool may call cudaMalloc while recording.
   check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin graph capture");
   bool enqueued = true;
+  std::string why;
   try {
     enqueue();
-  } catch (const std::exception&) {
+  } catch (const std::exception& e) {
     enqueued = false;  // something waited for the device or copied from the host
+    why = e.what();
   }
   cudaGraph_t graph = nullptr;
   cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
@@ -723,6 +739,9 @@ std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& e
   bool ok = enqueued && ended == cudaSuccess && graph && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
   cudaGetLastError();
   if (graph) cudaGraphDestroy(graph);
+  if (!ok && std::getenv("VF_CUDA_GRAPH_LOG"))
+    std::fprintf(stderr, "vf: not recorded as a CUDA graph: %s\n",
+                 !why.empty() ? why.c_str() : ended != cudaSuccess ? cudaGetErrorString(ended) : "instantiation failed");
   if (!ok) return nullptr;
   return std::make_shared<CudaGraph>(exec, memory, stream_);
 }
@@ -831,8 +850,47 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
 Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
   require_f32(x, "conv2d");
   be_.activate();
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2);
+  const bool pointwise = kh_ == 1 && kw_ == 1 && opt_.groups == 1 && opt_.stride_h == 1 && opt_.stride_w == 1 &&
+                         opt_.pad_top == 0 && opt_.pad_left == 0 && opt_.pad_bottom == 0 && opt_.pad_right == 0;
+  const bool depthwise = opt_.groups > 1 && opt_.groups == in_ && opt_.groups == out_;
+  if (pointwise || depthwise) {
+    // A 1x1 convolution is a matrix product (cuBLAS beats cuDNN's exact float32 kernels on it); a
+    // depthwise one is a small stencil per channel (conv.cu).
+    int pt = opt_.pad_top, pl = opt_.pad_left, pb = opt_.pad_bottom, pr = opt_.pad_right;
+    if (opt_.dynamic_same) {
+      auto same = [](int64_t size, int64_t k, int st, int d, int& lo, int& hi) {
+        int64_t outn = (size + st - 1) / st;
+        int64_t pad = std::max<int64_t>((outn - 1) * st + (k - 1) * d + 1 - size, 0);
+        lo = static_cast<int>(pad / 2);
+        hi = static_cast<int>(pad - pad / 2);
+      };
+      same(h, kh_, opt_.stride_h, opt_.dilation_h, pt, pb);
+      same(w, kw_, opt_.stride_w, opt_.dilation_w, pl, pr);
+    }
+    const int64_t oh = (h + pt + pb - ((kh_ - 1) * opt_.dilation_h + 1)) / opt_.stride_h + 1;
+    const int64_t ow = (w + pl + pr - ((kw_ - 1) * opt_.dilation_w + 1)) / opt_.stride_w + 1;
+    if (oh <= 0 || ow <= 0)
+      throw Error("conv2d: input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the kernel");
+    Tensor y = be_.empty({n, oh, ow, out_});
+    if (residual && residual->shape() != y.shape())
+      throw Error("conv2d residual has shape " + shape_str(residual->shape()));
+    Tensor res = residual ? be_.here(*residual) : Tensor();
+    if (pointwise) {
+      be_.gemm(true, n * h * w, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
+      launched("conv 1x1 (gemm)");
+      cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, y.numel() / out_, out_, opt_.act, true,
+                     be_.stream());
+      launched("conv2d epilogue");
+    } else {
+      cuda::depthwise_conv_nhwc(mf(y), cf(x), cf(weight_), cf(bias_), res.defined() ? cf(res) : nullptr, n, h, w, in_,
+                                oh, ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w, pt, pl, opt_.dilation_h,
+                                opt_.dilation_w, opt_.act, be_.stream());
+      launched("conv depthwise");
+    }
+    return y;
+  }
   Plan& p = plan_for(x);
-  const int64_t n = x.size(0);
   Tensor src = p.explicit_pad ? vf::pad_nhwc(x, p.pt, p.pl, p.pb, p.pr, 0.0f) : x;
   Tensor y = be_.empty({n, p.oh, p.ow, out_});
   if (residual && residual->shape() != y.shape())

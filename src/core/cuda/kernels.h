@@ -51,6 +51,23 @@ void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t 
                        const float* batch_bias, int64_t M, const uint8_t* key_mask, const float* head_mask,
                        cudaStream_t s);
 
+// The pointer arrays of attention's batched products: array j (of six) gets, for batch b and head h,
+// base[j] + b * batch_stride[j] + h * head_stride[j], at out + j * B * H.
+struct AttentionPointers {
+  const float* base[6];
+  int64_t batch_stride[6];
+  int64_t head_stride[6];
+};
+void attention_pointers(const float** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s);
+
+// ---- convolutions (conv.cu) ----
+// Depthwise convolution on NHWC (groups == channels), weight [C, kh, kw], with the epilogue
+// y = act(conv + bias[c] + residual) (bias, residual may be null).
+void depthwise_conv_nhwc(float* y, const float* x, const float* w, const float* bias, const float* residual,
+                         int64_t n, int64_t h, int64_t wd, int64_t c, int64_t oh, int64_t ow, int kh, int kw,
+                         int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, Act a,
+                         cudaStream_t s);
+
 // ---- layout (layout.cu) ----
 // Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where
 // idx is i's multi-index over out_shape.
