@@ -106,6 +106,19 @@ def transformers_model(name):
     return Outputs(model), f"transformers {transformers.__version__} {cls}"
 
 
+def export_one(model, args, input_names, path):
+    import torch
+
+    model.eval()
+    # Gradients stay on: without them nn.MultiheadAttention takes its fused fast path, which has no ONNX export
+    # (aten::_native_multi_head_attention).
+    with torch.enable_grad():
+        try:  # the TorchScript exporter; torch >= 2.9 defaults to the dynamo one, which needs onnxscript
+            torch.onnx.export(model, args, path, input_names=input_names, opset_version=17, dynamo=False)
+        except TypeError:  # torch < 2.1 has no dynamo argument
+            torch.onnx.export(model, args, path, input_names=input_names, opset_version=17)
+
+
 def export(names, out_dir):
     import torch
 
@@ -115,37 +128,31 @@ def export(names, out_dir):
     torch.manual_seed(0)
     for name in names:
         size = IMAGE[MODELS[name][0]]
-        model, source = transformers_model(name)
-        if model is None:
-            model, source = plain_torch_model(name)
-        if model is None:
-            print(json.dumps({"name": name, "error": source}), flush=True)
-            manifest.pop(name, None)
-            continue
-        model.eval()
         x = torch.randn(1, 3, *size)
         args, input_names = (x,), ["pixel_values"]
         if MODELS[name][0] == "detr":
             args, input_names = (x, torch.ones(1, *size, dtype=torch.long)), ["pixel_values", "pixel_mask"]
         path = os.path.join(out_dir, name + ".onnx")
-        t0 = time.time()
-        try:
-            # Gradients stay on: without them nn.MultiheadAttention takes its fused fast path, which has no ONNX
-            # export (aten::_native_multi_head_attention).
-            with torch.enable_grad():
-                try:  # the TorchScript exporter; torch >= 2.9 defaults to the dynamo one, which needs onnxscript
-                    torch.onnx.export(model, args, path, input_names=input_names, opset_version=17, dynamo=False)
-                except TypeError:  # torch < 2.1 has no dynamo argument
-                    torch.onnx.export(model, args, path, input_names=input_names, opset_version=17)
-        except Exception as e:
-            print(json.dumps({"name": name, "source": source, "error": f"export failed: {str(e)[:300]}"}), flush=True)
-            manifest.pop(name, None)
-            continue
-        manifest[name] = {"source": source, "inputs": {n: list(a.shape) for n, a in zip(input_names, args)},
-                          "dtypes": {n: ("int64" if a.dtype == torch.long else "float32")
-                                     for n, a in zip(input_names, args)}}
-        json.dump(manifest, open(manifest_path, "w"), indent=1)  # after each: a later failure keeps the rest
-        print(json.dumps({"name": name, "source": source, "export_s": round(time.time() - t0, 1)}), flush=True)
+        manifest.pop(name, None)
+        # transformers' class first; where it is missing or does not export, the plain-PyTorch model
+        for make in (transformers_model, plain_torch_model):
+            t0 = time.time()
+            model, source = make(name)
+            if model is None:
+                print(json.dumps({"name": name, "skipped": source}), flush=True)
+                continue
+            try:
+                export_one(model, args, input_names, path)
+            except Exception as e:
+                print(json.dumps({"name": name, "source": source, "error": f"export failed: {str(e)[:300]}"}),
+                      flush=True)
+                continue
+            manifest[name] = {"source": source, "inputs": {n: list(a.shape) for n, a in zip(input_names, args)},
+                              "dtypes": {n: ("int64" if a.dtype == torch.long else "float32")
+                                         for n, a in zip(input_names, args)}}
+            json.dump(manifest, open(manifest_path, "w"), indent=1)  # after each: a later failure keeps the rest
+            print(json.dumps({"name": name, "source": source, "export_s": round(time.time() - t0, 1)}), flush=True)
+            break
     json.dump(manifest, open(manifest_path, "w"), indent=1)
 
 
