@@ -192,7 +192,7 @@ def main():
     ap.add_argument("names", nargs="*")
     ap.add_argument("--dir", "--out", dest="dir", default=DEFAULT_DIR)
     ap.add_argument("--min-seconds", type=float, default=float(os.environ.get("VF_BENCH_MIN_SECONDS", 3)))
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # names before or after --dir
     names = a.names or list(MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
