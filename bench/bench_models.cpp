@@ -9,6 +9,8 @@
 //   BM_<Model>/inflight    throughput: VF_BENCH_WORKERS models (default: VF_THREADS), each on its own
 //                          thread with VF_THREADS / workers threads of its own, batch 1 each, all
 //                          running at once; items_per_second = images/s
+// VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
+// until the GPU has finished it.
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
@@ -42,9 +44,17 @@ vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
   return t;
 }
 
+// VF_DEVICE=cuda (or cuda:N) runs the models on a GPU: the input is uploaded once, each iteration
+// is the forward pass until the GPU has finished it (outputs stay on the device, as PyTorch's do).
+vf::Device bench_device() {
+  const char* d = std::getenv("VF_DEVICE");
+  return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
+}
+
 std::unique_ptr<vf::Model> build(const vf::json& config) {
   auto store = std::make_shared<vf::WeightStore>();
   store->set_missing_filler(fill);
+  vf::LoadDeviceScope on(bench_device());
   return vf::create_model(config, "", vf::Weights(store));
 }
 
@@ -64,7 +74,7 @@ struct Arch {
 
 vf::ModelInputs inputs(const Arch& a, int64_t batch) {
   vf::ModelInputs in;
-  in.pixel_values = fill("pixel_values", {batch, 3, a.h, a.w});
+  in.pixel_values = fill("pixel_values", {batch, 3, a.h, a.w}).to(bench_device());
   if (a.detection)
     in.pixel_mask = vf::Tensor::from_vector<int64_t>({batch, a.h, a.w}, std::vector<int64_t>(batch * a.h * a.w, 1));
   return in;
@@ -80,8 +90,14 @@ void latency(benchmark::State& state, const Arch& a) {
   vf::set_num_threads(bench_threads());
   auto model = build(a.config);
   auto in = inputs(a, 1);
-  model->forward(in);  // warm-up: primitive creation and weight reorders happen once
-  for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
+  const vf::Device device = bench_device();
+  // Warm-up: primitive creation, weight reorders and uploads, algorithm searches happen once.
+  for (int i = 0; i < (device.is_cpu() ? 1 : 3); ++i) model->forward(in);
+  vf::synchronize(device);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model->forward(in));
+    vf::synchronize(device);
+  }
   state.counters["threads"] = vf::num_threads();
   state.counters["peak_rss_mb"] = peak_rss_mb();
 }
@@ -99,8 +115,10 @@ void throughput(benchmark::State& state, const Arch& a, int workers, int threads
         auto model = build(a.config);
         auto in = inputs(a, batch);
         model->forward(in);
+        vf::synchronize(bench_device());
         warm.arrive_and_wait();
         for (int r = 0; r < rounds; ++r) benchmark::DoNotOptimize(model->forward(in));
+        vf::synchronize(bench_device());
       });
     warm.arrive_and_wait();
     auto t0 = std::chrono::steady_clock::now();

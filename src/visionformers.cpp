@@ -20,7 +20,14 @@ namespace vf {
 
 namespace fs = std::filesystem;
 
-Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::string& architecture) {
+namespace {
+Device g_default_device;
+}
+Device default_device() { return g_default_device; }
+void set_default_device(Device d) { g_default_device = d; }
+
+Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const LoadOptions& options) {
+  const std::string& architecture = options.architecture;
   const std::string dir = hub::resolve_model(dir_or_id);  // "org/name[@revision]": the Hub cache's snapshot
   Pretrained p;
   p.dir = dir;
@@ -44,6 +51,7 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const std::
   }
   auto store = load_checkpoint(dir);
   try {
+    LoadDeviceScope on(options.device.value_or(default_device()));
     p.model = create_model(p.config, architecture, Weights(store));
     store->check_complete();
   } catch (const ModelError& e) {  // name config.json (what it says, or implies of the weights)
@@ -65,7 +73,7 @@ ModelOutput forward(const Pretrained& p, const Tensor& pixel_values, const Tenso
   in.pixel_mask = pixel_mask;
   in.output_hidden_states = output_hidden_states;
   in.output_attentions = output_attentions;
-  return p.model->forward(in);
+  return p.model->infer(in);
 }
 
 // The model's image processor on `images`; a processor setting that cannot apply names its file.

@@ -20,6 +20,16 @@
 
 namespace vf {
 
+// The device models are loaded for when LoadOptions names none: the CPU unless the program set
+// another (the vf CLI's --device).
+Device default_device();
+void set_default_device(Device d);
+
+struct LoadOptions {
+  std::string architecture;      // overrides config.architectures[0]
+  std::optional<Device> device;  // where the model runs (default_device() when empty)
+};
+
 struct Pretrained {
   std::string dir;
   json config;        // config.json
@@ -30,7 +40,10 @@ struct Pretrained {
   // Reads config.json, preprocessor_config.json and the weights (model.safetensors, a sharded
   // index, or pytorch_model.bin). `architecture` overrides config.architectures[0]. `dir_or_id` is a
   // folder, or a Hub id "org/name[@revision]" fetched into huggingface_hub's cache (src/hub/hub.h).
-  static Pretrained from_pretrained(const std::string& dir_or_id, const std::string& architecture = "");
+  static Pretrained from_pretrained(const std::string& dir_or_id, const LoadOptions& options);
+  static Pretrained from_pretrained(const std::string& dir_or_id, const std::string& architecture = "") {
+    return from_pretrained(dir_or_id, LoadOptions{architecture, std::nullopt});
+  }
 
   // The processor, then the model.
   ModelOutput run(const std::vector<Image>& images, bool output_hidden_states = false,

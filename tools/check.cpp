@@ -108,7 +108,7 @@ void compare_outputs(const Case& c, const ModelOutput& out, CheckReport& report)
 
 }  // namespace
 
-int run_check(const std::string& case_dir, const std::string& images_dir) {
+int run_check(const std::string& case_dir, const std::string& images_dir, Device device) {
   Case c = load_case(case_dir, images_dir);
   CheckReport report;
   std::string name = fs::path(case_dir).filename().string();
@@ -137,7 +137,11 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
     BatchFeature features = run_preprocess(c, report, &pixels_compared);
     if (!model_class.empty()) {
       auto store = load_case_weights(c);
-      auto model = create_model(c.config, model_class, Weights(store));
+      std::unique_ptr<Model> model;
+      {
+        LoadDeviceScope on(device);
+        model = create_model(c.config, model_class, Weights(store));
+      }
       store->check_complete();
       // The model holds what it needs (in place or as its own reordered copies): the rest goes.
       store.reset();
@@ -157,7 +161,7 @@ int run_check(const std::string& case_dir, const std::string& images_dir) {
         if (k.find("hidden_states.") != std::string::npos) in.output_hidden_states = true;
         if (k.find("attentions.") != std::string::npos) in.output_attentions = true;
       }
-      ModelOutput out = model->forward(in);
+      ModelOutput out = model->infer(in);
       const int before = report.checked();
       compare_outputs(c, out, report);
       outputs_compared = report.checked() - before;

@@ -2,9 +2,12 @@
 
 #include <string>
 
+#include "core/device.h"
+
 namespace vf::check {
 
 // Runs one golden case folder; returns the process exit code (0 pass, 1 fail, 2 unsupported).
-int run_check(const std::string& case_dir, const std::string& images_dir);
+// The model runs on `device` (the comparisons on the host, with the same tolerances).
+int run_check(const std::string& case_dir, const std::string& images_dir, Device device = Device::cpu());
 
 }  // namespace vf::check

@@ -222,6 +222,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "worker threads (default: all cores)");
+  std::string device_name = "cpu";
+  auto add_device_option = [&device_name](CLI::App* cmd) {
+    cmd->add_option("--device", device_name, "cpu, cuda or cuda:N (builds with -DVF_CUDA=ON)")->capture_default_str();
+  };
 
   std::string model_dir, case_dir, images_dir;
   RunOptions run;
@@ -238,6 +242,7 @@ int main(int argc, char** argv) {
   };
 
   auto* classify = app.add_subcommand("classify", "image classification, like transformers' pipeline");
+  add_device_option(classify);
   // With no arguments: the bundled tiny ConvNeXT (random weights) on the bundled image.
   model_dir = VF_ASSETS_DIR "/tiny-convnext";
   std::vector<std::string> classify_inputs = {VF_ASSETS_DIR "/cat.jpg"};
@@ -250,6 +255,7 @@ int main(int argc, char** argv) {
   std::string draw_path, coco_path;
   std::vector<std::string> detect_inputs;
   auto* detect = app.add_subcommand("detect", "object detection, like transformers' object-detection pipeline");
+  add_device_option(detect);
   detect->add_option("model", model_dir, "model folder (config.json, weights)")->required();
   detect->add_option("images", detect_inputs, "image files or folders (searched recursively)")->required();
   detect->add_option("--threshold", threshold, "keep detections scoring above this")->capture_default_str();
@@ -261,6 +267,7 @@ int main(int argc, char** argv) {
   std::string out_path;
   std::vector<std::string> segment_inputs;
   auto* segment = app.add_subcommand("segment", "image segmentation, like transformers' image-segmentation pipeline");
+  add_device_option(segment);
   segment->add_option("model", model_dir, "model folder (config.json, weights)")->required();
   segment->add_option("images", segment_inputs, "image files or folders (searched recursively)")->required();
   segment->add_option("--task", seg_params.task, "panoptic, instance or semantic")
@@ -275,11 +282,13 @@ int main(int argc, char** argv) {
                       "(several images: OUT-<n>.png, OUT-<n>-<i>.png)");
 
   auto* info = app.add_subcommand("info", "what a model folder holds");
+  add_device_option(info);
   info->add_option("model", model_dir)->required();
 
   std::vector<std::string> serve_models;
   vf::serve::ServerOptions serve_opt;
   auto* serve = app.add_subcommand("serve", "HTTP server: Open Inference Protocol v2 and /v1/models/NAME (README: server)");
+  add_device_option(serve);
   serve->add_option("models", serve_models, "[NAME=]MODEL ... (NAME: the folder's last component)")->required();
   serve->add_option("--host", serve_opt.host)->capture_default_str();
   serve->add_option("--port", serve_opt.port, "0: any free port")->capture_default_str();
@@ -291,6 +300,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   auto* check = app.add_subcommand("check", "run a golden case folder and compare with its expected results");
+  add_device_option(check);
   check->add_option("case", case_dir)->required();
   check->add_option("--images", images_dir, "folder of the case's images")->required();
 
@@ -302,6 +312,14 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : vf::exit_code::kUsage;
   }
   vf::set_num_threads(threads);
+  vf::Device device;
+  try {
+    device = vf::Device::parse(device_name);
+  } catch (const vf::Error& e) {
+    std::fprintf(stderr, "vf: error: --device: %s\n", e.what());
+    return vf::exit_code::kUsage;
+  }
+  vf::set_default_device(device);
   try {
     if (*classify) {
       run.inputs = classify_inputs;
@@ -321,7 +339,7 @@ int main(int argc, char** argv) {
       for (auto& m : serve_models) specs.push_back(vf::serve::parse_model_arg(m));
       return vf::serve::serve_until_signal(specs, serve_opt);
     }
-    if (*check) return vf::check::run_check(case_dir, images_dir);
+    if (*check) return vf::check::run_check(case_dir, images_dir, device);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vf: error: %s\n", e.what());
     return vf::exit_code::for_exception(e);

@@ -78,9 +78,14 @@ py::array_t<float> to_numpy(const vf::Tensor& t) {
 class PyPretrained {
  public:
   PyPretrained(const std::string& model, const std::string& device) {
-    if (device != "cpu") throw py::value_error("device '" + device + "': only \"cpu\" is supported");
+    vf::LoadOptions options;
+    try {
+      options.device = vf::Device::parse(device);
+    } catch (const vf::Error& e) {
+      throw py::value_error(e.what());
+    }
     py::gil_scoped_release release;
-    p_ = std::make_shared<vf::Pretrained>(vf::Pretrained::from_pretrained(model));
+    p_ = std::make_shared<vf::Pretrained>(vf::Pretrained::from_pretrained(model, options));
   }
 
   py::object classify(py::handle images, int top_k) {

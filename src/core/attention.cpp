@@ -1,5 +1,7 @@
 #include "core/attention.h"
 
+#include "core/backend.h"
+
 #include "core/errors.h"
 #include "core/limits.h"
 
@@ -179,6 +181,7 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, i
   if (k.size(0) != B || v.size(0) != B || k.size(2) != q.size(2) || v.size(1) != Lk)
     throw Error("attention: query " + shape_str(q.shape()) + ", key " + shape_str(k.shape()) + " and value " +
                 shape_str(v.shape()) + " do not match");
+  if (Device d = op_device({&q, &k, &v}); !d.is_cpu()) return backend(d).multi_head_attention(q, k, v, num_heads, opt);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
   return attention_kernel({q.f32(), Lq * q.size(2), q.size(2)}, {k.f32(), Lk * k.size(2), k.size(2)},
                           {v.f32(), Lk * v.size(2), v.size(2)}, B, Lq, Lk, num_heads, dk, dv, opt);
@@ -191,6 +194,9 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
     throw Error("attention: packed qkv width " + std::to_string(W) + " is not 3 * " + std::to_string(num_heads) +
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
+  if (!qkv.is_cpu())
+    return backend(qkv.device())
+        .multi_head_attention(narrow(qkv, 2, 0, C), narrow(qkv, 2, C, C), narrow(qkv, 2, 2 * C, C), num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);
 }

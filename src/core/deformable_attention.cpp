@@ -1,5 +1,7 @@
 #include "core/deformable_attention.h"
 
+#include "core/backend.h"
+
 #include <cmath>
 #include <string>
 
@@ -94,6 +96,8 @@ Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& level
   if (total != S)
     throw Error("ms_deform_attn: the levels hold " + std::to_string(total) + " positions, value has " + std::to_string(S));
 
+  if (Device d = op_device({&value, &sampling_locations, &attention_weights}); !d.is_cpu())
+    return backend(d).ms_deform_attn(value, levels, sampling_locations, attention_weights);
   Tensor out = Tensor::empty({B, Q, NH * D});
   switch (D) {  // the head sizes of the published configs, with the channel loop unrolled
     case 32: sample_all<32>(value, levels, sampling_locations, attention_weights, out); break;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "core/backend.h"
 #include "core/file_pages.h"
 #include "core/ops.h"
 
@@ -90,11 +91,30 @@ struct PreparedWeights {
   }
 };
 
+// A layer built for a device: inputs on that device run there; a CPU input is copied over and its
+// result back (correct, if slow: the models keep their activations on the device). An input on the
+// emulated device runs the CPU layer on the same memory.
+template <class Layer>
+Tensor forward_off_cpu(const Layer& layer, const std::shared_ptr<DeviceLayer>& device_layer, Device layer_device,
+                       const Tensor& x, const Tensor* residual) {
+  if (device_layer) {
+    if (x.device() == layer_device) return device_layer->forward(x, residual);
+    if (!x.is_cpu()) throw Error("a layer loaded for " + layer_device.str() + " got an input on " + x.device().str());
+    Tensor r = residual ? residual->to(layer_device) : Tensor();
+    return device_layer->forward(x.to(layer_device), residual ? &r : nullptr).cpu();
+  }
+  Tensor r = residual ? residual->cpu() : Tensor();
+  Tensor y = layer.forward(x.retagged(Device::cpu()), residual ? &r : nullptr);
+  return y.retagged(x.device());
+}
+
 }  // namespace
 
 // ---- Conv2d --------------------------------------------------------------------------------------
 
 struct Conv2d::Impl {
+  std::shared_ptr<DeviceLayer> device_layer;  // built for load_device() when that is a GPU
+  Device device;
   Tensor bias;  // [out]; the weight (OIHW, grouped: GOIHW view) lives in `prepared`
   Conv2dOptions opt;
   int64_t out, in, kh, kw;
@@ -167,6 +187,16 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   if (impl->out % opt.groups) throw Error("conv2d: out channels not divisible by groups");
   impl->bias = bias.defined() ? bias : Tensor::zeros({impl->out});
   if (impl->bias.numel() != impl->out) throw Error("conv2d: bias of " + shape_str(bias.shape()));
+  out_ = impl->out;
+  in_ = impl->in;
+  if (Device d = load_device(); d.is_cuda()) {
+    impl->device = d;
+    impl->device_layer = backend(d).make_conv2d(weight, impl->bias, opt);
+    release_file_pages(weight);
+    impl->bias = Tensor();
+    impl_ = std::move(impl);
+    return;
+  }
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
   impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
   // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
@@ -181,6 +211,7 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
   int64_t n = x.size(0), h = x.size(1), w = x.size(2);
   auto& p = impl_->prim_for(n, h, w, residual != nullptr);
   Tensor y;
@@ -206,6 +237,8 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const {
 // ---- Linear --------------------------------------------------------------------------------------
 
 struct Linear::Impl {
+  std::shared_ptr<DeviceLayer> device_layer;  // built for load_device() when that is a GPU
+  Device device;
   int64_t out, in;
   Tensor bias;  // [out]; the weight [out, in] lives in `prepared`
   Act act;
@@ -246,6 +279,14 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   in_ = impl->in = weight.size(1);
   impl->bias = bias.defined() ? bias : Tensor::zeros({out_});
   if (impl->bias.numel() != out_) throw Error("linear: bias of " + shape_str(bias.shape()));
+  if (Device d = load_device(); d.is_cuda()) {
+    impl->device = d;
+    impl->device_layer = backend(d).make_linear(weight, impl->bias, act);
+    release_file_pages(weight);
+    impl->bias = Tensor();
+    impl_ = std::move(impl);
+    return;
+  }
   impl->prepared.init(weight, memory::desc({in_, out_}, dt::f32, tag::ba));
   dnnl::post_ops probe;
   if (!append_act(probe, act))
@@ -258,6 +299,7 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
 Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
   int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;
@@ -282,6 +324,7 @@ Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
 // ---- batched matmul ------------------------------------------------------------------------------
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
+  if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).matmul(a, b, trans_b, alpha);
   if (a.dim() < 2 || a.dim() != b.dim())
     throw Error("matmul: shapes " + shape_str(a.shape()) + " and " + shape_str(b.shape()));
   int64_t M = a.size(-2), K = a.size(-1);

@@ -2,6 +2,7 @@
 // Loops are parallelised over the outermost independent dimension with OpenMP.
 #include "core/ops.h"
 
+#include "core/backend.h"
 #include "core/errors.h"
 
 #include <algorithm>
@@ -59,6 +60,7 @@ Act act_from_name(const std::string& name) {
 
 void act_inplace(Tensor& x, Act a) {
   if (a == Act::None) return;
+  if (!x.is_cpu()) return backend(x.device()).act_inplace(x, a);
   require_f32(x, "act");
   float* p = x.f32();
   int64_t n = x.numel();
@@ -97,6 +99,7 @@ Tensor act(const Tensor& x, Act a) {
 // ---- normalisation -------------------------------------------------------------------------------
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps) {
+  if (!x.is_cpu()) return backend(x.device()).layer_norm(x, weight, bias, eps);
   require_f32(x, "layer_norm");
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   if (weight.numel() != c || bias.numel() != c) throw Error("layer_norm: weight/bias do not match " + shape_str(x.shape()));
@@ -122,6 +125,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
 }
 
 Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a) {
+  if (!x.is_cpu()) return backend(x.device()).group_norm_nhwc(x, groups, weight, bias, eps, a);
   require_f32(x, "group_norm");
   if (x.dim() != 4) throw Error("group_norm expects NHWC, got " + shape_str(x.shape()));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
@@ -165,6 +169,7 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
 }
 
 Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act a) {
+  if (!x.is_cpu()) return backend(x.device()).channel_affine(x, scale, shift, a);
   require_f32(x, "channel_affine");
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   Tensor y = Tensor::empty(x.shape());
@@ -180,6 +185,7 @@ Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift,
 }
 
 Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) {
+  if (!x.is_cpu()) return backend(x.device()).grn_nhwc(x, gamma, beta, eps);
   // ConvNeXt V2: Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_c Gx + eps);
   // y = gamma * (x * Nx) + beta + x.
   require_f32(x, "grn");
@@ -211,6 +217,7 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
 }
 
 void softmax_lastdim_inplace(Tensor& x) {
+  if (!x.is_cpu()) return backend(x.device()).softmax_lastdim_inplace(x);
   require_f32(x, "softmax");
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   float* p = x.f32();
@@ -229,6 +236,7 @@ void softmax_lastdim_inplace(Tensor& x) {
 // ---- pooling -------------------------------------------------------------------------------------
 
 Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, int pr, bool ceil_mode) {
+  if (!x.is_cpu()) return backend(x.device()).max_pool2d_nhwc(x, k, s, pt, pl, pb, pr, ceil_mode);
   require_f32(x, "max_pool2d");
   int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   auto out_size = [&](int64_t size, int lo, int hi) {
@@ -265,6 +273,7 @@ Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, in
 }
 
 Tensor avg_pool2d_nhwc(const Tensor& x, int k, int s, int pad, bool count_include_pad) {
+  if (!x.is_cpu()) return backend(x.device()).avg_pool2d_nhwc(x, k, s, pad, count_include_pad);
   require_f32(x, "avg_pool2d");
   int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   int64_t oh = (h + 2 * pad - k) / s + 1, ow = (w + 2 * pad - k) / s + 1;
@@ -298,6 +307,7 @@ Tensor avg_pool2d_nhwc(const Tensor& x, int k, int s, int pad, bool count_includ
 }
 
 Tensor global_avg_pool_nhwc(const Tensor& x) {
+  if (!x.is_cpu()) return backend(x.device()).global_avg_pool_nhwc(x);
   require_f32(x, "global_avg_pool");
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   Tensor y = Tensor::zeros({n, c});
@@ -315,6 +325,7 @@ Tensor global_avg_pool_nhwc(const Tensor& x) {
 // ---- layout --------------------------------------------------------------------------------------
 
 Tensor permute(const Tensor& x, const std::vector<int>& perm) {
+  if (!x.is_cpu()) return backend(x.device()).permute(x, perm);
   int64_t d = x.dim();
   if (static_cast<int64_t>(perm.size()) != d) throw Error("permute: wrong number of dims");
   Shape out_shape(d);
@@ -362,6 +373,7 @@ Tensor transpose_last2(const Tensor& x) {
 }
 
 Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float value) {
+  if (!x.is_cpu()) return backend(x.device()).pad_nhwc(x, top, left, bottom, right, value);
   require_f32(x, "pad");
   int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   int64_t oh = h + top + bottom, ow = w + left + right;
@@ -386,6 +398,7 @@ void check_window_grid(int64_t H, int64_t W, int64_t window, int64_t shift, cons
 }  // namespace
 
 Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) {
+  if (!x.is_cpu()) return backend(x.device()).window_partition(x, window, shift);
   require_f32(x, "window_partition");
   if (x.dim() != 4) throw Error("window_partition: x must be [B, H, W, C], got " + shape_str(x.shape()));
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
@@ -411,6 +424,7 @@ Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) {
 
 Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift, int64_t out_h,
                       int64_t out_w) {
+  if (!windows.is_cpu()) return backend(windows.device()).window_reverse(windows, window, H, W, shift, out_h, out_w);
   require_f32(windows, "window_reverse");
   check_window_grid(H, W, window, shift, "window_reverse");
   const int64_t nh = H / window, nw = W / window;
@@ -440,6 +454,8 @@ Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t 
 
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   if (xs.empty()) throw Error("cat of nothing");
+  for (auto& t : xs)
+    if (!t.is_cpu()) return backend(t.device()).cat(xs, dim);
   int64_t d = xs[0].dim();
   if (dim < 0) dim += d;
   Shape out_shape = xs[0].shape();
@@ -468,6 +484,7 @@ Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
 }
 
 Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
+  if (!x.is_cpu()) return backend(x.device()).narrow(x, dim, begin, length);
   int64_t d = x.dim();
   if (dim < 0) dim += d;
   if (begin < 0 || length < 0 || begin + length > x.size(dim)) throw Error("narrow: out of range");
@@ -536,12 +553,25 @@ Tensor broadcast_binary(const Tensor& a, const Tensor& b, F f, const char* name)
 }
 }  // namespace
 
-Tensor add(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x + y; }, "add"); }
-Tensor sub(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x - y; }, "sub"); }
-Tensor mul(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x * y; }, "mul"); }
-Tensor div(const Tensor& a, const Tensor& b) { return broadcast_binary(a, b, [](float x, float y) { return x / y; }, "div"); }
+Tensor add(const Tensor& a, const Tensor& b) {
+  if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).binary(BinaryOp::Add, a, b);
+  return broadcast_binary(a, b, [](float x, float y) { return x + y; }, "add");
+}
+Tensor sub(const Tensor& a, const Tensor& b) {
+  if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).binary(BinaryOp::Sub, a, b);
+  return broadcast_binary(a, b, [](float x, float y) { return x - y; }, "sub");
+}
+Tensor mul(const Tensor& a, const Tensor& b) {
+  if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).binary(BinaryOp::Mul, a, b);
+  return broadcast_binary(a, b, [](float x, float y) { return x * y; }, "mul");
+}
+Tensor div(const Tensor& a, const Tensor& b) {
+  if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).binary(BinaryOp::Div, a, b);
+  return broadcast_binary(a, b, [](float x, float y) { return x / y; }, "div");
+}
 
 void add_inplace(Tensor& a, const Tensor& b) {
+  if (!a.is_cpu()) return backend(a.device()).add_inplace(a, b);
   require_f32(a, "add_inplace");
   require_f32(b, "add_inplace");
   if (a.numel() != b.numel()) throw Error("add_inplace: " + shape_str(a.shape()) + " += " + shape_str(b.shape()));
@@ -553,6 +583,7 @@ void add_inplace(Tensor& a, const Tensor& b) {
 }
 
 Tensor scale(const Tensor& x, float s) {
+  if (!x.is_cpu()) return backend(x.device()).scale(x, s);
   require_f32(x, "scale");
   Tensor y = Tensor::empty(x.shape());
   const float* px = x.f32();
@@ -564,6 +595,7 @@ Tensor scale(const Tensor& x, float s) {
 }
 
 Tensor mul_lastdim(const Tensor& x, const Tensor& gamma) {
+  if (!x.is_cpu()) return backend(x.device()).mul_lastdim(x, gamma);
   require_f32(x, "mul_lastdim");
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   if (gamma.numel() != c) throw Error("mul_lastdim: " + shape_str(gamma.shape()) + " for " + shape_str(x.shape()));
@@ -580,6 +612,8 @@ Tensor mul_lastdim(const Tensor& x, const Tensor& gamma) {
 // ---- resampling ----------------------------------------------------------------------------------
 
 Tensor interpolate_bilinear(const Tensor& x, int64_t oh, int64_t ow, bool align_corners) {
+  if (!x.is_cpu())
+    return backend(x.device()).interpolate(x, oh, ow, align_corners ? Interp::BilinearAlignCorners : Interp::Bilinear);
   // torch's upsample_bilinear2d: source index = (dst + 0.5) * scale - 0.5 clamped at 0
   // (align_corners=False), or dst * (in-1)/(out-1) (align_corners=True).
   require_f32(x, "interpolate_bilinear");
@@ -619,6 +653,7 @@ Tensor interpolate_bilinear(const Tensor& x, int64_t oh, int64_t ow, bool align_
 }
 
 Tensor interpolate_bicubic(const Tensor& x, int64_t oh, int64_t ow) {
+  if (!x.is_cpu()) return backend(x.device()).interpolate(x, oh, ow, Interp::Bicubic);
   require_f32(x, "interpolate_bicubic");
   if (x.dim() != 4) throw Error("interpolate_bicubic expects NCHW");
   if (oh <= 0 || ow <= 0) throw Error("interpolate_bicubic: output size must be positive");
@@ -667,6 +702,7 @@ Tensor interpolate_bicubic(const Tensor& x, int64_t oh, int64_t ow) {
 }
 
 Tensor interpolate_nearest(const Tensor& x, int64_t oh, int64_t ow) {
+  if (!x.is_cpu()) return backend(x.device()).interpolate(x, oh, ow, Interp::Nearest);
   // torch 'nearest': src = floor(dst * in / out) computed in float.
   require_f32(x, "interpolate_nearest");
   int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
@@ -687,7 +723,7 @@ Tensor interpolate_nearest(const Tensor& x, int64_t oh, int64_t ow) {
 // ---- reductions ----------------------------------------------------------------------------------
 
 double max_abs(const Tensor& x) {
-  Tensor d = x.to(DType::F64);
+  Tensor d = x.cpu().to(DType::F64);
   double m = 0;
   for (int64_t i = 0; i < d.numel(); ++i) m = std::max(m, std::fabs(d.data<double>()[i]));
   return m;
@@ -698,7 +734,7 @@ double max_abs(const Tensor& x) {
 double max_abs_diff(const Tensor& a, const Tensor& b) {
   if (a.shape() != b.shape())
     throw Error("max_abs_diff: shapes differ: " + shape_str(a.shape()) + " vs " + shape_str(b.shape()));
-  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
+  Tensor x = a.cpu().to(DType::F64), y = b.cpu().to(DType::F64);
   double m = 0;
   for (int64_t i = 0; i < x.numel(); ++i) {
     const double xi = x.data<double>()[i], yi = y.data<double>()[i];

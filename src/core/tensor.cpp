@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include "core/backend.h"
 #include "core/errors.h"
 #include "core/limits.h"
 
@@ -150,10 +151,11 @@ uint64_t max_forward_bytes() {
   return limit;
 }
 
-Tensor Tensor::empty(Shape shape, DType dtype) {
+Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
+  t.device_ = device;
   size_t n = static_cast<size_t>(shape_numel(t.shape_));
   if (n > (SIZE_MAX / 2) / dtype_size(dtype)) throw Error("tensor of shape " + shape_str(t.shape_) + " is too large");
   if (n * dtype_size(dtype) > max_forward_bytes())
@@ -161,15 +163,21 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
                      " bytes, more than the limit of " + std::to_string(max_forward_bytes()) +
                      " (VF_MAX_FORWARD_BYTES): the input or config asks for too much memory");
   size_t bytes = std::max<size_t>(64, (n * dtype_size(dtype) + 63) / 64 * 64);
+  if (device.type == DeviceType::CUDA) {
+    t.holder_ = backend(device).allocate(bytes);
+    t.data_ = t.holder_.get();
+    return t;
+  }
   void* p = pool().get(bytes);
   t.data_ = p;
   t.holder_ = std::shared_ptr<void>(p, [bytes](void* q) { pool().put(q, bytes); });
   return t;
 }
 
-Tensor Tensor::zeros(Shape shape, DType dtype) {
-  Tensor t = empty(std::move(shape), dtype);
-  std::memset(t.data_, 0, t.nbytes());
+Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
+  Tensor t = empty(std::move(shape), dtype, device);
+  if (device.type == DeviceType::CUDA) backend(device).fill(t, 0.0f);
+  else std::memset(t.data_, 0, t.nbytes());
   return t;
 }
 
@@ -193,6 +201,29 @@ int64_t Tensor::size(int64_t d) const {
   if (d < 0) d += n;
   if (d < 0 || d >= n) throw Error("dimension " + std::to_string(d) + " out of range for shape " + shape_str(shape_));
   return shape_[d];
+}
+
+void Tensor::check_host(DType want) const {
+  if (!device_.is_cpu())
+    throw Error("host access to a tensor of shape " + shape_str(shape_) + " on " + device_.str() +
+                " (copy it with .cpu() first)");
+  check_dtype(want);
+}
+
+Tensor Tensor::retagged(Device d) const {
+  if (d.type == DeviceType::CUDA || device_.type == DeviceType::CUDA)
+    throw Error("retagged: only the CPU and the emulated device share memory");
+  Tensor t = *this;
+  t.device_ = d;
+  return t;
+}
+
+Tensor Tensor::to(Device d) const {
+  if (d == device_ || !defined()) return *this;
+  if (d.type != DeviceType::CUDA && device_.type != DeviceType::CUDA) return clone().retagged(d);
+  Tensor t = empty(shape_, dtype_, d);
+  t.copy_from(*this);
+  return t;
 }
 
 void Tensor::check_dtype(DType want) const {
@@ -235,8 +266,8 @@ Tensor Tensor::operator[](int64_t i) const {
 }
 
 Tensor Tensor::clone() const {
-  Tensor t = empty(shape_, dtype_);
-  if (nbytes()) std::memcpy(t.data_, data_, nbytes());
+  Tensor t = empty(shape_, dtype_, device_);
+  t.copy_from(*this);
   return t;
 }
 
@@ -244,16 +275,40 @@ void Tensor::copy_from(const Tensor& src) {
   if (src.numel() != numel() || src.dtype() != dtype_)
     throw Error("copy_from: " + shape_str(src.shape()) + " " + dtype_name(src.dtype()) + " into " +
                 shape_str(shape_) + " " + dtype_name(dtype_));
-  if (nbytes()) std::memcpy(data_, src.data_, nbytes());
+  if (!nbytes()) return;
+  bool to_cuda = device_.type == DeviceType::CUDA, from_cuda = src.device_.type == DeviceType::CUDA;
+  if (to_cuda && from_cuda) {
+    if (device_ != src.device_) throw Error("copy_from: between two GPUs");
+    backend(device_).copy_on_device(data_, src.data_, nbytes());
+  } else if (to_cuda) {
+    backend(device_).copy_to_device(data_, src.data_, nbytes());
+  } else if (from_cuda) {
+    backend(src.device_).copy_to_host(data_, src.data_, nbytes());
+  } else {
+    std::memcpy(data_, src.data_, nbytes());
+  }
 }
 
 void Tensor::fill(float value) {
+  if (device_.type == DeviceType::CUDA) {
+    if (dtype_ != DType::F32 && value != 0.0f) {
+      copy_from(Tensor::full(shape_, value).to(dtype_));
+      return;
+    }
+    backend(device_).fill(*this, value);
+    return;
+  }
+  if (!device_.is_cpu()) {
+    Tensor host = retagged(Device::cpu());
+    host.fill(value);
+    return;
+  }
   if (dtype_ == DType::F32) {
     std::fill_n(f32(), numel(), value);
     return;
   }
   Tensor f = Tensor::full(shape_, value).to(dtype_);
-  copy_from(f);
+  std::memcpy(data_, f.data_, nbytes());
 }
 
 namespace {
@@ -306,6 +361,8 @@ void visit_read(const Tensor& t, F&& f) {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return *this;
+  if (device_.type == DeviceType::CUDA) return backend(device_).convert(*this, dtype);
+  if (!device_.is_cpu()) return retagged(Device::cpu()).to(dtype).retagged(device_);
   Tensor out = empty(shape_, dtype);
   void* q = out.data_;
   // float -> float keeps full precision through double; integers truncate like torch's .to().
@@ -325,6 +382,7 @@ Tensor Tensor::to(DType dtype) const {
 }
 
 double Tensor::at(int64_t flat_index) const {
+  check_host(dtype_);
   if (flat_index < 0 || flat_index >= numel()) throw Error("at: index out of range");
   double r = 0;
   Tensor one = *this;

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "core/device.h"
+
 namespace vf {
 
 enum class DType : uint8_t { F32, F64, F16, BF16, I64, I32, I16, I8, U8, Bool };
@@ -42,8 +44,8 @@ class Tensor {
  public:
   Tensor() = default;
 
-  static Tensor empty(Shape shape, DType dtype = DType::F32);
-  static Tensor zeros(Shape shape, DType dtype = DType::F32);
+  static Tensor empty(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
+  static Tensor zeros(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
   static Tensor full(Shape shape, float value);
   // Wraps memory owned by `owner` (an mmap'd file, another tensor) without copying.
   static Tensor wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner);
@@ -68,12 +70,29 @@ class Tensor {
   int64_t numel() const { return shape_numel(shape_); }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+  bool is_cpu() const { return device_.is_cpu(); }
 
+  // A copy on `d` (this tensor itself when it is there already).
+  Tensor to(Device d) const;
+  Tensor cpu() const { return to(Device::cpu()); }
+  // For parameters: this tensor on `d`, copied at the first call and kept for as long as this
+  // tensor's memory lives, so a weight used on a device every forward is uploaded once. Only for
+  // tensors nobody writes to after their first use on the device.
+  Tensor on(Device d) const;
+  // The object that keeps this tensor's memory alive (shared by its views).
+  const std::shared_ptr<void>& storage_owner() const { return holder_; }
+  // The same memory seen as being on `d`: only between the CPU and the emulated device, which
+  // share host memory (the emulated backend runs the CPU kernels through it).
+  Tensor retagged(Device d) const;
+
+  // Host data: throws for a tensor on a device (call cpu() first). raw() is the address on the
+  // tensor's own device, for backends.
   void* raw() { return data_; }
   const void* raw() const { return data_; }
-  template <class T> T* data() { check_dtype(dtype_of<T>::value); return static_cast<T*>(data_); }
+  template <class T> T* data() { check_host(dtype_of<T>::value); return static_cast<T*>(data_); }
   template <class T> const T* data() const {
-    check_dtype(dtype_of<T>::value);
+    check_host(dtype_of<T>::value);
     return static_cast<const T*>(data_);
   }
   float* f32() { return data<float>(); }
@@ -84,21 +103,23 @@ class Tensor {
   Tensor slice0(int64_t begin, int64_t end) const;  // rows [begin, end) of dim 0
   Tensor operator[](int64_t i) const;       // row i of dim 0, dim 0 dropped
 
-  Tensor clone() const;
+  Tensor clone() const;  // on the same device
   Tensor to(DType dtype) const;  // value conversion (float <-> integer types, f16/bf16 -> f32)
-  void copy_from(const Tensor& src);  // same numel and dtype
+  void copy_from(const Tensor& src);  // same numel and dtype; any devices
   void fill(float value);
 
-  // Element access for small tensors and tests (slow: not for hot loops).
+  // Element access for small tensors and tests (slow: not for hot loops; host tensors only).
   double item() const;
   double at(int64_t flat_index) const;
 
  private:
   void check_dtype(DType want) const;
+  void check_host(DType want) const;
   std::shared_ptr<void> holder_;
   void* data_ = nullptr;
   Shape shape_;
   DType dtype_ = DType::F32;
+  Device device_;
 };
 
 // Bytes currently held by the buffer pool (free, ready for reuse) and in use.

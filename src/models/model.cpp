@@ -97,6 +97,7 @@ std::unique_ptr<Model> create_model(const json& config, const std::string& archi
   }
   model->model_type = model_type;
   model->architecture = arch;
+  model->device = load_device();
   if (model->id2label.empty()) model->id2label = read_id2label(config);
   return model;
 }
@@ -148,6 +149,20 @@ std::vector<std::string> read_id2label(const json& config) {
   for (size_t i = 0; i < labels.size(); ++i) labels[i] = "LABEL_" + std::to_string(i);
   for (auto& [k, v] : m) labels[k] = v;
   return labels;
+}
+
+ModelOutput Model::infer(const ModelInputs& inputs) const {
+  if (device.is_cpu()) return forward(inputs);
+  // One forward at a time per process on a device: its backend's handles and stream serve one
+  // caller (a server batches requests instead of running them side by side).
+  static std::mutex device_mutex;
+  std::lock_guard<std::mutex> lock(device_mutex);
+  ModelInputs in = inputs;
+  in.pixel_values = inputs.pixel_values.to(device);
+  ModelOutput on_device = forward(in);
+  ModelOutput out;
+  for (auto& [name, t] : on_device.items()) out.set(name, t.cpu());
+  return out;
 }
 
 }  // namespace vf

@@ -44,7 +44,13 @@ struct ModelInputs {
 class Model {
  public:
   virtual ~Model() = default;
+  // The reference's forward. pixel_values may be on `device` or on the CPU; outputs are on `device`.
   virtual ModelOutput forward(const ModelInputs& inputs) const = 0;
+  // forward() with pixel_values copied to `device` first and every output copied back to the host
+  // after (masks, labels and head masks stay on the host: the models read them there).
+  ModelOutput infer(const ModelInputs& inputs) const;
+  // Where the weighted layers were prepared (the LoadDeviceScope the model was built in).
+  Device device;
   // Label names of classification / detection heads (config id2label), empty if none.
   std::vector<std::string> id2label;
   std::string model_type;

@@ -209,7 +209,7 @@ class Batcher {
 
   void run_one(Job& j) {
     if (j.from_pixels) {
-      j.output = p_.model->forward(j.inputs);
+      j.output = p_.model->infer(j.inputs);
       return;
     }
     if (j.want_tensors) j.output = p_.run(j.images);

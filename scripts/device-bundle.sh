@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Makes .device/ (git-ignored): what scripts/device-test.sh needs on a GPU machine that has the CUDA
+# toolkit and cuDNN but none of the project's Debian libraries (the device tool's machines): the
+# CUDA build's binaries, the shared libraries they need beyond glibc and CUDA, and the golden cases.
+#
+#   cmake -B build-cuda -DVF_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc
+#   cmake --build build-cuda -j --target vf vf_cuda_tests vf_bench
+#   scripts/device-bundle.sh            # then: scripts/device-test.sh on the GPU machine
+#
+# GOLDEN_CASES (a space-separated list of case names) limits the goldens carried; by default every
+# case of ../shared/goldens that runs a model. Archives are xz: the device tool carries 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${BUILD_DIR:-build-cuda}
+goldens=${GOLDENS:-../shared/goldens}
+out=.device
+mkdir -p "$out/bin"
+for b in vf tests/vf_cuda_tests bench/vf_bench; do
+  [ -x "$build/$b" ] && strip -o "$out/bin/$(basename "$b")" "$build/$b"
+done
+
+# Libraries: everything the binaries load except glibc, the C++ runtime and CUDA's own (the GPU
+# machine has newer ones of those).
+libs=$(mktemp -d)
+for b in "$out"/bin/*; do
+  ldd "$b" | awk '/=> \//{print $3}'
+done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libcudnn[^/]*)\.so' |
+  while read -r f; do cp -L "$f" "$libs/"; done
+stamp="$out/libs.list"
+ls "$libs" > "$stamp.new"
+if ! cmp -s "$stamp.new" "$stamp" || [ ! -f "$out/libs.tar.xz" ]; then
+  tar -C "$libs" -cf - . | xz -T2 -6 > "$out/libs.tar.xz"
+  mv "$stamp.new" "$stamp"
+fi
+rm -rf "$libs" "$stamp.new"
+
+cases=${GOLDEN_CASES:-$(for c in "$goldens"/*/; do
+  c=$(basename "$c"); [ -f "$goldens/$c/case.json" ] || continue
+  case $c in proc-*|postproc-*) continue;; esac; echo "$c"; done)}
+echo "$cases" | tr ' ' '\n' | grep . > "$out/cases.list"
+tar -C "$goldens" -cf - images $(cat "$out/cases.list") | xz -T2 -6 > "$out/goldens.tar.xz"
+du -sh "$out"/* | sort -h

@@ -1,0 +1,95 @@
+// The interface a device backend implements: memory, copies, and every op of ops.h, attention.h and
+// deformable_attention.h for tensors that live on its device.
+//
+// The public ops (ops.h) check their inputs' device first and hand device tensors to the backend;
+// the CPU code stays where it was. An input that is still on the CPU (a parameter) is brought over
+// with Tensor::on(device), which copies it once and keeps the copy for as long as the parameter lives.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "core/attention.h"
+#include "core/deformable_attention.h"
+#include "core/device.h"
+#include "core/ops.h"
+#include "core/tensor.h"
+
+namespace vf {
+
+enum class BinaryOp { Add, Sub, Mul, Div };
+enum class Interp { Nearest, Bilinear, BilinearAlignCorners, Bicubic };
+
+// A Conv2d or Linear whose weights were prepared for a device at load.
+class DeviceLayer {
+ public:
+  virtual ~DeviceLayer() = default;
+  virtual Tensor forward(const Tensor& x, const Tensor* residual) const = 0;
+};
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  // ---- memory ----
+  // `bytes` of device memory; the returned owner frees it (back to the backend's pool).
+  virtual std::shared_ptr<void> allocate(size_t bytes) = 0;
+  // Copies between host and device or within the device; returns when `dst` may be read on the host
+  // (a copy to the host) or is ordered before every later op (a copy to the device).
+  virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
+  virtual void fill(Tensor& x, float value) = 0;  // float32; other dtypes: value 0 only
+  virtual Tensor convert(const Tensor& x, DType to) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- weighted layers ----
+  // nullptr: the backend runs the layer through the CPU objects (the emulated device does).
+  virtual std::shared_ptr<DeviceLayer> make_conv2d(const Tensor& weight, const Tensor& bias,
+                                                   const Conv2dOptions& opt) = 0;
+  virtual std::shared_ptr<DeviceLayer> make_linear(const Tensor& weight, const Tensor& bias, Act act) = 0;
+
+  // ---- ops (see ops.h for their meaning) ----
+  virtual void act_inplace(Tensor& x, Act a) = 0;
+  virtual Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) = 0;
+  virtual Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps) = 0;
+  virtual Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
+                                 Act a) = 0;
+  virtual Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act a) = 0;
+  virtual Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) = 0;
+  virtual void softmax_lastdim_inplace(Tensor& x) = 0;
+  virtual Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, int pr, bool ceil_mode) = 0;
+  virtual Tensor avg_pool2d_nhwc(const Tensor& x, int k, int s, int pad, bool count_include_pad) = 0;
+  virtual Tensor global_avg_pool_nhwc(const Tensor& x) = 0;
+  virtual Tensor permute(const Tensor& x, const std::vector<int>& perm) = 0;
+  virtual Tensor pad_nhwc(const Tensor& x, int top, int left, int bottom, int right, float value) = 0;
+  virtual Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) = 0;
+  virtual Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift,
+                                int64_t out_h, int64_t out_w) = 0;
+  virtual Tensor cat(const std::vector<Tensor>& xs, int64_t dim) = 0;
+  virtual Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) = 0;
+  virtual Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) = 0;
+  virtual void add_inplace(Tensor& a, const Tensor& b) = 0;
+  virtual Tensor scale(const Tensor& x, float s) = 0;
+  virtual Tensor mul_lastdim(const Tensor& x, const Tensor& gamma) = 0;
+  virtual Tensor interpolate(const Tensor& x, int64_t out_h, int64_t out_w, Interp mode) = 0;
+  virtual Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
+                                      const AttentionOptions& opt) = 0;
+  virtual Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels,
+                                const Tensor& sampling_locations, const Tensor& attention_weights) = 0;
+};
+
+// The backend of a non-CPU device (throws for the CPU, or a device this build or machine lacks).
+DeviceBackend& backend(Device d);
+// The device an op with these inputs runs on: the first input not on the CPU, else the CPU.
+Device op_device(std::initializer_list<const Tensor*> inputs);
+
+// Backends, defined in their own files.
+DeviceBackend& emulated_backend();
+#ifdef VF_WITH_CUDA
+DeviceBackend& cuda_backend(int index);
+int cuda_device_count();
+#endif
+
+}  // namespace vf

@@ -1,0 +1,89 @@
+// The CUDA kernels of the backend, as host functions that enqueue them on a stream.
+//
+// Pointers are device pointers to contiguous float32 data unless a parameter says otherwise; every
+// function returns at once (the work is ordered on `stream`). Each mirrors a CPU op of ops.cpp,
+// attention.cpp or deformable_attention.cpp and computes the same function in float32 (the index
+// arithmetic and the order of operations follow the CPU code, so results agree to rounding).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/ops.h"
+
+namespace vf::cuda {
+
+// Up to this many dims in the generic index kernels (permute, broadcasting).
+constexpr int kMaxDims = 8;
+
+// ---- elementwise (elementwise.cu) ----
+void act_inplace(float* x, int64_t n, Act a, cudaStream_t s);
+// The epilogues of a product y [rows, cols]; bias and residual may be null.
+//   residual_before_act (Conv2d): y = act(y + bias[c] + residual)
+//   otherwise (Linear):           y = act(y + bias[c]) + residual
+void bias_act(float* y, const float* bias, const float* residual, int64_t rows, int64_t cols, Act a,
+              bool residual_before_act, cudaStream_t s);
+// out = a op b with numpy broadcasting: `shape` is the output's (dims <= kMaxDims), a_strides and
+// b_strides the element strides of a and b over it (0 on a broadcast dim). op: 0 add 1 sub 2 mul 3 div.
+void binary(int op, float* out, const float* a, const float* b, const int64_t* shape, const int64_t* a_strides,
+            const int64_t* b_strides, int dims, int64_t n, cudaStream_t s);
+void add_inplace(float* a, const float* b, int64_t n, cudaStream_t s);
+void scale(float* y, const float* x, float s_, int64_t n, cudaStream_t s);
+// y[r, c] = x[r, c] * scale[c] + shift[c] (shift may be null), then act.
+void channel_affine(float* y, const float* x, const float* scale, const float* shift, int64_t rows, int64_t cols,
+                    Act a, cudaStream_t s);
+void fill(float* x, float value, int64_t n, cudaStream_t s);
+// dtype conversion through double, as Tensor::to: `from`/`to` are DType values.
+void convert(void* out, int to, const void* in, int from, int64_t n, cudaStream_t s);
+
+// ---- normalisation and softmax (norm.cu) ----
+void layer_norm(float* y, const float* x, const float* w, const float* b, int64_t rows, int64_t cols, float eps,
+                cudaStream_t s);
+// Softmax over rows of `cols`, in place.
+void softmax_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s);
+// The attention probabilities from raw scores [B, H, Lq, Lk] (= Q K^T), in place, in the CPU
+// kernel's order: s * scale, + bias[h] ([H, Lq, Lk], may be null), + batch_bias[b % M] ([M, Lq, Lk],
+// may be null), softmax over Lk, then * head_mask[h] ([H], may be null).
+void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, const float* bias,
+                       const float* batch_bias, int64_t M, const float* head_mask, cudaStream_t s);
+
+// ---- layout (layout.cu) ----
+// Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where
+// idx is i's multi-index over out_shape.
+void permute(void* out, const void* in, const int64_t* out_shape, const int64_t* src_strides, int dims,
+             int64_t n, int elem_size, cudaStream_t s);
+void pad_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int top, int left, int bottom,
+              int right, float value, cudaStream_t s);
+void window_partition(float* y, const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t window,
+                      int64_t shift, cudaStream_t s);
+void window_reverse(float* y, const float* windows, int64_t B, int64_t H, int64_t W, int64_t C, int64_t window,
+                    int64_t shift, int64_t out_h, int64_t out_w, cudaStream_t s);
+
+// ---- pooling (pool.cu) ----
+void max_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
+                     int k, int stride, int pad_top, int pad_left, cudaStream_t s);
+void avg_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
+                     int k, int stride, int pad, bool count_include_pad, cudaStream_t s);
+void global_avg_pool_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, cudaStream_t s);
+// GroupNorm over NHWC (groups over C), optional activation.
+void group_norm_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, int groups, const float* w,
+                     const float* b, float eps, Act a, cudaStream_t s);
+// ConvNeXt V2's GRN on NHWC.
+void grn_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, const float* gamma, const float* beta,
+              float eps, cudaStream_t s);
+
+// ---- resampling (interpolate.cu), NCHW ----
+// mode: 0 nearest, 1 bilinear, 2 bilinear align_corners, 3 bicubic.
+void interpolate(float* y, const float* x, int64_t nc, int64_t h, int64_t w, int64_t oh, int64_t ow, int mode,
+                 cudaStream_t s);
+
+// ---- multi-scale deformable sampling (deformable.cu) ----
+// value [B, S, heads, D]; locations [B, Q, heads, L, P, 2]; weights [B, Q, heads, L, P]; out [B, Q, heads*D].
+// level_hw_start: device array of 3*L int64 (height, width, start) per level.
+void ms_deform_attn(float* out, const float* value, const int64_t* level_hw_start, const float* locations,
+                    const float* weights, int64_t B, int64_t S, int64_t heads, int64_t D, int64_t L, int64_t Q,
+                    int64_t P, cudaStream_t s);
+
+}  // namespace vf::cuda

@@ -1,0 +1,257 @@
+// The CUDA backend against the CPU ops, op by op, on random inputs (built only with -DVF_CUDA=ON and
+// run on a machine with a GPU: scripts/device-test.sh). The CPU ops are the independent side: the
+// golden cases check them against transformers. Tolerances are those of float32 arithmetic done in
+// another order (cuDNN / cuBLAS block their sums; the kernels reduce across a warp).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/attention.h"
+#include "core/deformable_attention.h"
+#include "core/device.h"
+#include "core/ops.h"
+
+namespace vf {
+namespace {
+
+const Device kGpu = Device::cuda(0);
+
+Tensor randn(Shape shape, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  Tensor t = Tensor::empty(std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(gen);
+  return t;
+}
+
+Tensor uniform(Shape shape, uint32_t seed, float lo, float hi) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  Tensor t = Tensor::empty(std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(gen);
+  return t;
+}
+
+// |gpu - cpu| <= atol + rtol * |cpu| everywhere, the GPU result poisoned nowhere (NaN fails), the
+// shapes equal, and the result really came from the device.
+void expect_close(const Tensor& gpu, const Tensor& cpu, double atol = 1e-5, double rtol = 1e-5,
+                  const std::string& what = "") {
+  ASSERT_EQ(gpu.device(), kGpu) << what;
+  ASSERT_EQ(gpu.shape(), cpu.shape()) << what << ": " << shape_str(gpu.shape()) << " vs " << shape_str(cpu.shape());
+  Tensor g = gpu.cpu().to(DType::F64), c = cpu.to(DType::F64);
+  ASSERT_GT(c.numel(), 0) << what;
+  double worst = 0;
+  int64_t worst_i = 0;
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    double a = g.data<double>()[i], b = c.data<double>()[i];
+    double excess = std::fabs(a - b) - (atol + rtol * std::fabs(b));
+    if (!(excess <= 0) && (std::isnan(excess) || excess > worst)) {
+      worst = std::isnan(excess) ? INFINITY : excess;
+      worst_i = i;
+    }
+  }
+  EXPECT_EQ(worst, 0) << what << ": element " << worst_i << " is " << g.data<double>()[worst_i] << " on the GPU, "
+                      << c.data<double>()[worst_i] << " on the CPU";
+}
+
+TEST(CudaOps, CopiesRoundTrip) {
+  Tensor x = randn({3, 5, 7}, 1);
+  Tensor g = x.to(kGpu);
+  EXPECT_EQ(g.device(), kGpu);
+  EXPECT_THROW(g.f32(), Error);
+  EXPECT_EQ(max_abs_diff(g.cpu(), x), 0);
+  Tensor c = g.clone();
+  c.fill(2.5f);
+  EXPECT_EQ(c.cpu().f32()[17], 2.5f);
+  EXPECT_EQ(g.cpu().f32()[17], x.f32()[17]);
+  Tensor i = Tensor::from_vector<int64_t>({4}, {-3, 0, 7, 1 << 20}).to(kGpu);
+  Tensor f = i.to(DType::F32).cpu();
+  EXPECT_EQ(f.f32()[0], -3.0f);
+  EXPECT_EQ(f.f32()[3], float(1 << 20));
+  // A parameter is uploaded once and the same copy is reused.
+  Tensor p1 = x.on(kGpu), p2 = x.on(kGpu);
+  EXPECT_EQ(p1.raw(), p2.raw());
+}
+
+TEST(CudaOps, Activations) {
+  Tensor x = randn({1000}, 2, 3.0f);
+  for (Act a : {Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Selu, Act::Sigmoid, Act::Tanh, Act::QuickGelu,
+                Act::Relu6, Act::LeakyRelu, Act::GeluClip10, Act::HardSwish, Act::Mish, Act::Relu2, Act::Laplace,
+                Act::SqrtSoftplus})
+    expect_close(act(x.to(kGpu), a), act(x, a), 1e-6, 1e-5, "act " + std::to_string(int(a)));
+}
+
+TEST(CudaOps, Norms) {
+  Tensor x = randn({2, 5, 6, 32}, 3, 2.0f), w = randn({32}, 4), b = randn({32}, 5);
+  expect_close(layer_norm(x.to(kGpu), w, b, 1e-5f), layer_norm(x, w, b, 1e-5f), 1e-5, 1e-5, "layer_norm");
+  Tensor wide = randn({7, 3000}, 6);
+  Tensor ww = randn({3000}, 7), wb = randn({3000}, 8);
+  expect_close(layer_norm(wide.to(kGpu), ww, wb, 1e-6f), layer_norm(wide, ww, wb, 1e-6f), 1e-5, 1e-5, "wide layer_norm");
+  expect_close(group_norm_nhwc(x.to(kGpu), 8, w, b, 1e-5f, Act::Relu), group_norm_nhwc(x, 8, w, b, 1e-5f, Act::Relu),
+               1e-5, 1e-5, "group_norm");
+  expect_close(channel_affine(x.to(kGpu), w, b, Act::Relu), channel_affine(x, w, b, Act::Relu), 1e-6, 1e-6, "affine");
+  expect_close(grn_nhwc(x.to(kGpu), w, b), grn_nhwc(x, w, b), 1e-5, 1e-5, "grn");
+  Tensor s = randn({37, 301}, 9, 4.0f), sg = s.to(kGpu);
+  softmax_lastdim_inplace(s);
+  softmax_lastdim_inplace(sg);
+  expect_close(sg, s, 1e-7, 1e-5, "softmax");
+}
+
+TEST(CudaOps, Pooling) {
+  Tensor x = randn({2, 11, 13, 5}, 10);
+  expect_close(max_pool2d_nhwc(x.to(kGpu), 3, 2, 1, 1, 1, 1), max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1), 0, 0, "max_pool");
+  expect_close(max_pool2d_nhwc(x.to(kGpu), 3, 2, 0, 1, 1, 0, true), max_pool2d_nhwc(x, 3, 2, 0, 1, 1, 0, true), 0, 0,
+               "max_pool ceil");
+  expect_close(avg_pool2d_nhwc(x.to(kGpu), 3, 2, 1, false), avg_pool2d_nhwc(x, 3, 2, 1, false), 1e-6, 1e-6, "avg_pool");
+  expect_close(avg_pool2d_nhwc(x.to(kGpu), 2, 2, 0, true), avg_pool2d_nhwc(x, 2, 2, 0, true), 1e-6, 1e-6, "avg_pool 2");
+  expect_close(global_avg_pool_nhwc(x.to(kGpu)), global_avg_pool_nhwc(x), 1e-6, 1e-6, "global_avg_pool");
+}
+
+TEST(CudaOps, Layout) {
+  Tensor x = randn({2, 3, 4, 5}, 11);
+  expect_close(permute(x.to(kGpu), {3, 1, 0, 2}), permute(x, {3, 1, 0, 2}), 0, 0, "permute");
+  expect_close(nchw_to_nhwc(x.to(kGpu)), nchw_to_nhwc(x), 0, 0, "nchw_to_nhwc");
+  expect_close(transpose_last2(x.to(kGpu)), transpose_last2(x), 0, 0, "transpose_last2");
+  expect_close(pad_nhwc(x.to(kGpu), 1, 2, 0, 3, -1.5f), pad_nhwc(x, 1, 2, 0, 3, -1.5f), 0, 0, "pad");
+  Tensor y = randn({2, 3, 5, 4}, 12);
+  expect_close(cat({x.to(kGpu), y.to(kGpu)}, 2), cat({x, y}, 2), 0, 0, "cat");
+  expect_close(cat({x.to(kGpu), y}, -2), cat({x, y}, -2), 0, 0, "cat with a host tensor");
+  expect_close(narrow(y.to(kGpu), 2, 1, 3), narrow(y, 2, 1, 3), 0, 0, "narrow");
+  Tensor m = randn({2, 12, 8, 6}, 13);
+  expect_close(window_partition(m.to(kGpu), 4, 2), window_partition(m, 4, 2), 0, 0, "window_partition");
+  Tensor w = window_partition(m, 4, 2);
+  expect_close(window_reverse(w.to(kGpu), 4, 12, 8, 2, 11, 7), window_reverse(w, 4, 12, 8, 2, 11, 7), 0, 0,
+               "window_reverse");
+}
+
+TEST(CudaOps, Elementwise) {
+  Tensor a = randn({2, 3, 4}, 14), b = randn({3, 1}, 15), c = uniform({4}, 16, 0.5f, 2.0f);
+  expect_close(add(a.to(kGpu), b.to(kGpu)), add(a, b), 0, 0, "add");
+  expect_close(sub(a.to(kGpu), b), sub(a, b), 0, 0, "sub");
+  expect_close(mul(b.to(kGpu), a.to(kGpu)), mul(b, a), 0, 0, "mul");
+  expect_close(div(a.to(kGpu), c.to(kGpu)), div(a, c), 0, 1e-7, "div");
+  Tensor g = a.to(kGpu);
+  Tensor a2 = a.clone();
+  add_inplace(g, a2.to(kGpu));
+  add_inplace(a2, a);
+  expect_close(g, a2, 0, 0, "add_inplace");
+  expect_close(scale(a.to(kGpu), 0.125f), scale(a, 0.125f), 0, 0, "scale");
+  expect_close(mul_lastdim(a.to(kGpu), c), mul_lastdim(a, c), 0, 0, "mul_lastdim");
+}
+
+TEST(CudaOps, Interpolate) {
+  Tensor x = randn({2, 3, 7, 9}, 17);
+  expect_close(interpolate_bilinear(x.to(kGpu), 13, 5), interpolate_bilinear(x, 13, 5), 1e-5, 1e-5, "bilinear");
+  expect_close(interpolate_bilinear(x.to(kGpu), 4, 17, true), interpolate_bilinear(x, 4, 17, true), 1e-5, 1e-5,
+               "bilinear align_corners");
+  expect_close(interpolate_nearest(x.to(kGpu), 15, 4), interpolate_nearest(x, 15, 4), 0, 0, "nearest");
+  expect_close(interpolate_bicubic(x.to(kGpu), 10, 12), interpolate_bicubic(x, 10, 12), 1e-5, 1e-5, "bicubic");
+}
+
+TEST(CudaOps, MatmulAndLayers) {
+  Tensor a = randn({3, 17, 33}, 18), b = randn({3, 33, 9}, 19), bt = randn({3, 9, 33}, 20);
+  expect_close(matmul(a.to(kGpu), b.to(kGpu)), matmul(a, b), 1e-4, 1e-5, "matmul");
+  expect_close(matmul(a.to(kGpu), bt.to(kGpu), true, 0.5f), matmul(a, bt, true, 0.5f), 1e-4, 1e-5, "matmul trans_b");
+
+  Tensor w = randn({24, 33}, 21, 0.2f), bias = randn({24}, 22);
+  Tensor x = randn({2, 17, 33}, 23), res = randn({2, 17, 24}, 24);
+  Linear cpu_lin(w, bias, Act::Gelu);
+  Linear cpu_res(w, bias);
+  LoadDeviceScope on(kGpu);
+  Linear gpu_lin(w, bias, Act::Gelu);
+  Linear gpu_res(w, bias);
+  Linear gpu_silu(w, bias, Act::Mish);  // not fusable on the CPU: applied apart on the GPU
+  expect_close(gpu_lin.forward(x.to(kGpu)), cpu_lin.forward(x), 1e-5, 1e-5, "linear gelu");
+  Tensor rg = res.to(kGpu);
+  expect_close(gpu_res.forward(x.to(kGpu), &rg), cpu_res.forward(x, &res), 1e-5, 1e-5, "linear residual");
+  expect_close(gpu_silu.forward(x.to(kGpu)), act(cpu_res.forward(x), Act::Mish), 1e-5, 1e-5, "linear mish");
+}
+
+struct ConvCase {
+  int64_t n, h, w, in, out, k;
+  Conv2dOptions opt;
+};
+
+TEST(CudaOps, Conv2d) {
+  std::vector<ConvCase> cases;
+  Conv2dOptions o;
+  cases.push_back({2, 13, 11, 8, 16, 3, o});                    // plain, no padding
+  o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = 1;
+  o.stride_h = o.stride_w = 2;
+  o.act = Act::Relu;
+  cases.push_back({1, 17, 15, 8, 12, 3, o});                    // stride 2, padding, relu
+  Conv2dOptions dw;
+  dw.pad_top = dw.pad_left = dw.pad_bottom = dw.pad_right = 3;
+  dw.groups = 16;
+  cases.push_back({1, 14, 14, 16, 16, 7, dw});                  // depthwise 7x7 (ConvNeXt)
+  Conv2dOptions same;
+  same.dynamic_same = true;
+  same.stride_h = same.stride_w = 2;
+  cases.push_back({1, 16, 15, 6, 10, 3, same});                 // TF SAME: asymmetric padding (BiT)
+  Conv2dOptions asym;
+  asym.pad_top = 0, asym.pad_left = 1, asym.pad_bottom = 2, asym.pad_right = 1;
+  asym.dilation_h = asym.dilation_w = 2;
+  asym.groups = 2;
+  cases.push_back({2, 12, 13, 8, 6, 3, asym});                  // asymmetric, dilated, grouped
+  Conv2dOptions patch;
+  patch.stride_h = patch.stride_w = 4;
+  cases.push_back({1, 32, 32, 3, 24, 4, patch});                // patch embedding
+  uint32_t seed = 100;
+  for (auto& c : cases) {
+    Tensor w = randn({c.out, c.in / c.opt.groups, c.k, c.k}, seed++, 0.3f), b = randn({c.out}, seed++);
+    Tensor x = randn({c.n, c.h, c.w, c.in}, seed++);
+    Conv2d cpu(w, b, c.opt);
+    Tensor want = cpu.forward(x);
+    Tensor res = randn(want.shape(), seed++);
+    Tensor want_res = cpu.forward(x, &res);
+    LoadDeviceScope on(kGpu);
+    Conv2d gpu(w, b, c.opt);
+    std::string what = "conv " + std::to_string(c.k) + "x" + std::to_string(c.k) + " groups " + std::to_string(c.opt.groups);
+    expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, what);
+    Tensor rg = res.to(kGpu);
+    expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-4, 1e-5, what + " + residual");
+    // A host input on a GPU layer is computed there and comes back to the host.
+    Tensor back = gpu.forward(x);
+    EXPECT_TRUE(back.is_cpu());
+    EXPECT_LT(max_abs_diff(back, want), 1e-3);
+  }
+}
+
+TEST(CudaOps, Attention) {
+  const int64_t B = 2, Lq = 37, Lk = 45, H = 3, d = 16;
+  Tensor q = randn({B, Lq, H * d}, 30), k = randn({B, Lk, H * d}, 31), v = randn({B, Lk, H * d}, 32);
+  AttentionOptions opt;
+  opt.scale = 0.25f;
+  opt.bias = randn({H, Lq, Lk}, 33);
+  opt.batch_bias = randn({2, Lq, Lk}, 34);
+  opt.head_mask = uniform({H}, 35, 0.0f, 1.0f);
+  Tensor probs_cpu, probs_gpu;
+  opt.probs = &probs_cpu;
+  Tensor want = multi_head_attention(q, k, v, H, opt);
+  opt.probs = &probs_gpu;
+  Tensor got = multi_head_attention(q.to(kGpu), k.to(kGpu), v.to(kGpu), H, opt);
+  expect_close(got, want, 1e-5, 1e-4, "attention");
+  expect_close(probs_gpu, probs_cpu, 1e-6, 1e-4, "attention probabilities");
+  Tensor qkv = randn({B, Lq, 3 * H * d}, 36);
+  AttentionOptions plain;
+  plain.scale = 0.125f;
+  expect_close(multi_head_attention_packed(qkv.to(kGpu), H, plain), multi_head_attention_packed(qkv, H, plain), 1e-5,
+               1e-4, "packed attention");
+}
+
+TEST(CudaOps, DeformableSampling) {
+  const int64_t B = 2, NH = 4, D = 8, Q = 19, P = 3;
+  auto levels = deform_levels({{9, 11}, {5, 6}, {3, 3}});
+  const int64_t L = int64_t(levels.size()), S = 9 * 11 + 5 * 6 + 3 * 3;
+  Tensor value = randn({B, S, NH, D}, 40);
+  Tensor loc = uniform({B, Q, NH, L, P, 2}, 41, -0.1f, 1.1f);  // some samples fall outside: zero padding
+  Tensor w = uniform({B, Q, NH, L, P}, 42, 0.0f, 1.0f);
+  expect_close(ms_deform_attn(value.to(kGpu), levels, loc.to(kGpu), w.to(kGpu)), ms_deform_attn(value, levels, loc, w),
+               1e-5, 1e-5, "ms_deform_attn");
+}
+
+}  // namespace
+}  // namespace vf
