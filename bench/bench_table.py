@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--models", default=",".join(m[0] for m in MODELS), help="comma-separated vf_bench names")
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-export", action="store_true", help="time the ONNX files there are, export none")
     ap.add_argument("--bench", default=os.path.join(ROOT, os.environ.get("BUILD_DIR", "build"), "bench", "vf_bench"))
     ap.add_argument("--python", default=os.environ.get("PYTHON", "/usr/bin/python3" if os.path.exists(
         "/usr/bin/python3") else sys.executable), help="the Python with torch / onnxruntime")
@@ -155,7 +156,7 @@ def main():
         manifest_path = os.path.join(a.onnx_dir, "manifest.json")
         manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
         missing = [n for n in names if n not in manifest]
-        if missing and has_module(a.python, "torch"):
+        if missing and not a.no_export and has_module(a.python, "torch"):
             log(f"exporting {', '.join(missing)} to ONNX in {a.onnx_dir}")
             for line in run_json_lines([a.python, os.path.join(HERE, "ort_bench.py"), "export", "--out", a.onnx_dir]
                                        + missing, env, a.timeout):
