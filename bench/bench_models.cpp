@@ -1,11 +1,28 @@
-// Whole-model latency, batch 1, float32, the Hub architectures with deterministic random weights
-// (the speed does not depend on the values). bench/run.sh runs this beside bench/torch_bench.py
-// on the same machine and thread count and prints the ratios.
+// Whole-model speed, float32, the Hub architectures with deterministic random weights (the speed does
+// not depend on the values). bench/run.sh runs each benchmark in a fresh process, beside ONNX Runtime
+// and PyTorch on the same machine and thread count, and prints one table.
+//
+//   BM_<Model>             batch-1 latency; counters: threads, peak_rss_mb (this process's peak, so
+//                          per model when the process runs one benchmark, as run.sh does)
+//   BM_<Model>/batch       throughput: one model, VF_BENCH_BATCH images (default 8; 2 at 800×1066)
+//                          in one forward on all VF_THREADS threads; items_per_second = images/s
+//   BM_<Model>/inflight    throughput: VF_BENCH_WORKERS models (default: VF_THREADS), each on its own
+//                          thread with VF_THREADS / workers threads of its own, batch 1 each, all
+//                          running at once; items_per_second = images/s
+// VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
+// until the GPU has finished it.
 #include <benchmark/benchmark.h>
+#include <sys/resource.h>
 
+#include <algorithm>
+#include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <string>
+#include <thread>
+#include <vector>
 
 #include "core/ops.h"
 #include "models/model.h"
@@ -41,52 +58,156 @@ std::unique_ptr<vf::Model> build(const vf::json& config) {
   return vf::create_model(config, "", vf::Weights(store));
 }
 
-void run(benchmark::State& state, const vf::json& config, int64_t h, int64_t w, bool with_mask) {
-  if (const char* t = std::getenv("VF_THREADS")) vf::set_num_threads(std::atoi(t));
-  auto model = build(config);
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && std::atoi(v) > 0 ? std::atoi(v) : fallback;
+}
+
+int bench_threads() { return env_int("VF_THREADS", int(std::thread::hardware_concurrency())); }
+
+struct Arch {
+  const char* name;  // the benchmark's name
+  vf::json config;   // the Hub config.json, less the keys equal to transformers 4.37's defaults
+  int64_t h, w;
+  bool detection;    // DETR family: pixel_mask, and few, long iterations
+};
+
+vf::ModelInputs inputs(const Arch& a, int64_t batch) {
   vf::ModelInputs in;
-  in.pixel_values = fill("pixel_values", {1, 3, h, w});
+  in.pixel_values = fill("pixel_values", {batch, 3, a.h, a.w}).to(bench_device());
+  if (a.detection)
+    in.pixel_mask = vf::Tensor::from_vector<int64_t>({batch, a.h, a.w}, std::vector<int64_t>(batch * a.h * a.w, 1));
+  return in;
+}
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_maxrss) / 1024.0;  // Linux reports kilobytes
+}
+
+void latency(benchmark::State& state, const Arch& a) {
+  vf::set_num_threads(bench_threads());
+  auto model = build(a.config);
   if (!bench_device().is_cpu()) {
     // What a caller gets: Model::infer uploads the image, replays the recorded forward where the
-    // model allows (an all-ones mask is the same as none), and downloads the outputs.
+    // model allows (no pixel mask: all ones is the same as none), and downloads the outputs.
+    vf::ModelInputs in;
+    in.pixel_values = fill("pixel_values", {1, 3, a.h, a.w});
     for (int i = 0; i < 3; ++i) model->infer(in);  // set-up, recording, first replay
     for (auto _ : state) benchmark::DoNotOptimize(model->infer(in));
     return;
   }
-  if (with_mask) in.pixel_mask = vf::Tensor::from_vector<int64_t>({1, h, w}, std::vector<int64_t>(h * w, 1));
+  auto in = inputs(a, 1);
   model->forward(in);  // warm-up: primitive creation and weight reorders happen once
   for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
   state.counters["threads"] = vf::num_threads();
+  state.counters["peak_rss_mb"] = peak_rss_mb();
+}
+
+// `workers` models at once, each on a thread of its own with `threads_each` compute threads, each
+// running `rounds` forwards of `batch` images after a warm-up one; timed from when all are warm to
+// when the last finishes.
+void throughput(benchmark::State& state, const Arch& a, int workers, int threads_each, int64_t batch, int rounds) {
+  for (auto _ : state) {
+    std::barrier warm(workers + 1);
+    std::vector<std::thread> pool;
+    for (int i = 0; i < workers; ++i)
+      pool.emplace_back([&] {
+        vf::set_num_threads(threads_each);  // OpenMP's thread count is per calling thread
+        auto model = build(a.config);
+        auto in = inputs(a, batch);
+        model->forward(in);
+        vf::synchronize(bench_device());
+        warm.arrive_and_wait();
+        for (int r = 0; r < rounds; ++r) benchmark::DoNotOptimize(model->forward(in));
+        vf::synchronize(bench_device());
+      });
+    warm.arrive_and_wait();
+    auto t0 = std::chrono::steady_clock::now();
+    for (auto& t : pool) t.join();
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  state.SetItemsProcessed(state.iterations() * workers * batch * rounds);
+  state.counters["workers"] = workers;
+  state.counters["threads_each"] = threads_each;
+  state.counters["batch"] = double(batch);
+  state.counters["peak_rss_mb"] = peak_rss_mb();
+}
+
+vf::json detr_family(const char* model_type, const char* architecture) {
+  // The timm ResNet-50 backbone is the 4.37 default of all three (use_timm_backbone, backbone "resnet50").
+  return {{"model_type", model_type}, {"architectures", {architecture}}, {"num_labels", 91}};
+}
+
+std::vector<Arch> architectures() {
+  vf::json swin = {{"model_type", "swin"}, {"embed_dim", 192}, {"depths", {2, 2, 18, 2}},
+                   {"num_heads", {6, 12, 24, 48}}, {"window_size", 12}, {"out_indices", {2, 3, 4}}};
+  return {
+      // facebook/convnext-tiny-224
+      {"BM_ConvNextTiny",
+       {{"model_type", "convnext"}, {"architectures", {"ConvNextForImageClassification"}}, {"num_labels", 1000}},
+       224, 224, false},
+      // DeiT-B/16 (DeiTModel: DeiTConfig's defaults are facebook/deit-base-patch16-224's size)
+      {"BM_DeiTBase", {{"model_type", "deit"}, {"architectures", {"DeiTModel"}}}, 224, 224, false},
+      // google/bit-50: its config.json equals BitConfig's defaults (preactivation, no global padding, 32 groups)
+      {"BM_Bit50", {{"model_type", "bit"}, {"architectures", {"BitForImageClassification"}}, {"num_labels", 1000}},
+       224, 224, false},
+      // facebook/convnextv2-tiny-1k-224
+      {"BM_ConvNextV2Tiny",
+       {{"model_type", "convnextv2"}, {"architectures", {"ConvNextV2ForImageClassification"}},
+        {"depths", {3, 3, 9, 3}}, {"hidden_sizes", {96, 192, 384, 768}}, {"num_labels", 1000}},
+       224, 224, false},
+      // microsoft/cvt-13: CvtConfig's defaults are CvT-13
+      {"BM_Cvt13", {{"model_type", "cvt"}, {"architectures", {"CvtForImageClassification"}}, {"num_labels", 1000}},
+       224, 224, false},
+      // facebook/detr-resnet-50 at the processor's size of a 4:3 image (shortest edge 800)
+      {"BM_DetrResnet50", detr_family("detr", "DetrForObjectDetection"), 800, 1066, true},
+      // microsoft/conditional-detr-resnet-50: 300 queries, FFN 2048 (the defaults)
+      {"BM_ConditionalDetrResnet50", detr_family("conditional_detr", "ConditionalDetrForObjectDetection"), 800, 1066,
+       true},
+      // SenseTime/deformable-detr: 300 queries, 4 levels, FFN 1024, no box refinement, one stage (the defaults)
+      {"BM_DeformableDetr", detr_family("deformable_detr", "DeformableDetrForObjectDetection"), 800, 1066, true},
+      // DetaConfig's defaults: two-stage, box refinement, 900 queries, 5 levels
+      {"BM_DetaResnet50", {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91}},
+       800, 1066, true},
+      // jozhang97/deta-swin-large's config (convert_deta_swin_to_pytorch.py): Swin-L backbone, stages 2-4
+      {"BM_DetaSwinLarge",
+       {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91},
+        {"backbone_config", swin}, {"num_queries", 900}, {"encoder_ffn_dim", 2048}, {"decoder_ffn_dim", 2048},
+        {"num_feature_levels", 5}, {"assign_first_stage", true}, {"with_box_refine", true}, {"two_stage", true}},
+       800, 1066, true},
+  };
 }
 
 }  // namespace
 
-static void BM_ConvNextTiny(benchmark::State& s) {
-  run(s, {{"model_type", "convnext"}, {"architectures", {"ConvNextForImageClassification"}}, {"num_labels", 1000}}, 224, 224, false);
-}
-static void BM_DeiTBase(benchmark::State& s) {
-  run(s, {{"model_type", "deit"}, {"architectures", {"DeiTModel"}}}, 224, 224, false);
-}
-static void BM_DetrResnet50(benchmark::State& s) {
-  run(s, {{"model_type", "detr"}, {"architectures", {"DetrForObjectDetection"}}, {"num_labels", 91}}, 800, 1066, true);
-}
-static void BM_DetaResnet50(benchmark::State& s) {
-  run(s, {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91}}, 800, 1066, true);
-}
-// jozhang97/deta-swin-large's config (convert_deta_swin_to_pytorch.py): Swin-L backbone, stages 2-4.
-static void BM_DetaSwinLarge(benchmark::State& s) {
-  vf::json backbone = {{"model_type", "swin"}, {"embed_dim", 192}, {"depths", {2, 2, 18, 2}},
-                       {"num_heads", {6, 12, 24, 48}}, {"window_size", 12}, {"out_indices", {2, 3, 4}}};
-  run(s, {{"model_type", "deta"}, {"architectures", {"DetaForObjectDetection"}}, {"num_labels", 91},
-          {"backbone_config", backbone}, {"num_queries", 900}, {"encoder_ffn_dim", 2048}, {"decoder_ffn_dim", 2048},
-          {"num_feature_levels", 5}, {"assign_first_stage", true}, {"with_box_refine", true}, {"two_stage", true}},
-      800, 1066, true);
-}
+int main(int argc, char** argv) {
+  const int threads = bench_threads();
+  const int workers = std::clamp(env_int("VF_BENCH_WORKERS", threads), 1, threads);
+  for (const Arch& a : architectures()) {
+    bool swin = std::string(a.name) == "BM_DetaSwinLarge";
+    auto* l = benchmark::RegisterBenchmark(a.name, [a](benchmark::State& s) { latency(s, a); });
+    l->Unit(benchmark::kMillisecond)->UseRealTime();
+    if (a.detection) l->Iterations(swin ? 1 : 3); else l->MinTime(3.0);
 
-BENCHMARK(BM_ConvNextTiny)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
-BENCHMARK(BM_DeiTBase)->Unit(benchmark::kMillisecond)->MinTime(3.0)->UseRealTime();
-BENCHMARK(BM_DetrResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
-BENCHMARK(BM_DetaResnet50)->Unit(benchmark::kMillisecond)->Iterations(3)->UseRealTime();
-BENCHMARK(BM_DetaSwinLarge)->Unit(benchmark::kMillisecond)->Iterations(1)->UseRealTime();
-
-BENCHMARK_MAIN();
+    int64_t batch = env_int("VF_BENCH_BATCH", a.detection ? 2 : 8);
+    int rounds = a.detection ? 2 : 8;
+    if (swin) continue;  // minutes per image here: latency only
+    benchmark::RegisterBenchmark((std::string(a.name) + "/batch").c_str(),
+                                 [a, threads, batch, rounds](benchmark::State& s) {
+                                   throughput(s, a, 1, threads, batch, rounds);
+                                 })
+        ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(1);
+    benchmark::RegisterBenchmark((std::string(a.name) + "/inflight").c_str(),
+                                 [a, threads, workers, rounds](benchmark::State& s) {
+                                   throughput(s, a, workers, threads / workers, 1, rounds * 2);
+                                 })
+        ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(1);
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,37 +1,24 @@
 #!/usr/bin/env bash
-# Side by side on this machine: vf (Google Benchmark) and PyTorch eager (Debian's python3-torch),
-# batch 1, the same thread count (VF_THREADS, default: all cores). Prints a table with the ratios.
-# Needs: VF_BENCH_DEPS=1 scripts/install-deps.sh (python3-torch, python3-torchvision).
+# vf beside ONNX Runtime and PyTorch on this machine: the same models, thread count and cores, interleaved rounds,
+# one table (model, threads, vf ms, ORT ms, ORT/vf, PyTorch ms, PyTorch/vf, vf peak RSS, vf images/s).
+#   bench/run.sh --threads 2 --pin     2 threads, every process pinned to the same 2 cores (taskset)
+#   bench/run.sh                       all cores
+#   bench/run.sh --help                the rest (--rounds, --models, --no-ort, --no-torch, ...)
+# ONNX Runtime: onnxruntime's Python package where PYTHON has it (the device machine), else npm's onnxruntime-node,
+# installed with --ignore-scripts into .bench/node. The ONNX exports (bench/ort_bench.py, into .bench/onnx) need torch:
+# here `VF_BENCH_DEPS=1 scripts/install-deps.sh` (Debian's python3-torch), which also gives the PyTorch column.
+# Environment: BUILD_DIR (default build), SKIP_BUILD=1 (use the built vf_bench as it is), VF_BENCH (a vf_bench
+# binary to use as it is), PYTHON, RESULTS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export VF_THREADS=${VF_THREADS:-$(nproc)}
 build=${BUILD_DIR:-build}
-[ "${SKIP_BUILD:-0}" = 1 ] || cmake --build "$build" -j"$(nproc)" --target vf_bench >/dev/null
-python=${PYTHON:-/usr/bin/python3}
-out=$(mktemp -d)
-${TASKSET:-} "$build/bench/vf_bench" --benchmark_format=json --benchmark_out="$out/vf.json" --benchmark_out_format=json >/dev/null
-${TASKSET:-} "$python" bench/torch_bench.py > "$out/torch.jsonl"
-cp "$out"/vf.json "$out"/torch.jsonl "${RESULTS_DIR:-$out}/" 2>/dev/null || true
-"$python" - "$out" <<'PY'
-import json, sys, os
-out = sys.argv[1]
-vf = {b["name"].split("/")[0]: b["real_time"] for b in json.load(open(f"{out}/vf.json"))["benchmarks"]}
-torch = {}
-for line in open(f"{out}/torch.jsonl"):
-    r = json.loads(line)
-    if "ms" in r: torch[r["name"]] = r["ms"]
-pairs = [("ConvNeXt-T 224² vs torchvision convnext_tiny", "BM_ConvNextTiny", "convnext_tiny"),
-         ("ConvNeXt-T 224² vs transformers ConvNextForImageClassification", "BM_ConvNextTiny", "hf_convnext_tiny"),
-         ("DeiT-B/16 224² vs torchvision vit_b_16", "BM_DeiTBase", "vit_b_16"),
-         ("DeiT-B/16 224² vs transformers DeiTModel", "BM_DeiTBase", "hf_deit_base"),
-         ("DETR-R50 800×1066 vs plain-PyTorch DETR (bench/torch_bench.py)", "BM_DetrResnet50", "detr_resnet50"),
-         ("DETR-R50 800×1066 vs transformers DetrForObjectDetection", "BM_DetrResnet50", "hf_detr_resnet50"),
-         ("DETA-R50 800×1066 vs plain-PyTorch DETA (bench/torch_deta.py)", "BM_DetaResnet50", "deta_resnet50")]
-print(f"threads: {os.environ['VF_THREADS']}")
-print(f"| model | vf ms | PyTorch eager ms | PyTorch / vf |")
-print(f"|---|---:|---:|---:|")
-for title, v, t in pairs:
-    a, b = vf.get(v), torch.get(t) if t else None
-    ratio = f"{b / a:.2f}×" if a and b else "—"
-    print(f"| {title} | {a:.1f} | {b:.1f} | {ratio} |" if a and b else f"| {title} | {a if a is None else round(a, 1)} | {b if b is None else round(b, 1)} | {ratio} |")
-PY
+bench=${VF_BENCH:-$build/bench/vf_bench}  # VF_BENCH: a prebuilt vf_bench (bench/run_device_cpu.sh), not built here
+[ "${SKIP_BUILD:-0}" = 1 ] || [ -n "${VF_BENCH:-}" ] || cmake --build "$build" -j"$(nproc)" --target vf_bench >/dev/null
+# The Python with torch (and onnxruntime, transformers) where there is one: PATH's, then Debian's.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=/usr/bin/python3
+  for p in "$(command -v python3 || true)" /usr/bin/python3; do
+    if [ -n "$p" ] && "$p" -c "import torch" 2>/dev/null; then PYTHON=$p; break; fi
+  done
+fi
+exec "$PYTHON" bench/bench_table.py --bench "$bench" --python "$PYTHON" "$@"

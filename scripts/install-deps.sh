@@ -8,8 +8,9 @@ pkgs=(build-essential cmake pkg-config git ca-certificates
       libcurl4-openssl-dev libcpp-httplib-dev
       nlohmann-json3-dev libcli11-dev libgtest-dev libbenchmark-dev
       python3 python3-dev pybind11-dev python3-numpy python3-pil python3-distributed)
-# Benchmarks against PyTorch eager on this machine (bench/ only).
-[ "${VF_BENCH_DEPS:-0}" = 1 ] && pkgs+=(python3-torch python3-torchvision)
+# Benchmarks against PyTorch eager on this machine (bench/ only). Debian's torch is built against the generic BLAS:
+# without OpenBLAS as libblas.so.3 its matrix products run on the reference BLAS, many times slower.
+[ "${VF_BENCH_DEPS:-0}" = 1 ] && pkgs+=(python3-torch python3-torchvision libopenblas0-openmp)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
