@@ -8,7 +8,7 @@ work=${WORK:-/tmp/vf-device}
 export LD_LIBRARY_PATH="$work/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 out=${OUT:-$(mktemp -d)}
 filter=${FILTER:-BM_ConvNextTiny|BM_DeiTBase|BM_DetrResnet50|BM_DetaResnet50|BM_Bit50|BM_ConvNextV2Tiny|BM_Cvt13|BM_ConditionalDetrResnet50|BM_DeformableDetr}
-VF_DEVICE=${VF_DEVICE:-cuda} "$work/bin/vf_bench" --benchmark_filter="^($filter)/" --benchmark_min_time=2 \
+VF_DEVICE=${VF_DEVICE:-cuda} "$work/bin/vf_bench" --benchmark_filter="^($filter)/(min_time|iterations)" --benchmark_min_time=2 \
   --benchmark_format=json --benchmark_out="$out/vf_gpu.json" --benchmark_out_format=json > /dev/null
 python3 bench/torch_gpu_bench.py > "$out/torch_gpu.jsonl"
 python3 - "$out" <<'PY'
