@@ -14,6 +14,7 @@
 
 #include "core/backend.h"
 #include "core/file_pages.h"
+#include "core/shapes.h"
 #include "core/ops.h"
 
 namespace vf {
@@ -138,22 +139,9 @@ struct Conv2d::Impl {
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
 
-    int pt = opt.pad_top, pl = opt.pad_left, pb = opt.pad_bottom, pr = opt.pad_right;
-    if (opt.dynamic_same) {
-      auto same = [](int64_t size, int64_t k, int s, int d, int& lo, int& hi) {
-        int64_t outn = (size + s - 1) / s;
-        int64_t pad = std::max<int64_t>((outn - 1) * s + (k - 1) * d + 1 - size, 0);
-        lo = static_cast<int>(pad / 2);
-        hi = static_cast<int>(pad - pad / 2);
-      };
-      same(h, kh, opt.stride_h, opt.dilation_h, pt, pb);
-      same(w, kw, opt.stride_w, opt.dilation_w, pl, pr);
-    }
-    int64_t ekh = (kh - 1) * opt.dilation_h + 1, ekw = (kw - 1) * opt.dilation_w + 1;
-    int64_t oh = (h + pt + pb - ekh) / opt.stride_h + 1;
-    int64_t ow = (w + pl + pr - ekw) / opt.stride_w + 1;
-    if (oh <= 0 || ow <= 0)
-      throw Error("conv2d: input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the kernel");
+    const ConvGeometry g = conv_geometry(opt, kh, kw, h, w);
+    const int pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom, pr = g.pad_right;
+    const int64_t oh = g.out_h, ow = g.out_w;
 
     memory::desc src_md({n, in, h, w}, dt::f32, tag::nhwc);
     memory::desc dst_md({n, out, oh, ow}, dt::f32, tag::nhwc);
@@ -333,21 +321,9 @@ Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
   if (Device d = op_device({&a, &b}); !d.is_cpu()) return backend(d).matmul(a, b, trans_b, alpha);
-  if (a.dim() < 2 || a.dim() != b.dim())
-    throw Error("matmul: shapes " + shape_str(a.shape()) + " and " + shape_str(b.shape()));
-  int64_t M = a.size(-2), K = a.size(-1);
-  int64_t N = trans_b ? b.size(-2) : b.size(-1);
-  int64_t Kb = trans_b ? b.size(-1) : b.size(-2);
-  if (K != Kb) throw Error("matmul: inner dims differ: " + shape_str(a.shape()) + " x " + shape_str(b.shape()));
-  int64_t batch = 1;
-  Shape out_shape;
-  for (int64_t i = 0; i + 2 < a.dim(); ++i) {
-    if (a.size(i) != b.size(i)) throw Error("matmul: batch dims differ");
-    batch *= a.size(i);
-    out_shape.push_back(a.size(i));
-  }
-  out_shape.push_back(M);
-  out_shape.push_back(N);
+  const MatmulShape ms = matmul_shape(a, b, trans_b);
+  const int64_t batch = ms.batch, M = ms.M, N = ms.N, K = ms.K;
+  const Shape& out_shape = ms.out;
   Tensor y = Tensor::empty(out_shape);
   if (y.numel() == 0) return y;
   if (K == 0) { y.fill(0); return y; }

@@ -4,6 +4,7 @@
 
 #include "core/backend.h"
 #include "core/errors.h"
+#include "core/shapes.h"
 
 #include <algorithm>
 #include <cmath>
@@ -456,16 +457,8 @@ Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   if (xs.empty()) throw Error("cat of nothing");
   for (auto& t : xs)
     if (!t.is_cpu()) return backend(t.device()).cat(xs, dim);
-  int64_t d = xs[0].dim();
-  if (dim < 0) dim += d;
-  Shape out_shape = xs[0].shape();
-  out_shape[dim] = 0;
-  for (auto& t : xs) {
-    if (t.dim() != d || t.dtype() != xs[0].dtype()) throw Error("cat: mismatched tensors");
-    for (int64_t i = 0; i < d; ++i)
-      if (i != dim && t.size(i) != xs[0].size(i)) throw Error("cat: shapes " + shape_str(t.shape()) + " and " + shape_str(xs[0].shape()));
-    out_shape[dim] += t.size(dim);
-  }
+  const Shape out_shape = cat_shape(xs, dim);
+  const int64_t d = xs[0].dim();
   Tensor y = Tensor::empty(out_shape, xs[0].dtype());
   size_t es = dtype_size(y.dtype());
   int64_t outer = 1, inner = 1;
@@ -519,20 +512,11 @@ Tensor broadcast_binary(const Tensor& a, const Tensor& b, F f, const char* name)
     for (int64_t i = 0; i < n; ++i) py[i] = f(pa[i], pb[i]);
     return y;
   }
-  int64_t d = std::max(a.dim(), b.dim());
-  Shape out(d), sa(d, 0), sb(d, 0);
-  int64_t stra = 1, strb = 1;
-  for (int64_t i = d - 1; i >= 0; --i) {
-    int64_t ia = i - (d - a.dim()), ib = i - (d - b.dim());
-    int64_t da = ia >= 0 ? a.size(ia) : 1, db = ib >= 0 ? b.size(ib) : 1;
-    if (da != db && da != 1 && db != 1)
-      throw Error(std::string(name) + ": cannot broadcast " + shape_str(a.shape()) + " with " + shape_str(b.shape()));
-    out[i] = std::max(da, db);
-    sa[i] = da == 1 ? 0 : stra;
-    sb[i] = db == 1 ? 0 : strb;
-    stra *= da;
-    strb *= db;
-  }
+  const BroadcastShape bs = broadcast_shape(a, b, name);
+  const Shape& out = bs.out;
+  const std::vector<int64_t>& sa = bs.a_strides;
+  const std::vector<int64_t>& sb = bs.b_strides;
+  const int64_t d = static_cast<int64_t>(out.size());
   Tensor y = Tensor::empty(out);
   const float* pa = a.f32();
   const float* pb = b.f32();

@@ -27,6 +27,7 @@
 #include "core/cuda/launch.cuh"
 #include "core/errors.h"
 #include "core/limits.h"
+#include "core/shapes.h"
 
 namespace vf {
 
@@ -289,21 +290,9 @@ class CudaBackend final : public DeviceBackend {
     Tensor a = here(a0), b = here(b0);
     require_f32(a, "matmul");
     require_f32(b, "matmul");
-    if (a.dim() < 2 || a.dim() != b.dim())
-      throw Error("matmul: shapes " + shape_str(a.shape()) + " and " + shape_str(b.shape()));
-    int64_t M = a.size(-2), K = a.size(-1);
-    int64_t N = trans_b ? b.size(-2) : b.size(-1);
-    int64_t Kb = trans_b ? b.size(-1) : b.size(-2);
-    if (K != Kb) throw Error("matmul: inner dims differ: " + shape_str(a.shape()) + " x " + shape_str(b.shape()));
-    int64_t batch = 1;
-    Shape out_shape;
-    for (int64_t i = 0; i + 2 < a.dim(); ++i) {
-      if (a.size(i) != b.size(i)) throw Error("matmul: batch dims differ");
-      batch *= a.size(i);
-      out_shape.push_back(a.size(i));
-    }
-    out_shape.push_back(M);
-    out_shape.push_back(N);
+    const MatmulShape ms = matmul_shape(a, b, trans_b);
+    const int64_t batch = ms.batch, M = ms.M, N = ms.N, K = ms.K;
+    const Shape& out_shape = ms.out;
     Tensor y = empty(out_shape);
     if (y.numel() == 0) return y;
     if (K == 0) {
@@ -465,17 +454,8 @@ class CudaBackend final : public DeviceBackend {
   Tensor cat(const std::vector<Tensor>& xs0, int64_t dim) override {
     std::vector<Tensor> xs;
     for (auto& t : xs0) xs.push_back(here(t));
-    int64_t d = xs[0].dim();
-    if (dim < 0) dim += d;
-    Shape out_shape = xs[0].shape();
-    out_shape[dim] = 0;
-    for (auto& t : xs) {
-      if (t.dim() != d || t.dtype() != xs[0].dtype()) throw Error("cat: mismatched tensors");
-      for (int64_t i = 0; i < d; ++i)
-        if (i != dim && t.size(i) != xs[0].size(i))
-          throw Error("cat: shapes " + shape_str(t.shape()) + " and " + shape_str(xs[0].shape()));
-      out_shape[dim] += t.size(dim);
-    }
+    const Shape out_shape = cat_shape(xs, dim);
+    const int64_t d = xs[0].dim();
     Tensor y = empty(out_shape, xs[0].dtype());
     size_t es = dtype_size(y.dtype());
     int64_t outer = 1, inner = 1;
@@ -520,24 +500,12 @@ class CudaBackend final : public DeviceBackend {
     const char* name = op == BinaryOp::Add ? "add" : op == BinaryOp::Sub ? "sub" : op == BinaryOp::Mul ? "mul" : "div";
     require_f32(a, name);
     require_f32(b, name);
-    int64_t d = std::max(a.dim(), b.dim());
-    if (d > cuda::kMaxDims) throw Error(std::string(name) + ": more than 8 dims");
-    Shape out(std::max<int64_t>(d, 1), 1);
-    std::vector<int64_t> sa(out.size(), 0), sb(out.size(), 0);
-    int64_t stra = 1, strb = 1;
-    for (int64_t i = d - 1; i >= 0; --i) {
-      int64_t ia = i - (d - a.dim()), ib = i - (d - b.dim());
-      int64_t da = ia >= 0 ? a.size(ia) : 1, db = ib >= 0 ? b.size(ib) : 1;
-      if (da != db && da != 1 && db != 1)
-        throw Error(std::string(name) + ": cannot broadcast " + shape_str(a.shape()) + " with " + shape_str(b.shape()));
-      out[i] = std::max(da, db);
-      sa[i] = da == 1 ? 0 : stra;
-      sb[i] = db == 1 ? 0 : strb;
-      stra *= da;
-      strb *= db;
-    }
-    Tensor y = empty(d == 0 ? Shape{} : out);
-    cuda::binary(int(op), mf(y), cf(a), cf(b), out.data(), sa.data(), sb.data(), int(out.size()), y.numel(), stream_);
+    BroadcastShape bs = broadcast_shape(a, b, name);
+    if (bs.out.size() > size_t(cuda::kMaxDims)) throw Error(std::string(name) + ": more than 8 dims");
+    Tensor y = empty(bs.out);
+    if (bs.out.empty()) bs.out = {1}, bs.a_strides = {0}, bs.b_strides = {0};  // two scalars: one element
+    cuda::binary(int(op), mf(y), cf(a), cf(b), bs.out.data(), bs.a_strides.data(), bs.b_strides.data(),
+                 int(bs.out.size()), y.numel(), stream_);
     launched(name);
     return y;
   }
@@ -780,22 +748,9 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
   if (auto it = plans_.find(key); it != plans_.end()) return it->second;
 
   Plan p;
-  p.pt = opt_.pad_top, p.pl = opt_.pad_left, p.pb = opt_.pad_bottom, p.pr = opt_.pad_right;
-  if (opt_.dynamic_same) {
-    auto same = [](int64_t size, int64_t k, int s, int d, int& lo, int& hi) {
-      int64_t outn = (size + s - 1) / s;
-      int64_t pad = std::max<int64_t>((outn - 1) * s + (k - 1) * d + 1 - size, 0);
-      lo = static_cast<int>(pad / 2);
-      hi = static_cast<int>(pad - pad / 2);
-    };
-    same(h, kh_, opt_.stride_h, opt_.dilation_h, p.pt, p.pb);
-    same(w, kw_, opt_.stride_w, opt_.dilation_w, p.pl, p.pr);
-  }
-  int64_t ekh = (kh_ - 1) * opt_.dilation_h + 1, ekw = (kw_ - 1) * opt_.dilation_w + 1;
-  p.oh = (h + p.pt + p.pb - ekh) / opt_.stride_h + 1;
-  p.ow = (w + p.pl + p.pr - ekw) / opt_.stride_w + 1;
-  if (p.oh <= 0 || p.ow <= 0)
-    throw Error("conv2d: input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the kernel");
+  const ConvGeometry g = conv_geometry(opt_, kh_, kw_, h, w);
+  p.pt = g.pad_top, p.pl = g.pad_left, p.pb = g.pad_bottom, p.pr = g.pad_right;
+  p.oh = g.out_h, p.ow = g.out_w;
   p.explicit_pad = p.pt != p.pb || p.pl != p.pr;
   const int64_t ih = p.explicit_pad ? h + p.pt + p.pb : h, iw = p.explicit_pad ? w + p.pl + p.pr : w;
   const int ph = p.explicit_pad ? 0 : p.pt, pw = p.explicit_pad ? 0 : p.pl;
@@ -857,21 +812,8 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
   if (pointwise || depthwise) {
     // A 1x1 convolution is a matrix product (cuBLAS beats cuDNN's exact float32 kernels on it); a
     // depthwise one is a small stencil per channel (conv.cu).
-    int pt = opt_.pad_top, pl = opt_.pad_left, pb = opt_.pad_bottom, pr = opt_.pad_right;
-    if (opt_.dynamic_same) {
-      auto same = [](int64_t size, int64_t k, int st, int d, int& lo, int& hi) {
-        int64_t outn = (size + st - 1) / st;
-        int64_t pad = std::max<int64_t>((outn - 1) * st + (k - 1) * d + 1 - size, 0);
-        lo = static_cast<int>(pad / 2);
-        hi = static_cast<int>(pad - pad / 2);
-      };
-      same(h, kh_, opt_.stride_h, opt_.dilation_h, pt, pb);
-      same(w, kw_, opt_.stride_w, opt_.dilation_w, pl, pr);
-    }
-    const int64_t oh = (h + pt + pb - ((kh_ - 1) * opt_.dilation_h + 1)) / opt_.stride_h + 1;
-    const int64_t ow = (w + pl + pr - ((kw_ - 1) * opt_.dilation_w + 1)) / opt_.stride_w + 1;
-    if (oh <= 0 || ow <= 0)
-      throw Error("conv2d: input " + std::to_string(h) + "x" + std::to_string(w) + " is smaller than the kernel");
+    const ConvGeometry g = conv_geometry(opt_, kh_, kw_, h, w);
+    const int64_t oh = g.out_h, ow = g.out_w;
     Tensor y = be_.empty({n, oh, ow, out_});
     if (residual && residual->shape() != y.shape())
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
@@ -884,7 +826,8 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
       launched("conv2d epilogue");
     } else {
       cuda::depthwise_conv_nhwc(mf(y), cf(x), cf(weight_), cf(bias_), res.defined() ? cf(res) : nullptr, n, h, w, in_,
-                                oh, ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w, pt, pl, opt_.dilation_h,
+                                oh, ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w, g.pad_top, g.pad_left,
+                                opt_.dilation_h,
                                 opt_.dilation_w, opt_.act, be_.stream());
       launched("conv depthwise");
     }
