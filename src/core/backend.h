@@ -90,6 +90,7 @@ class DeviceBackend {
   virtual Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                                       const AttentionOptions& opt) = 0;
   virtual Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt) = 0;
+  virtual Tensor sine_expand(const Tensor& y_embed, const Tensor& x_embed, const Tensor& dim_t) = 0;  // position.h
   virtual Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels,
                                 const Tensor& sampling_locations, const Tensor& attention_weights) = 0;
 };

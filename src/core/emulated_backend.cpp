@@ -5,6 +5,8 @@
 
 #include <cstring>
 
+#include "core/position.h"
+
 namespace vf {
 
 namespace {
@@ -124,6 +126,9 @@ class EmulatedBackend final : public DeviceBackend {
     const int64_t C = qkv.size(2) / 3;
     return multi_head_attention(vf::narrow(qkv, 2, 0, C), vf::narrow(qkv, 2, C, C), vf::narrow(qkv, 2, 2 * C, C),
                                 heads, opt);
+  }
+  Tensor sine_expand(const Tensor& y, const Tensor& x, const Tensor& dim_t) override {
+    return dev(vf::sine_expand(host(y), host(x), host(dim_t)));
   }
   Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels, const Tensor& loc,
                         const Tensor& weights) override {

@@ -766,7 +766,7 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
       opt.num_position_features = C / 2;
       opt.normalize = true;
       opt.deformable_offset = true;
-      pos = sine_position_embedding(masks[l], opt);
+      pos = sine_position_embedding(masks[l], opt, sources[l].device());
     } else {
       pos = learned_position_embedding_.forward(B, h, w);
     }

@@ -243,7 +243,8 @@ DetrFrontOutput DetrConvModel::forward(const Tensor& pixel_values, const Tensor&
   out.projected_feature_map = input_projection_.forward(last.features);
   const int64_t D = out.projected_feature_map.size(3);
   out.flattened_features = out.projected_feature_map.reshape({B, h * w, D});
-  Tensor pos = learned_.defined() ? learned_.forward(B, h, w) : sine_position_embedding(last.mask, sine_);
+  Tensor pos = learned_.defined() ? learned_.forward(B, h, w)
+                                  : sine_position_embedding(last.mask, sine_, last.features.device());
   out.spatial_position_embeddings = pos.reshape({B, h * w, pos.size(3)});
   out.flattened_mask = last.mask.reshape({B, h * w});
   return out;

@@ -1,5 +1,7 @@
 #include "models/detr_backbone.h"
 
+#include "core/position.h"
+
 #include "core/errors.h"
 
 #include <algorithm>
@@ -372,46 +374,39 @@ Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w) {
   return out;
 }
 
-Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt) {
+Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt, Device device) {
   if (mask.dim() != 3 || mask.dtype() != DType::U8) throw Error("sine_position_embedding: mask must be uint8 [B, h, w]");
   const int64_t B = mask.size(0), h = mask.size(1), w = mask.size(2), F = opt.num_position_features;
   // dim_t = temperature ** (2 * (i // 2) / F), in float32 like the reference.
-  std::vector<float> inv_dim_t(F), dim_t(F);
+  Tensor dim_t = Tensor::empty({F});
   for (int64_t i = 0; i < F; ++i)
-    dim_t[i] = std::pow(opt.temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
-  Tensor out = Tensor::empty({B, h, w, 2 * F});
+    dim_t.f32()[i] = std::pow(opt.temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
+  // The cumulative sums (cheap) here; the 2F sines and cosines per position where they will be used.
+  Tensor y_embed = Tensor::empty({B * h * w}), x_embed = Tensor::empty({B * h * w});
   const uint8_t* m = mask.data<uint8_t>();
-  float* o = out.f32();
-#pragma omp parallel for
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* mb = m + b * h * w;
-    std::vector<float> y_embed(h * w), x_embed(h * w);
+    float* ye = y_embed.f32() + b * h * w;
+    float* xe = x_embed.f32() + b * h * w;
     for (int64_t j = 0; j < w; ++j) {  // cumsum over rows
       float acc = 0;
-      for (int64_t i = 0; i < h; ++i) y_embed[i * w + j] = acc += mb[i * w + j];
+      for (int64_t i = 0; i < h; ++i) ye[i * w + j] = acc += mb[i * w + j];
     }
     for (int64_t i = 0; i < h; ++i) {  // cumsum over columns
       float acc = 0;
-      for (int64_t j = 0; j < w; ++j) x_embed[i * w + j] = acc += mb[i * w + j];
+      for (int64_t j = 0; j < w; ++j) xe[i * w + j] = acc += mb[i * w + j];
     }
     if (opt.normalize) {
       const float eps = 1e-6f, off = opt.deformable_offset ? 0.5f : 0.0f;
+      // In this order the normalisers (the last row, each row's last column) change last.
       for (int64_t i = 0; i < h; ++i)
         for (int64_t j = 0; j < w; ++j) {
-          y_embed[i * w + j] = (y_embed[i * w + j] - off) / (y_embed[(h - 1) * w + j] + eps) * opt.scale;
-          x_embed[i * w + j] = (x_embed[i * w + j] - off) / (x_embed[i * w + w - 1] + eps) * opt.scale;
+          ye[i * w + j] = (ye[i * w + j] - off) / (ye[(h - 1) * w + j] + eps) * opt.scale;
+          xe[i * w + j] = (xe[i * w + j] - off) / (xe[i * w + w - 1] + eps) * opt.scale;
         }
     }
-    for (int64_t p = 0; p < h * w; ++p) {
-      float* dst = o + (b * h * w + p) * 2 * F;
-      for (int64_t k = 0; k < F; ++k) {
-        const float vy = y_embed[p] / dim_t[k], vx = x_embed[p] / dim_t[k];
-        dst[k] = (k % 2 == 0) ? std::sin(vy) : std::cos(vy);
-        dst[F + k] = (k % 2 == 0) ? std::sin(vx) : std::cos(vx);
-      }
-    }
   }
-  return out;
+  return sine_expand(y_embed.to(device), x_embed.to(device), dim_t.to(device)).reshape({B, h, w, 2 * F});
 }
 
 LearnedPositionEmbedding::LearnedPositionEmbedding(const Weights& w, int64_t embedding_dim) : dim_(embedding_dim) {

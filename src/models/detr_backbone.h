@@ -108,7 +108,8 @@ struct SinePositionEmbeddingOptions {
 };
 // mask: uint8 [B, h, w] (1 on real pixels) -> float32 [B, h, w, 2F]: F channels of y then F of x,
 // i.e. the reference's [B, 2F, h, w] in channels-last order (flatten to [B, h*w, 2F] with reshape).
-Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt);
+Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt,
+                               Device device = Device::cpu());  // the embedding on `device`
 
 // DetrLearnedPositionEmbedding: row_embeddings / column_embeddings, 50 positions each.
 class LearnedPositionEmbedding {

@@ -13,6 +13,7 @@
 #include "core/deformable_attention.h"
 #include "core/device.h"
 #include "core/ops.h"
+#include "core/position.h"
 
 namespace vf {
 namespace {
@@ -140,6 +141,9 @@ TEST(CudaOps, Elementwise) {
   expect_close(g, a2, 0, 0, "add_inplace");
   expect_close(scale(a.to(kGpu), 0.125f), scale(a, 0.125f), 0, 0, "scale");
   expect_close(mul_lastdim(a.to(kGpu), c), mul_lastdim(a, c), 0, 0, "mul_lastdim");
+  Tensor ye = uniform({300}, 17, 0.0f, 6.3f), xe = uniform({300}, 18, 0.0f, 6.3f), dim_t = uniform({64}, 19, 1.0f, 9000.0f);
+  expect_close(sine_expand(ye.to(kGpu), xe.to(kGpu), dim_t.to(kGpu)), sine_expand(ye, xe, dim_t), 1e-6, 1e-5,
+               "sine_expand");
 }
 
 TEST(CudaOps, Interpolate) {

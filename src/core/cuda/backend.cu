@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -96,7 +97,20 @@ void require_f32(const Tensor& x, const char* op) {
 class Pool {
  public:
   explicit Pool(int device) : device_(device) {}
-  ~Pool() { release(); }
+  ~Pool() {
+    release();
+    for (void* p : pinned_) cudaFreeHost(p);
+  }
+  // A page-locked copy of `n` host bytes that lives as long as this pool (a recorded graph's uploads
+  // read from it at every replay).
+  void* pin(const void* src, size_t n) {
+    void* p = nullptr;
+    check(cudaMallocHost(&p, std::max<size_t>(n, 1)), "page-locked staging");
+    std::memcpy(p, src, n);
+    std::lock_guard<std::mutex> lock(mu_);
+    pinned_.push_back(p);
+    return p;
+  }
   void* get(size_t& bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -141,6 +155,7 @@ class Pool {
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
+  std::vector<void*> pinned_;
 };
 
 
@@ -227,6 +242,13 @@ class CudaBackend final : public DeviceBackend {
     return std::shared_ptr<void>(p, [pool, bytes](void* q) { pool->put(q, bytes); });
   }
   void copy_to_device(void* dst, const void* src, size_t n) override {
+    if (capture_pool_) {
+      // While a graph is recorded, an upload reads a page-locked copy the graph keeps: each replay
+      // uploads what the recorded forward uploaded. That is right because a recordable forward
+      // reads nothing back from the device (a download stops the recording), so what it computes on
+      // the host follows from the input's shape alone.
+      src = capture_pool_->pin(src, n);
+    }
     check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream_), "copy to the GPU");
     launched("copy to the GPU");
   }
@@ -636,6 +658,14 @@ class CudaBackend final : public DeviceBackend {
           "attention context");
     launched("attention context");
     if (opt.probs) *opt.probs = scores;
+    return out;
+  }
+
+  Tensor sine_expand(const Tensor& y0, const Tensor& x0, const Tensor& dim_t0) override {
+    Tensor y = here(y0), x = here(x0), dim_t = here(dim_t0);
+    Tensor out = empty({y.size(0), 2 * dim_t.size(0)});
+    cuda::sine_expand(mf(out), cf(y), cf(x), cf(dim_t), y.size(0), dim_t.size(0), stream_);
+    launched("sine_expand");
     return out;
   }
 

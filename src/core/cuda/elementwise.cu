@@ -75,6 +75,15 @@ __global__ void channel_affine_kernel(float* y, const float* x, const float* sca
   }
 }
 
+__global__ void sine_expand_kernel(float* out, const float* ye, const float* xe, const float* dim_t, int64_t N,
+                                   int64_t F) {
+  VF_GRID_STRIDE(i, N * 2 * F) {
+    const int64_t p = i / (2 * F), c = i % (2 * F), k = c < F ? c : c - F;
+    const float v = (c < F ? ye[p] : xe[p]) / dim_t[k];
+    out[i] = (k % 2 == 0) ? sinf(v) : cosf(v);
+  }
+}
+
 __global__ void fill_kernel(float* x, float v, int64_t n) {
   VF_GRID_STRIDE(i, n) x[i] = v;
 }
@@ -157,6 +166,11 @@ void scale(float* y, const float* x, float s_, int64_t n, cudaStream_t s) {
 void channel_affine(float* y, const float* x, const float* scale, const float* shift, int64_t rows, int64_t cols,
                     Act a, cudaStream_t s) {
   if (rows * cols) channel_affine_kernel<<<grid_for(rows * cols), kThreads, 0, s>>>(y, x, scale, shift, rows, cols, a);
+}
+
+void sine_expand(float* out, const float* y_embed, const float* x_embed, const float* dim_t, int64_t N, int64_t F,
+                 cudaStream_t s) {
+  if (N * F) sine_expand_kernel<<<grid_for(N * 2 * F), kThreads, 0, s>>>(out, y_embed, x_embed, dim_t, N, F);
 }
 
 void fill(float* x, float value, int64_t n, cudaStream_t s) {

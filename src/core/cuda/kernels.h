@@ -35,6 +35,9 @@ void scale(float* y, const float* x, float s_, int64_t n, cudaStream_t s);
 void channel_affine(float* y, const float* x, const float* scale, const float* shift, int64_t rows, int64_t cols,
                     Act a, cudaStream_t s);
 void fill(float* x, float value, int64_t n, cudaStream_t s);
+// position.h's sine_expand: out [N, 2F] from y_embed, x_embed [N] and dim_t [F].
+void sine_expand(float* out, const float* y_embed, const float* x_embed, const float* dim_t, int64_t N, int64_t F,
+                 cudaStream_t s);
 // dtype conversion through double, as Tensor::to: `from`/`to` are DType values.
 void convert(void* out, int to, const void* in, int from, int64_t n, cudaStream_t s);
 
