@@ -240,13 +240,7 @@ Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, in
   if (!x.is_cpu()) return backend(x.device()).max_pool2d_nhwc(x, k, s, pt, pl, pb, pr, ceil_mode);
   require_f32(x, "max_pool2d");
   int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
-  auto out_size = [&](int64_t size, int lo, int hi) {
-    int64_t num = size + lo + hi - k;
-    int64_t o = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
-    if (ceil_mode && (o - 1) * s >= size + lo) --o;  // last window must start inside the input
-    return o;
-  };
-  int64_t oh = out_size(h, pt, pb), ow = out_size(w, pl, pr);
+  int64_t oh = max_pool_out_size(h, k, s, pt, pb, ceil_mode), ow = max_pool_out_size(w, k, s, pl, pr, ceil_mode);
   if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input too small");
   Tensor y = Tensor::empty({n, oh, ow, c});
   const float* px = x.f32();
@@ -327,15 +321,9 @@ Tensor global_avg_pool_nhwc(const Tensor& x) {
 
 Tensor permute(const Tensor& x, const std::vector<int>& perm) {
   if (!x.is_cpu()) return backend(x.device()).permute(x, perm);
-  int64_t d = x.dim();
-  if (static_cast<int64_t>(perm.size()) != d) throw Error("permute: wrong number of dims");
-  Shape out_shape(d);
-  std::vector<int64_t> in_strides(d, 1), src_stride(d);
-  for (int64_t i = d - 2; i >= 0; --i) in_strides[i] = in_strides[i + 1] * x.size(i + 1);
-  for (int64_t i = 0; i < d; ++i) {
-    out_shape[i] = x.size(perm[i]);
-    src_stride[i] = in_strides[perm[i]];
-  }
+  const int64_t d = x.dim();
+  std::vector<int64_t> src_stride;
+  const Shape out_shape = permute_shape(x, perm, &src_stride);
   Tensor y = Tensor::empty(out_shape, x.dtype());
   size_t es = dtype_size(x.dtype());
   int64_t total = y.numel();
@@ -399,11 +387,11 @@ void check_window_grid(int64_t H, int64_t W, int64_t window, int64_t shift, cons
 }  // namespace
 
 Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) {
-  if (!x.is_cpu()) return backend(x.device()).window_partition(x, window, shift);
   require_f32(x, "window_partition");
   if (x.dim() != 4) throw Error("window_partition: x must be [B, H, W, C], got " + shape_str(x.shape()));
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   check_window_grid(H, W, window, shift, "window_partition");
+  if (!x.is_cpu()) return backend(x.device()).window_partition(x, window, shift);
   const int64_t nh = H / window, nw = W / window;
   Tensor y = Tensor::empty({B * nh * nw, window * window, C});
   const float* px = x.f32();
@@ -425,7 +413,6 @@ Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) {
 
 Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift, int64_t out_h,
                       int64_t out_w) {
-  if (!windows.is_cpu()) return backend(windows.device()).window_reverse(windows, window, H, W, shift, out_h, out_w);
   require_f32(windows, "window_reverse");
   check_window_grid(H, W, window, shift, "window_reverse");
   const int64_t nh = H / window, nw = W / window;
@@ -433,6 +420,7 @@ Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t 
     throw Error("window_reverse: windows " + shape_str(windows.shape()) + " do not tile a " + std::to_string(H) +
                 "x" + std::to_string(W) + " map by " + std::to_string(window));
   if (out_h < 0 || out_h > H || out_w < 0 || out_w > W) throw Error("window_reverse: crop larger than the map");
+  if (!windows.is_cpu()) return backend(windows.device()).window_reverse(windows, window, H, W, shift, out_h, out_w);
   const int64_t B = windows.size(0) / (nh * nw), C = windows.size(2);
   Tensor y = Tensor::empty({B, out_h, out_w, C});
   const float* pw = windows.f32();

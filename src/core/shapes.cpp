@@ -61,6 +61,27 @@ Shape cat_shape(const std::vector<Tensor>& xs, int64_t& dim) {
   return out;
 }
 
+Shape permute_shape(const Tensor& x, const std::vector<int>& perm, std::vector<int64_t>* src_strides) {
+  const int64_t d = x.dim();
+  if (static_cast<int64_t>(perm.size()) != d) throw Error("permute: wrong number of dims");
+  Shape out(d);
+  std::vector<int64_t> in_strides(d, 1);
+  for (int64_t i = d - 2; i >= 0; --i) in_strides[i] = in_strides[i + 1] * x.size(i + 1);
+  if (src_strides) src_strides->assign(d, 0);
+  for (int64_t i = 0; i < d; ++i) {
+    out[i] = x.size(perm[i]);
+    if (src_strides) (*src_strides)[i] = in_strides[perm[i]];
+  }
+  return out;
+}
+
+int64_t max_pool_out_size(int64_t size, int k, int s, int lo, int hi, bool ceil_mode) {
+  const int64_t num = size + lo + hi - k;
+  int64_t o = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
+  if (ceil_mode && (o - 1) * s >= size + lo) --o;
+  return o;
+}
+
 ConvGeometry conv_geometry(const Conv2dOptions& opt, int64_t kh, int64_t kw, int64_t h, int64_t w) {
   ConvGeometry g{opt.pad_top, opt.pad_left, opt.pad_bottom, opt.pad_right, 0, 0};
   if (opt.dynamic_same) {

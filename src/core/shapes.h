@@ -28,6 +28,13 @@ BroadcastShape broadcast_shape(const Tensor& a, const Tensor& b, const char* nam
 // cat(xs, dim): the output's shape; `dim` is made non-negative.
 Shape cat_shape(const std::vector<Tensor>& xs, int64_t& dim);
 
+// permute(x, perm): the output's shape; `src_strides` (if given) gets, over it, x's element strides.
+Shape permute_shape(const Tensor& x, const std::vector<int>& perm, std::vector<int64_t>* src_strides = nullptr);
+
+// max_pool2d's output length along one axis of `size` with padding lo/hi (torch's rule for ceil_mode:
+// the last window starts inside the input or the left padding).
+int64_t max_pool_out_size(int64_t size, int k, int s, int lo, int hi, bool ceil_mode);
+
 // A convolution's padding (TF 'SAME' worked out for this input when opt.dynamic_same) and output size.
 struct ConvGeometry {
   int pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;

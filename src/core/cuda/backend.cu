@@ -382,14 +382,7 @@ class CudaBackend final : public DeviceBackend {
   Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, int pr, bool ceil_mode) override {
     require_f32(x, "max_pool2d");
     int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
-    auto out_size = [&](int64_t in, int lo, int hi) {
-      int64_t span = in + lo + hi - k;
-      int64_t o = (ceil_mode ? (span + s - 1) / s : span / s) + 1;
-      // torch: with ceil_mode the last window must start inside the input or the left padding.
-      if (ceil_mode && (o - 1) * s >= in + lo) --o;
-      return o;
-    };
-    int64_t oh = out_size(h, pt, pb), ow = out_size(w, pl, pr);
+    int64_t oh = max_pool_out_size(h, k, s, pt, pb, ceil_mode), ow = max_pool_out_size(w, k, s, pl, pr, ceil_mode);
     if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input " + shape_str(x.shape()) + " is smaller than the window");
     Tensor y = empty({n, oh, ow, c});
     cuda::max_pool2d_nhwc(mf(y), cf(x), n, h, w, c, oh, ow, k, s, pt, pl, stream_);
@@ -418,16 +411,10 @@ class CudaBackend final : public DeviceBackend {
   }
 
   Tensor permute(const Tensor& x, const std::vector<int>& perm) override {
-    int64_t d = x.dim();
-    if (static_cast<int64_t>(perm.size()) != d) throw Error("permute: wrong number of dims");
+    const int64_t d = x.dim();
     if (d > cuda::kMaxDims) throw Error("permute: more than 8 dims");
-    Shape out_shape(d);
-    std::vector<int64_t> in_strides(d, 1), src_stride(d);
-    for (int64_t i = d - 2; i >= 0; --i) in_strides[i] = in_strides[i + 1] * x.size(i + 1);
-    for (int64_t i = 0; i < d; ++i) {
-      out_shape[i] = x.size(perm[i]);
-      src_stride[i] = in_strides[perm[i]];
-    }
+    std::vector<int64_t> src_stride;
+    const Shape out_shape = permute_shape(x, perm, &src_stride);
     Tensor y = empty(out_shape, x.dtype());
     if (y.numel() == 0) return y;
     cuda::permute(y.raw(), x.raw(), out_shape.data(), src_stride.data(), int(d), y.numel(),
@@ -445,12 +432,9 @@ class CudaBackend final : public DeviceBackend {
     return y;
   }
 
+  // The window ops' arguments are checked by ops.cpp before they reach a backend.
   Tensor window_partition(const Tensor& x, int64_t window, int64_t shift) override {
-    require_f32(x, "window_partition");
-    if (x.dim() != 4) throw Error("window_partition: x must be [B, H, W, C], got " + shape_str(x.shape()));
     const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-    if (window <= 0 || H % window != 0 || W % window != 0 || shift < 0 || shift >= window)
-      throw Error("window_partition: the map is not a grid of windows");
     Tensor y = empty({B * (H / window) * (W / window), window * window, C});
     cuda::window_partition(mf(y), cf(x), B, H, W, C, window, shift, stream_);
     launched("window_partition");
@@ -459,14 +443,7 @@ class CudaBackend final : public DeviceBackend {
 
   Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t W, int64_t shift, int64_t out_h,
                         int64_t out_w) override {
-    require_f32(windows, "window_reverse");
-    if (window <= 0 || H % window != 0 || W % window != 0 || shift < 0 || shift >= window)
-      throw Error("window_reverse: the map is not a grid of windows");
-    const int64_t nh = H / window, nw = W / window;
-    if (windows.dim() != 3 || windows.size(1) != window * window || windows.size(0) % (nh * nw) != 0)
-      throw Error("window_reverse: windows " + shape_str(windows.shape()) + " do not tile the map");
-    if (out_h < 0 || out_h > H || out_w < 0 || out_w > W) throw Error("window_reverse: crop larger than the map");
-    const int64_t B = windows.size(0) / (nh * nw), C = windows.size(2);
+    const int64_t B = windows.size(0) / ((H / window) * (W / window)), C = windows.size(2);
     Tensor y = empty({B, out_h, out_w, C});
     cuda::window_reverse(mf(y), cf(windows), B, H, W, C, window, shift, out_h, out_w, stream_);
     launched("window_reverse");
