@@ -22,9 +22,12 @@ namespace fs = std::filesystem;
 
 namespace {
 Device g_default_device;
-}
+DType g_default_dtype = DType::F32;
+}  // namespace
 Device default_device() { return g_default_device; }
 void set_default_device(Device d) { g_default_device = d; }
+DType default_dtype() { return g_default_dtype; }
+void set_default_dtype(DType t) { g_default_dtype = t; }
 
 Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const LoadOptions& options) {
   const std::string& architecture = options.architecture;
@@ -51,7 +54,7 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const LoadO
   }
   auto store = load_checkpoint(dir);
   try {
-    LoadDeviceScope on(options.device.value_or(default_device()));
+    LoadDeviceScope on(options.device.value_or(default_device()), options.dtype.value_or(default_dtype()));
     p.model = create_model(p.config, architecture, Weights(store));
     store->check_complete();
   } catch (const ModelError& e) {  // name config.json (what it says, or implies of the weights)

@@ -25,10 +25,14 @@ namespace vf {
 // another (the vf CLI's --device).
 Device default_device();
 void set_default_device(Device d);
+DType default_dtype();  // float32 unless set
+void set_default_dtype(DType t);
 
 struct LoadOptions {
   std::string architecture;      // overrides config.architectures[0]
   std::optional<Device> device;  // where the model runs (default_device() when empty)
+  std::optional<DType> dtype;    // what its convolutions and linear layers compute in (default_dtype()
+                                 // when empty): float32 is exact; bfloat16 / float16 trade digits for speed
 };
 
 struct Pretrained {

@@ -108,7 +108,7 @@ void compare_outputs(const Case& c, const ModelOutput& out, CheckReport& report)
 
 }  // namespace
 
-int run_check(const std::string& case_dir, const std::string& images_dir, Device device) {
+int run_check(const std::string& case_dir, const std::string& images_dir, Device device, DType dtype) {
   Case c = load_case(case_dir, images_dir);
   CheckReport report;
   std::string name = fs::path(case_dir).filename().string();
@@ -139,7 +139,7 @@ int run_check(const std::string& case_dir, const std::string& images_dir, Device
       auto store = load_case_weights(c);
       std::unique_ptr<Model> model;
       {
-        LoadDeviceScope on(device);
+        LoadDeviceScope on(device, dtype);
         model = create_model(c.config, model_class, Weights(store));
       }
       store->check_complete();

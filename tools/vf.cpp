@@ -222,9 +222,13 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "worker threads (default: all cores)");
-  std::string device_name = "cpu";
-  auto add_device_option = [&device_name](CLI::App* cmd) {
+  std::string device_name = "cpu", dtype_name = "float32";
+  auto add_device_option = [&device_name, &dtype_name](CLI::App* cmd) {
     cmd->add_option("--device", device_name, "cpu, cuda or cuda:N (builds with -DVF_CUDA=ON)")->capture_default_str();
+    cmd->add_option("--dtype", dtype_name,
+                    "what convolutions and linear layers compute in: float32 (exact), bfloat16 or float16 "
+                    "(README: reduced precision)")
+        ->capture_default_str();
   };
 
   std::string model_dir, case_dir, images_dir;
@@ -321,6 +325,13 @@ int main(int argc, char** argv) {
   }
   vf::set_default_device(device);
   try {
+    vf::set_default_dtype(vf::parse_compute_dtype(dtype_name));
+    vf::check_compute_dtype(device, vf::default_dtype());  // this machine cannot: a usage error, said up front
+  } catch (const vf::Error& e) {
+    std::fprintf(stderr, "vf: error: --dtype: %s\n", e.what());
+    return vf::exit_code::kUsage;
+  }
+  try {
     if (*classify) {
       run.inputs = classify_inputs;
       return cmd_classify(model_dir, run, top_k);
@@ -339,7 +350,7 @@ int main(int argc, char** argv) {
       for (auto& m : serve_models) specs.push_back(vf::serve::parse_model_arg(m));
       return vf::serve::serve_until_signal(specs, serve_opt);
     }
-    if (*check) return vf::check::run_check(case_dir, images_dir, device);
+    if (*check) return vf::check::run_check(case_dir, images_dir, device, vf::default_dtype());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "vf: error: %s\n", e.what());
     return vf::exit_code::for_exception(e);

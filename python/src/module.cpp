@@ -77,10 +77,11 @@ py::array_t<float> to_numpy(const vf::Tensor& t) {
 
 class PyPretrained {
  public:
-  PyPretrained(const std::string& model, const std::string& device) {
+  PyPretrained(const std::string& model, const std::string& device, const std::string& dtype) {
     vf::LoadOptions options;
     try {
       options.device = vf::Device::parse(device);
+      options.dtype = vf::parse_compute_dtype(dtype);
     } catch (const vf::Error& e) {
       throw py::value_error(e.what());
     }
@@ -184,7 +185,8 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<vf::ModelError>(m, "ModelError", error.ptr());
 
   py::class_<PyPretrained>(m, "Pretrained")
-      .def(py::init<const std::string&, const std::string&>(), py::arg("model"), py::arg("device") = "cpu",
+      .def(py::init<const std::string&, const std::string&, const std::string&>(), py::arg("model"),
+           py::arg("device") = "cpu", py::arg("dtype") = "float32",
            "Loads a model folder (config.json, preprocessor_config.json, weights) or a Hub id.")
       .def("classify", &PyPretrained::classify, py::arg("images"), py::arg("top_k") = 5,
            "[{'label', 'score'}, ...] per image, as the image-classification pipeline.")

@@ -57,12 +57,36 @@ void synchronize(Device d) {
 
 namespace {
 thread_local Device t_load_device;
-}
+thread_local DType t_load_dtype = DType::F32;
+}  // namespace
 
 Device load_device() { return t_load_device; }
+DType load_compute_dtype() { return t_load_dtype; }
 
-LoadDeviceScope::LoadDeviceScope(Device d) : previous_(t_load_device) { t_load_device = d; }
-LoadDeviceScope::~LoadDeviceScope() { t_load_device = previous_; }
+DType parse_compute_dtype(const std::string& s) {
+  if (s == "float32" || s == "fp32" || s == "f32") return DType::F32;
+  if (s == "bfloat16" || s == "bf16") return DType::BF16;
+  if (s == "float16" || s == "fp16" || s == "f16") return DType::F16;
+  throw Error("unknown dtype '" + s.substr(0, 40) + "' (expected float32, bfloat16 or float16)");
+}
+
+void check_compute_dtype(Device d, DType t) {
+  if (t == DType::F32) return;
+  if (t != DType::BF16 && t != DType::F16)
+    throw Error(std::string("layers cannot compute in ") + dtype_name(t) + " (float32, bfloat16 or float16)");
+  throw Error(std::string(dtype_name(t)) + " is not available on " + d.str() + " in this build (float32 is)");
+}
+
+LoadDeviceScope::LoadDeviceScope(Device d, DType compute) : previous_(t_load_device), previous_dtype_(t_load_dtype) {
+  check_compute_dtype(d, compute);
+  t_load_device = d;
+  t_load_dtype = compute;
+}
+LoadDeviceScope::LoadDeviceScope(Device d) : LoadDeviceScope(d, DType::F32) {}
+LoadDeviceScope::~LoadDeviceScope() {
+  t_load_device = previous_;
+  t_load_dtype = previous_dtype_;
+}
 
 DeviceBackend& backend(Device d) {
   switch (d.type) {

@@ -17,6 +17,8 @@
 
 namespace vf {
 
+enum class DType : uint8_t;  // core/tensor.h
+
 enum class DeviceType : uint8_t { CPU, CUDA, Emulated };
 
 struct Device {
@@ -46,16 +48,29 @@ void synchronize(Device d);
 // The device that weighted layers (Conv2d, Linear) built on this thread prepare their weights for.
 Device load_device();
 
-// Sets load_device() for the layers built in its scope (model loading).
+// What those layers compute their products in: F32 (the default, exact: what transformers computes
+// in float32), or BF16 / F16, where inputs and weights are rounded to 16 bits and products still
+// accumulate in float32. Everything else (norms, softmax, activations between layers) stays float32.
+DType load_compute_dtype();
+
+// "float32" (or "fp32", "f32"), "bfloat16" ("bf16"), "float16" ("fp16", "f16"). Throws vf::Error otherwise.
+DType parse_compute_dtype(const std::string& s);
+
+// Throws vf::Error saying why when `d` cannot compute in `t` (this build, this CPU or GPU).
+void check_compute_dtype(Device d, DType t);
+
+// Sets load_device() and load_compute_dtype() for the layers built in its scope (model loading).
 class LoadDeviceScope {
  public:
-  explicit LoadDeviceScope(Device d);
+  explicit LoadDeviceScope(Device d, DType compute);
+  explicit LoadDeviceScope(Device d);  // float32
   ~LoadDeviceScope();
   LoadDeviceScope(const LoadDeviceScope&) = delete;
   LoadDeviceScope& operator=(const LoadDeviceScope&) = delete;
 
  private:
   Device previous_;
+  DType previous_dtype_;
 };
 
 }  // namespace vf

@@ -102,6 +102,7 @@ std::unique_ptr<Model> create_model(const json& config, const std::string& archi
   model->model_type = model_type;
   model->architecture = arch;
   model->device = load_device();
+  model->compute_dtype = load_compute_dtype();
   if (model->id2label.empty()) model->id2label = read_id2label(config);
   return model;
 }

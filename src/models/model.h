@@ -52,6 +52,8 @@ class Model {
   ModelOutput infer(const ModelInputs& inputs) const;
   // Where the weighted layers were prepared (the LoadDeviceScope the model was built in).
   Device device;
+  // What its convolutions and linear layers compute in (the LoadDeviceScope's): F32, BF16 or F16.
+  DType compute_dtype = DType::F32;
 
   // Label names of classification / detection heads (config id2label), empty if none.
   std::vector<std::string> id2label;
