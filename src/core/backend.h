@@ -91,12 +91,16 @@ class DeviceBackend {
                                       const AttentionOptions& opt) = 0;
   virtual Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt) = 0;
   virtual Tensor sine_expand(const Tensor& y_embed, const Tensor& x_embed, const Tensor& dim_t) = 0;  // position.h
+  virtual Tensor inverse_sigmoid(const Tensor& x, float eps) = 0;                                  // boxes.h
+  virtual Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) = 0;        // boxes.h
   virtual Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels,
                                 const Tensor& sampling_locations, const Tensor& attention_weights) = 0;
 };
 
 // The backend of a non-CPU device (throws for the CPU, or a device this build or machine lacks).
 DeviceBackend& backend(Device d);
+// Counts one copy from a device to the host (device_to_host_copies() in device.h).
+void count_device_to_host_copy();
 // The device an op with these inputs runs on: the first input not on the CPU, else the CPU.
 Device op_device(std::initializer_list<const Tensor*> inputs);
 

@@ -1,8 +1,11 @@
 #include "core/boxes.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <string>
+
+#include "core/backend.h"
 
 namespace vf {
 
@@ -206,6 +209,52 @@ std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, cons
     if (kept[i]) keep.push_back(i);
   std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
   return keep;
+}
+
+// ---- in logit space ----
+
+namespace {
+
+float inverse_sigmoid_of(float x, float eps) {
+  x = std::clamp(x, 0.f, 1.f);
+  return std::log(std::max(x, eps) / std::max(1.f - x, eps));
+}
+
+float sigmoid_of(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+}  // namespace
+
+Tensor inverse_sigmoid(const Tensor& x, float eps) {
+  if (x.dtype() != DType::F32) throw Error(std::string("inverse_sigmoid: float32 expected, got ") + dtype_name(x.dtype()));
+  if (!x.is_cpu()) return backend(x.device()).inverse_sigmoid(x, eps);
+  Tensor y = Tensor::empty(x.shape());
+  const float* px = x.f32();
+  float* py = y.f32();
+  const int64_t n = x.numel();
+#pragma omp parallel for if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) py[i] = inverse_sigmoid_of(px[i], eps);
+  return y;
+}
+
+Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) {
+  if (delta.dtype() != DType::F32 || reference.dtype() != DType::F32 || delta.dim() < 1 || delta.size(-1) != 4 ||
+      reference.dim() != delta.dim() || reference.size(-1) < 1 || reference.size(-1) > 4 ||
+      delta.numel() / 4 != reference.numel() / reference.size(-1))
+    throw Error("refine_boxes: expected float32 [..., 4] offsets and [..., 1 to 4] references, got " +
+                shape_str(delta.shape()) + " and " + shape_str(reference.shape()));
+  if (Device d = op_device({&delta, &reference}); !d.is_cpu()) return backend(d).refine_boxes(delta, reference, eps);
+  const int64_t rows = delta.numel() / 4, nc = reference.size(-1);
+  Tensor out = Tensor::empty(delta.shape());
+  const float* d = delta.f32();
+  const float* r = reference.f32();
+  float* o = out.f32();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < 4; ++k) {
+      float v = d[i * 4 + k];
+      if (k < nc) v += inverse_sigmoid_of(r[i * nc + k], eps);
+      o[i * 4 + k] = sigmoid_of(v);
+    }
+  return out;
 }
 
 }  // namespace vf

@@ -46,4 +46,16 @@ std::vector<int64_t> nms(const float* boxes, const float* scores, int64_t n, dou
 std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, const Tensor& group_ids,
                                  double iou_threshold);
 
+// ---- in logit space, as ops (on the device of their inputs: a decoder's reference points and box
+// refinement stay where its hidden states are) ----
+
+// log(x' / (1 - x')) with x clamped to [0, 1] and both x' and 1 - x' floored at eps: the reference's
+// inverse_sigmoid. Elementwise.
+Tensor inverse_sigmoid(const Tensor& x, float eps = 1e-5f);
+
+// sigmoid(delta + [inverse_sigmoid(reference), 0, ...]): a box head's offsets [..., 4] applied to
+// reference points [..., nc] (nc <= 4: points or boxes, the same leading dimensions), as the
+// iterative box refinement and the detection heads do.
+Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps = 1e-5f);
+
 }  // namespace vf

@@ -1,5 +1,6 @@
 #include "core/device.h"
 
+#include <atomic>
 #include <list>
 #include <map>
 #include <mutex>
@@ -54,6 +55,13 @@ bool cuda_available() {
 void synchronize(Device d) {
   if (!d.is_cpu()) backend(d).synchronize();
 }
+
+namespace {
+std::atomic<int64_t> g_device_to_host_copies{0};
+}  // namespace
+
+int64_t device_to_host_copies() { return g_device_to_host_copies.load(); }
+void count_device_to_host_copy() { ++g_device_to_host_copies; }
 
 namespace {
 thread_local Device t_load_device;

@@ -45,6 +45,10 @@ bool cuda_available();
 // Waits until the work queued on `d` is done (nothing to wait for on the CPU): for timing.
 void synchronize(Device d);
 
+// Copies from a device to the host so far, in this process (Tensor::to / copy_from / cpu()). A
+// forward that is to be recorded as a CUDA graph must make none: tests count them on `emu`.
+int64_t device_to_host_copies();
+
 // The device that weighted layers (Conv2d, Linear) built on this thread prepare their weights for.
 Device load_device();
 

@@ -93,19 +93,24 @@ struct PreparedWeights {
 };
 
 // A layer built for a device: inputs on that device run there; a CPU input is copied over and its
-// result back (correct, if slow: the models keep their activations on the device). An input on the
-// emulated device runs the CPU layer on the same memory.
-template <class Layer>
-Tensor forward_off_cpu(const Layer& layer, const std::shared_ptr<DeviceLayer>& device_layer, Device layer_device,
-                       const Tensor& x, const Tensor* residual) {
-  if (device_layer) {
-    if (x.device() == layer_device) return device_layer->forward(x, residual);
-    if (!x.is_cpu()) throw Error("a layer loaded for " + layer_device.str() + " got an input on " + x.device().str());
+// result back (correct, if slow: the models keep their activations on the device). On the emulated
+// device the layer is the CPU one, run on the same memory; a CPU input takes the same round trip
+// as on a GPU, so that tests see it (device_to_host_copies()).
+// `run_on_cpu(x, residual)` is the layer's host computation.
+template <class RunOnCpu>
+Tensor forward_off_cpu(const RunOnCpu& run_on_cpu, const std::shared_ptr<DeviceLayer>& device_layer,
+                       Device layer_device, const Tensor& x, const Tensor* residual) {
+  if (x.is_cpu() && !layer_device.is_cpu()) {
     Tensor r = residual ? residual->to(layer_device) : Tensor();
-    return device_layer->forward(x.to(layer_device), residual ? &r : nullptr).cpu();
+    return forward_off_cpu(run_on_cpu, device_layer, layer_device, x.to(layer_device), residual ? &r : nullptr).cpu();
   }
-  Tensor r = residual ? residual->cpu() : Tensor();
-  Tensor y = layer.forward(x.retagged(Device::cpu()), residual ? &r : nullptr);
+  if (device_layer) {
+    if (x.device() != layer_device)
+      throw Error("a layer loaded for " + layer_device.str() + " got an input on " + x.device().str());
+    return device_layer->forward(x, residual);
+  }
+  Tensor r = residual ? residual->retagged(Device::cpu()) : Tensor();
+  Tensor y = run_on_cpu(x.retagged(Device::cpu()), residual ? &r : nullptr);
   return y.retagged(x.device());
 }
 
@@ -177,8 +182,8 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   if (impl->bias.numel() != impl->out) throw Error("conv2d: bias of " + shape_str(bias.shape()));
   out_ = impl->out;
   in_ = impl->in;
+  impl->device = load_device();
   if (Device d = load_device(); d.is_cuda()) {
-    impl->device = d;
     impl->device_layer = backend(d).make_conv2d(weight, impl->bias, opt);
     release_file_pages(weight);
     impl->bias = Tensor();
@@ -207,7 +212,12 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return f
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
-  if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
+  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, in_place);
+  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false); };
+  return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
+}
+
+Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_place) const {
   int64_t n = x.size(0), h = x.size(1), w = x.size(2);
   auto& p = impl_->prim_for(n, h, w, residual != nullptr);
   Tensor y;
@@ -275,8 +285,8 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   in_ = impl->in = weight.size(1);
   impl->bias = bias.defined() ? bias : Tensor::zeros({out_});
   if (impl->bias.numel() != out_) throw Error("linear: bias of " + shape_str(bias.shape()));
+  impl->device = load_device();
   if (Device d = load_device(); d.is_cuda()) {
-    impl->device = d;
     impl->device_layer = backend(d).make_linear(weight, impl->bias, act);
     release_file_pages(weight);
     impl->bias = Tensor();
@@ -295,7 +305,12 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
 Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
-  if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
+  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual);
+  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc); };
+  return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
+}
+
+Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual) const {
   int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;

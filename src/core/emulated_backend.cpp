@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "core/boxes.h"
 #include "core/position.h"
 
 namespace vf {
@@ -129,6 +130,10 @@ class EmulatedBackend final : public DeviceBackend {
   }
   Tensor sine_expand(const Tensor& y, const Tensor& x, const Tensor& dim_t) override {
     return dev(vf::sine_expand(host(y), host(x), host(dim_t)));
+  }
+  Tensor inverse_sigmoid(const Tensor& x, float eps) override { return dev(vf::inverse_sigmoid(host(x), eps)); }
+  Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) override {
+    return dev(vf::refine_boxes(host(delta), host(reference), eps));
   }
   Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels, const Tensor& loc,
                         const Tensor& weights) override {

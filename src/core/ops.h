@@ -67,6 +67,7 @@ class Conv2d {
 
  private:
   Tensor forward(const Tensor& x, const Tensor* residual, bool in_place) const;
+  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool in_place) const;  // oneDNN, host tensors
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };
@@ -84,6 +85,7 @@ class Linear {
   struct Impl;
 
  private:
+  Tensor forward_cpu(const Tensor& x, const Tensor* residual) const;  // oneDNN, host tensors
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };

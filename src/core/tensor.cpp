@@ -220,7 +220,10 @@ Tensor Tensor::retagged(Device d) const {
 
 Tensor Tensor::to(Device d) const {
   if (d == device_ || !defined()) return *this;
-  if (d.type != DeviceType::CUDA && device_.type != DeviceType::CUDA) return clone().retagged(d);
+  if (d.type != DeviceType::CUDA && device_.type != DeviceType::CUDA) {
+    if (d.is_cpu()) count_device_to_host_copy();
+    return clone().retagged(d);
+  }
   Tensor t = empty(shape_, dtype_, d);
   t.copy_from(*this);
   return t;
@@ -276,6 +279,7 @@ void Tensor::copy_from(const Tensor& src) {
     throw Error("copy_from: " + shape_str(src.shape()) + " " + dtype_name(src.dtype()) + " into " +
                 shape_str(shape_) + " " + dtype_name(dtype_));
   if (!nbytes()) return;
+  if (device_.is_cpu() && !src.device_.is_cpu()) count_device_to_host_copy();
   bool to_cuda = device_.type == DeviceType::CUDA, from_cuda = src.device_.type == DeviceType::CUDA;
   if (to_cuda && from_cuda) {
     if (device_ != src.device_) throw Error("copy_from: between two GPUs");

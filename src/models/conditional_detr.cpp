@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/boxes.h"
+
 namespace vf {
 
 ConditionalDetrConfig ConditionalDetrConfig::from_json(const json& cfg) {
@@ -13,39 +15,8 @@ ConditionalDetrConfig ConditionalDetrConfig::from_json(const json& cfg) {
   return c;
 }
 
-Tensor encode_sinusoidal_position_embedding(const Tensor& pos_in, int64_t num_pos_feats, float temperature) {
-  const Tensor pos = pos_in.cpu();  // small (a few coordinates per query): computed on the host
-  const int64_t n = pos.size(-1), rows = pos.numel() / n, F = num_pos_feats;
-  std::vector<float> dim_t(F);
-  for (int64_t i = 0; i < F; ++i)
-    dim_t[i] = std::pow(temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
-  const float scale = 6.283185307179586f;
-  Shape shape = pos.shape();
-  shape.back() = n * F;
-  Tensor out = Tensor::empty(shape);
-  const float* p = pos.f32();
-  float* o = out.f32();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; ++c) {
-      // Coordinates 0 and 1 (x, y) trade places: the embedding reads [y, x, w, h].
-      const int64_t slot = n >= 2 && c < 2 ? 1 - c : c;
-      const float v = p[r * n + c] * scale;
-      float* dst = o + r * n * F + slot * F;
-      for (int64_t k = 0; k < F; ++k) dst[k] = (k % 2 == 0) ? std::sin(v / dim_t[k]) : std::cos(v / dim_t[k]);
-    }
-  return out.to(pos_in.device());
-}
-
-Tensor inverse_sigmoid(const Tensor& x_in, float eps) {
-  const Tensor x = x_in.cpu();  // small (reference points): computed on the host
-  Tensor y = Tensor::empty(x.shape());
-  const float* px = x.f32();
-  float* py = y.f32();
-  for (int64_t i = 0; i < x.numel(); ++i) {
-    const float v = std::clamp(px[i], 0.0f, 1.0f);
-    py[i] = std::log(std::max(v, eps) / std::max(1.0f - v, eps));
-  }
-  return y.to(x_in.device());
+Tensor encode_sinusoidal_position_embedding(const Tensor& pos, int64_t num_pos_feats, float temperature) {
+  return sine_embed_coordinates(pos, num_pos_feats, temperature, /*swap_xy=*/true);
 }
 
 // ---- decoder ------------------------------------------------------------------------------------
@@ -189,8 +160,8 @@ ConditionalDetrModelOutputs ConditionalDetrModel::forward(const Tensor& pixel_va
   out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, output_hidden_states, output_attentions);
   const int64_t B = pixel_values.size(0);
-  Tensor query_pos = repeat_over_batch(query_position_embeddings_, B);
-  Tensor queries = Tensor::zeros(query_pos.shape());
+  Tensor query_pos = repeat_over_batch(query_position_embeddings_, B, out.encoder.last_hidden_state.device());
+  Tensor queries = Tensor::zeros(query_pos.shape(), DType::F32, out.encoder.last_hidden_state.device());
   out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, query_pos, output_hidden_states,
                                  output_attentions);
@@ -235,7 +206,7 @@ class ConditionalDetrRunner : public Model {
     const Tensor& seq = o.decoder.last_hidden_state;
     out.set("logits", class_labels_classifier_.forward(seq));
     // ConditionalDetrForSegmentation leaves the reference points out of its boxes, as the reference does.
-    const Tensor reference = segmentation_ ? Tensor() : inverse_sigmoid(o.decoder.reference_points);
+    const Tensor reference = segmentation_ ? Tensor() : o.decoder.reference_points;
     out.set("pred_boxes", predict_boxes(seq, reference));
     if (segmentation_) out.set("pred_masks", seg_head_.forward(seq, o.encoder.last_hidden_state, o.front));
     if (!in.targets.empty()) {
@@ -253,15 +224,10 @@ class ConditionalDetrRunner : public Model {
   }
 
  private:
-  // sigmoid(bbox_predictor(h) + [reference, 0, 0]); no reference: sigmoid(bbox_predictor(h)).
-  Tensor predict_boxes(const Tensor& h, const Tensor& reference_before_sigmoid) const {
+  // sigmoid(bbox_predictor(h) + [inverse_sigmoid(reference), 0, 0]); no reference: sigmoid(bbox_predictor(h)).
+  Tensor predict_boxes(const Tensor& h, const Tensor& reference) const {
     Tensor boxes = bbox_predictor_.forward(h);
-    if (reference_before_sigmoid.defined()) {
-      const Tensor& r = reference_before_sigmoid;
-      Shape wh = r.shape();
-      Tensor zeros = Tensor::zeros(wh, DType::F32, boxes.device());
-      boxes = add(boxes, cat({r, zeros}, -1));
-    }
+    if (reference.defined()) return refine_boxes(boxes, reference);
     sigmoid_inplace(boxes);
     return boxes;
   }

@@ -26,9 +26,6 @@ struct ConditionalDetrConfig : DetrConfig {
 // x and y swapped (DETR's [y, x] order) -> [B, Q, n * num_pos_feats].
 Tensor encode_sinusoidal_position_embedding(const Tensor& pos, int64_t num_pos_feats, float temperature = 10000.0f);
 
-// log(x / (1 - x)) with both clamped to eps, x clamped to [0, 1].
-Tensor inverse_sigmoid(const Tensor& x, float eps = 1e-5f);
-
 class ConditionalDetrDecoderLayer {
  public:
   ConditionalDetrDecoderLayer() = default;

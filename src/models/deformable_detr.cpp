@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/attention.h"
+#include "core/boxes.h"
 #include "models/detr_loss.h"
 
 namespace vf {
@@ -84,12 +85,6 @@ DeformableDetrConfig read_deformable_detr_config(const json& c, const Deformable
 
 // ---- small helpers -------------------------------------------------------------------------------
 
-float inverse_sigmoid(float x, float eps) {
-  x = std::min(std::max(x, 0.f), 1.f);
-  float x1 = std::max(x, eps), x2 = std::max(1 - x, eps);
-  return std::log(x1 / x2);
-}
-
 namespace {
 
 inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
@@ -111,30 +106,11 @@ Tensor layout_level_sizes(const MultiScaleLayout& layout) {
   return sizes;
 }
 
-// sigmoid(x) with sigmoidf on the host (small tensors: reference points), back on x's device.
-Tensor sigmoid_on_host(const Tensor& x) {
-  Tensor y = x.cpu().clone();
-  float* p = y.f32();
-  for (int64_t i = 0; i < y.numel(); ++i) p[i] = sigmoidf(p[i]);
-  return y.to(x.device());
-}
-
-// inverse_sigmoid(reference)[..., :nc] added to the first nc coordinates of delta [B, Q, 4], then
-// sigmoid: the box refinement of the decoder and the heads, on the host (small), back on delta's device.
-Tensor refine_boxes(const Tensor& delta_in, const Tensor& reference_in) {
-  const Tensor delta = delta_in.cpu(), reference = reference_in.cpu();
-  const int64_t rows = delta.numel() / 4, nc = reference.size(-1);
-  Tensor out = Tensor::empty(delta.shape());
-  const float* d = delta.f32();
-  const float* r = reference.f32();
-  float* o = out.f32();
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < 4; ++k) {
-      float v = d[i * 4 + k];
-      if (k < nc) v += inverse_sigmoid(r[i * nc + k]);
-      o[i * 4 + k] = sigmoidf(v);
-    }
-  return out.to(delta_in.device());
+// sigmoid(x) in a new tensor, on x's device.
+Tensor sigmoid(const Tensor& x) {
+  Tensor y = x.clone();
+  act_inplace(y, Act::Sigmoid);
+  return y;
 }
 
 Linear load_linear(const Weights& w, int64_t in, int64_t out, Act act = Act::None) {
@@ -633,26 +609,8 @@ Tensor DeformableDetrModel::get_valid_ratio(const Tensor& mask) {
   return r;
 }
 
-Tensor DeformableDetrModel::get_proposal_pos_embed(const Tensor& proposals_in) const {
-  const Tensor proposals = proposals_in.cpu();  // [B, K, 4], once per forward: on the host
-  const int64_t B = proposals.size(0), K = proposals.size(1);
-  const int64_t F = cfg_.d_model / 2;  // num_pos_feats
-  const float scale = 6.283185307179586f;
-  std::vector<float> dim_t(F);
-  for (int64_t i = 0; i < F; ++i)
-    dim_t[i] = std::pow(10000.0f, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
-  Tensor pos = Tensor::empty({B, K, 4 * F});
-  const float* p = proposals.f32();
-  float* o = pos.f32();
-  for (int64_t i = 0; i < B * K * 4; ++i) {
-    const float v = sigmoidf(p[i]) * scale;
-    float* oi = o + i * F;
-    for (int64_t j = 0; j < F; j += 2) {
-      oi[j] = std::sin(v / dim_t[j]);
-      if (j + 1 < F) oi[j + 1] = std::cos(v / dim_t[j + 1]);
-    }
-  }
-  return pos.to(proposals_in.device());
+Tensor DeformableDetrModel::get_proposal_pos_embed(const Tensor& proposals) const {
+  return sine_embed_coordinates(sigmoid(proposals), cfg_.d_model / 2, 10000.0f, /*swap_xy=*/false);
 }
 
 std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(const Tensor& enc_output,
@@ -810,7 +768,7 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
 
     auto topk = select_proposals(out.enc_outputs_class, out.enc_outputs_coord_logits, layout);
     Tensor topk_coords_logits = gather_rows(out.enc_outputs_coord_logits, topk);
-    reference_points = sigmoid_on_host(topk_coords_logits);
+    reference_points = sigmoid(topk_coords_logits);
     Tensor pos_trans_out = pos_trans_norm_(pos_trans_.forward(get_proposal_pos_embed(topk_coords_logits)));
     query_embed = narrow(pos_trans_out, 2, 0, C);
     target = narrow(pos_trans_out, 2, C, C);
@@ -820,11 +778,12 @@ DeformableDetrModelOutput DeformableDetrModel::run(const Tensor& pixel_values, c
     }
   } else {
     const int64_t NQ = cfg_.num_queries;
-    Tensor qe = narrow(query_position_embeddings_, 1, 0, C);
-    Tensor tg = narrow(query_position_embeddings_, 1, C, C);
+    const Tensor qpe = query_position_embeddings_.on(memory.device());
+    Tensor qe = narrow(qpe, 1, 0, C);
+    Tensor tg = narrow(qpe, 1, C, C);
     query_embed = cat(std::vector<Tensor>(B, qe.reshape({1, NQ, C})), 0);
     target = cat(std::vector<Tensor>(B, tg.reshape({1, NQ, C})), 0);
-    reference_points = sigmoid_on_host(reference_points_.forward(query_embed));
+    reference_points = sigmoid(reference_points_.forward(query_embed));
   }
   out.init_reference_points = reference_points;
 

@@ -324,9 +324,6 @@ void deformable_detr_loss(const DeformableDetrConfig& cfg, bool deta, const Defo
                           const DeformableDetrModelOutput& outputs, const std::vector<DetectionTarget>& targets,
                           ModelOutput& out);
 
-// inverse_sigmoid(x, eps=1e-5) of the reference.
-float inverse_sigmoid(float x, float eps = 1e-5f);
-
 class DeformableDetrForObjectDetection : public Model {
  public:
   DeformableDetrForObjectDetection(const DeformableDetrConfig& cfg, const Weights& w);

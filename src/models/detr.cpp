@@ -265,17 +265,18 @@ DetrModelOutputs DetrModel::forward(const Tensor& pixel_values, const Tensor& pi
   out.encoder = encoder_.forward(out.front.flattened_features, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, output_hidden_states, output_attentions);
   const int64_t B = pixel_values.size(0), Q = query_position_embeddings_.size(0), D = query_position_embeddings_.size(1);
-  Tensor query_pos = repeat_over_batch(query_position_embeddings_, B);
-  Tensor queries = Tensor::zeros({B, Q, D});
+  Tensor query_pos = repeat_over_batch(query_position_embeddings_, B, out.encoder.last_hidden_state.device());
+  Tensor queries = Tensor::zeros({B, Q, D}, DType::F32, out.encoder.last_hidden_state.device());
   out.decoder = decoder_.forward(queries, out.encoder.last_hidden_state, out.front.flattened_mask,
                                  out.front.spatial_position_embeddings, query_pos, output_hidden_states,
                                  output_attentions);
   return out;
 }
 
-Tensor repeat_over_batch(const Tensor& weight, int64_t batch) {
-  Tensor out = Tensor::empty({batch, weight.size(0), weight.size(1)});
-  for (int64_t b = 0; b < batch; ++b) out[b].copy_from(weight);
+Tensor repeat_over_batch(const Tensor& weight, int64_t batch, Device device) {
+  const Tensor w = weight.on(device);
+  Tensor out = Tensor::empty({batch, weight.size(0), weight.size(1)}, DType::F32, device);
+  for (int64_t b = 0; b < batch; ++b) out[b].copy_from(w);
   return out;
 }
 

@@ -209,8 +209,8 @@ struct DetrModelOutputs {
 // encoder_last_hidden_state, encoder_hidden_states.N, encoder_attentions.N (the lists when asked for).
 void write_detr_base_outputs(const DetrEncoderOutput& encoder, const DetrDecoderOutput& decoder, ModelOutput& out);
 
-// weight [Q, D] repeated over the batch -> [batch, Q, D] (query_position_embeddings.weight.repeat).
-Tensor repeat_over_batch(const Tensor& weight, int64_t batch);
+// weight [Q, D] repeated over the batch -> [batch, Q, D] on `device` (query_position_embeddings.weight.repeat).
+Tensor repeat_over_batch(const Tensor& weight, int64_t batch, Device device);
 
 class DetrModel {
  public:

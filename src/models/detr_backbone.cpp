@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "core/file_pages.h"
 
@@ -374,13 +375,20 @@ Tensor downsample_pixel_mask(const Tensor& mask, int64_t h, int64_t w) {
   return out;
 }
 
+namespace {
+// dim_t = temperature ** (2 * (i // 2) / F), in float32 like the reference.
+Tensor sine_dim_t(int64_t F, float temperature) {
+  Tensor dim_t = Tensor::empty({F});
+  for (int64_t i = 0; i < F; ++i)
+    dim_t.f32()[i] = std::pow(temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
+  return dim_t;
+}
+}  // namespace
+
 Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt, Device device) {
   if (mask.dim() != 3 || mask.dtype() != DType::U8) throw Error("sine_position_embedding: mask must be uint8 [B, h, w]");
   const int64_t B = mask.size(0), h = mask.size(1), w = mask.size(2), F = opt.num_position_features;
-  // dim_t = temperature ** (2 * (i // 2) / F), in float32 like the reference.
-  Tensor dim_t = Tensor::empty({F});
-  for (int64_t i = 0; i < F; ++i)
-    dim_t.f32()[i] = std::pow(opt.temperature, static_cast<float>(2 * (i / 2)) / static_cast<float>(F));
+  const Tensor dim_t = sine_dim_t(F, opt.temperature);
   // The cumulative sums (cheap) here; the 2F sines and cosines per position where they will be used.
   Tensor y_embed = Tensor::empty({B * h * w}), x_embed = Tensor::empty({B * h * w});
   const uint8_t* m = mask.data<uint8_t>();
@@ -407,6 +415,29 @@ Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOp
     }
   }
   return sine_expand(y_embed.to(device), x_embed.to(device), dim_t.to(device)).reshape({B, h, w, 2 * F});
+}
+
+Tensor sine_embed_coordinates(const Tensor& coords, int64_t num_pos_feats, float temperature, bool swap_xy) {
+  if (coords.dim() < 1 || coords.size(-1) < 1 || coords.dtype() != DType::F32 || num_pos_feats < 1)
+    throw Error("sine_embed_coordinates: expected float32 [..., n], got " + shape_str(coords.shape()));
+  const int64_t n = coords.size(-1), rows = coords.numel() / n, F = num_pos_feats;
+  const Tensor dim_t = sine_dim_t(F, temperature).to(coords.device());
+  const Tensor scaled = scale(coords, 6.283185307179586f).reshape({rows, n});
+  auto column = [&](int64_t c) { return narrow(scaled, 1, c, 1).reshape({rows}); };
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (swap_xy && n >= 2) std::swap(order[0], order[1]);
+  // sine_expand embeds two coordinates at a time ([rows, 2F]); an odd last one takes half of a pair.
+  std::vector<Tensor> parts;
+  for (int64_t i = 0; i < n; i += 2) {
+    if (i + 1 < n)
+      parts.push_back(sine_expand(column(order[i]), column(order[i + 1]), dim_t));
+    else
+      parts.push_back(narrow(sine_expand(column(order[i]), column(order[i]), dim_t), 1, 0, F));
+  }
+  Shape shape = coords.shape();
+  shape.back() = n * F;
+  return (parts.size() == 1 ? parts[0] : cat(parts, 1)).reshape(shape);
 }
 
 LearnedPositionEmbedding::LearnedPositionEmbedding(const Weights& w, int64_t embedding_dim) : dim_(embedding_dim) {

@@ -111,6 +111,13 @@ struct SinePositionEmbeddingOptions {
 Tensor sine_position_embedding(const Tensor& mask, const SinePositionEmbeddingOptions& opt,
                                Device device = Device::cpu());  // the embedding on `device`
 
+// Each coordinate c of coords [..., n] as num_pos_feats interleaved sin/cos features of
+// c * 2 pi / temperature^(2 (i // 2) / num_pos_feats) -> [..., n * num_pos_feats]: the embedding of
+// Conditional DETR's reference points (gen_sine_position_embeddings, `swap_xy`: the first two
+// coordinates trade places, DETR's [y, x] order) and of two-stage proposals (get_proposal_pos_embed).
+// On the device of coords.
+Tensor sine_embed_coordinates(const Tensor& coords, int64_t num_pos_feats, float temperature, bool swap_xy);
+
 // DetrLearnedPositionEmbedding: row_embeddings / column_embeddings, 50 positions each.
 class LearnedPositionEmbedding {
  public:

@@ -646,6 +646,22 @@ class CudaBackend final : public DeviceBackend {
     return out;
   }
 
+  Tensor inverse_sigmoid(const Tensor& x0, float eps) override {
+    Tensor x = here(x0);
+    Tensor y = empty(x.shape());
+    cuda::inverse_sigmoid(mf(y), cf(x), eps, x.numel(), stream_);
+    launched("inverse_sigmoid");
+    return y;
+  }
+
+  Tensor refine_boxes(const Tensor& delta0, const Tensor& reference0, float eps) override {
+    Tensor delta = here(delta0), reference = here(reference0);
+    Tensor out = empty(delta.shape());
+    cuda::refine_boxes(mf(out), cf(delta), cf(reference), reference.size(-1), eps, delta.numel() / 4, stream_);
+    launched("refine_boxes");
+    return out;
+  }
+
   Tensor ms_deform_attn(const Tensor& value0, const std::vector<DeformLevel>& levels, const Tensor& loc0,
                         const Tensor& weights0) override {
     Tensor value = here(value0), loc = here(loc0), weights = here(weights0);

@@ -84,6 +84,25 @@ __global__ void sine_expand_kernel(float* out, const float* ye, const float* xe,
   }
 }
 
+__device__ float inverse_sigmoid_of(float x, float eps) {
+  x = fminf(fmaxf(x, 0.f), 1.f);
+  return logf(fmaxf(x, eps) / fmaxf(1.f - x, eps));
+}
+
+__global__ void inverse_sigmoid_kernel(float* y, const float* x, float eps, int64_t n) {
+  VF_GRID_STRIDE(i, n) y[i] = inverse_sigmoid_of(x[i], eps);
+}
+
+__global__ void refine_boxes_kernel(float* out, const float* delta, const float* reference, int64_t nc, float eps,
+                                    int64_t rows) {
+  VF_GRID_STRIDE(i, rows * 4) {
+    const int64_t row = i / 4, k = i % 4;
+    float v = delta[i];
+    if (k < nc) v += inverse_sigmoid_of(reference[row * nc + k], eps);
+    out[i] = 1.f / (1.f + expf(-v));
+  }
+}
+
 __global__ void fill_kernel(float* x, float v, int64_t n) {
   VF_GRID_STRIDE(i, n) x[i] = v;
 }
@@ -171,6 +190,15 @@ void channel_affine(float* y, const float* x, const float* scale, const float* s
 void sine_expand(float* out, const float* y_embed, const float* x_embed, const float* dim_t, int64_t N, int64_t F,
                  cudaStream_t s) {
   if (N * F) sine_expand_kernel<<<grid_for(N * 2 * F), kThreads, 0, s>>>(out, y_embed, x_embed, dim_t, N, F);
+}
+
+void inverse_sigmoid(float* y, const float* x, float eps, int64_t n, cudaStream_t s) {
+  if (n) inverse_sigmoid_kernel<<<grid_for(n), kThreads, 0, s>>>(y, x, eps, n);
+}
+
+void refine_boxes(float* out, const float* delta, const float* reference, int64_t nc, float eps, int64_t rows,
+                  cudaStream_t s) {
+  if (rows) refine_boxes_kernel<<<grid_for(rows * 4), kThreads, 0, s>>>(out, delta, reference, nc, eps, rows);
 }
 
 void fill(float* x, float value, int64_t n, cudaStream_t s) {

@@ -38,6 +38,10 @@ void fill(float* x, float value, int64_t n, cudaStream_t s);
 // position.h's sine_expand: out [N, 2F] from y_embed, x_embed [N] and dim_t [F].
 void sine_expand(float* out, const float* y_embed, const float* x_embed, const float* dim_t, int64_t N, int64_t F,
                  cudaStream_t s);
+// boxes.h's inverse_sigmoid (n values) and refine_boxes (delta [rows, 4], reference [rows, nc]).
+void inverse_sigmoid(float* y, const float* x, float eps, int64_t n, cudaStream_t s);
+void refine_boxes(float* out, const float* delta, const float* reference, int64_t nc, float eps, int64_t rows,
+                  cudaStream_t s);
 // dtype conversion through double, as Tensor::to: `from`/`to` are DType values.
 void convert(void* out, int to, const void* in, int from, int64_t n, cudaStream_t s);
 
