@@ -3,7 +3,8 @@
 # CUDA backend (VF_DEVICE=cuda vf_bench) and PyTorch on the same GPU. Prints two tables:
 #   batch 1, float32 without TF32: vf, transformers eager, torch.compile(mode="reduce-overhead") where
 #     COMPILE lists the model (the anchors: ConvNeXt-T, DETR-R50)
-#   throughput in bfloat16 (DTYPE): vf --dtype (VF_DTYPE) against torch.autocast, at the batch of each
+#   throughput in bfloat16 (DTYPE; float16, or float32 for both sides unconverted): vf --dtype (VF_DTYPE)
+#     against torch.autocast, at the batch of each
 #     THROUGHPUT entry (NAME=BATCH), ms per batch and images/s
 # with each side's peak GPU memory (vf: what its tensors held while timed; PyTorch: max_memory_allocated).
 # SKIP_LATENCY=1 or SKIP_THROUGHPUT=1 leaves a table out.
@@ -46,7 +47,10 @@ def ms(r):
     return f"{r['ms']:.2f}" if r and "ms" in r else (r.get("error", "-")[:40] if r else "-")
 
 if os.path.exists(f"{out}/vf_gpu.json"):
-    vf = {b["name"].split("/")[0]: b for b in json.load(open(f"{out}/vf_gpu.json"))["benchmarks"]}
+    try:
+        vf = {b["name"].split("/")[0]: b for b in json.load(open(f"{out}/vf_gpu.json"))["benchmarks"]}
+    except (ValueError, KeyError):
+        print("no result in vf_gpu.json"); vf = {}
     print("batch 1, float32 (TF32 off)\n")
     print("| model | vf CUDA ms | eager ms | eager / vf | compile ms | compile / vf | vf peak MB | eager peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -63,8 +67,10 @@ if os.path.exists(f"{out}/vf_gpu.json"):
 
 rows = []
 for f in sorted(glob.glob(f"{out}/vf_gpu_{dtype}.*.json")):
-    for b in json.load(open(f))["benchmarks"]:
-        rows.append(b)
+    try:
+        rows += [b for b in json.load(open(f))["benchmarks"] if "items_per_second" in b]
+    except (ValueError, KeyError):  # vf_bench stopped early: its stderr says why
+        print(f"no result in {os.path.basename(f)}")
 if rows:
     print(f"throughput, {dtype} (vf --dtype {dtype} vs torch.autocast)\n")
     print("| model | batch | vf ms/batch | vf images/s | autocast ms/batch | autocast images/s | autocast / vf (ms) "

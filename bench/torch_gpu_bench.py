@@ -7,7 +7,7 @@ vf_bench's benchmarks'. peak_mb is torch.cuda.max_memory_allocated over warm-up 
 Modes:
   eager     float32 with TF32 off (the exact mode vf runs), eager; batch 1 by default
   compile   the same through torch.compile(mode="reduce-overhead") (CUDA graphs)
-  autocast  torch.autocast("cuda", dtype=torch.bfloat16) (or --dtype float16), eager
+  autocast  torch.autocast("cuda", dtype=torch.bfloat16) (or --dtype float16; float32: none), eager
 Usage: torch_gpu_bench.py [--mode eager|compile|autocast] [--batch N] [--dtype bfloat16|float16] [NAME...]
 (default: eager, batch 1, all models). NAME=N sets that model's batch (BM_DeiTBase=32).
 """
@@ -60,7 +60,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["eager", "compile", "autocast"], default="eager")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args()
     want = {}
@@ -83,7 +83,7 @@ def main():
                 warmup = 10  # compilation, then CUDA graph recording
             else:
                 run, warmup = model, 3
-            if args.mode == "autocast":
+            if args.mode == "autocast" and args.dtype != "float32":
                 dt = getattr(torch, args.dtype)
 
                 def fn():
