@@ -10,10 +10,13 @@
 //                          thread with VF_THREADS / workers threads of its own, batch 1 each, all
 //                          running at once; items_per_second = images/s
 // VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
-// until the GPU has finished it; counter peak_gpu_mb: the most device memory vf's tensors held while timed
-// (weights included; cuDNN's one-time algorithm search at the warm-up not). VF_DTYPE=bfloat16 or float16
-// (default float32) builds the models' Conv2d and Linear layers for that compute dtype (vf --dtype).
-// VF_BENCH_ROUNDS: forwards per /batch and /inflight worker (default 8, 2 at 800×1066; GPUs want more).
+// until the GPU has finished it.
+// VF_DTYPE=bfloat16 (or float16) builds the models' convolutions and linear layers in that compute dtype
+// (README: reduced precision); the benchmarks keep their names and are labelled with it.
+//
+// On a GPU, counter peak_gpu_mb: the most device memory vf's tensors held while timed (weights included;
+// cuDNN's one-time algorithm search at the warm-up not). VF_BENCH_ROUNDS: forwards per /batch and
+// /inflight worker (default 8, 2 at 800×1066; a GPU wants more for a steady number).
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
@@ -55,7 +58,6 @@ vf::Device bench_device() {
   return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
 }
 
-// VF_DTYPE: what Conv2d and Linear compute in (float32, bfloat16, float16).
 vf::DType bench_dtype() {
   const char* t = std::getenv("VF_DTYPE");
   return t && *t ? vf::parse_compute_dtype(t) : vf::DType::F32;
