@@ -13,10 +13,6 @@
 // until the GPU has finished it.
 // VF_DTYPE=bfloat16 (or float16) builds the models' convolutions and linear layers in that compute dtype
 // (README: reduced precision); the benchmarks keep their names and are labelled with it.
-//
-// On a GPU, counter peak_gpu_mb: the most device memory vf's tensors held while timed (weights included;
-// cuDNN's one-time algorithm search at the warm-up not). VF_BENCH_ROUNDS: forwards per /batch and
-// /inflight worker (default 8, 2 at 800×1066; a GPU wants more for a steady number).
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
@@ -98,7 +94,8 @@ double peak_rss_mb() {
   return double(u.ru_maxrss) / 1024.0;  // Linux reports kilobytes
 }
 
-// The GPU's peak counts from here (after the warm-ups).
+// On a GPU, counter peak_gpu_mb: the most device memory vf's tensors held while timed (weights
+// included; cuDNN's one-time algorithm search at the warm-up not), counted from reset_gpu_peak().
 void reset_gpu_peak() {
   if (!bench_device().is_cpu()) vf::device_memory_stats(bench_device(), /*reset_peak=*/true);
 }
@@ -217,6 +214,7 @@ int main(int argc, char** argv) {
     if (a.detection) l->Iterations(swin ? 1 : 3); else l->MinTime(3.0);
 
     int64_t batch = env_int("VF_BENCH_BATCH", a.detection ? 2 : 8);
+    // VF_BENCH_ROUNDS: forwards per worker (a GPU wants more than the CPU's default for a steady number).
     int rounds = env_int("VF_BENCH_ROUNDS", a.detection ? 2 : 8);
     if (swin) continue;  // minutes per image here: latency only
     benchmark::RegisterBenchmark((std::string(a.name) + "/batch").c_str(),
