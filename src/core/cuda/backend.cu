@@ -99,12 +99,27 @@ void require_f32(const Tensor& x, const char* op) {
   if (x.dtype() != DType::F32) throw Error(std::string(op) + ": expected float32, got " + dtype_name(x.dtype()));
 }
 
+// What a backend's tensors hold, for device_memory_stats(): the bytes handed out of its pool, plus all
+// that a recorded graph's pool has taken from the GPU (every replay may write any of it).
+struct MemoryCounters {
+  std::atomic<size_t> in_use{0}, peak{0};
+  void add(size_t n) {
+    const size_t now = in_use.fetch_add(n) + n;
+    size_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  void sub(size_t n) { in_use.fetch_sub(n); }
+};
+
 // ---- memory pool ---------------------------------------------------------------------------------
 // Size-bucketed like the host pool (tensor.cpp): a forward pass allocates the same sizes again and
 // again, so after the first image cudaMalloc is never called.
 class Pool {
  public:
-  explicit Pool(int device) : device_(device) {}
+  // footprint: counts what this pool takes from the GPU (a graph's pool), else nullptr.
+  explicit Pool(int device, std::shared_ptr<MemoryCounters> footprint = nullptr)
+      : device_(device), footprint_(std::move(footprint)) {}
   ~Pool() {
     release();
     for (void* p : pinned_) cudaFreeHost(p);
@@ -143,6 +158,7 @@ class Pool {
       throw Error("CUDA: out of GPU memory allocating " + std::to_string(bytes) + " bytes on cuda:" +
                   std::to_string(device_));
     }
+    if (footprint_) footprint_->add(bytes);
     return p;
   }
   void put(void* p, size_t bytes) {
@@ -153,31 +169,23 @@ class Pool {
   void release() {
     std::lock_guard<std::mutex> lock(mu_);
     cudaDeviceSynchronize();
-    for (auto& [n, p] : free_) cudaFree(p);
+    for (auto& [n, p] : free_) {
+      cudaFree(p);
+      if (footprint_) footprint_->sub(n);
+    }
     free_.clear();
     cached_ = 0;
   }
 
  private:
   int device_;
+  std::shared_ptr<MemoryCounters> footprint_;
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
   std::vector<void*> pinned_;
 };
 
-
-// The bytes handed out of a backend's pools (its own and its graphs'): device_memory_stats().
-struct MemoryCounters {
-  std::atomic<size_t> in_use{0}, peak{0};
-  void add(size_t n) {
-    const size_t now = in_use.fetch_add(n) + n;
-    size_t p = peak.load();
-    while (now > p && !peak.compare_exchange_weak(p, now)) {
-    }
-  }
-  void sub(size_t n) { in_use.fetch_sub(n); }
-};
 
 cudnnDataType_t cudnn_type(DType t) {
   return t == DType::BF16 ? CUDNN_DATA_BFLOAT16 : t == DType::F16 ? CUDNN_DATA_HALF : CUDNN_DATA_FLOAT;
@@ -266,6 +274,8 @@ class CudaBackend final : public DeviceBackend {
     // While a graph is recorded its memory comes from, and goes back to, the graph's own pool.
     std::shared_ptr<Pool> pool = capture_pool_ ? capture_pool_ : pool_;
     void* p = pool->get(bytes);
+    // A graph's pool is counted whole as it grows (MemoryCounters), not per tensor.
+    if (capture_pool_) return std::shared_ptr<void>(p, [pool, bytes](void* q) { pool->put(q, bytes); });
     counters_->add(bytes);
     return std::shared_ptr<void>(p, [pool, bytes, c = counters_](void* q) {
       c->sub(bytes);
@@ -750,7 +760,7 @@ class CudaGraph final : public DeviceGraph {
 std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& enqueue) {
   activate();
   synchronize();
-  auto memory = std::make_shared<Pool>(index_);
+  auto memory = std::make_shared<Pool>(index_, counters_);
   capture_pool_ = memory;
   // Relaxed: the graph's pool may call cudaMalloc while recording.
   check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin graph capture");
