@@ -11,6 +11,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 work=${WORK:-/tmp/vf-device}
+if [ ! -x "$work/bin/vf_bench" ] && [ -f .device/bins.tar.xz ]; then  # a fresh machine: unpack as device-test.sh does
+  mkdir -p "$work/lib" "$work/bin"
+  tar -C "$work/lib" -xJf .device/libs.tar.xz && tar -C "$work/bin" -xJf .device/bins.tar.xz
+fi
 export LD_LIBRARY_PATH="$work/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 out=${OUT:-$(mktemp -d)}
 filter=${FILTER:-BM_ConvNextTiny|BM_DeiTBase|BM_DetrResnet50|BM_DetaResnet50|BM_Bit50|BM_ConvNextV2Tiny|BM_Cvt13|BM_ConditionalDetrResnet50|BM_DeformableDetr}
