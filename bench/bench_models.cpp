@@ -11,6 +11,8 @@
 //                          running at once; items_per_second = images/s
 // VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
 // until the GPU has finished it.
+// VF_DTYPE=bfloat16 (or float16) builds the models' convolutions and linear layers in that compute dtype
+// (README: reduced precision); the benchmarks keep their names and are labelled with it.
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
@@ -24,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/device.h"
 #include "core/ops.h"
 #include "models/model.h"
 
@@ -51,10 +54,15 @@ vf::Device bench_device() {
   return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
 }
 
+vf::DType bench_dtype() {
+  const char* t = std::getenv("VF_DTYPE");
+  return t && *t ? vf::parse_compute_dtype(t) : vf::DType::F32;
+}
+
 std::unique_ptr<vf::Model> build(const vf::json& config) {
   auto store = std::make_shared<vf::WeightStore>();
   store->set_missing_filler(fill);
-  vf::LoadDeviceScope on(bench_device());
+  vf::LoadDeviceScope on(bench_device(), bench_dtype());
   return vf::create_model(config, "", vf::Weights(store));
 }
 
@@ -86,6 +94,16 @@ double peak_rss_mb() {
   return double(u.ru_maxrss) / 1024.0;  // Linux reports kilobytes
 }
 
+// On a GPU, counter peak_gpu_mb: the most device memory vf's tensors held while timed (weights
+// included; cuDNN's one-time algorithm search at the warm-up not), counted from reset_gpu_peak().
+void reset_gpu_peak() {
+  if (!bench_device().is_cpu()) vf::device_memory_stats(bench_device(), /*reset_peak=*/true);
+}
+void report_gpu_peak(benchmark::State& state) {
+  if (!bench_device().is_cpu())
+    state.counters["peak_gpu_mb"] = double(vf::device_memory_stats(bench_device()).peak) / double(1 << 20);
+}
+
 void latency(benchmark::State& state, const Arch& a) {
   vf::set_num_threads(bench_threads());
   auto model = build(a.config);
@@ -95,7 +113,9 @@ void latency(benchmark::State& state, const Arch& a) {
     vf::ModelInputs in;
     in.pixel_values = fill("pixel_values", {1, 3, a.h, a.w});
     for (int i = 0; i < 3; ++i) model->infer(in);  // set-up, recording, first replay
+    reset_gpu_peak();
     for (auto _ : state) benchmark::DoNotOptimize(model->infer(in));
+    report_gpu_peak(state);
     return;
   }
   auto in = inputs(a, 1);
@@ -124,6 +144,7 @@ void throughput(benchmark::State& state, const Arch& a, int workers, int threads
         vf::synchronize(bench_device());
       });
     warm.arrive_and_wait();
+    reset_gpu_peak();
     auto t0 = std::chrono::steady_clock::now();
     for (auto& t : pool) t.join();
     state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -133,6 +154,7 @@ void throughput(benchmark::State& state, const Arch& a, int workers, int threads
   state.counters["threads_each"] = threads_each;
   state.counters["batch"] = double(batch);
   state.counters["peak_rss_mb"] = peak_rss_mb();
+  report_gpu_peak(state);
 }
 
 vf::json detr_family(const char* model_type, const char* architecture) {
@@ -192,7 +214,8 @@ int main(int argc, char** argv) {
     if (a.detection) l->Iterations(swin ? 1 : 3); else l->MinTime(3.0);
 
     int64_t batch = env_int("VF_BENCH_BATCH", a.detection ? 2 : 8);
-    int rounds = a.detection ? 2 : 8;
+    // VF_BENCH_ROUNDS: forwards per worker (a GPU wants more than the CPU's default for a steady number).
+    int rounds = env_int("VF_BENCH_ROUNDS", a.detection ? 2 : 8);
     if (swin) continue;  // minutes per image here: latency only
     benchmark::RegisterBenchmark((std::string(a.name) + "/batch").c_str(),
                                  [a, threads, batch, rounds](benchmark::State& s) {

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
 """PyTorch on the GPU beside vf's CUDA backend (bench/run_gpu.sh): transformers' classes built from their
-configs with random weights, batch 1, float32 with TF32 off (the exact mode vf runs), eager. One JSON line per
-model: {"name", "ms" (median), "min_ms", "peak_mb"}. The names are vf_bench's benchmarks'.
-Usage: torch_gpu_bench.py [NAME...]   (default: all)
+configs with random weights. One JSON line per model:
+{"name", "mode", "batch", "ms" (median per forward), "min_ms", "images_per_s", "peak_mb"}; the names are
+vf_bench's benchmarks'. peak_mb is torch.cuda.max_memory_allocated over warm-up and timing (weights included).
+
+Modes:
+  eager     float32 with TF32 off (the exact mode vf runs), eager; batch 1 by default
+  compile   the same through torch.compile(mode="reduce-overhead") (CUDA graphs)
+  autocast  torch.autocast("cuda", dtype=torch.bfloat16) (or --dtype float16; float32: none), eager
+Usage: torch_gpu_bench.py [--mode eager|compile|autocast] [--batch N] [--dtype bfloat16|float16] [NAME...]
+(default: eager, batch 1, all models). NAME=N sets that model's batch (BM_DeiTBase=32).
 """
+import argparse
 import json
 import statistics
-import sys
 
 import torch
 import transformers as hf
@@ -50,25 +57,53 @@ def time_cuda(fn, warmup=3, runs=20):
 
 
 def main():
-    want = set(sys.argv[1:])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["eager", "compile", "autocast"], default="eager")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("names", nargs="*")
+    args = ap.parse_args()
+    want = {}
+    for n in args.names:
+        name, _, b = n.partition("=")
+        want[name] = int(b) if b else args.batch
     dev = torch.device("cuda")
     for name, cls, cfg, h, w, masked in models():
         if want and name not in want:
             continue
+        batch = want.get(name, args.batch)
         try:
             torch.manual_seed(0)
             model = cls(cfg).eval().to(dev)
-            x = torch.randn(1, 3, h, w, device=dev)
-            kw = {"pixel_mask": torch.ones(1, h, w, dtype=torch.long, device=dev)} if masked else {}
+            x = torch.randn(batch, 3, h, w, device=dev)
+            kw = {"pixel_mask": torch.ones(batch, h, w, dtype=torch.long, device=dev)} if masked else {}
             torch.cuda.reset_peak_memory_stats()
+            if args.mode == "compile":
+                run = torch.compile(model, mode="reduce-overhead")
+                warmup = 10  # compilation, then CUDA graph recording
+            else:
+                run, warmup = model, 3
+            if args.mode == "autocast" and args.dtype != "float32":
+                dt = getattr(torch, args.dtype)
+
+                def fn():
+                    with torch.autocast("cuda", dtype=dt):
+                        return run(pixel_values=x, **kw)
+            else:
+                def fn():
+                    return run(pixel_values=x, **kw)
             with torch.inference_mode():
-                med, mn = time_cuda(lambda: model(pixel_values=x, **kw))
+                med, mn = time_cuda(fn, warmup=warmup)
             peak = torch.cuda.max_memory_allocated() / 2**20
-            print(json.dumps({"name": name, "ms": med, "min_ms": mn, "peak_mb": round(peak)}), flush=True)
-            del model
+            mode = f"autocast {args.dtype}" if args.mode == "autocast" else args.mode
+            print(json.dumps({"name": name, "mode": mode, "batch": batch, "ms": med, "min_ms": mn,
+                              "images_per_s": batch * 1000.0 / med, "peak_mb": round(peak)}), flush=True)
+            del model, run
             torch.cuda.empty_cache()
-        except Exception as e:  # a model this transformers cannot build: say so, go on
-            print(json.dumps({"name": name, "error": str(e)[:200]}), flush=True)
+            if args.mode == "compile":
+                torch._dynamo.reset()
+        except Exception as e:  # a model this transformers cannot build or compile: say so, go on
+            print(json.dumps({"name": name, "mode": args.mode, "batch": batch, "error": str(e)[:200]}), flush=True)
 
 
 if __name__ == "__main__":

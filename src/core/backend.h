@@ -56,6 +56,8 @@ class DeviceBackend {
   // replay). nullptr when the work cannot be recorded: it waited for the device, copied from the
   // host, or the backend has no graphs.
   virtual std::shared_ptr<DeviceGraph> capture(const std::function<void()>& enqueue) { return nullptr; }
+  // What allocate() has handed out and not had back, now and at most (device_memory_stats()).
+  virtual DeviceMemoryStats memory_stats(bool reset_peak) { return {}; }
 
   // ---- weighted layers ----
   // nullptr: the backend runs the layer through the CPU objects (the emulated device does).
@@ -109,6 +111,8 @@ DeviceBackend& emulated_backend();
 #ifdef VF_WITH_CUDA
 DeviceBackend& cuda_backend(int index);
 int cuda_device_count();
+// Throws vf::Error when GPU `index` cannot compute Conv2d/Linear in `t` (check_compute_dtype).
+void check_cuda_compute_dtype(int index, DType t);
 #endif
 
 }  // namespace vf

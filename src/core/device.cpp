@@ -80,6 +80,9 @@ DType parse_compute_dtype(const std::string& s) {
 
 void check_compute_dtype(Device d, DType t) {
   if (t == DType::F32) return;
+#ifdef VF_WITH_CUDA
+  if (d.is_cuda() && (t == DType::BF16 || t == DType::F16)) return check_cuda_compute_dtype(d.index, t);
+#endif
   if (t != DType::BF16 && t != DType::F16)
     throw Error(std::string("layers cannot compute in ") + dtype_name(t) + " (float32, bfloat16 or float16)");
   throw Error(std::string(dtype_name(t)) + " is not available on " + d.str() + " in this build (float32 is)");
@@ -94,6 +97,10 @@ LoadDeviceScope::LoadDeviceScope(Device d) : LoadDeviceScope(d, DType::F32) {}
 LoadDeviceScope::~LoadDeviceScope() {
   t_load_device = previous_;
   t_load_dtype = previous_dtype_;
+}
+
+DeviceMemoryStats device_memory_stats(Device d, bool reset_peak) {
+  return d.is_cpu() ? DeviceMemoryStats{} : backend(d).memory_stats(reset_peak);
 }
 
 DeviceBackend& backend(Device d) {

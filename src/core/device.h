@@ -12,6 +12,7 @@
 // Conv2d and Linear upload their weights when they are built while a LoadDeviceScope is active.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -62,6 +63,14 @@ DType parse_compute_dtype(const std::string& s);
 
 // Throws vf::Error saying why when `d` cannot compute in `t` (this build, this CPU or GPU).
 void check_compute_dtype(Device d, DType t);
+
+// The bytes of device memory a backend's tensors hold (weights, activations, scratch, recorded graphs'
+// buffers; not the libraries' own workspaces): now, and the most since the backend started or since
+// the last call with reset_peak (which then starts from `in_use`). Zeros for the CPU.
+struct DeviceMemoryStats {
+  size_t in_use = 0, peak = 0;
+};
+DeviceMemoryStats device_memory_stats(Device d, bool reset_peak = false);
 
 // Sets load_device() and load_compute_dtype() for the layers built in its scope (model loading).
 class LoadDeviceScope {

@@ -4,7 +4,9 @@
 // another order (cuDNN / cuBLAS block their sums; the kernels reduce across a warp).
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <random>
 #include <string>
 #include <vector>
@@ -14,6 +16,7 @@
 #include "core/device.h"
 #include "core/ops.h"
 #include "core/position.h"
+#include "core/tensor.h"
 
 namespace vf {
 namespace {
@@ -263,6 +266,152 @@ TEST(CudaOps, DeformableSampling) {
   Tensor w = uniform({B, Q, NH, L, P}, 42, 0.0f, 1.0f);
   expect_close(ms_deform_attn(value.to(kGpu), levels, loc.to(kGpu), w.to(kGpu)), ms_deform_attn(value, levels, loc, w),
                1e-5, 1e-5, "ms_deform_attn");
+}
+
+// ---- 16-bit products (--dtype bfloat16 / float16) ----
+
+// v rounded to the nearest bfloat16 or float16 value, ties to even, in host arithmetic (independent
+// of the GPU's conversion kernel). Finite inputs of moderate size only.
+float round_16bit(float v, DType t) {
+  if (t == DType::F16) return float(static_cast<_Float16>(v));
+  uint32_t u = std::bit_cast<uint32_t>(v);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return std::bit_cast<float>(u & 0xffff0000u);
+}
+
+Tensor rounded(const Tensor& x, DType t) {
+  Tensor y = x.clone();
+  for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = round_16bit(y.f32()[i], t);
+  return y;
+}
+
+Tensor abs_of(const Tensor& x) {
+  Tensor y = x.clone();
+  for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = std::fabs(y.f32()[i]);
+  return y;
+}
+
+double max_magnitude(const Tensor& x) {
+  double m = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) m = std::max(m, double(std::fabs(x.f32()[i])));
+  return m;
+}
+
+// Unit roundoff: the largest relative error of rounding to t (8 significant bits for bfloat16, 11
+// for float16).
+double unit_roundoff(DType t) { return std::ldexp(1.0, t == DType::BF16 ? -8 : -11); }
+
+// Tolerances of the 16-bit layers against the CPU's float32 ones (the activations below are at most
+// 1.2-Lipschitz, GELU's slope peaks at 1.13):
+// - pre-rounded inputs and weights: the GPU's rounding changes nothing, and each product of two 16-bit
+//   values is exact in float32 (16 or 22 significant bits of 24), so what is left is float32
+//   accumulation in another order (tensor cores block the sums: 5e-4 covers a few float32 ulps of
+//   sums of ~100 terms of size ~1), plus, for cuDNN's k x k convolutions, the rounding of the sum
+//   to the 16-bit type before bias and residual are added: u * |sum|.
+// - unrounded float32: each rounded product is off by at most 2u + u^2 of |x||w|, so the sum by
+//   2.01 u sum|x||w|, plus the same output rounding.
+// A float32 product on the GPU would pass both, so a third check asks that the unrounded result moved
+// by more than float32 noise (it moves by ~u, far above float32's 6e-8).
+struct HalfBounds {
+  double sum_max;  // max |sum x w| over the output (pre-rounded operands)
+  double abs_max;  // max sum |x| |w| (unrounded)
+};
+
+void expect_16bit_agreement(const Tensor& got_rounded, const Tensor& want_rounded, const Tensor& got, const Tensor& want,
+                            const HalfBounds& b, DType t, bool rounds_output, bool computes_16bit,
+                            const std::string& what) {
+  const double u = unit_roundoff(t), lip = 1.2;
+  const double out_round = rounds_output ? lip * u * b.sum_max : 0.0;
+  expect_close(got_rounded, want_rounded, 5e-4 + out_round, 0, what + " (pre-rounded)");
+  if (computes_16bit) {
+    expect_close(got, want, 5e-4 + out_round + lip * 2.01 * u * b.abs_max, 0, what + " (float32 inputs)");
+    EXPECT_GT(max_abs_diff(got.cpu(), want), u / 16) << what << ": no 16-bit rounding to be seen";
+  } else {
+    expect_close(got, want, 1e-4, 1e-5, what + " (stays float32)");
+  }
+}
+
+void check_16bit_convs(DType t) {
+  struct Case {
+    std::string name;
+    int64_t in, out, k;
+    Conv2dOptions opt;
+    bool cudnn;  // through cuDNN (16-bit output) rather than a matrix product or the float32 stencil
+  };
+  Conv2dOptions k3;
+  k3.pad_top = k3.pad_left = k3.pad_bottom = k3.pad_right = 1;
+  k3.act = Act::Gelu;
+  Conv2dOptions k3s = k3;
+  k3s.stride_h = k3s.stride_w = 2;
+  k3s.act = Act::Relu;
+  Conv2dOptions p1;
+  p1.act = Act::Relu;
+  Conv2dOptions dw;
+  dw.pad_top = dw.pad_left = dw.pad_bottom = dw.pad_right = 3;
+  dw.groups = 16;
+  std::vector<Case> cases = {{"3x3 gelu", 16, 32, 3, k3, true},
+                             {"3x3 stride 2 relu, odd channels", 12, 20, 3, k3s, true},
+                             {"1x1 relu", 48, 24, 1, p1, false},
+                             {"depthwise 7x7", 16, 16, 7, dw, false}};
+  uint32_t seed = 500 + uint32_t(t);
+  for (const Case& c : cases) {
+    const std::string what = std::string(dtype_name(t)) + " conv " + c.name;
+    Tensor w = randn({c.out, c.in / c.opt.groups, c.k, c.k}, seed++, 0.2f), b = randn({c.out}, seed++);
+    Tensor x = randn({2, 9, 11, c.in}, seed++);
+    Tensor wr = rounded(w, t), xr = rounded(x, t);
+    Conv2dOptions plain = c.opt;
+    plain.act = Act::None;
+    // The CPU layers first: the scope below would make them 16-bit too where the CPU can.
+    Tensor res = randn(Conv2d(w, b, c.opt).forward(x).shape(), seed++);
+    Tensor want_r = Conv2d(wr, b, c.opt).forward(xr, &res);
+    Tensor want = Conv2d(w, b, c.opt).forward(x, &res);
+    HalfBounds bounds{max_magnitude(Conv2d(wr, Tensor(), plain).forward(xr)),
+                      max_magnitude(Conv2d(abs_of(w), Tensor(), plain).forward(abs_of(x)))};
+    LoadDeviceScope on(kGpu, t);
+    Conv2d gpu_r(wr, b, c.opt), gpu(w, b, c.opt);
+    Tensor rg = res.to(kGpu);
+    expect_16bit_agreement(gpu_r.forward(xr.to(kGpu), &rg), want_r, gpu.forward(x.to(kGpu), &rg), want, bounds, t,
+                           c.cudnn, c.opt.groups == 1, what);
+  }
+}
+
+void check_16bit_linear(DType t) {
+  const std::string what = std::string(dtype_name(t)) + " linear";
+  Tensor w = randn({24, 40}, 600, 0.2f), bias = randn({24}, 601);
+  Tensor x = randn({2, 17, 40}, 602), res = randn({2, 17, 24}, 603);
+  Tensor wr = rounded(w, t), xr = rounded(x, t);
+  Tensor want_r = Linear(wr, bias, Act::Gelu).forward(xr, &res);
+  Tensor want = Linear(w, bias, Act::Gelu).forward(x, &res);
+  HalfBounds bounds{max_magnitude(Linear(wr, Tensor()).forward(xr)), max_magnitude(Linear(abs_of(w), Tensor()).forward(abs_of(x)))};
+  LoadDeviceScope on(kGpu, t);
+  Linear gpu_r(wr, bias, Act::Gelu), gpu(w, bias, Act::Gelu);
+  Tensor rg = res.to(kGpu);
+  expect_16bit_agreement(gpu_r.forward(xr.to(kGpu), &rg), want_r, gpu.forward(x.to(kGpu), &rg), want, bounds, t, false,
+                         true, what);
+}
+
+TEST(CudaOps, Bfloat16Layers) {
+  check_16bit_convs(DType::BF16);
+  check_16bit_linear(DType::BF16);
+}
+
+TEST(CudaOps, Float16Layers) {
+  check_16bit_convs(DType::F16);
+  check_16bit_linear(DType::F16);
+}
+
+TEST(CudaOps, MemoryStats) {
+  const DeviceMemoryStats before = device_memory_stats(kGpu, /*reset_peak=*/true);
+  EXPECT_EQ(before.peak, before.in_use);
+  {
+    Tensor t = Tensor::empty({1 << 20}, DType::F32, kGpu);  // 4 MiB
+    const DeviceMemoryStats during = device_memory_stats(kGpu);
+    EXPECT_GE(during.in_use, before.in_use + (size_t(4) << 20));
+    EXPECT_GE(during.peak, during.in_use);
+  }
+  const DeviceMemoryStats after = device_memory_stats(kGpu);
+  EXPECT_EQ(after.in_use, before.in_use);
+  EXPECT_GE(after.peak, before.in_use + (size_t(4) << 20));
 }
 
 }  // namespace

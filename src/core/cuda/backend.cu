@@ -5,6 +5,13 @@
 // that compute the direct sum (implicit GEMM, GEMM, direct; never FFT or Winograd), and cuBLAS in its
 // default float32 math (no TF32; NVIDIA_TF32_OVERRIDE=0 is set before the libraries start).
 //
+// --dtype bfloat16 / float16 (load_compute_dtype() when a layer is built): Conv2d and Linear keep their
+// weights in that type and round their float32 input to it; the products run on tensor cores with
+// float32 accumulation. Matrix products (Linear, 1x1 convolutions) write float32 (cuBLAS, A and B
+// 16-bit, C float32); cuDNN convolutions write the 16-bit type (its 16-bit configurations take no
+// float32 output), widened in the epilogue kernel. Depthwise convolutions stay float32: they are
+// memory-bound stencils without a product for tensor cores. Every other op reads float32 as before.
+//
 // Every op of one GPU is enqueued on one stream, so memory handed back to the pool may be handed out
 // again at once: whatever reads it next is ordered after whatever used it before. Copies to the
 // host wait for the stream.
@@ -13,6 +20,7 @@
 #include <cudnn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -91,12 +99,27 @@ void require_f32(const Tensor& x, const char* op) {
   if (x.dtype() != DType::F32) throw Error(std::string(op) + ": expected float32, got " + dtype_name(x.dtype()));
 }
 
+// What a backend's tensors hold, for device_memory_stats(): the bytes handed out of its pool, plus all
+// that a recorded graph's pool has taken from the GPU (every replay may write any of it).
+struct MemoryCounters {
+  std::atomic<size_t> in_use{0}, peak{0};
+  void add(size_t n) {
+    const size_t now = in_use.fetch_add(n) + n;
+    size_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  void sub(size_t n) { in_use.fetch_sub(n); }
+};
+
 // ---- memory pool ---------------------------------------------------------------------------------
 // Size-bucketed like the host pool (tensor.cpp): a forward pass allocates the same sizes again and
 // again, so after the first image cudaMalloc is never called.
 class Pool {
  public:
-  explicit Pool(int device) : device_(device) {}
+  // footprint: counts what this pool takes from the GPU (a graph's pool), else nullptr.
+  explicit Pool(int device, std::shared_ptr<MemoryCounters> footprint = nullptr)
+      : device_(device), footprint_(std::move(footprint)) {}
   ~Pool() {
     release();
     for (void* p : pinned_) cudaFreeHost(p);
@@ -135,6 +158,7 @@ class Pool {
       throw Error("CUDA: out of GPU memory allocating " + std::to_string(bytes) + " bytes on cuda:" +
                   std::to_string(device_));
     }
+    if (footprint_) footprint_->add(bytes);
     return p;
   }
   void put(void* p, size_t bytes) {
@@ -145,13 +169,17 @@ class Pool {
   void release() {
     std::lock_guard<std::mutex> lock(mu_);
     cudaDeviceSynchronize();
-    for (auto& [n, p] : free_) cudaFree(p);
+    for (auto& [n, p] : free_) {
+      cudaFree(p);
+      if (footprint_) footprint_->sub(n);
+    }
     free_.clear();
     cached_ = 0;
   }
 
  private:
   int device_;
+  std::shared_ptr<MemoryCounters> footprint_;
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
@@ -159,12 +187,16 @@ class Pool {
 };
 
 
+cudnnDataType_t cudnn_type(DType t) {
+  return t == DType::BF16 ? CUDNN_DATA_BFLOAT16 : t == DType::F16 ? CUDNN_DATA_HALF : CUDNN_DATA_FLOAT;
+}
+
 class CudaBackend;
 
 // ---- Conv2d: cuDNN on NHWC, weights as [out, kh, kw, in/groups] ----------------------------------
 class CudaConv final : public DeviceLayer {
  public:
-  CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt);
+  CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt, DType compute);
   ~CudaConv() override;
   Tensor forward(const Tensor& x, const Tensor* residual) const override;
 
@@ -181,8 +213,9 @@ class CudaConv final : public DeviceLayer {
   Plan& plan_for(const Tensor& x) const;
 
   CudaBackend& be_;
-  Tensor weight_, bias_;
+  Tensor weight_, bias_;  // weight_ in dtype_, but float32 for a depthwise convolution
   Conv2dOptions opt_;
+  DType dtype_;  // what the products compute in (float32 accumulation)
   int64_t out_, in_, kh_, kw_;
   const char* groups_name_;  // for VF_CUDA_TRACE
   cudnnFilterDescriptor_t filter_ = nullptr;
@@ -193,19 +226,21 @@ class CudaConv final : public DeviceLayer {
 // ---- Linear: y = act(x W^T + b) + residual, the product on cuBLAS ---------------------------------
 class CudaLinear final : public DeviceLayer {
  public:
-  CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias, Act act);
+  CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias, Act act, DType compute);
   Tensor forward(const Tensor& x, const Tensor* residual) const override;
 
  private:
   CudaBackend& be_;
-  Tensor weight_, bias_;
+  Tensor weight_, bias_;  // weight_ in dtype_
   Act act_;
+  DType dtype_;
   int64_t out_, in_;
 };
 
 class CudaBackend final : public DeviceBackend {
  public:
-  explicit CudaBackend(int index) : index_(index), pool_(std::make_shared<Pool>(index)) {
+  explicit CudaBackend(int index)
+      : index_(index), pool_(std::make_shared<Pool>(index)), counters_(std::make_shared<MemoryCounters>()) {
     // Exact float32 everywhere: no TF32 in cuBLAS or cuDNN, whatever the environment says.
     ::setenv("NVIDIA_TF32_OVERRIDE", "0", 1);
     check(cudaSetDevice(index_), "cudaSetDevice");
@@ -239,7 +274,17 @@ class CudaBackend final : public DeviceBackend {
     // While a graph is recorded its memory comes from, and goes back to, the graph's own pool.
     std::shared_ptr<Pool> pool = capture_pool_ ? capture_pool_ : pool_;
     void* p = pool->get(bytes);
-    return std::shared_ptr<void>(p, [pool, bytes](void* q) { pool->put(q, bytes); });
+    // A graph's pool is counted whole as it grows (MemoryCounters), not per tensor.
+    if (capture_pool_) return std::shared_ptr<void>(p, [pool, bytes](void* q) { pool->put(q, bytes); });
+    counters_->add(bytes);
+    return std::shared_ptr<void>(p, [pool, bytes, c = counters_](void* q) {
+      c->sub(bytes);
+      pool->put(q, bytes);
+    });
+  }
+  DeviceMemoryStats memory_stats(bool reset_peak) override {
+    if (reset_peak) counters_->peak = counters_->in_use.load();
+    return {counters_->in_use.load(), counters_->peak.load()};
   }
   void copy_to_device(void* dst, const void* src, size_t n) override {
     if (capture_pool_) {
@@ -283,10 +328,10 @@ class CudaBackend final : public DeviceBackend {
 
   // ---- weighted layers ----
   std::shared_ptr<DeviceLayer> make_conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt) override {
-    return std::make_shared<CudaConv>(*this, weight, bias, opt);
+    return std::make_shared<CudaConv>(*this, weight, bias, opt, load_compute_dtype());
   }
   std::shared_ptr<DeviceLayer> make_linear(const Tensor& weight, const Tensor& bias, Act act) override {
-    return std::make_shared<CudaLinear>(*this, weight, bias, act);
+    return std::make_shared<CudaLinear>(*this, weight, bias, act, load_compute_dtype());
   }
 
   // Row-major C[M, N] = alpha * A[M, K] * op(B) for `batch` matrices at the given strides; op(B) is
@@ -299,6 +344,26 @@ class CudaBackend final : public DeviceBackend {
     check(cublasSgemmStridedBatched(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, int(N), int(M), int(K),
                                     &alpha, b, int(ldb), sb, a, int(lda), sa, &beta, c, int(ldc), sc, int(batch)),
           "sgemm");
+  }
+
+  // Float32 x rounded to the 16-bit type t (BF16 or F16), in a pooled buffer.
+  Tensor to_16bit(const Tensor& x, DType t) {
+    Tensor y = empty(x.shape(), t);
+    cuda::to_16bit(y.raw(), cf(x), x.numel(), t == DType::BF16, stream_);
+    launched("to 16-bit");
+    return y;
+  }
+
+  // Row-major C[M, N] (float32) = A[M, K] B[N, K]^T with A and B in the 16-bit type t: tensor cores,
+  // float32 accumulation.
+  void gemm_16bit(DType t, int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb,
+                  float* c, int64_t ldc) const {
+    if (M == 0 || N == 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t dt = t == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(M), int(K), &one, b, dt, int(ldb), a, dt,
+                       int(lda), &zero, c, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "16-bit gemm");
   }
 
   // ---- ops ----
@@ -682,6 +747,7 @@ class CudaBackend final : public DeviceBackend {
   int index_;
   std::shared_ptr<Pool> pool_;
   std::shared_ptr<Pool> capture_pool_;  // set while a graph is recorded
+  std::shared_ptr<MemoryCounters> counters_;
   void* cublas_workspace_ = nullptr;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
@@ -710,7 +776,7 @@ class CudaGraph final : public DeviceGraph {
 std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& enqueue) {
   activate();
   synchronize();
-  auto memory = std::make_shared<Pool>(index_);
+  auto memory = std::make_shared<Pool>(index_, counters_);
   capture_pool_ = memory;
   // Relaxed: the graph's pool may call cudaMalloc while recording.
   check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "begin graph capture");
@@ -739,8 +805,9 @@ std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& e
 
 // ---- CudaConv ------------------------------------------------------------------------------------
 
-CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt)
-    : be_(be), opt_(opt) {
+CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt,
+                   DType compute)
+    : be_(be), opt_(opt), dtype_(compute) {
   out_ = weight.size(0);
   in_ = weight.size(1) * opt.groups;
   kh_ = weight.size(2);
@@ -748,9 +815,12 @@ CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, co
   groups_name_ = opt.groups == 1 ? (kh_ == 1 && kw_ == 1 ? "conv 1x1" : "conv kxk") : "conv grouped";
   // [out, in/g, kh, kw] -> [out, kh, kw, in/g]: cuDNN's NHWC filter layout.
   weight_ = vf::permute(weight.to(DType::F32).cpu(), {0, 2, 3, 1}).to(be.device());
+  const bool depthwise = opt.groups > 1 && opt.groups == in_ && opt.groups == out_;
+  if (depthwise) dtype_ = DType::F32;  // conv.cu's stencil, float32 whatever the dtype
+  if (dtype_ != DType::F32) weight_ = be.to_16bit(weight_, dtype_);
   bias_ = bias.to(be.device());
   check(cudnnCreateFilterDescriptor(&filter_), "filter descriptor");
-  check(cudnnSetFilter4dDescriptor(filter_, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, int(out_), int(in_ / opt.groups),
+  check(cudnnSetFilter4dDescriptor(filter_, cudnn_type(dtype_), CUDNN_TENSOR_NHWC, int(out_), int(in_ / opt.groups),
                                    int(kh_), int(kw_)),
         "filter descriptor");
 }
@@ -781,18 +851,21 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
   check(cudnnCreateTensorDescriptor(&p.x), "tensor descriptor");
   check(cudnnCreateTensorDescriptor(&p.y), "tensor descriptor");
   check(cudnnCreateConvolutionDescriptor(&p.conv), "convolution descriptor");
-  check(cudnnSetTensor4dDescriptor(p.x, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, int(n), int(in_), int(ih), int(iw)),
+  const cudnnDataType_t data = cudnn_type(dtype_);
+  const bool half = dtype_ != DType::F32;
+  check(cudnnSetTensor4dDescriptor(p.x, CUDNN_TENSOR_NHWC, data, int(n), int(in_), int(ih), int(iw)),
         "input descriptor");
-  check(cudnnSetTensor4dDescriptor(p.y, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, int(n), int(out_), int(p.oh), int(p.ow)),
+  check(cudnnSetTensor4dDescriptor(p.y, CUDNN_TENSOR_NHWC, data, int(n), int(out_), int(p.oh), int(p.ow)),
         "output descriptor");
   check(cudnnSetConvolution2dDescriptor(p.conv, ph, pw, opt_.stride_h, opt_.stride_w, opt_.dilation_h,
                                         opt_.dilation_w, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
         "convolution descriptor");
   check(cudnnSetConvolutionGroupCount(p.conv, opt_.groups), "group count");
-  check(cudnnSetConvolutionMathType(p.conv, CUDNN_FMA_MATH), "math type");
+  // 16-bit: tensor cores, still float32 accumulation (the descriptor's compute type above).
+  check(cudnnSetConvolutionMathType(p.conv, half ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH), "math type");
 
   // The fastest exact algorithm, timed by cuDNN on this shape with scratch buffers.
-  Tensor xs = be_.empty({n, ih, iw, in_}), ys = be_.empty({n, p.oh, p.ow, out_});
+  Tensor xs = be_.empty({n, ih, iw, in_}, dtype_), ys = be_.empty({n, p.oh, p.ow, out_}, dtype_);
   cudaMemsetAsync(xs.raw(), 0, xs.nbytes(), be_.stream());
   constexpr size_t kMaxWorkspace = size_t(512) << 20;
   Tensor ws = be_.empty({int64_t(kMaxWorkspace)}, DType::U8);
@@ -808,9 +881,19 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
     const bool exact = a == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ||
                        a == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM || a == CUDNN_CONVOLUTION_FWD_ALGO_GEMM ||
                        a == CUDNN_CONVOLUTION_FWD_ALGO_DIRECT;
-    if (perf[i].status == CUDNN_STATUS_SUCCESS && exact && perf[i].mathType == CUDNN_FMA_MATH &&
+    // In 16 bits the same direct sums, on tensor cores or not (cuDNN's choice per shape).
+    if (perf[i].status == CUDNN_STATUS_SUCCESS && exact && (half || perf[i].mathType == CUDNN_FMA_MATH) &&
         perf[i].memory <= kMaxWorkspace) {
       p.algo = a;
+      p.workspace = perf[i].memory;
+      chosen = true;
+    }
+  }
+  // 16-bit layouts cuDNN takes in fewer algorithms (channels not a multiple of 8: a 3-channel stem):
+  // then its fastest working one, the precision being the 16-bit type's anyway.
+  for (int i = 0; half && i < found && !chosen; ++i) {
+    if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= kMaxWorkspace) {
+      p.algo = perf[i].algo;
       p.workspace = perf[i].memory;
       chosen = true;
     }
@@ -842,8 +925,14 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     Tensor res = residual ? be_.here(*residual) : Tensor();
     if (pointwise) {
-      be_.gemm(true, n * h * w, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
-      launched("conv 1x1 (gemm)");
+      if (dtype_ != DType::F32) {
+        Tensor x16 = be_.to_16bit(x, dtype_);
+        be_.gemm_16bit(dtype_, n * h * w, out_, in_, x16.raw(), in_, weight_.raw(), in_, mf(y), out_);
+        launched("conv 1x1 (16-bit gemm)");
+      } else {
+        be_.gemm(true, n * h * w, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
+        launched("conv 1x1 (gemm)");
+      }
       cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, y.numel() / out_, out_, opt_.act, true,
                      be_.stream());
       launched("conv2d epilogue");
@@ -864,6 +953,17 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
   Tensor res = residual ? be_.here(*residual) : Tensor();
   Tensor ws = p.workspace ? be_.empty({int64_t(p.workspace)}, DType::U8) : Tensor();
   const float one = 1.0f, zero = 0.0f;
+  if (dtype_ != DType::F32) {
+    Tensor x16 = be_.to_16bit(src, dtype_), y16 = be_.empty(y.shape(), dtype_);
+    check(cudnnConvolutionForward(be_.cudnn(), &one, p.x, x16.raw(), filter_, weight_.raw(), p.conv, p.algo,
+                                  ws.defined() ? ws.raw() : nullptr, p.workspace, &zero, p.y, y16.raw()),
+          "convolution (16-bit)");
+    launched(groups_name_);
+    cuda::bias_act_from_16bit(mf(y), y16.raw(), dtype_ == DType::BF16, cf(bias_), res.defined() ? cf(res) : nullptr,
+                              y.numel() / out_, out_, opt_.act, be_.stream());
+    launched("conv2d epilogue (16-bit)");
+    return y;
+  }
   check(cudnnConvolutionForward(be_.cudnn(), &one, p.x, src.raw(), filter_, weight_.raw(), p.conv, p.algo,
                                 ws.defined() ? ws.raw() : nullptr, p.workspace, &zero, p.y, y.raw()),
         "convolution");
@@ -876,9 +976,10 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
 
 // ---- CudaLinear ----------------------------------------------------------------------------------
 
-CudaLinear::CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias, Act act)
-    : be_(be), act_(act), out_(weight.size(0)), in_(weight.size(1)) {
+CudaLinear::CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias, Act act, DType compute)
+    : be_(be), act_(act), dtype_(compute), out_(weight.size(0)), in_(weight.size(1)) {
   weight_ = weight.to(DType::F32).to(be.device());
+  if (dtype_ != DType::F32) weight_ = be.to_16bit(weight_, dtype_);
   bias_ = bias.to(be.device());
 }
 
@@ -895,8 +996,14 @@ Tensor CudaLinear::forward(const Tensor& x0, const Tensor* residual) const {
   if (m == 0) return y;
   Tensor res = residual ? be_.here(*residual) : Tensor();
   // y [m, out] = x [m, in] W^T: W [out, in] row-major is op(B) with trans_b.
-  be_.gemm(true, m, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
-  launched("linear gemm");
+  if (dtype_ != DType::F32) {
+    Tensor x16 = be_.to_16bit(x, dtype_);
+    be_.gemm_16bit(dtype_, m, out_, in_, x16.raw(), in_, weight_.raw(), in_, mf(y), out_);
+    launched("linear 16-bit gemm");
+  } else {
+    be_.gemm(true, m, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
+    launched("linear gemm");
+  }
   cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, m, out_, act_, false, be_.stream());
   launched("linear epilogue");
   return y;
@@ -919,6 +1026,21 @@ int cuda_device_count() {
     return n;
   }();
   return count;
+}
+
+void check_cuda_compute_dtype(int index, DType t) {
+  if (t == DType::F32) return;
+  if (index < 0 || index >= cuda_device_count())
+    throw Error("cuda:" + std::to_string(index) + ": no such GPU (" + std::to_string(cuda_device_count()) + " visible)");
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index), "compute capability");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index), "compute capability");
+  // Tensor-core products with float32 accumulation: float16 from Volta (7.0), bfloat16 from Ampere (8.0).
+  const int need = t == DType::BF16 ? 80 : 70;
+  if (major * 10 + minor < need)
+    throw Error(std::string(dtype_name(t)) + " on cuda:" + std::to_string(index) + " needs compute capability " +
+                std::to_string(need / 10) + ".0; this GPU has " + std::to_string(major) + "." + std::to_string(minor) +
+                " (float32 works)");
 }
 
 DeviceBackend& cuda_backend(int index) {

@@ -45,6 +45,14 @@ void refine_boxes(float* out, const float* delta, const float* reference, int64_
 // dtype conversion through double, as Tensor::to: `from`/`to` are DType values.
 void convert(void* out, int to, const void* in, int from, int64_t n, cudaStream_t s);
 
+// ---- 16-bit products (half.cu) ----
+// y[i] = x[i] rounded to nearest-even bfloat16 (bf16) or float16 (else); y holds n 16-bit values.
+void to_16bit(void* y, const float* x, int64_t n, bool bf16, cudaStream_t s);
+// The convolution epilogue from a 16-bit result src [rows, cols]: y = act(src + bias[c] + residual)
+// in float32 (bias, residual may be null).
+void bias_act_from_16bit(float* y, const void* src, bool bf16, const float* bias, const float* residual, int64_t rows,
+                         int64_t cols, Act a, cudaStream_t s);
+
 // ---- normalisation and softmax (norm.cu) ----
 void layer_norm(float* y, const float* x, const float* w, const float* b, int64_t rows, int64_t cols, float eps,
                 cudaStream_t s);
