@@ -114,12 +114,15 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
     const float* in = px + r * c;
     float* out = py + r * c;
     float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
     for (int64_t i = 0; i < c; ++i) mean += in[i];
     mean /= c;
     float var = 0.f;
+#pragma omp simd reduction(+ : var)
     for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
     var /= c;
     float inv = 1.0f / std::sqrt(var + eps);
+#pragma omp simd
     for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
   }
   return y;
@@ -289,9 +292,13 @@ Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, in
             int64_t ix = ox * s - pl + kx;
             if (ix < 0 || ix >= w) continue;
             const float* in = px + ((i * h + iy) * w + ix) * c;
-            // As PyTorch: a NaN in the window is the maximum (std::max would drop it).
-            for (int64_t ch = 0; ch < c; ++ch)
-              if (in[ch] > out[ch] || std::isnan(in[ch])) out[ch] = in[ch];
+            // As PyTorch: a NaN in the window is the maximum (std::max would drop it). Written as a
+            // select (v != v: NaN) so that it vectorises.
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float v = in[ch];
+              out[ch] = (v > out[ch] || v != v) ? v : out[ch];
+            }
           }
         }
       }
