@@ -171,11 +171,11 @@ struct Conv2d::Impl {
                                         any_src, w_md, b_md, any_dst, {1, 1}, {0, 0}, {g.pad_top, g.pad_left},
                                         {g.pad_bottom, g.pad_right});
       dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
-      // Of oneDNN's Winograd kernels for this size, one whose weights are already held, if any.
-      dnnl::convolution_forward::primitive_desc first = pd;
+      // Of oneDNN's Winograd kernels for this size, one whose weights are already held, if any; else
+      // its first choice (a fresh descriptor: next_impl() moves the one it is called on).
       while (!prepared.has(pd.weights_desc()))
         if (!pd.next_impl()) {
-          pd = first;
+          pd = dnnl::convolution_forward::primitive_desc(d, attr, engine());
           break;
         }
       memory::desc nhwc_src({n, in, h, w}, dt::f32, tag::nhwc);
