@@ -288,21 +288,27 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) c
     if (residual->shape() != Shape{n, p.oh, p.ow, out_})
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     y = in_place ? *residual : residual->clone();
-  } else {
-    y = Tensor::empty({n, p.oh, p.ow, out_});
   }
   memory src(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
-  memory dst(memory::desc({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc), engine(), y.raw());
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
-  if (p.blocked) {
-    Tensor xb = Tensor::empty({int64_t((p.src_blocked.get_size() + 3) / 4)});
+  const memory::desc dst_md({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc);
+  if (p.blocked) {  // never with a residual
     Tensor yb = Tensor::empty({int64_t((p.dst_blocked.get_size() + 3) / 4)});
-    memory src_b(p.src_blocked, engine(), xb.raw()), dst_b(p.dst_blocked, engine(), yb.raw());
-    p.to_blocked.execute(stream(), src, src_b);
-    p.prim.execute(stream(), {{DNNL_ARG_SRC, src_b}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
-                              {DNNL_ARG_DST, dst_b}});
+    memory dst_b(p.dst_blocked, engine(), yb.raw());
+    {
+      Tensor xb = Tensor::empty({int64_t((p.src_blocked.get_size() + 3) / 4)});
+      memory src_b(p.src_blocked, engine(), xb.raw());
+      p.to_blocked.execute(stream(), src, src_b);
+      p.prim.execute(stream(), {{DNNL_ARG_SRC, src_b}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
+                                {DNNL_ARG_DST, dst_b}});
+      stream().wait();
+    }  // the blocked input goes back to the pool before the output is taken: it can reuse the buffer
+    y = Tensor::empty({n, p.oh, p.ow, out_});
+    memory dst(dst_md, engine(), y.raw());
     p.from_blocked.execute(stream(), dst_b, dst);
   } else {
+    if (!residual) y = Tensor::empty({n, p.oh, p.ow, out_});
+    memory dst(dst_md, engine(), y.raw());
     p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
                               {DNNL_ARG_DST, dst}});
   }
