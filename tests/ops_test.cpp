@@ -62,6 +62,31 @@ TEST(Ops, Conv2dMatchesDefinition) {
   }
 }
 
+// 3x3 stride-1 convolutions with channels in multiples of 16 run as Winograd; one layer meets maps
+// of several sizes (each may want its own Winograd weight layout, made from the direct one).
+TEST(Ops, Conv2dWinogradMatchesDefinition) {
+  const int64_t C = 32, O = 48;
+  Tensor w = randn({O, C, 3, 3}, 21);
+  Tensor b = randn({O}, 22);
+  for (Act a : {Act::None, Act::Relu}) {
+    Conv2dOptions opt;
+    opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
+    opt.act = a;
+    Conv2d conv(w, b, opt);
+    for (auto [h, wd] : {std::pair<int64_t, int64_t>{7, 9}, {40, 37}, {13, 64}, {7, 9}}) {
+      Tensor x = randn({1, C, h, wd}, 23 + uint32_t(h));
+      Tensor ours = nhwc_to_nchw(conv.forward(nchw_to_nhwc(x)));
+      Tensor ref = conv_reference(x, w, b, 1, 1, 1, 1);
+      if (a == Act::Relu) ref = act(ref, Act::Relu);
+      ASSERT_EQ(ours.shape(), ref.shape());
+      double scale = 0;
+      for (int64_t i = 0; i < ref.numel(); ++i) scale = std::max(scale, double(std::fabs(ref.f32()[i])));
+      ASSERT_GT(scale, 1.0);
+      EXPECT_LT(max_abs_diff(ours, ref), 2e-6 * scale) << h << "x" << wd;
+    }
+  }
+}
+
 TEST(Ops, Conv2dFusesResidualThenActivation) {
   Tensor x = randn({1, 5, 5, 4}, 4), w = randn({4, 4, 1, 1}, 5), r = randn({1, 5, 5, 4}, 6);
   Conv2dOptions opt;
@@ -131,6 +156,43 @@ TEST(Ops, GroupNormNormalisesEachGroup) {
   double s = 0;
   for (int p = 0; p < 9; ++p) s += y.f32()[p * 4] + y.f32()[p * 4 + 1];
   EXPECT_NEAR(s, 0.0, 1e-4);
+}
+
+// Against the definition in double precision, over a map of several hundred positions (the sums run
+// in chunks of rows) with channels in groups of two, an affine and a fused ReLU.
+TEST(Ops, GroupNormMatchesDefinition) {
+  const int64_t H = 23, W = 29, C = 64, G = 32, cg = C / G;
+  Tensor x = randn({1, H, W, C}, 31), w = randn({C}, 32), b = randn({C}, 33);
+  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = 3.0f + 2.0f * x.f32()[i];  // off-centre
+  for (Act a : {Act::None, Act::Relu}) {
+    Tensor y = group_norm_nhwc(x, int(G), w, b, 1e-5f, a);
+    double worst = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0, sq = 0;
+      for (int64_t p = 0; p < H * W; ++p)
+        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sum += x.f32()[p * C + k];
+      const double mean = sum / double(H * W * cg);
+      for (int64_t p = 0; p < H * W; ++p)
+        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sq += (x.f32()[p * C + k] - mean) * (x.f32()[p * C + k] - mean);
+      const double inv = 1.0 / std::sqrt(sq / double(H * W * cg) + 1e-5);
+      for (int64_t p = 0; p < H * W; ++p)
+        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
+          double e = (x.f32()[p * C + k] - mean) * inv * w.f32()[k] + b.f32()[k];
+          if (a == Act::Relu) e = std::max(e, 0.0);
+          worst = std::max(worst, std::fabs(e - y.f32()[p * C + k]));
+        }
+    }
+    EXPECT_LT(worst, 1e-4);
+  }
+}
+
+// As PyTorch: the maximum of a window that holds a NaN is NaN; elsewhere the plain maximum.
+TEST(Ops, MaxPoolPropagatesNaN) {
+  Tensor x = Tensor::from<float>({1, 2, 2, 2}, {1.0f, -5.0f, 4.0f, -6.0f, NAN, -7.0f, 2.0f, -8.0f});
+  Tensor y = max_pool2d_nhwc(x, 2, 2, 0, 0, 0, 0);
+  ASSERT_EQ(y.shape(), (Shape{1, 1, 1, 2}));
+  EXPECT_TRUE(std::isnan(y.f32()[0]));
+  EXPECT_EQ(y.f32()[1], -5.0f);
 }
 
 // The comparison every test goes through: a NaN anywhere must fail any tolerance, shapes must match.

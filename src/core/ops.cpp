@@ -114,12 +114,15 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
     const float* in = px + r * c;
     float* out = py + r * c;
     float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
     for (int64_t i = 0; i < c; ++i) mean += in[i];
     mean /= c;
     float var = 0.f;
+#pragma omp simd reduction(+ : var)
     for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
     var /= c;
     float inv = 1.0f / std::sqrt(var + eps);
+#pragma omp simd
     for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
   }
   return y;
@@ -137,14 +140,38 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
   float* py = y.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
-  std::vector<float> scale(n * c), shift(n * c);
+  // One pass over the map for every group at once: per-channel sums along the contiguous channel rows
+  // (vectorised), in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows
+  // whose sums are added in order, so the result does not depend on the thread count.
+  const int64_t chunk_rows = 256, chunks = (hw + chunk_rows - 1) / chunk_rows;
+  std::vector<double> part(size_t(n * chunks) * 2 * c);
 #pragma omp parallel for collapse(2)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < chunks; ++j) {
+      double* ds = part.data() + (i * chunks + j) * 2 * c;
+      double* dq = ds + c;
+      std::vector<float> fs(c), fq(c);
+      int64_t p0 = j * chunk_rows, p1 = std::min(hw, p0 + chunk_rows);
+      for (int64_t p = p0; p < p1; p += 16) {
+        std::fill(fs.begin(), fs.end(), 0.f);
+        std::fill(fq.begin(), fq.end(), 0.f);
+        float* s = fs.data();
+        float* q = fq.data();
+        for (int64_t r = p; r < std::min(p1, p + 16); ++r) {
+          const float* row = px + (i * hw + r) * c;
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) { s[k] += row[k]; q[k] += row[k] * row[k]; }
+        }
+        for (int64_t k = 0; k < c; ++k) { ds[k] += s[k]; dq[k] += q[k]; }
+      }
+    }
+  std::vector<float> scale(n * c), shift(n * c);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t g = 0; g < groups; ++g) {
       double sum = 0, sq = 0;
-      for (int64_t p = 0; p < hw; ++p) {
-        const float* row = px + (i * hw + p) * c + g * cg;
-        for (int64_t k = 0; k < cg; ++k) { sum += row[k]; sq += double(row[k]) * row[k]; }
+      for (int64_t j = 0; j < chunks; ++j) {
+        const double* ds = part.data() + (i * chunks + j) * 2 * c;
+        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) { sum += ds[k]; sq += ds[c + k]; }
       }
       double cnt = double(hw * cg);
       double mean = sum / cnt;
@@ -156,6 +183,7 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
         shift[i * c + ch] = b[ch] - float(mean) * inv * w[ch];
       }
     }
+  const bool relu = a == Act::Relu;
 #pragma omp parallel for collapse(2)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t p = 0; p < hw; ++p) {
@@ -163,9 +191,15 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
       float* out = py + (i * hw + p) * c;
       const float* s = scale.data() + i * c;
       const float* t = shift.data() + i * c;
-      for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+      if (relu) {
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+      }
     }
-  act_inplace(y, a);
+  if (!relu) act_inplace(y, a);  // ReLU (BiT, DETR's mask head) is fused above
   return y;
 }
 
@@ -258,9 +292,13 @@ Tensor max_pool2d_nhwc(const Tensor& x, int k, int s, int pt, int pl, int pb, in
             int64_t ix = ox * s - pl + kx;
             if (ix < 0 || ix >= w) continue;
             const float* in = px + ((i * h + iy) * w + ix) * c;
-            // As PyTorch: a NaN in the window is the maximum (std::max would drop it).
-            for (int64_t ch = 0; ch < c; ++ch)
-              if (in[ch] > out[ch] || std::isnan(in[ch])) out[ch] = in[ch];
+            // As PyTorch: a NaN in the window is the maximum (std::max would drop it). Written as a
+            // select (v != v: NaN) so that it vectorises.
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float v = in[ch];
+              out[ch] = (v > out[ch] || v != v) ? v : out[ch];
+            }
           }
         }
       }

@@ -154,13 +154,14 @@ BitBottleneckLayer BitBottleneckLayer::load(const Weights& w, const BitConfig& c
   return l;
 }
 
-Tensor BitBottleneckLayer::operator()(const Tensor& hidden_states) const {
+Tensor BitBottleneckLayer::operator()(Tensor hidden_states) const {
   if (preactivation) {
     Tensor preact = norm1(hidden_states);
-    Tensor shortcut = has_downsample ? downsample(preact) : hidden_states;
+    Tensor shortcut = has_downsample ? downsample(preact) : std::move(hidden_states);
     Tensor x = conv1(preact);
+    preact = Tensor();
     x = conv2(norm2(x));
-    return conv3.conv.forward(norm3(x), std::move(shortcut));  // in place when shortcut is the downsample
+    return conv3.conv.forward(norm3(x), std::move(shortcut));  // in place unless the caller keeps the input
   }
   Tensor shortcut = has_downsample ? downsample(hidden_states) : hidden_states;
   Tensor x = norm1(conv1(hidden_states));
@@ -171,9 +172,8 @@ Tensor BitBottleneckLayer::operator()(const Tensor& hidden_states) const {
   return x;
 }
 
-Tensor BitStage::operator()(const Tensor& x) const {
-  Tensor h = x;
-  for (auto& layer : layers) h = layer(h);
+Tensor BitStage::operator()(Tensor h) const {
+  for (auto& layer : layers) h = layer(std::move(h));
   return h;
 }
 
@@ -222,7 +222,7 @@ ModelOutput BitModel::forward(const Tensor& pixel_values, bool output_hidden_sta
   Tensor h = embedder(nchw_to_nhwc(pixel_values));
   for (auto& stage : encoder.stages) {
     if (output_hidden_states) hidden_states.push_back(nhwc_to_nchw(h));
-    h = stage(h);
+    h = stage(std::move(h));
   }
   if (output_hidden_states) hidden_states.push_back(nhwc_to_nchw(h));
   if (has_norm) h = norm(h);

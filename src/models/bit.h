@@ -70,12 +70,14 @@ struct BitBottleneckLayer {
   Act activation = Act::Relu;
   static BitBottleneckLayer load(const Weights& w, const BitConfig& cfg, int in, int out, int stride, int dilation,
                                  int first_dilation, bool is_first_layer);
-  Tensor operator()(const Tensor& x) const;
+  // Takes the input by value: the residual sum then accumulates in place in it when the caller hands
+  // over the only reference.
+  Tensor operator()(Tensor x) const;
 };
 
 struct BitStage {
   std::vector<BitBottleneckLayer> layers;
-  Tensor operator()(const Tensor& x) const;
+  Tensor operator()(Tensor x) const;
 };
 
 struct BitEncoder {
