@@ -3,6 +3,10 @@
 // Each weighted layer keeps its weights in the layout the chosen primitive wants (reordered once,
 // the first time an input shape is seen) and caches its primitives per input shape: forward() only
 // executes. Bias, the residual sum and the activation run as post-ops of the same primitive.
+//
+// A layer built while load_compute_dtype() is BF16 holds its weights in bfloat16 only and computes
+// on bfloat16 inputs with float32 accumulation, bias, sum and activation; its input and output stay
+// float32 tensors (the input is rounded to bfloat16 by a reorder before each run).
 #include <omp.h>
 
 #include <dnnl.hpp>
@@ -48,6 +52,28 @@ bool append_act(dnnl::post_ops& po, Act act) {
     default: return false;  // applied by act_inplace afterwards
   }
 }
+
+// What the weighted layers built now compute in on the CPU (check_compute_dtype let only these through).
+dt cpu_compute_type() { return load_compute_dtype() == DType::BF16 ? dt::bf16 : dt::f32; }
+
+// The input of a bfloat16 layer, rounded (nearest even) into a pooled bfloat16 buffer; a float32
+// layer runs on `src` itself.
+struct SourceConversion {
+  memory::desc md;  // the primitive's bfloat16 source
+  dnnl::reorder reorder;
+
+  SourceConversion() = default;
+  SourceConversion(const memory::desc& f32_md, const memory::desc& compute_md) : md(compute_md) {
+    if (compute_md != f32_md) reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), f32_md, engine(), compute_md));
+  }
+  memory operator()(memory src, Tensor& holder, const Shape& shape) const {
+    if (!reorder) return src;
+    holder = Tensor::empty(shape, DType::BF16);
+    memory m(md, engine(), holder.raw());
+    reorder.execute(stream(), src, m);
+    return m;
+  }
+};
 
 std::mutex& dnnl_mutex() {
   static std::mutex m;
@@ -120,10 +146,12 @@ struct Conv2d::Impl {
   Conv2dOptions opt;
   int64_t out, in, kh, kw;
   PreparedWeights prepared;
+  dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::convolution_forward prim;
     memory weights;
     int64_t oh, ow;
+    SourceConversion to_compute;
   };
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Prim> cache;
   std::mutex mu;
@@ -143,9 +171,9 @@ struct Conv2d::Impl {
     const int pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom, pr = g.pad_right;
     const int64_t oh = g.out_h, ow = g.out_w;
 
-    memory::desc src_md({n, in, h, w}, dt::f32, tag::nhwc);
+    memory::desc src_md({n, in, h, w}, compute, tag::nhwc);
     memory::desc dst_md({n, out, oh, ow}, dt::f32, tag::nhwc);
-    memory::desc w_md(weight_dims(), dt::f32, tag::any);
+    memory::desc w_md(weight_dims(), compute, tag::any);
     memory::desc b_md({out}, dt::f32, tag::x);
     dnnl::post_ops po;
     if (residual) po.append_sum(1.f);
@@ -156,7 +184,8 @@ struct Conv2d::Impl {
                                       src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
                                       {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
     dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow};
+    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow,
+           SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -185,6 +214,7 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
     impl_ = std::move(impl);
     return;
   }
+  impl->compute = cpu_compute_type();
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
   impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
   // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
@@ -219,6 +249,8 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) c
     y = Tensor::empty({n, p.oh, p.ow, out_});
   }
   memory src(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+  Tensor x_compute;
+  src = p.to_compute(src, x_compute, x.shape());
   memory dst(memory::desc({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc), engine(), y.raw());
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
@@ -239,9 +271,11 @@ struct Linear::Impl {
   Tensor bias;  // [out]; the weight [out, in] lives in `prepared`
   Act act;
   PreparedWeights prepared;  // viewed as [in, out] (tag ba)
+  dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::matmul prim;
     memory weights;
+    SourceConversion to_compute;
   };
   std::map<std::pair<int64_t, bool>, Prim> cache;
   std::mutex mu;
@@ -251,8 +285,8 @@ struct Linear::Impl {
     auto key = std::make_pair(m, residual);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
-    memory::desc src_md({m, in}, dt::f32, tag::ab);
-    memory::desc w_md({in, out}, dt::f32, tag::any);
+    memory::desc src_md({m, in}, compute, tag::ab);
+    memory::desc w_md({in, out}, compute, tag::any);
     memory::desc b_md({1, out}, dt::f32, tag::ab);
     memory::desc dst_md({m, out}, dt::f32, tag::ab);
     dnnl::post_ops po;
@@ -262,7 +296,7 @@ struct Linear::Impl {
     attr.set_post_ops(po);
     dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
     dnnl::matmul::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc())};
+    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc()), SourceConversion(memory::desc({m, in}, dt::f32, tag::ab), src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -283,6 +317,7 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
     impl_ = std::move(impl);
     return;
   }
+  impl->compute = cpu_compute_type();
   impl->prepared.init(weight, memory::desc({in_, out_}, dt::f32, tag::ba));
   dnnl::post_ops probe;
   if (!append_act(probe, act))
@@ -309,6 +344,8 @@ Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
   if (m == 0) return y;
   auto& p = impl_->prim_for(m, residual != nullptr);
   memory src(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
+  Tensor x_compute;
+  src = p.to_compute(src, x_compute, {m, in_});
   memory dst(memory::desc({m, out_}, dt::f32, tag::ab), engine(), y.raw());
   memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
@@ -353,6 +390,30 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
   prim.execute(stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
   stream().wait();
   return y;
+}
+
+// ---- compute dtypes -------------------------------------------------------------------------------
+
+// The CPU's part of check_compute_dtype (device.cpp). bfloat16 is offered where oneDNN has native
+// bfloat16 kernels (AVX512-BF16 or AMX): on an older AVX-512 CPU it would emulate them, slower than
+// float32, which defeats the purpose. oneDNN 2.6 has no float16 convolutions or matmuls for the CPU.
+void check_cpu_compute_dtype(DType t) {
+  if (t == DType::F32) return;
+  if (t == DType::F16)
+    throw Error("float16 is not offered on the CPU (oneDNN 2.6 has no float16 kernels for it): use bfloat16 "
+                "on a CPU with AVX512-BF16 or AMX, or float32");
+  if (t != DType::BF16) throw Error(std::string("the CPU cannot compute in ") + dtype_name(t));
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto need = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);  // AMX's mask includes it
+  if ((isa & need) != need) {
+    const char* have = isa == static_cast<unsigned>(dnnl::cpu_isa::avx512_core_vnni) ? "avx512_core_vnni"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx512_core)    ? "avx512_core"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx2_vnni)      ? "avx2_vnni"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx2)           ? "avx2"
+                                                                                     : "an older instruction set";
+    throw Error(std::string("bfloat16 on the CPU needs AVX512-BF16 or AMX; oneDNN finds ") + have +
+                " here (or DNNL_MAX_CPU_ISA limits it)");
+  }
 }
 
 // ---- threads -------------------------------------------------------------------------------------
