@@ -11,6 +11,8 @@
 //                          running at once; items_per_second = images/s
 // VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
 // until the GPU has finished it.
+// VF_DTYPE=bfloat16 (or float16) builds the models' convolutions and linear layers in that compute dtype
+// (README: reduced precision); the benchmarks keep their names and are labelled with it.
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
@@ -51,10 +53,15 @@ vf::Device bench_device() {
   return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
 }
 
+vf::DType bench_dtype() {
+  const char* t = std::getenv("VF_DTYPE");
+  return t && *t ? vf::parse_compute_dtype(t) : vf::DType::F32;
+}
+
 std::unique_ptr<vf::Model> build(const vf::json& config) {
   auto store = std::make_shared<vf::WeightStore>();
   store->set_missing_filler(fill);
-  vf::LoadDeviceScope on(bench_device());
+  vf::LoadDeviceScope on(bench_device(), bench_dtype());
   return vf::create_model(config, "", vf::Weights(store));
 }
 
@@ -89,6 +96,7 @@ double peak_rss_mb() {
 void latency(benchmark::State& state, const Arch& a) {
   vf::set_num_threads(bench_threads());
   auto model = build(a.config);
+  if (bench_dtype() != vf::DType::F32) state.SetLabel(vf::dtype_name(bench_dtype()));
   if (!bench_device().is_cpu()) {
     // What a caller gets: Model::infer uploads the image, replays the recorded forward where the
     // model allows (no pixel mask: all ones is the same as none), and downloads the outputs.

@@ -10,9 +10,10 @@ namespace vf::check {
 // Criteria (any device):
 //   2-D `*logits` [B, C] (classification): the top-1 class of every row equals the reference's.
 //   `pred_boxes` (normalised cx, cy, w, h): max |diff| <= 1e-2.
-//   3-D `*logits` [B, Q, C] (detection): every query the reference scores >= 0.5 (its family's
+//   3-D `logits` [B, Q, C] (detection): every query the reference scores >= 0.5 (its family's
 //     score: DETR's softmax over the real classes, the others' sigmoid) keeps its class.
-//   every other float output: max |diff| <= 5e-2 * max(1, max |ref|) (a gross-error bound).
+//   every other float output: ||diff||_2 / ||ref||_2 <= 5e-2 (a gross-error bound: a wrong kernel or
+//     layout is off by ~100%).
 //   losses: reported, not judged (a loss sums the differences above).
 // Each output also prints its max |diff| and max |ref|. `is_model_output` picks the names.
 void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype,
