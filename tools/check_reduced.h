@@ -12,8 +12,9 @@ namespace vf::check {
 //   `pred_boxes` (normalised cx, cy, w, h): max |diff| <= 1e-2.
 //   3-D `logits` [B, Q, C] (detection): every query the reference scores >= 0.5 (its family's
 //     score: DETR's softmax over the real classes, the others' sigmoid) keeps its class.
-//   every other float output: ||diff||_2 / ||ref||_2 <= 5e-2 (a gross-error bound: a wrong kernel or
-//     layout is off by ~100%).
+//   every other float output: ||diff||_2 / ||ref||_2 <= 0.1, a gross-error bound (a wrong kernel or
+//     layout is off by ~100%; bfloat16 itself reaches ~6% in the deepest hidden states of tiny
+//     random-weight models).
 //   losses: reported, not judged (a loss sums the differences above).
 // Each output also prints its max |diff| and max |ref|. `is_model_output` picks the names.
 void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype,
