@@ -99,12 +99,12 @@ void detection_classes(const Case& c, const std::string& name, const std::vector
     if (score < 0.5) continue;
     ++confident;
     if (rc == oc) ++kept;
-    else if (worst_gap < 0) worst_gap = top_two_gap(r, real);
+    else worst_gap = std::max(worst_gap, top_two_gap(r, real));
   }
   std::string detail =
       fmt("class kept on %lld/%lld queries scored >= 0.5 (all queries: %lld/%lld), max|diff| = %.3g (max|ref| %.3g)",
           (long long)kept, (long long)confident, (long long)agree_all, (long long)queries, d.max_diff, d.max_ref);
-  if (worst_gap >= 0) detail += fmt("; a changed one's reference top two %.3g apart", worst_gap);
+  if (worst_gap >= 0) detail += fmt("; the changed ones' reference top two classes are <= %.3g apart", worst_gap);
   if (kept == confident) report.pass(name, detail);
   else report.fail(name, detail);
 }
