@@ -153,7 +153,7 @@ struct Conv2d::Impl {
     int64_t oh, ow;
     SourceConversion to_compute;
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Prim> cache;
   std::mutex mu;
 
   memory::dims weight_dims() const {
@@ -161,9 +161,10 @@ struct Conv2d::Impl {
     return {opt.groups, out / opt.groups, in / opt.groups, kh, kw};
   }
 
-  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual) {
+  // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
+  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_tuple(n, h, w, residual);
+    auto key = std::make_tuple(n, h, w, residual, compute_dst);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
 
@@ -172,7 +173,7 @@ struct Conv2d::Impl {
     const int64_t oh = g.out_h, ow = g.out_w;
 
     memory::desc src_md({n, in, h, w}, compute, tag::nhwc);
-    memory::desc dst_md({n, out, oh, ow}, dt::f32, tag::nhwc);
+    memory::desc dst_md({n, out, oh, ow}, compute_dst ? compute : dt::f32, tag::nhwc);
     memory::desc w_md(weight_dims(), compute, tag::any);
     memory::desc b_md({out}, dt::f32, tag::x);
     dnnl::post_ops po;
@@ -234,24 +235,36 @@ Tensor Conv2d::forward(const Tensor& x, Tensor&& residual) const {
 
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
 
-Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) const {
+Tensor Conv2d::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, false, true); }
+
+Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  if (x.dtype() == DType::BF16 && (impl_->compute != dt::bf16 || impl_->device_layer || !x.is_cpu()))
+    return forward(x.to(DType::F32), residual, in_place, to_layer);  // from a bf16 layer of another kind
   if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
   int64_t n = x.size(0), h = x.size(1), w = x.size(2);
-  auto& p = impl_->prim_for(n, h, w, residual != nullptr);
+  dnnl::post_ops fusable;
+  const bool compute_dst = to_layer && impl_->compute != dt::f32 && append_act(fusable, impl_->opt.act);
+  auto& p = impl_->prim_for(n, h, w, residual != nullptr, compute_dst);
   Tensor y;
   if (residual) {
     if (residual->shape() != Shape{n, p.oh, p.ow, out_})
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     y = in_place ? *residual : residual->clone();
   } else {
-    y = Tensor::empty({n, p.oh, p.ow, out_});
+    y = Tensor::empty({n, p.oh, p.ow, out_}, compute_dst ? DType::BF16 : DType::F32);
   }
-  memory src(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+  memory src;
   Tensor x_compute;
-  src = p.to_compute(src, x_compute, x.shape());
-  memory dst(memory::desc({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc), engine(), y.raw());
+  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
+    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
+  } else {
+    src = memory(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+    src = p.to_compute(src, x_compute, x.shape());
+  }
+  memory dst(memory::desc({n, out_, p.oh, p.ow}, compute_dst ? impl_->compute : dt::f32, tag::nhwc), engine(),
+             y.raw());
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
                             {DNNL_ARG_DST, dst}});
@@ -277,18 +290,19 @@ struct Linear::Impl {
     memory weights;
     SourceConversion to_compute;
   };
-  std::map<std::pair<int64_t, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, bool, bool>, Prim> cache;
   std::mutex mu;
 
-  Prim& prim_for(int64_t m, bool residual) {
+  // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
+  Prim& prim_for(int64_t m, bool residual, bool compute_dst = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_pair(m, residual);
+    auto key = std::make_tuple(m, residual, compute_dst);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
     memory::desc src_md({m, in}, compute, tag::ab);
     memory::desc w_md({in, out}, compute, tag::any);
     memory::desc b_md({1, out}, dt::f32, tag::ab);
-    memory::desc dst_md({m, out}, dt::f32, tag::ab);
+    memory::desc dst_md({m, out}, compute_dst ? compute : dt::f32, tag::ab);
     dnnl::post_ops po;
     append_act(po, act);
     if (residual) po.append_sum(1.f);
@@ -327,26 +341,38 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   impl_ = std::move(impl);
 }
 
-Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
+Tensor Linear::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
+
+Tensor Linear::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, true); }
+
+Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
+  if (x.dtype() == DType::BF16 && (impl_->compute != dt::bf16 || impl_->device_layer || !x.is_cpu()))
+    return forward(x.to(DType::F32), residual, to_layer);  // from a bf16 layer of another kind
   if (!x.is_cpu() || impl_->device_layer) return forward_off_cpu(*this, impl_->device_layer, impl_->device, x, residual);
   int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;
+  const bool compute_dst = to_layer && impl_->compute != dt::f32;  // the activation is always fused
   Tensor y;
   if (residual) {
     if (residual->numel() != m * out_) throw Error("linear residual has shape " + shape_str(residual->shape()));
     y = residual->clone().reshape(out_shape);
   } else {
-    y = Tensor::empty(out_shape);
+    y = Tensor::empty(out_shape, compute_dst ? DType::BF16 : DType::F32);
   }
   if (m == 0) return y;
-  auto& p = impl_->prim_for(m, residual != nullptr);
-  memory src(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
+  auto& p = impl_->prim_for(m, residual != nullptr, compute_dst);
+  memory src;
   Tensor x_compute;
-  src = p.to_compute(src, x_compute, {m, in_});
-  memory dst(memory::desc({m, out_}, dt::f32, tag::ab), engine(), y.raw());
+  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
+    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
+  } else {
+    src = memory(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
+    src = p.to_compute(src, x_compute, {m, in_});
+  }
+  memory dst(memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab), engine(), y.raw());
   memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
                             {DNNL_ARG_DST, dst}});
