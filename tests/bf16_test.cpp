@@ -259,3 +259,43 @@ TEST(Bf16, CheckPassesVendoredCasesByTheReducedPrecisionCriteria) {
   EXPECT_EQ(r.rc, 1) << r.out << r.err;
   EXPECT_HAS(r.out, "top-1 0/1 equal");
 }
+
+// A layer whose output only another weighted layer reads hands it over in bfloat16: the float32
+// result rounded once, which the next layer reads exactly as it would have rounded it itself.
+TEST(Bf16, ForwardToLayerHandsOverRoundedBf16) {
+  SKIP_WITHOUT_CPU_BF16();
+  Tensor x = randn({37, 64}, 41);
+  std::unique_ptr<Linear> fc1, fc2, fp32;
+  std::unique_ptr<Conv2d> c1, c2;
+  Conv2dOptions opt;
+  opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
+  opt.act = Act::Relu;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    fc1 = std::make_unique<Linear>(randn({96, 64}, 42, 0.1f), randn({96}, 43), Act::Gelu);
+    fc2 = std::make_unique<Linear>(randn({64, 96}, 44, 0.1f), randn({64}, 45));
+    c1 = std::make_unique<Conv2d>(randn({24, 16, 3, 3}, 46, 0.1f), randn({24}, 47), opt);
+    c2 = std::make_unique<Conv2d>(randn({8, 24, 3, 3}, 48, 0.1f), randn({8}, 49), opt);
+  }
+  fp32 = std::make_unique<Linear>(randn({96, 64}, 42, 0.1f), randn({96}, 43), Act::Gelu);
+  EXPECT_EQ(fp32->forward_to_layer(x).dtype(), DType::F32);
+
+  auto check_pair = [](const Tensor& handed, const Tensor& f32, const char* what) {
+    ASSERT_EQ(handed.dtype(), DType::BF16) << what;
+    Tensor h = handed.to(DType::F32);
+    ASSERT_EQ(h.shape(), f32.shape());
+    int bad = 0;
+    for (int64_t i = 0; i < h.numel(); ++i)  // within one bfloat16 step of the float32 result
+      if (!(std::fabs(h.f32()[i] - f32.f32()[i]) <= std::ldexp(std::fabs(f32.f32()[i]), -8) + 1e-30) && bad++ < 5)
+        ADD_FAILURE() << what << " [" << i << "] " << h.f32()[i] << " vs " << f32.f32()[i];
+  };
+  Tensor h = fc1->forward_to_layer(x);
+  check_pair(h, fc1->forward(x), "linear");
+  // The next layer reads the bf16 tensor as it reads the same values in float32.
+  EXPECT_EQ(max_abs_diff(fc2->forward(h), fc2->forward(h.to(DType::F32))), 0.0);
+
+  Tensor img = randn({1, 10, 9, 16}, 50);
+  Tensor hc = c1->forward_to_layer(img);
+  check_pair(hc, c1->forward(img), "conv");
+  EXPECT_EQ(max_abs_diff(c2->forward(hc), c2->forward(hc.to(DType::F32))), 0.0);
+}
