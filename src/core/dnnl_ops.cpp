@@ -6,7 +6,8 @@
 //
 // A layer built while load_compute_dtype() is BF16 holds its weights in bfloat16 only and computes
 // on bfloat16 inputs with float32 accumulation, bias, sum and activation; its input and output stay
-// float32 tensors (the input is rounded to bfloat16 by a reorder before each run).
+// float32 tensors (the input is rounded to bfloat16 by a reorder before each run), except that
+// forward_to_layer() writes bfloat16 for a next weighted layer, which then reads it as it is.
 #include <omp.h>
 
 #include <dnnl.hpp>
