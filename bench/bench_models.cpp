@@ -107,6 +107,7 @@ void report_gpu_peak(benchmark::State& state) {
 void latency(benchmark::State& state, const Arch& a) {
   vf::set_num_threads(bench_threads());
   auto model = build(a.config);
+  if (bench_dtype() != vf::DType::F32) state.SetLabel(vf::dtype_name(bench_dtype()));
   if (!bench_device().is_cpu()) {
     // What a caller gets: Model::infer uploads the image, replays the recorded forward where the
     // model allows (no pixel mask: all ones is the same as none), and downloads the outputs.

@@ -68,6 +68,8 @@ thread_local Device t_load_device;
 thread_local DType t_load_dtype = DType::F32;
 }  // namespace
 
+void check_cpu_compute_dtype(DType t);  // dnnl_ops.cpp: what oneDNN finds on this CPU
+
 Device load_device() { return t_load_device; }
 DType load_compute_dtype() { return t_load_dtype; }
 
@@ -85,6 +87,7 @@ void check_compute_dtype(Device d, DType t) {
 #endif
   if (t != DType::BF16 && t != DType::F16)
     throw Error(std::string("layers cannot compute in ") + dtype_name(t) + " (float32, bfloat16 or float16)");
+  if (d.is_cpu() || d.type == DeviceType::Emulated) return check_cpu_compute_dtype(t);  // the CPU kernels
   throw Error(std::string(dtype_name(t)) + " is not available on " + d.str() + " in this build (float32 is)");
 }
 

@@ -3,6 +3,11 @@
 // Each weighted layer keeps its weights in the layout the chosen primitive wants (reordered once,
 // the first time an input shape is seen) and caches its primitives per input shape: forward() only
 // executes. Bias, the residual sum and the activation run as post-ops of the same primitive.
+//
+// A layer built while load_compute_dtype() is BF16 holds its weights in bfloat16 only and computes
+// on bfloat16 inputs with float32 accumulation, bias, sum and activation; its input and output stay
+// float32 tensors (the input is rounded to bfloat16 by a reorder before each run), except that
+// forward_to_layer() writes bfloat16 for a next weighted layer, which then reads it as it is.
 #include <omp.h>
 
 #include <dnnl.hpp>
@@ -48,6 +53,28 @@ bool append_act(dnnl::post_ops& po, Act act) {
     default: return false;  // applied by act_inplace afterwards
   }
 }
+
+// What the weighted layers built now compute in on the CPU (check_compute_dtype let only these through).
+dt cpu_compute_type() { return load_compute_dtype() == DType::BF16 ? dt::bf16 : dt::f32; }
+
+// The input of a bfloat16 layer, rounded (nearest even) into a pooled bfloat16 buffer; a float32
+// layer runs on `src` itself.
+struct SourceConversion {
+  memory::desc md;  // the primitive's bfloat16 source
+  dnnl::reorder reorder;
+
+  SourceConversion() = default;
+  SourceConversion(const memory::desc& f32_md, const memory::desc& compute_md) : md(compute_md) {
+    if (compute_md != f32_md) reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), f32_md, engine(), compute_md));
+  }
+  memory operator()(memory src, Tensor& holder, const Shape& shape) const {
+    if (!reorder) return src;
+    holder = Tensor::empty(shape, DType::BF16);
+    memory m(md, engine(), holder.raw());
+    reorder.execute(stream(), src, m);
+    return m;
+  }
+};
 
 std::mutex& dnnl_mutex() {
   static std::mutex m;
@@ -141,13 +168,14 @@ struct Conv2d::Impl {
   Conv2dOptions opt;
   int64_t out, in, kh, kw;
   PreparedWeights prepared;
-  // Winograd (F(2x2,3x3) / F(4x4,3x3)) for the 3x3 stride-1 convolutions it applies to: 1.7-2x
-  // fewer cycles than the direct kernels on the maps of ResNet-style backbones, within a few ulps of
-  // them. Its weights are 1.8-4x larger, on top of the direct layout's (kept: oneDNN makes a
+  // Winograd (F(2x2,3x3) / F(4x4,3x3)) for the 3x3 stride-1 float32 convolutions it applies to:
+  // 1.7-2x fewer cycles than the direct kernels on the maps of ResNet-style backbones, within a few
+  // ulps of them. Its weights are 1.8-4x larger, on top of the direct layout's (kept: oneDNN makes a
   // Winograd layout only from a plain one, which can be had from the direct layout but not from
   // another Winograd one, and each map size may want its own); the deepest, widest layers (more
   // than 256 channels, small maps, the largest weights) gain nothing and stay direct.
   bool winograd = false;
+  dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::convolution_forward prim;
     memory weights;
@@ -156,8 +184,9 @@ struct Conv2d::Impl {
     bool blocked = false;
     memory::desc src_blocked, dst_blocked;
     dnnl::reorder to_blocked, from_blocked;
+    SourceConversion to_compute;  // float32 NHWC -> what a bfloat16 primitive reads
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Prim> cache;
   std::mutex mu;
 
   static bool winograd_applies(const Conv2dOptions& o, int64_t out, int64_t in, int64_t kh, int64_t kw) {
@@ -203,9 +232,10 @@ struct Conv2d::Impl {
     return {opt.groups, out / opt.groups, in / opt.groups, kh, kw};
   }
 
-  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual) {
+  // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
+  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_tuple(n, h, w, residual);
+    auto key = std::make_tuple(n, h, w, residual, compute_dst);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
 
@@ -213,9 +243,9 @@ struct Conv2d::Impl {
     const int pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom, pr = g.pad_right;
     const int64_t oh = g.out_h, ow = g.out_w;
 
-    memory::desc src_md({n, in, h, w}, dt::f32, tag::nhwc);
-    memory::desc dst_md({n, out, oh, ow}, dt::f32, tag::nhwc);
-    memory::desc w_md(weight_dims(), dt::f32, tag::any);
+    memory::desc src_md({n, in, h, w}, compute, tag::nhwc);
+    memory::desc dst_md({n, out, oh, ow}, compute_dst ? compute : dt::f32, tag::nhwc);
+    memory::desc w_md(weight_dims(), compute, tag::any);
     memory::desc b_md({out}, dt::f32, tag::x);
     dnnl::post_ops po;
     if (residual) po.append_sum(1.f);
@@ -232,7 +262,8 @@ struct Conv2d::Impl {
                                       src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
                                       {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
     dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow};
+    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow,
+           SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -261,6 +292,7 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
     impl_ = std::move(impl);
     return;
   }
+  impl->compute = cpu_compute_type();
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
   impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
   // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
@@ -268,7 +300,7 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   // wants another one gets its own copy at its first run. (Winograd's layouts depend on the map's
   // size: they are made at the first run of each, from the direct layout chosen here.)
   impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false);
-  impl->winograd = Impl::winograd_applies(opt, impl->out, impl->in, impl->kh, impl->kw);
+  impl->winograd = impl->compute == dt::f32 && Impl::winograd_applies(opt, impl->out, impl->in, impl->kh, impl->kw);
   out_ = impl->out;
   in_ = impl->in;
   impl_ = std::move(impl);
@@ -282,24 +314,37 @@ Tensor Conv2d::forward(const Tensor& x, Tensor&& residual) const {
 
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
 
-Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place) const {
+Tensor Conv2d::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, false, true); }
+
+Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));
-  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, in_place);
-  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false); };
+  if (x.dtype() == DType::BF16 && (impl_->compute != dt::bf16 || impl_->device_layer || !x.is_cpu()))
+    return forward(x.to(DType::F32), residual, in_place, to_layer);  // from a bf16 layer of another kind
+  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, in_place, to_layer);
+  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false, false); };
   return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
 }
 
-Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_place) const {
+Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   int64_t n = x.size(0), h = x.size(1), w = x.size(2);
-  auto& p = impl_->prim_for(n, h, w, residual != nullptr);
+  dnnl::post_ops fusable;
+  const bool compute_dst = to_layer && impl_->compute != dt::f32 && append_act(fusable, impl_->opt.act);
+  auto& p = impl_->prim_for(n, h, w, residual != nullptr, compute_dst);
   Tensor y;
   if (residual) {
     if (residual->shape() != Shape{n, p.oh, p.ow, out_})
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     y = in_place ? *residual : residual->clone();
   }
-  memory src(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+  memory src;
+  Tensor x_compute;
+  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
+    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
+  } else {
+    src = memory(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
+    src = p.to_compute(src, x_compute, x.shape());
+  }
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   const memory::desc dst_md({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc);
   if (p.blocked) {  // never with a residual
@@ -317,8 +362,9 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
     memory dst(dst_md, engine(), y.raw());
     p.from_blocked.execute(stream(), dst_b, dst);
   } else {
-    if (!residual) y = Tensor::empty({n, p.oh, p.ow, out_});
-    memory dst(dst_md, engine(), y.raw());
+    if (!residual) y = Tensor::empty({n, p.oh, p.ow, out_}, compute_dst ? DType::BF16 : DType::F32);
+    memory dst(compute_dst ? memory::desc({n, out_, p.oh, p.ow}, impl_->compute, tag::nhwc) : dst_md, engine(),
+               y.raw());
     p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
                               {DNNL_ARG_DST, dst}});
   }
@@ -338,22 +384,25 @@ struct Linear::Impl {
   Tensor bias;  // [out]; the weight [out, in] lives in `prepared`
   Act act;
   PreparedWeights prepared;  // viewed as [in, out] (tag ba)
+  dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::matmul prim;
     memory weights;
+    SourceConversion to_compute;
   };
-  std::map<std::pair<int64_t, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, bool, bool>, Prim> cache;
   std::mutex mu;
 
-  Prim& prim_for(int64_t m, bool residual) {
+  // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
+  Prim& prim_for(int64_t m, bool residual, bool compute_dst = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_pair(m, residual);
+    auto key = std::make_tuple(m, residual, compute_dst);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
-    memory::desc src_md({m, in}, dt::f32, tag::ab);
-    memory::desc w_md({in, out}, dt::f32, tag::any);
+    memory::desc src_md({m, in}, compute, tag::ab);
+    memory::desc w_md({in, out}, compute, tag::any);
     memory::desc b_md({1, out}, dt::f32, tag::ab);
-    memory::desc dst_md({m, out}, dt::f32, tag::ab);
+    memory::desc dst_md({m, out}, compute_dst ? compute : dt::f32, tag::ab);
     dnnl::post_ops po;
     append_act(po, act);
     if (residual) po.append_sum(1.f);
@@ -361,7 +410,7 @@ struct Linear::Impl {
     attr.set_post_ops(po);
     dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
     dnnl::matmul::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc())};
+    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc()), SourceConversion(memory::desc({m, in}, dt::f32, tag::ab), src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -382,6 +431,7 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
     impl_ = std::move(impl);
     return;
   }
+  impl->compute = cpu_compute_type();
   impl->prepared.init(weight, memory::desc({in_, out_}, dt::f32, tag::ba));
   dnnl::post_ops probe;
   if (!append_act(probe, act))
@@ -391,29 +441,43 @@ Linear::Linear(const Tensor& weight, const Tensor& bias, Act act) {
   impl_ = std::move(impl);
 }
 
-Tensor Linear::forward(const Tensor& x, const Tensor* residual) const {
+Tensor Linear::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
+
+Tensor Linear::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, true); }
+
+Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
-  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual);
-  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc); };
+  if (x.dtype() == DType::BF16 && (impl_->compute != dt::bf16 || impl_->device_layer || !x.is_cpu()))
+    return forward(x.to(DType::F32), residual, to_layer);  // from a bf16 layer of another kind
+  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, to_layer);
+  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false); };
   return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
 }
 
-Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual) const {
+Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer) const {
   int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;
+  const bool compute_dst = to_layer && impl_->compute != dt::f32;  // the activation is always fused
   Tensor y;
   if (residual) {
     if (residual->numel() != m * out_) throw Error("linear residual has shape " + shape_str(residual->shape()));
     y = residual->clone().reshape(out_shape);
   } else {
-    y = Tensor::empty(out_shape);
+    y = Tensor::empty(out_shape, compute_dst ? DType::BF16 : DType::F32);
   }
   if (m == 0) return y;
-  auto& p = impl_->prim_for(m, residual != nullptr);
-  memory src(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
-  memory dst(memory::desc({m, out_}, dt::f32, tag::ab), engine(), y.raw());
+  auto& p = impl_->prim_for(m, residual != nullptr, compute_dst);
+  memory src;
+  Tensor x_compute;
+  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
+    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
+  } else {
+    src = memory(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
+    src = p.to_compute(src, x_compute, {m, in_});
+  }
+  memory dst(memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab), engine(), y.raw());
   memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
                             {DNNL_ARG_DST, dst}});
@@ -457,6 +521,30 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
   prim.execute(stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
   stream().wait();
   return y;
+}
+
+// ---- compute dtypes -------------------------------------------------------------------------------
+
+// The CPU's part of check_compute_dtype (device.cpp). bfloat16 is offered where oneDNN has native
+// bfloat16 kernels (AVX512-BF16 or AMX): on an older AVX-512 CPU it would emulate them, slower than
+// float32, which defeats the purpose. oneDNN 2.6 has no float16 convolutions or matmuls for the CPU.
+void check_cpu_compute_dtype(DType t) {
+  if (t == DType::F32) return;
+  if (t == DType::F16)
+    throw Error("float16 is not offered on the CPU (oneDNN 2.6 has no float16 kernels for it): use bfloat16 "
+                "on a CPU with AVX512-BF16 or AMX, or float32");
+  if (t != DType::BF16) throw Error(std::string("the CPU cannot compute in ") + dtype_name(t));
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto need = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);  // AMX's mask includes it
+  if ((isa & need) != need) {
+    const char* have = isa == static_cast<unsigned>(dnnl::cpu_isa::avx512_core_vnni) ? "avx512_core_vnni"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx512_core)    ? "avx512_core"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx2_vnni)      ? "avx2_vnni"
+                       : isa == static_cast<unsigned>(dnnl::cpu_isa::avx2)           ? "avx2"
+                                                                                     : "an older instruction set";
+    throw Error(std::string("bfloat16 on the CPU needs AVX512-BF16 or AMX; oneDNN finds ") + have +
+                " here (or DNNL_MAX_CPU_ISA limits it)");
+  }
 }
 
 // ---- threads -------------------------------------------------------------------------------------

@@ -60,14 +60,19 @@ class Conv2d {
   // The same, the sum accumulating in the residual's own storage when no other tensor shares it (a
   // residual block's shortcut, dead after the sum): no copy of a full feature map.
   Tensor forward(const Tensor& x, Tensor&& residual) const;
+  // For an output that only another Conv2d or Linear reads (a bottleneck's inner convolutions): in
+  // the layer's compute dtype, so bfloat16 when it was built so (the next layer takes it without a
+  // conversion, and half the bytes move); otherwise what forward() returns.
+  Tensor forward_to_layer(const Tensor& x) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
   bool defined() const { return impl_ != nullptr; }
   struct Impl;
 
  private:
-  Tensor forward(const Tensor& x, const Tensor* residual, bool in_place) const;
-  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool in_place) const;  // oneDNN, host tensors
+  Tensor forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer = false) const;
+  // oneDNN, host tensors
+  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const;
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };
@@ -79,13 +84,17 @@ class Linear {
   Linear(const Tensor& weight, const Tensor& bias, Act act = Act::None);
   // x: [..., in] -> [..., out]: y = act(x W^T + b) + residual (the order of a residual branch).
   Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
+  // For an output that only another Linear or Conv2d reads (an MLP's hidden layer): in the layer's
+  // compute dtype (see Conv2d::forward_to_layer).
+  Tensor forward_to_layer(const Tensor& x) const;
   int64_t out_features() const { return out_; }
   int64_t in_features() const { return in_; }
   bool defined() const { return impl_ != nullptr; }
   struct Impl;
 
  private:
-  Tensor forward_cpu(const Tensor& x, const Tensor* residual) const;  // oneDNN, host tensors
+  Tensor forward(const Tensor& x, const Tensor* residual, bool to_layer) const;
+  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer) const;  // oneDNN, host tensors
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };

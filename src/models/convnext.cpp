@@ -83,7 +83,7 @@ ConvNextLayer ConvNextLayer::load(const Weights& w, const ConvNextConfig& cfg, i
 
 Tensor ConvNextLayer::operator()(const Tensor& features) const {
   Tensor x = layernorm(dwconv.forward(features));
-  x = pwconv1.forward(x);
+  x = act_fused && !grn_weight.defined() ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
   if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f);
   return pwconv2.forward(x, &features);

@@ -252,7 +252,7 @@ struct CvtIntermediate {
   Linear dense;  // nn.GELU(): the exact (erf) form
   CvtIntermediate(int64_t dim, int64_t hidden, const Weights& w)
       : dense(w.pp("dense").get("weight", {hidden, dim}), w.pp("dense").get("bias", {hidden}), Act::Gelu) {}
-  Tensor forward(const Tensor& x) const { return dense.forward(x); }
+  Tensor forward(const Tensor& x) const { return dense.forward_to_layer(x); }  // read by CvtOutput only
 };
 
 struct CvtOutput {

@@ -365,7 +365,7 @@ Tensor DeformableDetrEncoderLayer::forward(const Tensor& hidden_states, const Te
   Tensor h = self_attn_.forward(hidden_states, position_embeddings, hidden_states, layout, reference_points,
                                 &hidden_states, attn_weights);
   h = self_attn_layer_norm_(h);
-  Tensor f = fc2_.forward(fc1_.forward(h), &h);
+  Tensor f = fc2_.forward(fc1_.forward_to_layer(h), &h);
   return final_layer_norm_(f);
 }
 
@@ -391,7 +391,7 @@ Tensor DeformableDetrDecoderLayer::forward(const Tensor& hidden_states, const Te
   Tensor c = encoder_attn_.forward(h, position_embeddings, encoder_hidden_states, layout, reference_points, &h,
                                    cross_attn_weights);
   c = encoder_attn_layer_norm_(c);
-  Tensor f = fc2_.forward(fc1_.forward(c), &c);
+  Tensor f = fc2_.forward(fc1_.forward_to_layer(c), &c);
   return final_layer_norm_(f);
 }
 

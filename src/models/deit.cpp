@@ -247,7 +247,7 @@ struct DeiTIntermediate {
   DeiTIntermediate(const DeiTConfig& c, const Weights& w)
       : dense(w.pp("dense").get("weight", {c.intermediate_size, c.hidden_size}),
               w.pp("dense").get("bias", {c.intermediate_size}), act_from_name(c.hidden_act)) {}
-  Tensor forward(const Tensor& x) const { return dense.forward(x); }
+  Tensor forward(const Tensor& x) const { return dense.forward_to_layer(x); }  // read by DeiTOutput only
 };
 
 struct DeiTOutput {

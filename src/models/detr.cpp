@@ -116,7 +116,7 @@ DetrFeedForward::DetrFeedForward(const Weights& w, int64_t d_model, int64_t ffn_
     : fc1(w.get("fc1.weight", {ffn_dim, d_model}), w.get("fc1.bias", {ffn_dim}), act),
       fc2(w.get("fc2.weight", {d_model, ffn_dim}), w.get("fc2.bias", {d_model})) {}
 
-Tensor DetrFeedForward::forward(const Tensor& x) const { return fc2.forward(fc1.forward(x), &x); }
+Tensor DetrFeedForward::forward(const Tensor& x) const { return fc2.forward(fc1.forward_to_layer(x), &x); }
 
 LayerNorm::LayerNorm(const Weights& w, int64_t dim) : weight(w.get("weight", {dim})), bias(w.get("bias", {dim})) {}
 

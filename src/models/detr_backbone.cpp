@@ -147,7 +147,7 @@ struct ResidualBlock {
   // itself when the caller hands over the only reference).
   Tensor forward(Tensor x) const {
     Tensor h = x;
-    for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward(h);
+    for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward_to_layer(h);
     if (shortcut.defined()) return convs.back().forward(h, shortcut.forward(x));
     return convs.back().forward(h, std::move(x));
   }

@@ -1,0 +1,301 @@
+// bfloat16 compute on the CPU (--dtype bfloat16): the weighted layers against a definition computed
+// here from bfloat16-rounded inputs and weights, and `vf check --dtype` on vendored cases.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "core/device.h"
+#include "core/errors.h"
+#include "core/ops.h"
+#include "io/safetensors.h"
+#include "test_util.h"
+#include "vf_binary.h"
+
+using namespace vf;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Skips the test where this CPU has no bfloat16 (the CI machines have AVX512-BF16).
+#define SKIP_WITHOUT_CPU_BF16()                                                 \
+  do {                                                                          \
+    try {                                                                       \
+      check_compute_dtype(Device::cpu(), DType::BF16);                          \
+    } catch (const Error& e) {                                                  \
+      GTEST_SKIP() << "this CPU cannot compute in bfloat16: " << e.what();      \
+    }                                                                           \
+  } while (0)
+
+// float32 -> bfloat16 -> float32, rounding to nearest even (finite values), written from the format.
+float round_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+Tensor randn(Shape s, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d;
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = scale * d(g);
+  return t;
+}
+
+Tensor rounded(const Tensor& t) {
+  Tensor r = t.clone();
+  for (int64_t i = 0; i < r.numel(); ++i) r.f32()[i] = round_bf16(r.f32()[i]);
+  return r;
+}
+
+// |ours - ref| against the error float32 accumulation may add: a few ulps of the sum of |terms|.
+void expect_within_accumulation(const Tensor& ours, const Tensor& ref, const Tensor& abs_sum, const char* what) {
+  ASSERT_EQ(ours.shape(), ref.shape());
+  int bad = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double tol = 1e-5 * abs_sum.f32()[i] + 1e-6;
+    if (!(std::fabs(ours.f32()[i] - ref.f32()[i]) <= tol) && bad++ < 5)
+      ADD_FAILURE() << what << " [" << i << "]: " << ours.f32()[i] << " vs " << ref.f32()[i] << " (tol " << tol << ")";
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
+// NHWC convolution from the definition (double accumulation), and the sum of |terms| per output.
+void conv_definition(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int pad, int groups, Tensor& y,
+                     Tensor& abs_sum) {
+  const int64_t n = x.size(0), h = x.size(1), wd = x.size(2), c = x.size(3);
+  const int64_t o = w.size(0), cg = w.size(1), kh = w.size(2), kw = w.size(3);
+  const int64_t oh = (h + 2 * pad - kh) / stride + 1, ow = (wd + 2 * pad - kw) / stride + 1, og = o / groups;
+  y = Tensor::zeros({n, oh, ow, o});
+  abs_sum = Tensor::zeros({n, oh, ow, o});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t yy = 0; yy < oh; ++yy)
+      for (int64_t xx = 0; xx < ow; ++xx)
+        for (int64_t oc = 0; oc < o; ++oc) {
+          double acc = b.f32()[oc], mag = std::fabs(b.f32()[oc]);
+          const int64_t g = oc / og;
+          for (int64_t ky = 0; ky < kh; ++ky)
+            for (int64_t kx = 0; kx < kw; ++kx) {
+              const int64_t iy = yy * stride - pad + ky, ix = xx * stride - pad + kx;
+              if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
+              for (int64_t ic = 0; ic < cg; ++ic) {
+                const double t = double(x.f32()[((i * h + iy) * wd + ix) * c + g * cg + ic]) *
+                                 w.f32()[((oc * cg + ic) * kh + ky) * kw + kx];
+                acc += t;
+                mag += std::fabs(t);
+              }
+            }
+          const int64_t at = ((i * oh + yy) * ow + xx) * o + oc;
+          y.f32()[at] = float(acc);
+          abs_sum.f32()[at] = float(mag);
+        }
+}
+
+}  // namespace
+
+TEST(Bf16, Conv2dComputesOnRoundedInputsAndWeights) {
+  SKIP_WITHOUT_CPU_BF16();
+  struct Case { int c, o, k, stride, pad, groups; };
+  for (Case cs : {Case{32, 48, 3, 1, 1, 1}, Case{3, 16, 7, 2, 3, 1}, Case{64, 64, 7, 1, 3, 64}, Case{96, 40, 1, 1, 0, 1}}) {
+    Tensor x = randn({2, 13, 11, cs.c}, 11);
+    Tensor w = randn({cs.o, cs.c / cs.groups, cs.k, cs.k}, 12, 0.2f);
+    Tensor b = randn({cs.o}, 13);
+    Conv2dOptions opt;
+    opt.stride_h = opt.stride_w = cs.stride;
+    opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = cs.pad;
+    opt.groups = cs.groups;
+    std::unique_ptr<Conv2d> conv;
+    {
+      LoadDeviceScope on(Device::cpu(), DType::BF16);
+      conv = std::make_unique<Conv2d>(w, b, opt);
+    }
+    Tensor ours = conv->forward(x);
+    Tensor ref, mag;
+    conv_definition(rounded(x), rounded(w), b, cs.stride, cs.pad, cs.groups, ref, mag);
+    expect_within_accumulation(ours, ref, mag, ("conv k=" + std::to_string(cs.k)).c_str());
+    // It did round: the float32 definition is further away than accumulation error allows.
+    Tensor exact, unused;
+    conv_definition(x, w, b, cs.stride, cs.pad, cs.groups, exact, unused);
+    EXPECT_GT(max_abs_diff(ours, exact), 10 * max_abs_diff(ours, ref)) << "k=" << cs.k;
+  }
+}
+
+TEST(Bf16, Conv2dResidualAndActivationStayFloat32) {
+  SKIP_WITHOUT_CPU_BF16();
+  Tensor x = randn({1, 9, 8, 24}, 21);
+  Tensor w = randn({16, 24, 3, 3}, 22, 0.2f);
+  Tensor b = randn({16}, 23);
+  Tensor r = randn({1, 9, 8, 16}, 24);
+  Conv2dOptions opt;
+  opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
+  opt.act = Act::Relu;
+  std::unique_ptr<Conv2d> conv;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    conv = std::make_unique<Conv2d>(w, b, opt);
+  }
+  Tensor ours = conv->forward(x, &r);
+  Tensor ref, mag;
+  conv_definition(rounded(x), rounded(w), b, 1, 1, 1, ref, mag);
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    // The residual (not rounded) joins the float32 sum, then ReLU.
+    ref.f32()[i] = std::max(0.0f, ref.f32()[i] + r.f32()[i]);
+    mag.f32()[i] += std::fabs(r.f32()[i]);
+  }
+  expect_within_accumulation(ours, ref, mag, "conv + residual + relu");
+}
+
+TEST(Bf16, LinearComputesOnRoundedInputsAndWeights) {
+  SKIP_WITHOUT_CPU_BF16();
+  for (int64_t rows : {1, 7, 130}) {
+    Tensor x = randn({rows, 200}, 31);
+    Tensor w = randn({72, 200}, 32, 0.1f);
+    Tensor b = randn({72}, 33);
+    Tensor res = randn({rows, 72}, 34);
+    std::unique_ptr<Linear> lin;
+    {
+      LoadDeviceScope on(Device::cpu(), DType::BF16);
+      lin = std::make_unique<Linear>(w, b);
+    }
+    Tensor plain = lin->forward(x), summed = lin->forward(x, &res);
+    const Tensor xr = rounded(x), wr = rounded(w);
+    Tensor ref = Tensor::empty({rows, 72}), mag = Tensor::empty({rows, 72});
+    Tensor ref_sum = Tensor::empty({rows, 72}), mag_sum = Tensor::empty({rows, 72});
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t o = 0; o < 72; ++o) {
+        double acc = b.f32()[o], m = std::fabs(b.f32()[o]);
+        for (int64_t k = 0; k < 200; ++k) {
+          const double t = double(xr.f32()[i * 200 + k]) * wr.f32()[o * 200 + k];
+          acc += t;
+          m += std::fabs(t);
+        }
+        ref.f32()[i * 72 + o] = float(acc);
+        mag.f32()[i * 72 + o] = float(m);
+        ref_sum.f32()[i * 72 + o] = float(acc + res.f32()[i * 72 + o]);
+        mag_sum.f32()[i * 72 + o] = float(m + std::fabs(res.f32()[i * 72 + o]));
+      }
+    expect_within_accumulation(plain, ref, mag, "linear");
+    expect_within_accumulation(summed, ref_sum, mag_sum, "linear + residual");
+    // Rounded: the float32 product is further away.
+    Tensor exact = Tensor::empty({rows, 72});
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t o = 0; o < 72; ++o) {
+        double acc = b.f32()[o];
+        for (int64_t k = 0; k < 200; ++k) acc += double(x.f32()[i * 200 + k]) * w.f32()[o * 200 + k];
+        exact.f32()[i * 72 + o] = float(acc);
+      }
+    EXPECT_GT(max_abs_diff(plain, exact), 10 * max_abs_diff(plain, ref)) << rows << " rows";
+  }
+}
+
+TEST(Bf16, CpuRefusesFloat16AndUnknownDtypes) {
+  EXPECT_THROW(check_compute_dtype(Device::cpu(), DType::F16), Error);
+  EXPECT_THROW(check_compute_dtype(Device::emulated(), DType::F16), Error);
+  EXPECT_THROW(check_compute_dtype(Device::cpu(), DType::I8), Error);
+  EXPECT_NO_THROW(check_compute_dtype(Device::cpu(), DType::F32));
+  EXPECT_THROW(LoadDeviceScope(Device::cpu(), DType::F16), Error);
+}
+
+// The CLI says up front (usage error 64) when the machine cannot compute in the dtype asked for.
+TEST(Bf16, CliRefusesADtypeTheCpuLacks) {
+  const std::string scratch = test::temp_dir("bf16_cli_refuse");
+  const std::string c = test::golden_case("bit-tiny-bottleneck-same");
+  test::CommandResult r = test::run_vf({"check", c, "--images", test::images_dir(), "--dtype", "float16"}, scratch);
+  EXPECT_EQ(r.rc, 64) << r.out << r.err;
+  EXPECT_HAS(r.err, "float16 is not offered on the CPU");
+  r = test::run_vf({"check", c, "--images", test::images_dir(), "--dtype", "int8"}, scratch);
+  EXPECT_EQ(r.rc, 64) << r.out << r.err;
+  // A CPU without AVX512-BF16, as oneDNN sees it when limited to AVX2 (the child inherits the variable).
+  ::setenv("DNNL_MAX_CPU_ISA", "AVX2", 1);
+  r = test::run_vf({"check", c, "--images", test::images_dir(), "--dtype", "bfloat16"}, scratch);
+  ::unsetenv("DNNL_MAX_CPU_ISA");
+  EXPECT_EQ(r.rc, 64) << r.out << r.err;
+  EXPECT_HAS(r.err, "needs AVX512-BF16 or AMX");
+}
+
+// `vf check --dtype bfloat16` judges by the reduced-precision criteria: vendored classification and
+// detection cases pass; a reference whose top-1 class is moved makes it fail.
+TEST(Bf16, CheckPassesVendoredCasesByTheReducedPrecisionCriteria) {
+  SKIP_WITHOUT_CPU_BF16();
+  const std::string scratch = test::temp_dir("bf16_check");
+  for (const char* name : {"bit-tiny-bottleneck-same", "conditional-detr-tiny-det", "deformable-detr-tiny-det"}) {
+    test::CommandResult r =
+        test::run_vf({"check", test::golden_case(name), "--images", test::images_dir(), "--dtype", "bfloat16"}, scratch);
+    EXPECT_EQ(r.rc, 0) << name << "\n" << r.out << r.err;
+    EXPECT_HAS(r.out, "reduced-precision criteria");
+    if (std::string(name) == "bit-tiny-bottleneck-same") EXPECT_HAS(r.out, "top-1 1/1 equal");
+    else EXPECT_HAS(r.out, "pred_boxes");
+  }
+
+  // The same classification case with the reference's best class of image 0 made its worst.
+  const std::string src = test::golden_case("bit-tiny-bottleneck-same"), dst = scratch + "/moved-top1";
+  fs::remove_all(dst);
+  fs::create_directories(dst);
+  for (const auto& e : fs::directory_iterator(src)) fs::copy(e.path(), dst / e.path().filename());
+  auto tensors = read_safetensors(src + "/expected.safetensors");
+  bool moved = false;
+  for (auto& [name, t] : tensors) {
+    if (name != "logits") continue;
+    t = t.clone();
+    float* row = t.f32();
+    const int64_t classes = t.size(1);
+    int64_t best = 0, worst = 0;
+    for (int64_t k = 1; k < classes; ++k) {
+      if (row[k] > row[best]) best = k;
+      if (row[k] < row[worst]) worst = k;
+    }
+    std::swap(row[best], row[worst]);
+    moved = true;
+  }
+  ASSERT_TRUE(moved);
+  write_safetensors(dst + "/expected.safetensors", tensors);
+  test::CommandResult r = test::run_vf({"check", dst, "--images", test::images_dir(), "--dtype", "bfloat16"}, scratch);
+  EXPECT_EQ(r.rc, 1) << r.out << r.err;
+  EXPECT_HAS(r.out, "top-1 0/1 equal");
+}
+
+// A layer whose output only another weighted layer reads hands it over in bfloat16: the float32
+// result rounded once, which the next layer reads exactly as it would have rounded it itself.
+TEST(Bf16, ForwardToLayerHandsOverRoundedBf16) {
+  SKIP_WITHOUT_CPU_BF16();
+  Tensor x = randn({37, 64}, 41);
+  std::unique_ptr<Linear> fc1, fc2, fp32;
+  std::unique_ptr<Conv2d> c1, c2;
+  Conv2dOptions opt;
+  opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
+  opt.act = Act::Relu;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    fc1 = std::make_unique<Linear>(randn({96, 64}, 42, 0.1f), randn({96}, 43), Act::Gelu);
+    fc2 = std::make_unique<Linear>(randn({64, 96}, 44, 0.1f), randn({64}, 45));
+    c1 = std::make_unique<Conv2d>(randn({24, 16, 3, 3}, 46, 0.1f), randn({24}, 47), opt);
+    c2 = std::make_unique<Conv2d>(randn({8, 24, 3, 3}, 48, 0.1f), randn({8}, 49), opt);
+  }
+  fp32 = std::make_unique<Linear>(randn({96, 64}, 42, 0.1f), randn({96}, 43), Act::Gelu);
+  EXPECT_EQ(fp32->forward_to_layer(x).dtype(), DType::F32);
+
+  auto check_pair = [](const Tensor& handed, const Tensor& f32, const char* what) {
+    ASSERT_EQ(handed.dtype(), DType::BF16) << what;
+    Tensor h = handed.to(DType::F32);
+    ASSERT_EQ(h.shape(), f32.shape());
+    int bad = 0;
+    for (int64_t i = 0; i < h.numel(); ++i)  // within one bfloat16 step of the float32 result
+      if (!(std::fabs(h.f32()[i] - f32.f32()[i]) <= std::ldexp(std::fabs(f32.f32()[i]), -8) + 1e-30) && bad++ < 5)
+        ADD_FAILURE() << what << " [" << i << "] " << h.f32()[i] << " vs " << f32.f32()[i];
+  };
+  Tensor h = fc1->forward_to_layer(x);
+  check_pair(h, fc1->forward(x), "linear");
+  // The next layer reads the bf16 tensor as it reads the same values in float32.
+  EXPECT_EQ(max_abs_diff(fc2->forward(h), fc2->forward(h.to(DType::F32))), 0.0);
+
+  Tensor img = randn({1, 10, 9, 16}, 50);
+  Tensor hc = c1->forward_to_layer(img);
+  check_pair(hc, c1->forward(img), "conv");
+  EXPECT_EQ(max_abs_diff(c2->forward(hc), c2->forward(hc.to(DType::F32))), 0.0);
+}
