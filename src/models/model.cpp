@@ -211,9 +211,10 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
       r->input = inputs.pixel_values.to(device);
       in.pixel_values = r->input;
       r->graph = backend(device).capture([&] { r->output = forward(in); });
-      if (std::getenv("VF_CUDA_TRACE"))
+      if (std::getenv("VF_CUDA_TRACE") || std::getenv("VF_CUDA_GRAPH_LOG"))
         std::fprintf(stderr, "vf: %s %s: %s\n", architecture.c_str(), key.c_str(),
-                     r->graph ? "forward recorded as a CUDA graph" : "forward not recordable (host round trip)");
+                     r->graph ? "forward recorded as a CUDA graph"
+                              : "forward not recorded (a host round trip, or VF_CUDA_TRACE, which waits for each op)");
       if (r->graph) {
         r->graph->replay();
         return download(r->output);
