@@ -9,7 +9,8 @@ mkdir -p "$work/lib"
 [ -e "$work/lib/.unpacked" ] || { tar -C "$work/lib" -xJf .device/libs.tar.xz && touch "$work/lib/.unpacked"; }
 mkdir -p "$work/bin"
 [ -x "$work/bin/vf_bench" ] || tar -C "$work/bin" -xJf .device/bins.tar.xz
-cudnn=$(ls /usr/lib/x86_64-linux-gnu/libcudnn.so.9 /usr/local/cuda/lib64/libcudnn.so.9 2>/dev/null | head -1)
+# (ls fails when either path is missing: under pipefail and -e that must not end the script)
+cudnn=$(ls /usr/lib/x86_64-linux-gnu/libcudnn.so.9 /usr/local/cuda/lib64/libcudnn.so.9 2>/dev/null | head -1 || true)
 [ -n "$cudnn" ] || cudnn=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib", "libcudnn.so.9"))' 2>/dev/null || true)
 export LD_LIBRARY_PATH="$work/lib:/usr/local/cuda/lib64:$(dirname "${cudnn:-/nonexistent/x}"):${LD_LIBRARY_PATH:-}"
 export VF_BENCH=${VF_BENCH:-$work/bin/vf_bench} PYTHON=${PYTHON:-$(command -v python3)}
