@@ -13,6 +13,7 @@
 #include <dnnl.hpp>
 #include <algorithm>
 #include <cstring>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -300,7 +301,13 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   // wants another one gets its own copy at its first run. (Winograd's layouts depend on the map's
   // size: they are made at the first run of each, from the direct layout chosen here.)
   impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false);
-  impl->winograd = impl->compute == dt::f32 && Impl::winograd_applies(opt, impl->out, impl->in, impl->kh, impl->kw);
+  // VF_CONV_WINOGRAD=0: direct convolutions only (to compare; Winograd's gain depends on the CPU).
+  static const bool winograd_allowed = [] {
+    const char* e = std::getenv("VF_CONV_WINOGRAD");
+    return !(e && std::string(e) == "0");
+  }();
+  impl->winograd = winograd_allowed && impl->compute == dt::f32 &&
+                   Impl::winograd_applies(opt, impl->out, impl->in, impl->kh, impl->kw);
   out_ = impl->out;
   in_ = impl->in;
   impl_ = std::move(impl);
