@@ -53,6 +53,22 @@ class ModuleTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             vf.Pretrained(TINY_CONVNEXT, device="cuda")
 
+    def test_dtype_matches_cli(self):
+        # bfloat16 layers: the same answer as `vf classify --dtype bfloat16` (the CLI's own run).
+        try:
+            bf16 = vf.Pretrained(TINY_CONVNEXT, dtype="bfloat16")
+        except ValueError as e:  # a CPU without AVX512-BF16 or AMX: refused, with the reason
+            self.assertIn("bfloat16", str(e))
+            return
+        got = bf16.classify(CAT)
+        self.assert_same_labels(got, vf_json("classify", TINY_CONVNEXT, CAT, "--dtype", "bfloat16"))
+        # It did compute in bfloat16 (scores moved off float32's), and agrees with float32 on top-1.
+        f32 = self.tiny.classify(CAT)
+        self.assertEqual(got[0]["label"], f32[0]["label"])
+        self.assertGreater(max(abs(g["score"] - w["score"]) for g, w in zip(got, f32)), 1e-6)
+        with self.assertRaises(ValueError):
+            vf.Pretrained(TINY_CONVNEXT, dtype="int8")
+
     def test_detect_matches_cli(self):
         det = vf.Pretrained(DETECTOR)
         rocket = f"{IMAGES}/rocket.jpg"
