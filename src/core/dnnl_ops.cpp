@@ -263,7 +263,11 @@ struct Conv2d::Impl {
                                       src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
                                       {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
     dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::convolution_forward(pd), prepared.get(pd.weights_desc()), oh, ow};
+    Prim p;
+    p.prim = dnnl::convolution_forward(pd);
+    p.weights = prepared.get(pd.weights_desc());
+    p.oh = oh;
+    p.ow = ow;
     p.to_compute = SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md);
     return cache.emplace(key, std::move(p)).first->second;
   }
