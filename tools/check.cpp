@@ -44,12 +44,6 @@ Case load_case(const std::string& dir, const std::string& images_dir) {
   return c;
 }
 
-// Inputs and bookkeeping tensors of expected.safetensors, compared by other stages (or not at all).
-bool is_model_output(const std::string& name) {
-  return name != "pixel_values" && name != "pixel_mask" && name.rfind("pixel_values_", 0) != 0 &&
-         name.rfind("input.", 0) != 0 && name.rfind("post", 0) != 0;
-}
-
 // case.json `labels`: class indices for classification heads, DETR-style dicts for detection.
 void set_labels(const json& labels, ModelInputs& in) {
   if (!labels.is_array() || labels.empty()) throw Error("case.json labels must be a non-empty list");
@@ -81,13 +75,8 @@ void compare_outputs(const Case& c, const ModelOutput& out, CheckReport& report)
   double tol = c.output_tol();
   for (auto& [name, ref] : c.expected) {
     if (!is_model_output(name)) continue;
-    Tensor ours;
-    if (out.has(name)) {
-      ours = out.get(name);
-    } else if (name == "pred_masks_first4" && out.has("pred_masks")) {
-      const Tensor& m = out.get("pred_masks");  // [B, Q, H, W]: the first four queries
-      ours = narrow(m, 1, 0, std::min<int64_t>(4, m.size(1)));
-    } else {
+    const Tensor ours = model_output_for(out, name);
+    if (!ours.defined()) {
       report.fail(name, "not produced by the model");
       continue;
     }
@@ -165,7 +154,7 @@ int run_check(const std::string& case_dir, const std::string& images_dir, Device
       ModelOutput out = model->infer(in);
       const int before = report.checked();
       if (dtype == DType::F32) compare_outputs(c, out, report);
-      else compare_reduced_precision(c, out, dtype, is_model_output, report);
+      else compare_reduced_precision(c, out, dtype, report);
       outputs_compared = report.checked() - before;
       for (auto& [k, v] : out.items()) outputs[k] = v;
     }

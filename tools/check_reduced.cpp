@@ -111,18 +111,12 @@ void detection_classes(const Case& c, const std::string& name, const std::vector
 
 }  // namespace
 
-void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype,
-                               bool (*is_model_output)(const std::string&), CheckReport& report) {
+void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype, CheckReport& report) {
   std::printf("  (%s: reduced-precision criteria, not the float32 tolerances)\n", dtype_name(dtype));
   for (auto& [name, ref_t] : c.expected) {
     if (!is_model_output(name)) continue;
-    Tensor ours_t;
-    if (out.has(name)) {
-      ours_t = out.get(name);
-    } else if (name == "pred_masks_first4" && out.has("pred_masks")) {
-      const Tensor& m = out.get("pred_masks");
-      ours_t = narrow(m, 1, 0, std::min<int64_t>(4, m.size(1)));
-    } else {
+    const Tensor ours_t = model_output_for(out, name);
+    if (!ours_t.defined()) {
       report.fail(name, "not produced by the model");
       continue;
     }

@@ -16,8 +16,7 @@ namespace vf::check {
 //     layout is off by ~100%; bfloat16 itself reaches ~6% in the deepest hidden states of tiny
 //     random-weight models).
 //   losses: reported, not judged (a loss sums the differences above).
-// Each output also prints its max |diff| and max |ref|. `is_model_output` picks the names.
-void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype,
-                               bool (*is_model_output)(const std::string&), CheckReport& report);
+// Each output also prints its max |diff| and max |ref|.
+void compare_reduced_precision(const Case& c, const ModelOutput& out, DType dtype, CheckReport& report);
 
 }  // namespace vf::check

@@ -1,5 +1,6 @@
 #include "golden.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -45,6 +46,20 @@ void CheckReport::fail(const std::string& name, const std::string& detail) {
   ++checked_;
   ++failures_;
   std::printf("  %-40s %s  FAIL\n", name.c_str(), detail.c_str());
+}
+
+bool is_model_output(const std::string& name) {
+  return name != "pixel_values" && name != "pixel_mask" && name.rfind("pixel_values_", 0) != 0 &&
+         name.rfind("input.", 0) != 0 && name.rfind("post", 0) != 0;
+}
+
+Tensor model_output_for(const ModelOutput& out, const std::string& name) {
+  if (out.has(name)) return out.get(name);
+  if (name == "pred_masks_first4" && out.has("pred_masks")) {
+    const Tensor& m = out.get("pred_masks");
+    return narrow(m, 1, 0, std::min<int64_t>(4, m.size(1)));
+  }
+  return Tensor();
 }
 
 bool Case::synthetic_full_size() const { return spec.value("weights", "") == "synthetic"; }

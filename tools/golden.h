@@ -10,6 +10,7 @@
 
 #include "core/config.h"
 #include "core/tensor.h"
+#include "models/model.h"
 
 namespace vf::check {
 
@@ -53,6 +54,15 @@ struct Case {
     return it == expected.end() ? nullptr : &it->second;
   }
 };
+
+// Whether expected.safetensors' `name` is a model output (not an input or bookkeeping tensor, which
+// other stages compare, or none).
+bool is_model_output(const std::string& name);
+
+// Our output that the reference's `name` stands for: `out`'s tensor of that name, or for
+// pred_masks_first4 the first four queries of pred_masks [B, Q, H, W]. Undefined when the model
+// did not produce it.
+Tensor model_output_for(const ModelOutput& out, const std::string& name);
 
 // Stages (each in its own file). They return normally after reporting; an Error thrown inside
 // is reported by the driver as a failure of that stage.
