@@ -68,9 +68,13 @@ struct SourceConversion {
   SourceConversion(const memory::desc& f32_md, const memory::desc& compute_md) : md(compute_md) {
     if (compute_md != f32_md) reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), f32_md, engine(), compute_md));
   }
-  memory operator()(memory src, Tensor& holder, const Shape& shape) const {
+  // The primitive's source for x: a bfloat16 x (a bfloat16 layer's forward_to_layer output) as it
+  // is; a float32 x (described by f32_md) rounded into `holder`, or as it is for a float32 layer.
+  memory source(const Tensor& x, const memory::desc& f32_md, Tensor& holder) const {
+    if (x.dtype() == DType::BF16) return memory(md, engine(), const_cast<void*>(x.raw()));
+    memory src(f32_md, engine(), const_cast<void*>(x.raw()));
     if (!reorder) return src;
-    holder = Tensor::empty(shape, DType::BF16);
+    holder = Tensor::empty(x.shape(), DType::BF16);
     memory m(md, engine(), holder.raw());
     reorder.execute(stream(), src, m);
     return m;
@@ -348,14 +352,8 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     y = in_place ? *residual : residual->clone();
   }
-  memory src;
   Tensor x_compute;
-  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
-    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
-  } else {
-    src = memory(memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), engine(), const_cast<void*>(x.raw()));
-    src = p.to_compute(src, x_compute, x.shape());
-  }
+  memory src = p.to_compute.source(x, memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), x_compute);
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   const memory::desc dst_md({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc);
   if (p.blocked) {  // never with a residual
@@ -480,14 +478,8 @@ Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_laye
   }
   if (m == 0) return y;
   auto& p = impl_->prim_for(m, residual != nullptr, compute_dst);
-  memory src;
   Tensor x_compute;
-  if (x.dtype() == DType::BF16) {  // a bf16 layer's compute_dst output: already what the primitive reads
-    src = memory(p.to_compute.md, engine(), const_cast<void*>(x.raw()));
-  } else {
-    src = memory(memory::desc({m, in_}, dt::f32, tag::ab), engine(), const_cast<void*>(x.raw()));
-    src = p.to_compute(src, x_compute, {m, in_});
-  }
+  memory src = p.to_compute.source(x, memory::desc({m, in_}, dt::f32, tag::ab), x_compute);
   memory dst(memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab), engine(), y.raw());
   memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
   p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
