@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -34,6 +35,7 @@
 #include "core/backend.h"
 #include "core/cuda/kernels.h"
 #include "core/cuda/launch.cuh"
+#include "core/cuda/lt_matmul.h"
 #include "core/errors.h"
 #include "core/limits.h"
 #include "core/shapes.h"
@@ -209,8 +211,16 @@ class CudaConv final : public DeviceLayer {
     int64_t oh = 0, ow = 0;
     int pt = 0, pl = 0, pb = 0, pr = 0;
     bool explicit_pad = false;  // cuDNN pads symmetrically only: pad the input first
+    // Or a patch matrix and one product (im2col.cu), where that was faster on this shape: the
+    // matrix is made and multiplied `chunk_rows` output pixels at a time (a bounded buffer).
+    bool patches = false;
+    int64_t chunk_rows = 0;
   };
   Plan& plan_for(const Tensor& x) const;
+  // y [n*oh*ow, out] (float32) = act(the convolution of the float32 NHWC x + bias + residual), by
+  // patches (bias and residual may be null).
+  void patch_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
+                     const float* residual, Act act, float* y) const;
 
   CudaBackend& be_;
   Tensor weight_, bias_;  // weight_ in dtype_, but float32 for a depthwise convolution
@@ -253,6 +263,7 @@ class CudaBackend final : public DeviceBackend {
     // cuBLAS's workspace, given once: no allocation inside a product (graph capture needs that).
     check(cudaMalloc(&cublas_workspace_, kCublasWorkspace), "cuBLAS workspace");
     check(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace), "cublasSetWorkspace");
+    lt_ = std::make_unique<cuda::LtMatmul>(stream_, cublas_workspace_, kCublasWorkspace);
   }
 
   Device device() const { return Device::cuda(index_); }
@@ -346,24 +357,19 @@ class CudaBackend final : public DeviceBackend {
           "sgemm");
   }
 
+  // A weighted layer's product with its fused epilogue (lt_matmul.h); shares cuBLAS's workspace,
+  // on the same stream.
+  void product(const cuda::LtProduct& p, const void* x, const void* w, void* y) {
+    lt_->run(p, x, w, y);
+    launched("product (cuBLASLt)");
+  }
+
   // Float32 x rounded to the 16-bit type t (BF16 or F16), in a pooled buffer.
   Tensor to_16bit(const Tensor& x, DType t) {
     Tensor y = empty(x.shape(), t);
     cuda::to_16bit(y.raw(), cf(x), x.numel(), t == DType::BF16, stream_);
     launched("to 16-bit");
     return y;
-  }
-
-  // Row-major C[M, N] (float32) = A[M, K] B[N, K]^T with A and B in the 16-bit type t: tensor cores,
-  // float32 accumulation.
-  void gemm_16bit(DType t, int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b, int64_t ldb,
-                  float* c, int64_t ldc) const {
-    if (M == 0 || N == 0) return;
-    const float one = 1.0f, zero = 0.0f;
-    const cudaDataType_t dt = t == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(M), int(K), &one, b, dt, int(ldb), a, dt,
-                       int(lda), &zero, c, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-          "16-bit gemm");
   }
 
   // ---- ops ----
@@ -751,6 +757,7 @@ class CudaBackend final : public DeviceBackend {
   void* cublas_workspace_ = nullptr;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  std::unique_ptr<cuda::LtMatmul> lt_;
   cudnnHandle_t cudnn_ = nullptr;
 };
 
@@ -804,6 +811,27 @@ std::shared_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& e
 }
 
 // ---- CudaConv ------------------------------------------------------------------------------------
+
+// A weighted layer's product and epilogue, y [m, n] float32 from x [m, k] and w [n, k] in the type
+// `in`: act(x w^T + bias + residual) for a convolution (residual_before_act), act(x w^T + bias) +
+// residual for a linear layer. cuBLASLt's epilogue takes the bias, a ReLU and a residual that comes
+// before the activation; another activation, or a residual after one, is one more pass.
+void layer_product(CudaBackend& be, DType in, int64_t m, int64_t n, int64_t k, const void* x, const void* w,
+                   const float* bias, const float* residual, Act act, bool residual_before_act, float* y) {
+  const bool fuse_residual = residual && (residual_before_act || act == Act::None);
+  cuda::LtProduct p;
+  p.M = m, p.N = n, p.K = k, p.in = in, p.bias = bias, p.relu = act == Act::Relu;
+  p.add = fuse_residual ? residual : nullptr;
+  be.product(p, x, w, y);
+  if (act != Act::None && act != Act::Relu) {
+    cuda::act_inplace(y, m * n, act, be.stream());
+    launched("act");
+  }
+  if (residual && !fuse_residual) {
+    cuda::add_inplace(y, residual, m * n, be.stream());
+    launched("add residual");
+  }
+}
 
 CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, const Conv2dOptions& opt,
                    DType compute)
@@ -905,7 +933,54 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
           "workspace size");
     p.workspace = bytes;
   }
+  float cudnn_ms = 0;
+  for (int i = 0; i < found; ++i)
+    if (perf[i].algo == p.algo && perf[i].status == CUDNN_STATUS_SUCCESS) cudnn_ms = perf[i].time;
+  ws = Tensor();
+  // The patch matrix and one product, timed the same way; taken where it is faster (cuDNN's exact
+  // float32 NHWC kernels are slow on most KxK shapes, its 16-bit ones mostly are not).
+  if (opt_.groups == 1) {
+    constexpr int64_t kPatchBytes = int64_t(64) << 20;
+    const int64_t row_bytes = kh_ * kw_ * in_ * int64_t(dtype_size(dtype_));
+    p.chunk_rows = std::max<int64_t>(1, kPatchBytes / row_bytes);
+    Tensor xf = be_.empty({n, h, w, in_}), yf = be_.empty({n, p.oh, p.ow, out_});
+    cudaMemsetAsync(xf.raw(), 0, xf.nbytes(), be_.stream());
+    patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));  // a first run: the timing excludes cuBLAS's set-up
+    cudaEvent_t start, stop;
+    check(cudaEventCreate(&start), "event");
+    check(cudaEventCreate(&stop), "event");
+    check(cudaEventRecord(start, be_.stream()), "event");
+    constexpr int kRuns = 3;
+    for (int i = 0; i < kRuns; ++i) patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));
+    check(cudaEventRecord(stop, be_.stream()), "event");
+    check(cudaEventSynchronize(stop), "event");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop), "event");
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    p.patches = cudnn_ms <= 0 || ms / kRuns < cudnn_ms;
+    if (std::getenv("VF_CUDA_TRACE"))
+      std::fprintf(stderr, "conv %lldx%lld %lld->%lld on %lldx%lldx%lld: cuDNN %.3f ms, patches %.3f ms\n",
+                   (long long)kh_, (long long)kw_, (long long)in_, (long long)out_, (long long)n, (long long)h,
+                   (long long)w, cudnn_ms, ms / kRuns);
+  }
   return plans_.emplace(key, p).first->second;
+}
+
+void CudaConv::patch_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
+                             const float* residual, Act act, float* y) const {
+  const int64_t M = n * p.oh * p.ow, K = kh_ * kw_ * in_;
+  const cuda::Im2col g{h, w, in_, p.oh, p.ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w,
+                       p.pt, p.pl, opt_.dilation_h, opt_.dilation_w};
+  const int dt = dtype_ == DType::F32 ? 0 : dtype_ == DType::BF16 ? 1 : 2;
+  Tensor col = be_.empty({std::min(M, p.chunk_rows) * K}, dtype_);
+  for (int64_t row0 = 0; row0 < M; row0 += p.chunk_rows) {
+    const int64_t rows = std::min(p.chunk_rows, M - row0);
+    cuda::im2col_nhwc(col.raw(), dt, x, g, row0, rows, be_.stream());
+    launched("conv patches");
+    layer_product(be_, dtype_, rows, out_, K, col.raw(), weight_.raw(), bias,
+                  residual ? residual + row0 * out_ : nullptr, act, true, y + row0 * out_);
+  }
 }
 
 Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
@@ -925,17 +1000,9 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
     Tensor res = residual ? be_.here(*residual) : Tensor();
     if (pointwise) {
-      if (dtype_ != DType::F32) {
-        Tensor x16 = be_.to_16bit(x, dtype_);
-        be_.gemm_16bit(dtype_, n * h * w, out_, in_, x16.raw(), in_, weight_.raw(), in_, mf(y), out_);
-        launched("conv 1x1 (16-bit gemm)");
-      } else {
-        be_.gemm(true, n * h * w, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
-        launched("conv 1x1 (gemm)");
-      }
-      cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, y.numel() / out_, out_, opt_.act, true,
-                     be_.stream());
-      launched("conv2d epilogue");
+      Tensor x16 = dtype_ != DType::F32 ? be_.to_16bit(x, dtype_) : x;
+      layer_product(be_, dtype_, n * h * w, out_, in_, x16.raw(), weight_.raw(), cf(bias_),
+                    res.defined() ? cf(res) : nullptr, opt_.act, true, mf(y));
     } else {
       cuda::depthwise_conv_nhwc(mf(y), cf(x), cf(weight_), cf(bias_), res.defined() ? cf(res) : nullptr, n, h, w, in_,
                                 oh, ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w, g.pad_top, g.pad_left,
@@ -946,11 +1013,15 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
     return y;
   }
   Plan& p = plan_for(x);
-  Tensor src = p.explicit_pad ? vf::pad_nhwc(x, p.pt, p.pl, p.pb, p.pr, 0.0f) : x;
   Tensor y = be_.empty({n, p.oh, p.ow, out_});
   if (residual && residual->shape() != y.shape())
     throw Error("conv2d residual has shape " + shape_str(residual->shape()));
   Tensor res = residual ? be_.here(*residual) : Tensor();
+  if (p.patches) {
+    patch_product(p, cf(x), n, h, w, cf(bias_), res.defined() ? cf(res) : nullptr, opt_.act, mf(y));
+    return y;
+  }
+  Tensor src = p.explicit_pad ? vf::pad_nhwc(x, p.pt, p.pl, p.pb, p.pr, 0.0f) : x;
   Tensor ws = p.workspace ? be_.empty({int64_t(p.workspace)}, DType::U8) : Tensor();
   const float one = 1.0f, zero = 0.0f;
   if (dtype_ != DType::F32) {
@@ -995,17 +1066,9 @@ Tensor CudaLinear::forward(const Tensor& x0, const Tensor* residual) const {
   Tensor y = be_.empty(out_shape);
   if (m == 0) return y;
   Tensor res = residual ? be_.here(*residual) : Tensor();
-  // y [m, out] = x [m, in] W^T: W [out, in] row-major is op(B) with trans_b.
-  if (dtype_ != DType::F32) {
-    Tensor x16 = be_.to_16bit(x, dtype_);
-    be_.gemm_16bit(dtype_, m, out_, in_, x16.raw(), in_, weight_.raw(), in_, mf(y), out_);
-    launched("linear 16-bit gemm");
-  } else {
-    be_.gemm(true, m, out_, in_, 1.0f, cf(x), in_, 0, cf(weight_), in_, 0, 0.0f, mf(y), out_, 0, 1);
-    launched("linear gemm");
-  }
-  cuda::bias_act(mf(y), cf(bias_), res.defined() ? cf(res) : nullptr, m, out_, act_, false, be_.stream());
-  launched("linear epilogue");
+  Tensor x16 = dtype_ != DType::F32 ? be_.to_16bit(x, dtype_) : x;
+  layer_product(be_, dtype_, m, out_, in_, x16.raw(), weight_.raw(), cf(bias_), res.defined() ? cf(res) : nullptr,
+                act_, false, mf(y));
   return y;
 }
 

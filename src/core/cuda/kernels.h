@@ -83,6 +83,17 @@ void depthwise_conv_nhwc(float* y, const float* x, const float* w, const float* 
                          int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, Act a,
                          cudaStream_t s);
 
+// ---- patch matrices (im2col.cu) ----
+// The geometry of a convolution over an NHWC input [n, h, w, c] with output [n, oh, ow, *].
+struct Im2col {
+  int64_t h, w, c, oh, ow;
+  int kh, kw, sh, sw, pt, pl, dh, dw;
+};
+// Rows row0 .. row0 + rows of the patch matrix [n * oh * ow, kh * kw * c] (columns in the order
+// ky, kx, channel; zeros where a tap falls in the padding), written as float32 (dtype 0), bfloat16
+// (1) or float16 (2).
+void im2col_nhwc(void* col, int dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s);
+
 // ---- layout (layout.cu) ----
 // Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where
 // idx is i's multi-index over out_shape.
