@@ -180,10 +180,13 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   return out;
 }
 
+// Float32, or a 16-bit layer's output (forward_to_layer), which the GPU reads as it is and the CPU
+// widens.
 void check_3d(const Tensor& t, const char* what) {
-  if (t.dim() != 3 || t.dtype() != DType::F32)
-    throw Error(std::string("attention: ") + what + " must be float32 [batch, tokens, heads*head_dim], got " +
-                shape_str(t.shape()));
+  const bool dtype_ok = t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16;
+  if (t.dim() != 3 || !dtype_ok)
+    throw Error(std::string("attention: ") + what + " must be float32 (or 16-bit) [batch, tokens, heads*head_dim], got " +
+                std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()));
 }
 
 }  // namespace
@@ -201,6 +204,8 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, i
     throw Error("attention: query " + shape_str(q.shape()) + ", key " + shape_str(k.shape()) + " and value " +
                 shape_str(v.shape()) + " do not match");
   if (Device d = op_device({&q, &k, &v}); !d.is_cpu()) return backend(d).multi_head_attention(q, k, v, num_heads, opt);
+  if (q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32)  // a 16-bit layer's output
+    return multi_head_attention(q.to(DType::F32), k.to(DType::F32), v.to(DType::F32), num_heads, opt);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
   return attention_kernel({q.f32(), Lq * q.size(2), q.size(2)}, {k.f32(), Lk * k.size(2), k.size(2)},
                           {v.f32(), Lk * v.size(2), v.size(2)}, B, Lq, Lk, num_heads, dk, dv, opt);
@@ -214,6 +219,7 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
   if (!qkv.is_cpu()) return backend(qkv.device()).multi_head_attention_packed(qkv, num_heads, opt);
+  if (qkv.dtype() != DType::F32) return multi_head_attention_packed(qkv.to(DType::F32), num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);
 }

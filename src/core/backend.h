@@ -27,6 +27,10 @@ class DeviceLayer {
  public:
   virtual ~DeviceLayer() = default;
   virtual Tensor forward(const Tensor& x, const Tensor* residual) const = 0;
+  // Linear/Conv2d::forward_to_layer: the output in the layer's compute dtype.
+  virtual Tensor forward_to_layer(const Tensor& x) const { return forward(x, nullptr); }
+  // The dtype of inputs the layer reads as they are (float32 inputs are always taken).
+  virtual DType input_dtype() const { return DType::F32; }
 };
 
 // Work recorded once and replayed (a CUDA graph): the same kernels on the same memory.

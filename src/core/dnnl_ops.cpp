@@ -147,7 +147,7 @@ struct PreparedWeights {
 // `run_on_cpu(x, residual)` is the layer's host computation.
 template <class RunOnCpu>
 Tensor forward_off_cpu(const RunOnCpu& run_on_cpu, const std::shared_ptr<DeviceLayer>& device_layer,
-                       Device layer_device, const Tensor& x, const Tensor* residual) {
+                       Device layer_device, const Tensor& x, const Tensor* residual, bool to_layer = false) {
   if (x.is_cpu() && !layer_device.is_cpu()) {
     Tensor r = residual ? residual->to(layer_device) : Tensor();
     return forward_off_cpu(run_on_cpu, device_layer, layer_device, x.to(layer_device), residual ? &r : nullptr).cpu();
@@ -155,7 +155,7 @@ Tensor forward_off_cpu(const RunOnCpu& run_on_cpu, const std::shared_ptr<DeviceL
   if (device_layer) {
     if (x.device() != layer_device)
       throw Error("a layer loaded for " + layer_device.str() + " got an input on " + x.device().str());
-    return device_layer->forward(x, residual);
+    return to_layer && !residual ? device_layer->forward_to_layer(x) : device_layer->forward(x, residual);
   }
   Tensor r = residual ? residual->retagged(Device::cpu()) : Tensor();
   Tensor y = run_on_cpu(x.retagged(Device::cpu()), residual ? &r : nullptr);
@@ -457,11 +457,14 @@ Tensor Linear::forward_to_layer(const Tensor& x) const { return forward(x, nullp
 Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
-  if (x.dtype() == DType::BF16 && (impl_->compute != dt::bf16 || impl_->device_layer || !x.is_cpu()))
-    return forward(x.to(DType::F32), residual, to_layer);  // from a bf16 layer of another kind
+  // A 16-bit x from a layer of another kind is widened; from one of the same kind it is read as it is.
+  const bool as_is = x.dtype() == DType::F32 ||
+                     (impl_->device_layer ? !x.is_cpu() && x.dtype() == impl_->device_layer->input_dtype()
+                                          : x.is_cpu() && x.dtype() == DType::BF16 && impl_->compute == dt::bf16);
+  if (!as_is) return forward(x.to(DType::F32), residual, to_layer);
   if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, to_layer);
   auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false); };
-  return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
+  return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual, to_layer && !x.is_cpu());
 }
 
 Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer) const {

@@ -220,7 +220,8 @@ struct DeiTSelfAttention {
     opt.scale = scale;
     opt.head_mask = head_mask;
     opt.probs = probs;
-    return multi_head_attention_packed(qkv.forward(x), num_heads, opt);
+    // In the compute dtype: under --dtype bfloat16 on a GPU both attention products run in it.
+    return multi_head_attention_packed(qkv.forward_to_layer(x), num_heads, opt);
   }
 };
 

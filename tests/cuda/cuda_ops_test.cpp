@@ -390,14 +390,57 @@ void check_16bit_linear(DType t) {
                          true, what);
 }
 
+// forward_to_layer: the output in t, rounded after the bias and after the activation (GELU's slope
+// is at most 1.13), and a next layer of the same type reads it as it is.
+void check_16bit_linear_to_layer(DType t) {
+  const std::string what = std::string(dtype_name(t)) + " linear to layer";
+  Tensor w1 = rounded(randn({32, 40}, 610, 0.2f), t), b1 = randn({32}, 611);
+  Tensor w2 = rounded(randn({8, 32}, 612, 0.2f), t), b2 = randn({8}, 613);
+  Tensor x = rounded(randn({3, 5, 40}, 614), t);
+  Tensor hidden = Linear(w1, b1, Act::Gelu).forward(x);
+  const double u = unit_roundoff(t), pre_max = max_magnitude(Linear(w1, b1).forward(x));
+  LoadDeviceScope on(kGpu, t);
+  Linear fc1(w1, b1, Act::Gelu), fc2(w2, b2);
+  Tensor h = fc1.forward_to_layer(x.to(kGpu));
+  EXPECT_EQ(h.dtype(), t) << what;
+  expect_close(h.to(DType::F32), hidden, 5e-4 + 2.2 * u * pre_max, 0, what + " (hidden)");
+  // fc2 reads the 16-bit hidden layer as it is: against the CPU's product of that same rounded input.
+  Tensor hr = h.to(DType::F32).cpu();
+  LoadDeviceScope cpu_scope(Device::cpu());
+  Tensor want = Linear(w2, b2).forward(hr);
+  expect_close(fc2.forward(h), want, 5e-4, 0, what + " (next layer)");
+  EXPECT_GT(max_abs_diff(hr, hidden), u / 64) << what << ": no 16-bit rounding to be seen";
+}
+
+// Attention on a 16-bit packed Q|K|V: the scores are exact products of 16-bit values summed in
+// float32; the probabilities are rounded to t for the second product, which moves the output by at
+// most u * max|v| (the probabilities of a row sum to 1).
+void check_16bit_attention(DType t) {
+  const std::string what = std::string(dtype_name(t)) + " packed attention";
+  const int64_t B = 2, L = 37, H = 3, d = 16;
+  Tensor qkv = rounded(randn({B, L, 3 * H * d}, 620), t);
+  AttentionOptions opt;
+  opt.scale = 0.25f;
+  Tensor want = multi_head_attention_packed(qkv, H, opt);
+  Tensor got = multi_head_attention_packed(qkv.to(t).to(kGpu), H, opt);
+  EXPECT_EQ(got.dtype(), DType::F32) << what;
+  const double u = unit_roundoff(t);
+  expect_close(got, want, 1e-4 + 1.01 * u * max_magnitude(qkv), 0, what);
+  EXPECT_GT(max_abs_diff(got.cpu(), want), 1e-7) << what << ": no 16-bit rounding to be seen";
+}
+
 TEST(CudaOps, Bfloat16Layers) {
   check_16bit_convs(DType::BF16);
   check_16bit_linear(DType::BF16);
+  check_16bit_linear_to_layer(DType::BF16);
+  check_16bit_attention(DType::BF16);
 }
 
 TEST(CudaOps, Float16Layers) {
   check_16bit_convs(DType::F16);
   check_16bit_linear(DType::F16);
+  check_16bit_linear_to_layer(DType::F16);
+  check_16bit_attention(DType::F16);
 }
 
 TEST(CudaOps, MemoryStats) {

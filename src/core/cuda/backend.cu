@@ -238,8 +238,13 @@ class CudaLinear final : public DeviceLayer {
  public:
   CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias, Act act, DType compute);
   Tensor forward(const Tensor& x, const Tensor* residual) const override;
+  // 16-bit: the output in dtype_, bias and activation applied, for a next layer that reads it.
+  Tensor forward_to_layer(const Tensor& x) const override;
+  DType input_dtype() const override { return dtype_; }
 
  private:
+  Tensor input(const Tensor& x0) const;  // x0 on this GPU, in dtype_
+
   CudaBackend& be_;
   Tensor weight_, bias_;  // weight_ in dtype_
   Act act_;
@@ -359,9 +364,10 @@ class CudaBackend final : public DeviceBackend {
 
   // A weighted layer's product with its fused epilogue (lt_matmul.h); shares cuBLAS's workspace,
   // on the same stream.
-  void product(const cuda::LtProduct& p, const void* x, const void* w, void* y) {
-    lt_->run(p, x, w, y);
+  bool product(const cuda::LtProduct& p, const void* x, const void* w, void* y) {
+    if (!lt_->run(p, x, w, y)) return false;
     launched("product (cuBLASLt)");
+    return true;
   }
 
   // Float32 x rounded to the 16-bit type t (BF16 or F16), in a pooled buffer.
@@ -621,25 +627,30 @@ class CudaBackend final : public DeviceBackend {
   Tensor multi_head_attention(const Tensor& q0, const Tensor& k0, const Tensor& v0, int64_t H,
                               const AttentionOptions& opt) override {
     Tensor q = here(q0), k = here(k0), v = here(v0);
-    return attention({cf(q), q.size(2)}, {cf(k), k.size(2)}, {cf(v), v.size(2)}, q.size(0), q.size(1), k.size(1), H,
-                     q.size(2) / H, v.size(2) / H, opt);
+    for (const Tensor* x : {&q, &k, &v}) require_f32(*x, "attention");
+    return attention({cf(q), q.size(2)}, {cf(k), k.size(2)}, {cf(v), v.size(2)}, DType::F32, q.size(0), q.size(1),
+                     k.size(1), H, q.size(2) / H, v.size(2) / H, opt);
   }
 
-  // Q | K | V side by side in the rows of one tensor: read in place, rows 3 * C apart.
+  // Q | K | V side by side in the rows of one tensor: read in place, rows 3 * C apart. A 16-bit qkv
+  // (a 16-bit layer's forward_to_layer) has both products on tensor cores, float32 accumulation.
   Tensor multi_head_attention_packed(const Tensor& qkv0, int64_t H, const AttentionOptions& opt) override {
     Tensor qkv = here(qkv0);
-    const int64_t W = qkv.size(2), C = W / 3;
-    return attention({cf(qkv), W}, {cf(qkv) + C, W}, {cf(qkv) + 2 * C, W}, qkv.size(0), qkv.size(1), qkv.size(1), H,
+    const DType t = qkv.dtype();
+    if (t != DType::BF16 && t != DType::F16) require_f32(qkv, "attention");
+    const int64_t W = qkv.size(2), C = W / 3, es = int64_t(dtype_size(t));
+    const char* p = static_cast<const char*>(qkv.raw());
+    return attention({p, W}, {p + C * es, W}, {p + 2 * C * es, W}, t, qkv.size(0), qkv.size(1), qkv.size(1), H,
                      C / H, C / H, opt);
   }
 
-  // A [B, L, heads * d] operand: row r of batch b starts at p + (b * L + r) * row_stride.
+  // A [B, L, heads * d] operand: row r of batch b starts at element (b * L + r) * row_stride of p.
   struct Operand {
-    const float* p;
+    const void* p;
     int64_t row_stride;
   };
 
-  Tensor attention(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk,
+  Tensor attention(Operand q, Operand k, Operand v, DType t, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk,
                    int64_t dv, const AttentionOptions& opt) {
     Tensor head_mask, bias, batch_bias, key_mask;
     if (opt.key_mask.defined()) {
@@ -676,22 +687,36 @@ class CudaBackend final : public DeviceBackend {
     }
     if (Lk == 0) throw Error("attention: no keys to attend to");
     Tensor scores = empty({B, H, Lq, Lk});
-    const int64_t n = B * H;
+    const bool half = t != DType::F32;
+    const int64_t n = B * H, es = int64_t(dtype_size(t)), fs = int64_t(sizeof(float));
+    Tensor probs16 = half ? empty(scores.shape(), t) : Tensor();  // the probabilities the second product reads
+    const char* probs = static_cast<const char*>(half ? probs16.raw() : scores.raw());
+    auto bytes = [](const void* p) { return static_cast<const char*>(p); };
     // Six pointer arrays of n: K, Q, scores for the first product; V, P, out for the second.
     Tensor ptrs = empty({6 * n}, DType::I64);
-    auto* pp = static_cast<const float**>(ptrs.raw());
-    cuda::AttentionPointers ap{{k.p, q.p, cf(scores), v.p, cf(scores), cf(out)},
-                               {Lk * k.row_stride, Lq * q.row_stride, H * Lq * Lk, Lk * v.row_stride, H * Lq * Lk,
-                                Lq * H * dv},
-                               {dk, dk, Lq * Lk, dv, Lq * Lk, dv}};
+    auto* pp = static_cast<const void**>(ptrs.raw());
+    cuda::AttentionPointers ap{
+        {bytes(k.p), bytes(q.p), bytes(scores.raw()), bytes(v.p), probs, bytes(out.raw())},
+        {Lk * k.row_stride * es, Lq * q.row_stride * es, H * Lq * Lk * fs, Lk * v.row_stride * es, H * Lq * Lk * es,
+         Lq * H * dv * fs},
+        {dk * es, dk * es, Lq * Lk * fs, dv * es, Lq * Lk * es, dv * fs}};
     cuda::attention_pointers(pp, ap, B, H, stream_);
     launched("attention pointers");
     const float alpha = opt.scale, zero = 0.0f, one = 1.0f;
+    const cudaDataType_t dt = t == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
     // scores[b, h] (row-major [Lq, Lk]) = column-major [Lk, Lq] = K_h (T) x Q_h.
-    check(cublasSgemmBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha, pp,
-                             int(k.row_stride), pp + n, int(q.row_stride), &zero, const_cast<float**>(pp + 2 * n),
-                             int(Lk), int(n)),
-          "attention scores");
+    if (half)
+      check(cublasGemmBatchedEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha, pp, dt,
+                                int(k.row_stride), pp + n, dt, int(q.row_stride), &zero,
+                                const_cast<void**>(pp + 2 * n), CUDA_R_32F, int(Lk), int(n), CUBLAS_COMPUTE_32F,
+                                CUBLAS_GEMM_DEFAULT),
+            "attention scores (16-bit)");
+    else
+      check(cublasSgemmBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha,
+                               reinterpret_cast<const float**>(pp), int(k.row_stride),
+                               reinterpret_cast<const float**>(pp + n), int(q.row_stride), &zero,
+                               const_cast<float**>(reinterpret_cast<const float**>(pp + 2 * n)), int(Lk), int(n)),
+            "attention scores");
     launched("attention scores");
     cuda::attention_softmax(mf(scores), B, H, Lq, Lk, opt.scale, bias.defined() ? cf(bias) : nullptr,
                             batch_bias.defined() ? cf(batch_bias) : nullptr,
@@ -700,10 +725,20 @@ class CudaBackend final : public DeviceBackend {
                             head_mask.defined() ? cf(head_mask) : nullptr, stream_);
     launched("attention softmax");
     // out[b, :, h] (row-major [Lq, dv], ld H*dv) = column-major [dv, Lq] = V_h x P_h.
-    check(cublasSgemmBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one, pp + 3 * n,
-                             int(v.row_stride), pp + 4 * n, int(Lk), &zero, const_cast<float**>(pp + 5 * n),
-                             int(H * dv), int(n)),
-          "attention context");
+    if (half) {
+      cuda::to_16bit(probs16.raw(), cf(scores), scores.numel(), t == DType::BF16, stream_);
+      launched("to 16-bit");
+      check(cublasGemmBatchedEx(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one, pp + 3 * n, dt,
+                                int(v.row_stride), pp + 4 * n, dt, int(Lk), &zero, const_cast<void**>(pp + 5 * n),
+                                CUDA_R_32F, int(H * dv), int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "attention context (16-bit)");
+    } else {
+      check(cublasSgemmBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one,
+                               reinterpret_cast<const float**>(pp + 3 * n), int(v.row_stride),
+                               reinterpret_cast<const float**>(pp + 4 * n), int(Lk), &zero,
+                               const_cast<float**>(reinterpret_cast<const float**>(pp + 5 * n)), int(H * dv), int(n)),
+            "attention context");
+    }
     launched("attention context");
     if (opt.probs) *opt.probs = scores;
     return out;
@@ -822,7 +857,8 @@ void layer_product(CudaBackend& be, DType in, int64_t m, int64_t n, int64_t k, c
   cuda::LtProduct p;
   p.M = m, p.N = n, p.K = k, p.in = in, p.bias = bias, p.relu = act == Act::Relu;
   p.add = fuse_residual ? residual : nullptr;
-  be.product(p, x, w, y);
+  if (!be.product(p, x, w, y))
+    throw Error("cuBLASLt has no float32-output product for " + std::string(dtype_name(in)) + " inputs");
   if (act != Act::None && act != Act::Relu) {
     cuda::act_inplace(y, m * n, act, be.stream());
     launched("act");
@@ -1054,10 +1090,16 @@ CudaLinear::CudaLinear(CudaBackend& be, const Tensor& weight, const Tensor& bias
   bias_ = bias.to(be.device());
 }
 
+Tensor CudaLinear::input(const Tensor& x0) const {
+  Tensor x = be_.here(x0);
+  if (x.dtype() == dtype_) return x;
+  require_f32(x, "linear");
+  return be_.to_16bit(x, dtype_);
+}
+
 Tensor CudaLinear::forward(const Tensor& x0, const Tensor* residual) const {
   be_.activate();
-  Tensor x = be_.here(x0);
-  require_f32(x, "linear");
+  const Tensor x = input(x0);
   const int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;
@@ -1066,9 +1108,35 @@ Tensor CudaLinear::forward(const Tensor& x0, const Tensor* residual) const {
   Tensor y = be_.empty(out_shape);
   if (m == 0) return y;
   Tensor res = residual ? be_.here(*residual) : Tensor();
-  Tensor x16 = dtype_ != DType::F32 ? be_.to_16bit(x, dtype_) : x;
-  layer_product(be_, dtype_, m, out_, in_, x16.raw(), weight_.raw(), cf(bias_), res.defined() ? cf(res) : nullptr,
-                act_, false, mf(y));
+  layer_product(be_, dtype_, m, out_, in_, x.raw(), weight_.raw(), cf(bias_), res.defined() ? cf(res) : nullptr, act_,
+                false, mf(y));
+  return y;
+}
+
+Tensor CudaLinear::forward_to_layer(const Tensor& x0) const {
+  if (dtype_ == DType::F32) return forward(x0, nullptr);
+  be_.activate();
+  const Tensor x = input(x0);
+  const int64_t m = x.numel() / in_;
+  Shape out_shape = x.shape();
+  out_shape.back() = out_;
+  Tensor y = be_.empty(out_shape, dtype_);
+  if (m == 0) return y;
+  // The bias and a ReLU in cuBLASLt's epilogue where it takes a float32 bias with a 16-bit output;
+  // otherwise, and for other activations, one pass over the 16-bit output.
+  cuda::LtProduct p;
+  p.M = m, p.N = out_, p.K = in_, p.in = dtype_, p.out = dtype_, p.bias = cf(bias_), p.relu = act_ == Act::Relu;
+  const bool fused = be_.product(p, x.raw(), weight_.raw(), y.raw());
+  if (!fused) {
+    p.bias = nullptr, p.relu = false;
+    if (!be_.product(p, x.raw(), weight_.raw(), y.raw()))
+      throw Error("cuBLASLt has no product for " + std::string(dtype_name(dtype_)) + " inputs and output");
+  }
+  if (!fused || (act_ != Act::None && act_ != Act::Relu)) {
+    cuda::bias_act_16bit_inplace(y.raw(), dtype_ == DType::BF16, fused ? nullptr : cf(bias_), m, out_,
+                                 act_, be_.stream());
+    launched("linear epilogue (16-bit)");
+  }
   return y;
 }
 

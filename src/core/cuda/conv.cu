@@ -32,7 +32,7 @@ __global__ void depthwise_kernel(float* __restrict__ y, const float* __restrict_
   }
 }
 
-__global__ void attention_pointers_kernel(const float** out, AttentionPointers p, int64_t B, int64_t H) {
+__global__ void attention_pointers_kernel(const void** out, AttentionPointers p, int64_t B, int64_t H) {
   VF_GRID_STRIDE(i, 6 * B * H) {
     const int64_t j = i / (B * H), bh = i % (B * H);
     out[i] = p.base[j] + (bh / H) * p.batch_stride[j] + (bh % H) * p.head_stride[j];
@@ -51,7 +51,7 @@ void depthwise_conv_nhwc(float* y, const float* x, const float* w, const float* 
                                                         stride_w, pad_top, pad_left, dil_h, dil_w, a);
 }
 
-void attention_pointers(const float** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s) {
+void attention_pointers(const void** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s) {
   attention_pointers_kernel<<<grid_for(6 * B * H), kThreads, 0, s>>>(out, p, B, H);
 }
 

@@ -39,7 +39,28 @@ __global__ void bias_act_16bit_kernel(float* y, const T* src, const float* bias,
   }
 }
 
+// In place on a 16-bit y [rows, cols]: y = act(y + bias[c]) (bias may be null), rounded once.
+template <typename T>
+__global__ void bias_act_16bit_inplace_kernel(T* y, const float* bias, int64_t rows, int64_t cols, Act a) {
+  VF_GRID_STRIDE(i, rows * cols) {
+    float v = widen(y[i]);
+    if (bias) v += bias[i % cols];
+    y[i] = narrow<T>(apply_act(v, a));
+  }
+}
+
 }  // namespace
+
+void bias_act_16bit_inplace(void* y, bool bf16, const float* bias, int64_t rows, int64_t cols, Act a,
+                            cudaStream_t s) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  if (bf16)
+    bias_act_16bit_inplace_kernel<<<grid_for(n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(y), bias, rows, cols,
+                                                                     a);
+  else
+    bias_act_16bit_inplace_kernel<<<grid_for(n), kThreads, 0, s>>>(static_cast<__half*>(y), bias, rows, cols, a);
+}
 
 void to_16bit(void* y, const float* x, int64_t n, bool bf16, cudaStream_t s) {
   if (n == 0) return;

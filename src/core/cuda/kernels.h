@@ -52,6 +52,8 @@ void to_16bit(void* y, const float* x, int64_t n, bool bf16, cudaStream_t s);
 // in float32 (bias, residual may be null).
 void bias_act_from_16bit(float* y, const void* src, bool bf16, const float* bias, const float* residual, int64_t rows,
                          int64_t cols, Act a, cudaStream_t s);
+// In place on a 16-bit y [rows, cols] (a layer's 16-bit output): y = act(y + bias[c]) (bias may be null).
+void bias_act_16bit_inplace(void* y, bool bf16, const float* bias, int64_t rows, int64_t cols, Act a, cudaStream_t s);
 
 // ---- normalisation and softmax (norm.cu) ----
 void layer_norm(float* y, const float* x, const float* w, const float* b, int64_t rows, int64_t cols, float eps,
@@ -67,13 +69,13 @@ void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t 
                        cudaStream_t s);
 
 // The pointer arrays of attention's batched products: array j (of six) gets, for batch b and head h,
-// base[j] + b * batch_stride[j] + h * head_stride[j], at out + j * B * H.
+// base[j] + b * batch_stride[j] + h * head_stride[j] (strides in bytes), at out + j * B * H.
 struct AttentionPointers {
-  const float* base[6];
+  const char* base[6];
   int64_t batch_stride[6];
   int64_t head_stride[6];
 };
-void attention_pointers(const float** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s);
+void attention_pointers(const void** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s);
 
 // ---- convolutions (conv.cu) ----
 // Depthwise convolution on NHWC (groups == channels), weight [C, kh, kw], with the epilogue

@@ -54,11 +54,13 @@ LtMatmul::~LtMatmul() {
   if (lt_) cublasLtDestroy(lt_);
 }
 
-void LtMatmul::run(const LtProduct& p, const void* x, const void* w, void* y) {
-  if (p.M == 0 || p.N == 0) return;
+bool LtMatmul::run(const LtProduct& p, const void* x, const void* w, void* y) {
+  if (p.M == 0 || p.N == 0) return true;
   const int align = alignment_of({x, w, y, p.add, p.bias});
   Plan& plan = plan_for(p, align, x, w, y);
+  if (!plan.supported) return false;
   launch(plan, p, x, w, y);
+  return true;
 }
 
 void LtMatmul::launch(const Plan& plan, const LtProduct& p, const void* x, const void* w, void* y) {
@@ -113,12 +115,17 @@ LtMatmul::Plan& LtMatmul::plan_for(const LtProduct& p, int align, const void* x,
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t found[kCandidates];
   int count = 0;
-  check(cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.d, pref, kCandidates, found,
-                                       &count),
-        "algorithm heuristic");
+  // A combination cuBLASLt does not take (a float32 bias with a 16-bit output, on some versions) is
+  // refused here: the caller then does without the fused epilogue.
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.d, pref,
+                                                               kCandidates, found, &count);
   cublasLtMatmulPreferenceDestroy(pref);
-  if (count == 0) throw Error("cuBLASLt: no algorithm for a " + std::to_string(p.M) + "x" + std::to_string(p.N) +
-                              "x" + std::to_string(p.K) + " product");
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) count = 0;
+  else check(status, "algorithm heuristic");
+  if (count == 0) {
+    plan.supported = false;
+    return plans_.emplace(key, plan).first->second;
+  }
   plan.algo = found[0].algo;
 
   // Time the candidates on the real operands (y is rewritten by each; `add` and x are only read),

@@ -32,14 +32,16 @@ class LtMatmul {
   LtMatmul(const LtMatmul&) = delete;
   LtMatmul& operator=(const LtMatmul&) = delete;
 
-  // y = relu?(x w^T + add + bias), enqueued on the stream.
-  void run(const LtProduct& p, const void* x, const void* w, void* y);
+  // y = relu?(x w^T + add + bias), enqueued on the stream; false (nothing enqueued) where cuBLASLt
+  // has no algorithm for these types and epilogue.
+  bool run(const LtProduct& p, const void* x, const void* w, void* y);
 
  private:
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    bool supported = true;
   };
   using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool, bool, int>;
   Plan& plan_for(const LtProduct& p, int align, const void* x, const void* w, void* y);
