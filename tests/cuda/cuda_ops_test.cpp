@@ -104,6 +104,40 @@ TEST(CudaOps, Norms) {
   expect_close(sg, s, 1e-7, 1e-5, "softmax");
 }
 
+// x on the GPU at an address 4 bytes past a 16-byte boundary (a view one float into a buffer): the
+// kernels' float4 paths must give way to their scalar ones.
+Tensor misaligned_on_gpu(const Tensor& x) {
+  Tensor flat = Tensor::empty({x.numel() + 1});
+  flat.f32()[0] = 0.f;
+  for (int64_t i = 0; i < x.numel(); ++i) flat.f32()[i + 1] = x.f32()[i];
+  Tensor g = flat.to(kGpu).slice0(1, x.numel() + 1).reshape(x.shape());
+  EXPECT_NE(reinterpret_cast<uintptr_t>(g.raw()) % 16, 0u);
+  return g;
+}
+
+// The widths of the layer norm's paths: float4 in registers (cols % 4 == 0, up to 1024), scalar in
+// registers (other widths up to 1024, or a misaligned row), and the three passes beyond 1024.
+TEST(CudaOps, LayerNormWidths) {
+  uint32_t seed = 500;
+  for (int64_t cols : {4, 96, 97, 128, 130, 256, 384, 511, 768, 1000, 1024, 1025, 1028}) {
+    Tensor x = randn({197, cols}, seed++, 3.0f), w = randn({cols}, seed++), b = randn({cols}, seed++);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 5.0f;  // a mean far from 0: the two passes matter
+    Tensor want = layer_norm(x, w, b, 1e-6f);
+    std::string what = "layer_norm width " + std::to_string(cols);
+    expect_close(layer_norm(x.to(kGpu), w, b, 1e-6f), want, 1e-5, 1e-4, what);
+    expect_close(layer_norm(misaligned_on_gpu(x), w, b, 1e-6f), want, 1e-5, 1e-4, what + " misaligned");
+  }
+  // By hand: the row (1, 2, 3, 4) has mean 2.5 and variance 1.25.
+  Tensor x = Tensor::from_vector<float>({1, 4}, {1, 2, 3, 4});
+  Tensor w = Tensor::from_vector<float>({4}, {1, 1, 2, 1}), b = Tensor::from_vector<float>({4}, {0, 0, 0, 1});
+  Tensor y = layer_norm(x.to(kGpu), w, b, 0.0f).cpu();
+  const float s = 1.0f / std::sqrt(1.25f);
+  EXPECT_NEAR(y.f32()[0], -1.5f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[1], -0.5f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[2], 1.0f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[3], 1.5f * s + 1.0f, 1e-6);
+}
+
 TEST(CudaOps, Pooling) {
   Tensor x = randn({2, 11, 13, 5}, 10);
   expect_close(max_pool2d_nhwc(x.to(kGpu), 3, 2, 1, 1, 1, 1), max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1), 0, 0, "max_pool");
