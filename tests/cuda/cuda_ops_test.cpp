@@ -138,6 +138,28 @@ TEST(CudaOps, LayerNormWidths) {
   EXPECT_NEAR(y.f32()[3], 1.5f * s + 1.0f, 1e-6);
 }
 
+// Group norm's split statistics (one block per chunk of a group's pixels) and its apply, float4 and
+// scalar: groups of 8 channels (BiT), of 4, of 2 (a float4 spans two groups), of 3 (c % 4 != 0).
+TEST(CudaOps, GroupNormShapes) {
+  struct Case {
+    int64_t n, h, w, c;
+    int groups;
+    Act a;
+  };
+  uint32_t seed = 600;
+  for (const Case& k : {Case{1, 56, 56, 256, 32, Act::Relu}, Case{2, 9, 11, 24, 6, Act::None},
+                        Case{1, 37, 41, 64, 32, Act::Silu}, Case{3, 5, 7, 12, 6, Act::None},
+                        Case{2, 13, 17, 30, 10, Act::Relu}, Case{1, 1, 1, 8, 2, Act::None}}) {
+    Tensor x = randn({k.n, k.h, k.w, k.c}, seed++, 2.0f), w = randn({k.c}, seed++), b = randn({k.c}, seed++);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 1.5f;
+    Tensor want = group_norm_nhwc(x, k.groups, w, b, 1e-5f, k.a);
+    std::string what = "group_norm " + shape_str(x.shape()) + " groups " + std::to_string(k.groups);
+    expect_close(group_norm_nhwc(x.to(kGpu), k.groups, w, b, 1e-5f, k.a), want, 1e-5, 1e-4, what);
+    expect_close(group_norm_nhwc(misaligned_on_gpu(x), k.groups, w, b, 1e-5f, k.a), want, 1e-5, 1e-4,
+                 what + " misaligned");
+  }
+}
+
 TEST(CudaOps, Pooling) {
   Tensor x = randn({2, 11, 13, 5}, 10);
   expect_close(max_pool2d_nhwc(x.to(kGpu), 3, 2, 1, 1, 1, 1), max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1), 0, 0, "max_pool");
