@@ -291,6 +291,70 @@ TEST(CudaOps, Conv2d) {
   }
 }
 
+// The depthwise convolution's paths: rows of 4 or 8 outputs a thread for 4 channels (stride 1, no
+// dilation, c % 4 == 0, kw 3, 5 or 7, aligned) and the generic kernel (everything else), with and
+// without a residual, on widths that leave a partial last group of outputs.
+TEST(CudaOps, DepthwiseConvShapes) {
+  struct Case {
+    int64_t n, h, w, c, kh, kw;
+    int pad_h, pad_w, stride, dilation;
+    Act a;
+  };
+  const std::vector<Case> cases = {
+      {2, 17, 23, 96, 7, 7, 3, 3, 1, 1, Act::None},   // ConvNeXt, rows of 4
+      {4, 56, 61, 384, 7, 7, 3, 3, 1, 1, Act::None},  // enough rows for 8 outputs a thread
+      {1, 7, 7, 768, 7, 7, 3, 3, 1, 1, Act::Gelu},    // ConvNeXt's last stage: the image narrower than a row of taps
+      {1, 9, 10, 12, 5, 5, 2, 2, 1, 1, Act::Relu},    // kw 5
+      {2, 6, 5, 8, 3, 3, 1, 1, 1, 1, Act::None},      // kw 3
+      {1, 11, 13, 16, 3, 7, 1, 3, 1, 1, Act::None},   // kh != kw
+      {1, 11, 13, 16, 7, 7, 0, 1, 1, 1, Act::None},   // less padding than the kernel: a smaller output
+      {1, 12, 14, 6, 7, 7, 3, 3, 1, 1, Act::None},    // c % 4 != 0: generic
+      {1, 12, 14, 8, 4, 4, 1, 2, 1, 1, Act::None},    // kw 4: generic
+      {1, 12, 14, 8, 3, 3, 1, 1, 2, 1, Act::None},    // stride 2: generic
+      {1, 12, 14, 8, 3, 3, 2, 2, 1, 2, Act::None},    // dilation 2: generic
+  };
+  uint32_t seed = 800;
+  for (const Case& k : cases) {
+    Conv2dOptions o;
+    o.pad_top = o.pad_bottom = k.pad_h;
+    o.pad_left = o.pad_right = k.pad_w;
+    o.stride_h = o.stride_w = k.stride;
+    o.dilation_h = o.dilation_w = k.dilation;
+    o.groups = int(k.c);
+    o.act = k.a;
+    Tensor w = randn({k.c, 1, k.kh, k.kw}, seed++, 0.3f), b = randn({k.c}, seed++);
+    Tensor x = randn({k.n, k.h, k.w, k.c}, seed++);
+    Conv2d cpu(w, b, o);
+    Tensor want = cpu.forward(x);
+    Tensor res = randn(want.shape(), seed++);
+    Tensor want_res = cpu.forward(x, &res);
+    LoadDeviceScope on(kGpu);
+    Conv2d gpu(w, b, o);
+    std::string what = "depthwise " + shape_str(x.shape()) + " " + std::to_string(k.kh) + "x" + std::to_string(k.kw) +
+                       " stride " + std::to_string(k.stride) + " dilation " + std::to_string(k.dilation);
+    expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, what);
+    Tensor rg = res.to(kGpu);
+    expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-4, 1e-5, what + " + residual");
+    expect_close(gpu.forward(misaligned_on_gpu(x)), want, 1e-4, 1e-5, what + " misaligned");
+  }
+  // By hand: a 3x3 kernel of ones over a 3x3 image of 1..9 (one channel, padding 1, bias 0.5): the
+  // centre sums all nine (45), the corner (0, 0) sums 1, 2, 4, 5.
+  Conv2dOptions o;
+  o.pad_top = o.pad_bottom = o.pad_left = o.pad_right = 1;
+  o.groups = 4;
+  Tensor w = Tensor::full({4, 1, 3, 3}, 1.0f), b = Tensor::full({4}, 0.5f);
+  Tensor x = Tensor::empty({1, 3, 3, 4});
+  for (int64_t i = 0; i < 36; ++i) x.f32()[i] = float(i / 4 + 1);
+  LoadDeviceScope on(kGpu);
+  Conv2d gpu(w, b, o);
+  Tensor y = gpu.forward(x.to(kGpu)).cpu();
+  for (int64_t ch = 0; ch < 4; ++ch) {
+    EXPECT_EQ(y.f32()[4 * 4 + ch], 45.5f);
+    EXPECT_EQ(y.f32()[ch], 12.5f);
+    EXPECT_EQ(y.f32()[8 * 4 + ch], 28.5f);  // (2, 2): 5 + 6 + 8 + 9
+  }
+}
+
 TEST(CudaOps, Attention) {
   const int64_t B = 2, Lq = 37, Lk = 45, H = 3, d = 16;
   Tensor q = randn({B, Lq, H * d}, 30), k = randn({B, Lk, H * d}, 31), v = randn({B, Lk, H * d}, 32);
