@@ -233,6 +233,25 @@ TEST(CudaOps, MatmulAndLayers) {
   expect_close(gpu_silu.forward(x.to(kGpu)), act(cpu_res.forward(x), Act::Mish), 1e-5, 1e-5, "linear mish");
 }
 
+// Linear's epilogue act(y + b) + residual, four columns a thread (out % 4 == 0) or one (out odd, or a
+// misaligned residual).
+TEST(CudaOps, BiasActWidths) {
+  uint32_t seed = 700;
+  for (int64_t out : {24, 7, 96}) {
+    Tensor w = randn({out, 33}, seed++, 0.2f), bias = randn({out}, seed++);
+    Tensor x = randn({2, 17, 33}, seed++), res = randn({2, 17, out}, seed++);
+    Linear cpu(w, bias, Act::Gelu);
+    Tensor want = cpu.forward(x), want_res = cpu.forward(x, &res);
+    LoadDeviceScope on(kGpu);
+    Linear gpu(w, bias, Act::Gelu);
+    std::string what = "linear gelu out " + std::to_string(out);
+    expect_close(gpu.forward(x.to(kGpu)), want, 1e-5, 1e-5, what);
+    Tensor rg = res.to(kGpu), rm = misaligned_on_gpu(res);
+    expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-5, 1e-5, what + " + residual");
+    expect_close(gpu.forward(x.to(kGpu), &rm), want_res, 1e-5, 1e-5, what + " + misaligned residual");
+  }
+}
+
 struct ConvCase {
   int64_t n, h, w, in, out, k;
   Conv2dOptions opt;
