@@ -188,19 +188,27 @@ __global__ void group_apply_kernel(float* __restrict__ y, const float* __restric
   }
 }
 
-// The same, four channels a thread (c % 4 == 0; the four may straddle two groups).
+// The same, four channels a thread (c % 4 == 0; the four may straddle groups). The group steps from
+// one channel to the next without a division: the kernel is memory-bound only if its index
+// arithmetic is cheap.
 __global__ void group_apply4_kernel(float* __restrict__ y, const float* __restrict__ x,
                                     const float* __restrict__ stats, const float* __restrict__ w,
                                     const float* __restrict__ b, int64_t hw, int64_t c, int groups, Act a,
                                     int64_t total4) {
   const int64_t cg = c / groups;
   VF_GRID_STRIDE(o4, total4) {
-    const int64_t ch = (o4 * 4) % c, i = (o4 * 4) / (hw * c), ig = i * groups;
+    const int64_t pixel = (o4 * 4) / c, ch = o4 * 4 - pixel * c;
+    int64_t ig = (pixel / hw) * groups + ch / cg, in_group = ch % cg;
     float4 v = __ldg(reinterpret_cast<const float4*>(x) + o4);
-    v.x = group_apply_one(v.x, stats, w, b, ig + ch / cg, ch, a);
-    v.y = group_apply_one(v.y, stats, w, b, ig + (ch + 1) / cg, ch + 1, a);
-    v.z = group_apply_one(v.z, stats, w, b, ig + (ch + 2) / cg, ch + 2, a);
-    v.w = group_apply_one(v.w, stats, w, b, ig + (ch + 3) / cg, ch + 3, a);
+    auto next = [&](float value, int64_t k) {
+      const float r = group_apply_one(value, stats, w, b, ig, k, a);
+      if (++in_group == cg) in_group = 0, ++ig;
+      return r;
+    };
+    v.x = next(v.x, ch);
+    v.y = next(v.y, ch + 1);
+    v.z = next(v.z, ch + 2);
+    v.w = next(v.w, ch + 3);
     reinterpret_cast<float4*>(y)[o4] = v;
   }
 }
