@@ -45,8 +45,10 @@ __global__ void depthwise_row_kernel(float* __restrict__ y, const float* __restr
                                      int64_t oh, int64_t ow, int kh, int pt, int pl, Act a) {
   const int64_t c4 = c / 4, tiles = (ow + P - 1) / P;
   VF_GRID_STRIDE(i, n * oh * tiles * c4) {
-    const int64_t ch = (i % c4) * 4, tile = (i / c4) % tiles, oy = (i / (c4 * tiles)) % oh,
-                  b = i / (c4 * tiles * oh);
+    // Rows before tiles: the threads of a block then share the input rows of neighbouring output
+    // rows, which each read kh times, through L1.
+    const int64_t ch = (i % c4) * 4, oy = (i / c4) % oh, tile = (i / (c4 * oh)) % tiles,
+                  b = i / (c4 * oh * tiles);
     const int64_t ox0 = tile * P, ix0 = ox0 - pl;
     float4 acc[P];
 #pragma unroll
