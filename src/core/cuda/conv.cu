@@ -105,12 +105,12 @@ void depthwise_rows(float* y, const float* x, const float* w, const float* bias,
   // fill the GPU: four there.
   const int64_t threads8 = n * oh * ((ow + 7) / 8) * (c / 4);
   if (threads8 >= 132 * 1024) {
-    depthwise_row_kernel<KW, 8><<<grid_for(threads8, kRowThreads), kRowThreads, 0, s>>>(y, x, w, bias, residual, n,
-                                                                                        h, wd, c, oh, ow, kh, pt, pl, a);
+    depthwise_row_kernel<KW, 8><<<grid_for(threads8, kRowThreads), kRowThreads, 0, s>>>(
+        y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pt, pl, a);
   } else {
     const int64_t threads4 = n * oh * ((ow + 3) / 4) * (c / 4);
-    depthwise_row_kernel<KW, 4><<<grid_for(threads4, kRowThreads), kRowThreads, 0, s>>>(y, x, w, bias, residual, n,
-                                                                                        h, wd, c, oh, ow, kh, pt, pl, a);
+    depthwise_row_kernel<KW, 4><<<grid_for(threads4, kRowThreads), kRowThreads, 0, s>>>(
+        y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pt, pl, a);
   }
 }
 
@@ -131,9 +131,10 @@ void depthwise_conv_nhwc(float* y, const float* x, const float* w, const float* 
   if (total == 0) return;
   const bool rows = stride_h == 1 && stride_w == 1 && dil_h == 1 && dil_w == 1 && c % 4 == 0 && aligned16(y) &&
                     aligned16(x) && aligned16(w) && (!residual || aligned16(residual));
-  if (rows && kw == 7) return depthwise_rows<7>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pad_top, pad_left, a, s);
-  if (rows && kw == 5) return depthwise_rows<5>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pad_top, pad_left, a, s);
-  if (rows && kw == 3) return depthwise_rows<3>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pad_top, pad_left, a, s);
+  const int pt = pad_top, pl = pad_left;
+  if (rows && kw == 7) return depthwise_rows<7>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pt, pl, a, s);
+  if (rows && kw == 5) return depthwise_rows<5>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pt, pl, a, s);
+  if (rows && kw == 3) return depthwise_rows<3>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, pt, pl, a, s);
   depthwise_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, w, bias, residual, n, h, wd, c, oh, ow, kh, kw, stride_h,
                                                         stride_w, pad_top, pad_left, dil_h, dil_w, a);
 }

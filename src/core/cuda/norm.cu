@@ -90,7 +90,8 @@ __global__ void layer_norm_regs_kernel(float* __restrict__ y, const float* __res
       const int64_t j = lane + 32 * k;
       if (j >= slots) continue;
       if constexpr (Vec) {
-        const float4 wq = __ldg(reinterpret_cast<const float4*>(w) + j), bq = __ldg(reinterpret_cast<const float4*>(b) + j);
+        const float4 wq = __ldg(reinterpret_cast<const float4*>(w) + j);
+        const float4 bq = __ldg(reinterpret_cast<const float4*>(b) + j);
         float4 o;
         o.x = (v[4 * k] - mean) * inv * wq.x + bq.x;
         o.y = (v[4 * k + 1] - mean) * inv * wq.y + bq.y;

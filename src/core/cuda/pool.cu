@@ -276,9 +276,8 @@ void group_norm_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c,
   chunks = (hw + chunk_pixels - 1) / chunk_pixels;  // none empty
   double* partial = nullptr;
   // A failed allocation leaves its error for the backend's cudaGetLastError.
-  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), sizeof(double) * 2 * n_groups * chunks + sizeof(float) * 2 * n_groups,
-                      s) != cudaSuccess)
-    return;
+  const size_t bytes = sizeof(double) * 2 * n_groups * chunks + sizeof(float) * 2 * n_groups;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), bytes, s) != cudaSuccess) return;
   float* stats = reinterpret_cast<float*>(partial + 2 * n_groups * chunks);
   const unsigned blocks = static_cast<unsigned>(n_groups * chunks);
   if (cg % 4 == 0 && c % 4 == 0 && aligned16(x))
