@@ -104,6 +104,62 @@ TEST(CudaOps, Norms) {
   expect_close(sg, s, 1e-7, 1e-5, "softmax");
 }
 
+// x on the GPU at an address 4 bytes past a 16-byte boundary (a view one float into a buffer): the
+// kernels' float4 paths must give way to their scalar ones.
+Tensor misaligned_on_gpu(const Tensor& x) {
+  Tensor flat = Tensor::empty({x.numel() + 1});
+  flat.f32()[0] = 0.f;
+  for (int64_t i = 0; i < x.numel(); ++i) flat.f32()[i + 1] = x.f32()[i];
+  Tensor g = flat.to(kGpu).slice0(1, x.numel() + 1).reshape(x.shape());
+  EXPECT_NE(reinterpret_cast<uintptr_t>(g.raw()) % 16, 0u);
+  return g;
+}
+
+// The widths of the layer norm's paths: float4 in registers (cols % 4 == 0, up to 1024), scalar in
+// registers (other widths up to 1024, or a misaligned row), and the three passes beyond 1024.
+TEST(CudaOps, LayerNormWidths) {
+  uint32_t seed = 500;
+  for (int64_t cols : {4, 96, 97, 128, 130, 256, 384, 511, 768, 1000, 1024, 1025, 1028}) {
+    Tensor x = randn({197, cols}, seed++, 3.0f), w = randn({cols}, seed++), b = randn({cols}, seed++);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 5.0f;  // a mean far from 0: the two passes matter
+    Tensor want = layer_norm(x, w, b, 1e-6f);
+    std::string what = "layer_norm width " + std::to_string(cols);
+    expect_close(layer_norm(x.to(kGpu), w, b, 1e-6f), want, 1e-5, 1e-4, what);
+    expect_close(layer_norm(misaligned_on_gpu(x), w, b, 1e-6f), want, 1e-5, 1e-4, what + " misaligned");
+  }
+  // By hand: the row (1, 2, 3, 4) has mean 2.5 and variance 1.25.
+  Tensor x = Tensor::from_vector<float>({1, 4}, {1, 2, 3, 4});
+  Tensor w = Tensor::from_vector<float>({4}, {1, 1, 2, 1}), b = Tensor::from_vector<float>({4}, {0, 0, 0, 1});
+  Tensor y = layer_norm(x.to(kGpu), w, b, 0.0f).cpu();
+  const float s = 1.0f / std::sqrt(1.25f);
+  EXPECT_NEAR(y.f32()[0], -1.5f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[1], -0.5f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[2], 1.0f * s, 1e-6);
+  EXPECT_NEAR(y.f32()[3], 1.5f * s + 1.0f, 1e-6);
+}
+
+// Group norm's split statistics (one block per chunk of a group's pixels) and its apply, float4 and
+// scalar: groups of 8 channels (BiT), of 4, of 2 (a float4 spans two groups), of 3 (c % 4 != 0).
+TEST(CudaOps, GroupNormShapes) {
+  struct Case {
+    int64_t n, h, w, c;
+    int groups;
+    Act a;
+  };
+  uint32_t seed = 600;
+  for (const Case& k : {Case{1, 56, 56, 256, 32, Act::Relu}, Case{2, 9, 11, 24, 6, Act::None},
+                        Case{1, 37, 41, 64, 32, Act::Silu}, Case{3, 5, 7, 12, 6, Act::None},
+                        Case{2, 13, 17, 30, 10, Act::Relu}, Case{1, 1, 1, 8, 2, Act::None}}) {
+    Tensor x = randn({k.n, k.h, k.w, k.c}, seed++, 2.0f), w = randn({k.c}, seed++), b = randn({k.c}, seed++);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 1.5f;
+    Tensor want = group_norm_nhwc(x, k.groups, w, b, 1e-5f, k.a);
+    std::string what = "group_norm " + shape_str(x.shape()) + " groups " + std::to_string(k.groups);
+    expect_close(group_norm_nhwc(x.to(kGpu), k.groups, w, b, 1e-5f, k.a), want, 1e-5, 1e-4, what);
+    expect_close(group_norm_nhwc(misaligned_on_gpu(x), k.groups, w, b, 1e-5f, k.a), want, 1e-5, 1e-4,
+                 what + " misaligned");
+  }
+}
+
 TEST(CudaOps, Pooling) {
   Tensor x = randn({2, 11, 13, 5}, 10);
   expect_close(max_pool2d_nhwc(x.to(kGpu), 3, 2, 1, 1, 1, 1), max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1), 0, 0, "max_pool");
@@ -177,6 +233,25 @@ TEST(CudaOps, MatmulAndLayers) {
   expect_close(gpu_silu.forward(x.to(kGpu)), act(cpu_res.forward(x), Act::Mish), 1e-5, 1e-5, "linear mish");
 }
 
+// Linear's epilogue act(y + b) + residual, four columns a thread (out % 4 == 0) or one (out odd, or a
+// misaligned residual).
+TEST(CudaOps, BiasActWidths) {
+  uint32_t seed = 700;
+  for (int64_t out : {24, 7, 96}) {
+    Tensor w = randn({out, 33}, seed++, 0.2f), bias = randn({out}, seed++);
+    Tensor x = randn({2, 17, 33}, seed++), res = randn({2, 17, out}, seed++);
+    Linear cpu(w, bias, Act::Gelu);
+    Tensor want = cpu.forward(x), want_res = cpu.forward(x, &res);
+    LoadDeviceScope on(kGpu);
+    Linear gpu(w, bias, Act::Gelu);
+    std::string what = "linear gelu out " + std::to_string(out);
+    expect_close(gpu.forward(x.to(kGpu)), want, 1e-5, 1e-5, what);
+    Tensor rg = res.to(kGpu), rm = misaligned_on_gpu(res);
+    expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-5, 1e-5, what + " + residual");
+    expect_close(gpu.forward(x.to(kGpu), &rm), want_res, 1e-5, 1e-5, what + " + misaligned residual");
+  }
+}
+
 struct ConvCase {
   int64_t n, h, w, in, out, k;
   Conv2dOptions opt;
@@ -232,6 +307,70 @@ TEST(CudaOps, Conv2d) {
     Tensor back = gpu.forward(x);
     EXPECT_TRUE(back.is_cpu());
     EXPECT_LT(max_abs_diff(back, want), 1e-3);
+  }
+}
+
+// The depthwise convolution's paths: rows of 4 or 8 outputs a thread for 4 channels (stride 1, no
+// dilation, c % 4 == 0, kw 3, 5 or 7, aligned) and the generic kernel (everything else), with and
+// without a residual, on widths that leave a partial last group of outputs.
+TEST(CudaOps, DepthwiseConvShapes) {
+  struct Case {
+    int64_t n, h, w, c, kh, kw;
+    int pad_h, pad_w, stride, dilation;
+    Act a;
+  };
+  const std::vector<Case> cases = {
+      {2, 17, 23, 96, 7, 7, 3, 3, 1, 1, Act::None},   // ConvNeXt, rows of 4
+      {4, 56, 61, 384, 7, 7, 3, 3, 1, 1, Act::None},  // enough rows for 8 outputs a thread
+      {1, 7, 7, 768, 7, 7, 3, 3, 1, 1, Act::Gelu},    // ConvNeXt's last stage: the image narrower than a row of taps
+      {1, 9, 10, 12, 5, 5, 2, 2, 1, 1, Act::Relu},    // kw 5
+      {2, 6, 5, 8, 3, 3, 1, 1, 1, 1, Act::None},      // kw 3
+      {1, 11, 13, 16, 3, 7, 1, 3, 1, 1, Act::None},   // kh != kw
+      {1, 11, 13, 16, 7, 7, 0, 1, 1, 1, Act::None},   // less padding than the kernel: a smaller output
+      {1, 12, 14, 6, 7, 7, 3, 3, 1, 1, Act::None},    // c % 4 != 0: generic
+      {1, 12, 14, 8, 4, 4, 1, 2, 1, 1, Act::None},    // kw 4: generic
+      {1, 12, 14, 8, 3, 3, 1, 1, 2, 1, Act::None},    // stride 2: generic
+      {1, 12, 14, 8, 3, 3, 2, 2, 1, 2, Act::None},    // dilation 2: generic
+  };
+  uint32_t seed = 800;
+  for (const Case& k : cases) {
+    Conv2dOptions o;
+    o.pad_top = o.pad_bottom = k.pad_h;
+    o.pad_left = o.pad_right = k.pad_w;
+    o.stride_h = o.stride_w = k.stride;
+    o.dilation_h = o.dilation_w = k.dilation;
+    o.groups = int(k.c);
+    o.act = k.a;
+    Tensor w = randn({k.c, 1, k.kh, k.kw}, seed++, 0.3f), b = randn({k.c}, seed++);
+    Tensor x = randn({k.n, k.h, k.w, k.c}, seed++);
+    Conv2d cpu(w, b, o);
+    Tensor want = cpu.forward(x);
+    Tensor res = randn(want.shape(), seed++);
+    Tensor want_res = cpu.forward(x, &res);
+    LoadDeviceScope on(kGpu);
+    Conv2d gpu(w, b, o);
+    std::string what = "depthwise " + shape_str(x.shape()) + " " + std::to_string(k.kh) + "x" + std::to_string(k.kw) +
+                       " stride " + std::to_string(k.stride) + " dilation " + std::to_string(k.dilation);
+    expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, what);
+    Tensor rg = res.to(kGpu);
+    expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-4, 1e-5, what + " + residual");
+    expect_close(gpu.forward(misaligned_on_gpu(x)), want, 1e-4, 1e-5, what + " misaligned");
+  }
+  // By hand: a 3x3 kernel of ones over a 3x3 image of 1..9 (one channel, padding 1, bias 0.5): the
+  // centre sums all nine (45), the corner (0, 0) sums 1, 2, 4, 5.
+  Conv2dOptions o;
+  o.pad_top = o.pad_bottom = o.pad_left = o.pad_right = 1;
+  o.groups = 4;
+  Tensor w = Tensor::full({4, 1, 3, 3}, 1.0f), b = Tensor::full({4}, 0.5f);
+  Tensor x = Tensor::empty({1, 3, 3, 4});
+  for (int64_t i = 0; i < 36; ++i) x.f32()[i] = float(i / 4 + 1);
+  LoadDeviceScope on(kGpu);
+  Conv2d gpu(w, b, o);
+  Tensor y = gpu.forward(x.to(kGpu)).cpu();
+  for (int64_t ch = 0; ch < 4; ++ch) {
+    EXPECT_EQ(y.f32()[4 * 4 + ch], 45.5f);
+    EXPECT_EQ(y.f32()[ch], 12.5f);
+    EXPECT_EQ(y.f32()[8 * 4 + ch], 28.5f);  // (2, 2): 5 + 6 + 8 + 9
   }
 }
 

@@ -877,9 +877,11 @@ CudaConv::CudaConv(CudaBackend& be, const Tensor& weight, const Tensor& bias, co
   kh_ = weight.size(2);
   kw_ = weight.size(3);
   groups_name_ = opt.groups == 1 ? (kh_ == 1 && kw_ == 1 ? "conv 1x1" : "conv kxk") : "conv grouped";
-  // [out, in/g, kh, kw] -> [out, kh, kw, in/g]: cuDNN's NHWC filter layout.
-  weight_ = vf::permute(weight.to(DType::F32).cpu(), {0, 2, 3, 1}).to(be.device());
   const bool depthwise = opt.groups > 1 && opt.groups == in_ && opt.groups == out_;
+  // [out, in/g, kh, kw] -> [out, kh, kw, in/g]: cuDNN's NHWC filter layout; a depthwise one (conv.cu,
+  // not cuDNN) [C, 1, kh, kw] -> [kh, kw, 1, C], a tap's weights for consecutive channels side by side.
+  const std::vector<int> layout = depthwise ? std::vector<int>{2, 3, 1, 0} : std::vector<int>{0, 2, 3, 1};
+  weight_ = vf::permute(weight.to(DType::F32).cpu(), layout).to(be.device());
   if (depthwise) dtype_ = DType::F32;  // conv.cu's stencil, float32 whatever the dtype
   if (dtype_ != DType::F32) weight_ = be.to_16bit(weight_, dtype_);
   bias_ = bias.to(be.device());

@@ -78,7 +78,7 @@ struct AttentionPointers {
 void attention_pointers(const void** out, const AttentionPointers& p, int64_t B, int64_t H, cudaStream_t s);
 
 // ---- convolutions (conv.cu) ----
-// Depthwise convolution on NHWC (groups == channels), weight [C, kh, kw], with the epilogue
+// Depthwise convolution on NHWC (groups == channels), weight [kh, kw, C], with the epilogue
 // y = act(conv + bias[c] + residual) (bias, residual may be null).
 void depthwise_conv_nhwc(float* y, const float* x, const float* w, const float* bias, const float* residual,
                          int64_t n, int64_t h, int64_t wd, int64_t c, int64_t oh, int64_t ow, int kh, int kw,

@@ -8,6 +8,9 @@ namespace vf::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+// Fewer rows a block for the layer norm in registers: a batch of one image has only a few hundred
+// rows, and small blocks spread them over more SMs.
+constexpr int kNormWarps = 4;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -38,6 +41,75 @@ __global__ void layer_norm_kernel(float* y, const float* x, const float* w, cons
     float* out = y + r * cols;
     for (int64_t i = lane; i < cols; i += 32) out[i] = (in[i] - mean) * inv * w[i] + b[i];
   }
+}
+
+// The same two passes over a row of at most 32 * N values held in registers: the row is read from
+// memory once. Lane l holds elements l, l + 32, ... (Vec: float4 number l, l + 32, ...).
+template <int N, bool Vec>
+__global__ void layer_norm_regs_kernel(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
+                                       const float* __restrict__ b, int64_t rows, int64_t cols, float eps) {
+  constexpr int kPer = Vec ? 4 : 1, kSlots = N / kPer;
+  const int lane = threadIdx.x & 31;
+  const int64_t slots = cols / kPer;
+  for (int64_t r = int64_t(blockIdx.x) * kNormWarps + (threadIdx.x >> 5); r < rows;
+       r += int64_t(gridDim.x) * kNormWarps) {
+    float v[N];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int64_t j = lane + 32 * k;
+      if (j >= slots) {
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) v[k * kPer + e] = 0.f;
+        continue;
+      }
+      if constexpr (Vec) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(x + r * cols) + j);
+        v[4 * k] = q.x, v[4 * k + 1] = q.y, v[4 * k + 2] = q.z, v[4 * k + 3] = q.w;
+      } else {
+        v[k] = __ldg(x + r * cols + j);
+      }
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) s += v[k * kPer + e];
+    }
+    const float mean = warp_sum(s) / float(cols);
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      if (lane + 32 * k >= slots) continue;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        float d = v[k * kPer + e] - mean;
+        q += d * d;
+      }
+    }
+    const float var = warp_sum(q) / float(cols);
+    const float inv = 1.0f / sqrtf(var + eps);
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int64_t j = lane + 32 * k;
+      if (j >= slots) continue;
+      if constexpr (Vec) {
+        const float4 wq = __ldg(reinterpret_cast<const float4*>(w) + j);
+        const float4 bq = __ldg(reinterpret_cast<const float4*>(b) + j);
+        float4 o;
+        o.x = (v[4 * k] - mean) * inv * wq.x + bq.x;
+        o.y = (v[4 * k + 1] - mean) * inv * wq.y + bq.y;
+        o.z = (v[4 * k + 2] - mean) * inv * wq.z + bq.z;
+        o.w = (v[4 * k + 3] - mean) * inv * wq.w + bq.w;
+        reinterpret_cast<float4*>(y + r * cols)[j] = o;
+      } else {
+        y[r * cols + j] = (v[k] - mean) * inv * __ldg(w + j) + __ldg(b + j);
+      }
+    }
+  }
+}
+
+template <int N, bool Vec>
+void layer_norm_regs(float* y, const float* x, const float* w, const float* b, int64_t rows, int64_t cols, float eps,
+                     cudaStream_t s) {
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + kNormWarps - 1) / kNormWarps, 1 << 30));
+  layer_norm_regs_kernel<N, Vec><<<blocks, 32 * kNormWarps, 0, s>>>(y, x, w, b, rows, cols, eps);
 }
 
 // NaN-propagating max, like std::max over a row that holds one (the row then becomes NaN).
@@ -96,6 +168,17 @@ __global__ void attention_softmax_kernel(float* s, int64_t B, int64_t H, int64_t
 void layer_norm(float* y, const float* x, const float* w, const float* b, int64_t rows, int64_t cols, float eps,
                 cudaStream_t s) {
   if (rows == 0 || cols == 0) return;
+  if (cols % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(w) && aligned16(b)) {
+    if (cols <= 128) return layer_norm_regs<4, true>(y, x, w, b, rows, cols, eps, s);
+    if (cols <= 256) return layer_norm_regs<8, true>(y, x, w, b, rows, cols, eps, s);
+    if (cols <= 512) return layer_norm_regs<16, true>(y, x, w, b, rows, cols, eps, s);
+    if (cols <= 1024) return layer_norm_regs<32, true>(y, x, w, b, rows, cols, eps, s);
+  }
+  if (cols <= 128) return layer_norm_regs<4, false>(y, x, w, b, rows, cols, eps, s);
+  if (cols <= 256) return layer_norm_regs<8, false>(y, x, w, b, rows, cols, eps, s);
+  if (cols <= 512) return layer_norm_regs<16, false>(y, x, w, b, rows, cols, eps, s);
+  if (cols <= 1024) return layer_norm_regs<32, false>(y, x, w, b, rows, cols, eps, s);
+  // Wider rows (none of the models' so far) read the row three times.
   layer_norm_kernel<<<warp_blocks(rows), 32 * kWarpsPerBlock, 0, s>>>(y, x, w, b, rows, cols, eps);
 }
 

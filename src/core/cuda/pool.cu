@@ -104,19 +104,36 @@ void column_sum(float* y, const float* x, int64_t n, int64_t hw, int64_t c, cuda
 
 // ---- GroupNorm ----
 
-// One block per (image, group): the sums in double as the CPU code (their order differs, which
-// double precision absorbs before the float rounding); writes float(mean) and the float 1/std.
-__global__ void group_stats_kernel(float* __restrict__ stats, const float* __restrict__ x, int64_t hw, int64_t c,
-                                   int groups, float eps) {
+// The sums in double as the CPU code (their order differs, which double precision absorbs before the
+// float rounding). A group is cut into chunks of pixels, one block each, so that even one image's
+// few groups fill the GPU: partial[2 * (ig * chunks + k)] gets chunk k's sum, + 1 its sum of squares.
+template <bool Vec>
+__global__ void group_partial_kernel(double* __restrict__ partial, const float* __restrict__ x, int64_t hw,
+                                     int64_t c, int groups, int64_t chunk_pixels, int64_t chunks) {
   __shared__ double s_sum[kThreads], s_sq[kThreads];
-  const int64_t ig = blockIdx.x, i = ig / groups, g = ig % groups;
-  const int64_t cg = c / groups, count = hw * cg;
-  const float* base = x + i * hw * c + g * cg;
+  const int64_t ig = blockIdx.x / chunks, k = blockIdx.x % chunks, i = ig / groups, g = ig % groups;
+  const int64_t cg = c / groups, p0 = k * chunk_pixels, pixels = std::min(chunk_pixels, hw - p0);
+  const float* base = x + (i * hw + p0) * c + g * cg;
   double sum = 0, sq = 0;
-  for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-    const float v = base[(e / cg) * c + e % cg];
-    sum += v;
-    sq += double(v) * v;
+  if constexpr (Vec) {
+    const int64_t cg4 = cg / 4;
+    for (int64_t e = threadIdx.x; e < pixels * cg4; e += blockDim.x) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(base + (e / cg4) * c) + e % cg4);
+      sum += v.x;
+      sq += double(v.x) * v.x;
+      sum += v.y;
+      sq += double(v.y) * v.y;
+      sum += v.z;
+      sq += double(v.z) * v.z;
+      sum += v.w;
+      sq += double(v.w) * v.w;
+    }
+  } else {
+    for (int64_t e = threadIdx.x; e < pixels * cg; e += blockDim.x) {
+      const float v = base[(e / cg) * c + e % cg];
+      sum += v;
+      sq += double(v) * v;
+    }
   }
   s_sum[threadIdx.x] = sum;
   s_sq[threadIdx.x] = sq;
@@ -129,13 +146,36 @@ __global__ void group_stats_kernel(float* __restrict__ stats, const float* __res
     __syncthreads();
   }
   if (threadIdx.x == 0) {
+    partial[2 * blockIdx.x] = s_sum[0];
+    partial[2 * blockIdx.x + 1] = s_sq[0];
+  }
+}
+
+// One thread per (image, group): the chunks' sums, then float(mean) and the float 1/std.
+__global__ void group_stats_kernel(float* __restrict__ stats, const double* __restrict__ partial, int64_t count,
+                                   int64_t chunks, int64_t n_groups, float eps) {
+  VF_GRID_STRIDE(ig, n_groups) {
+    double sum = 0, sq = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      sum += partial[2 * (ig * chunks + k)];
+      sq += partial[2 * (ig * chunks + k) + 1];
+    }
     const double cnt = double(count);
-    const double mean = s_sum[0] / cnt;
-    double var = s_sq[0] / cnt - mean * mean;
+    const double mean = sum / cnt;
+    double var = sq / cnt - mean * mean;
     if (var < 0.0) var = 0.0;
     stats[2 * ig] = float(mean);
     stats[2 * ig + 1] = float(1.0 / sqrt(var + eps));
   }
+}
+
+__device__ __forceinline__ float group_apply_one(float v, const float* stats, const float* w, const float* b,
+                                                 int64_t ig, int64_t ch, Act a) {
+  const float mean = stats[2 * ig], inv = stats[2 * ig + 1];
+  // scale = inv * w; shift = b - mean * inv * w; y = x * scale + shift (ops.cpp, left to right).
+  const float scale = __fmul_rn(inv, w[ch]);
+  const float shift = __fsub_rn(b[ch], __fmul_rn(__fmul_rn(mean, inv), w[ch]));
+  return apply_act(__fadd_rn(__fmul_rn(v, scale), shift), a);
 }
 
 __global__ void group_apply_kernel(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ stats,
@@ -144,12 +184,32 @@ __global__ void group_apply_kernel(float* __restrict__ y, const float* __restric
   const int64_t cg = c / groups;
   VF_GRID_STRIDE(o, total) {
     const int64_t ch = o % c, i = o / (hw * c);
-    const int64_t ig = i * groups + ch / cg;
-    const float mean = stats[2 * ig], inv = stats[2 * ig + 1];
-    // scale = inv * w; shift = b - mean * inv * w; y = x * scale + shift (ops.cpp, left to right).
-    const float scale = __fmul_rn(inv, w[ch]);
-    const float shift = __fsub_rn(b[ch], __fmul_rn(__fmul_rn(mean, inv), w[ch]));
-    y[o] = apply_act(__fadd_rn(__fmul_rn(x[o], scale), shift), a);
+    y[o] = group_apply_one(x[o], stats, w, b, i * groups + ch / cg, ch, a);
+  }
+}
+
+// The same, four channels a thread (c % 4 == 0; the four may straddle groups). The group steps from
+// one channel to the next without a division: the kernel is memory-bound only if its index
+// arithmetic is cheap.
+__global__ void group_apply4_kernel(float* __restrict__ y, const float* __restrict__ x,
+                                    const float* __restrict__ stats, const float* __restrict__ w,
+                                    const float* __restrict__ b, int64_t hw, int64_t c, int groups, Act a,
+                                    int64_t total4) {
+  const int64_t cg = c / groups;
+  VF_GRID_STRIDE(o4, total4) {
+    const int64_t pixel = (o4 * 4) / c, ch = o4 * 4 - pixel * c;
+    int64_t ig = (pixel / hw) * groups + ch / cg, in_group = ch % cg;
+    float4 v = __ldg(reinterpret_cast<const float4*>(x) + o4);
+    auto next = [&](float value, int64_t k) {
+      const float r = group_apply_one(value, stats, w, b, ig, k, a);
+      if (++in_group == cg) in_group = 0, ++ig;
+      return r;
+    };
+    v.x = next(v.x, ch);
+    v.y = next(v.y, ch + 1);
+    v.z = next(v.z, ch + 2);
+    v.w = next(v.w, ch + 3);
+    reinterpret_cast<float4*>(y)[o4] = v;
   }
 }
 
@@ -209,12 +269,27 @@ void group_norm_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c,
                      const float* b, float eps, Act a, cudaStream_t s) {
   const int64_t total = n * hw * c;
   if (total <= 0 || groups <= 0) return;
-  float* stats = nullptr;
+  // Chunks of about 2048 values (8 a thread), up to about 1024 blocks in all.
+  const int64_t cg = c / groups, n_groups = n * groups;
+  int64_t chunks = std::max<int64_t>(1, std::min((1024 + n_groups - 1) / n_groups, (hw * cg + 2047) / 2048));
+  const int64_t chunk_pixels = (hw + chunks - 1) / chunks;
+  chunks = (hw + chunk_pixels - 1) / chunk_pixels;  // none empty
+  double* partial = nullptr;
   // A failed allocation leaves its error for the backend's cudaGetLastError.
-  if (cudaMallocAsync(reinterpret_cast<void**>(&stats), sizeof(float) * 2 * n * groups, s) != cudaSuccess) return;
-  group_stats_kernel<<<static_cast<unsigned>(n * groups), kThreads, 0, s>>>(stats, x, hw, c, groups, eps);
-  group_apply_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, stats, w, b, hw, c, groups, a, total);
-  cudaFreeAsync(stats, s);
+  const size_t bytes = sizeof(double) * 2 * n_groups * chunks + sizeof(float) * 2 * n_groups;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&partial), bytes, s) != cudaSuccess) return;
+  float* stats = reinterpret_cast<float*>(partial + 2 * n_groups * chunks);
+  const unsigned blocks = static_cast<unsigned>(n_groups * chunks);
+  if (cg % 4 == 0 && c % 4 == 0 && aligned16(x))
+    group_partial_kernel<true><<<blocks, kThreads, 0, s>>>(partial, x, hw, c, groups, chunk_pixels, chunks);
+  else
+    group_partial_kernel<false><<<blocks, kThreads, 0, s>>>(partial, x, hw, c, groups, chunk_pixels, chunks);
+  group_stats_kernel<<<grid_for(n_groups), kThreads, 0, s>>>(stats, partial, hw * cg, chunks, n_groups, eps);
+  if (c % 4 == 0 && aligned16(x) && aligned16(y))
+    group_apply4_kernel<<<grid_for(total / 4), kThreads, 0, s>>>(y, x, stats, w, b, hw, c, groups, a, total / 4);
+  else
+    group_apply_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, stats, w, b, hw, c, groups, a, total);
+  cudaFreeAsync(partial, s);
 }
 
 void grn_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, const float* gamma, const float* beta,
