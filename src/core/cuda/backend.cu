@@ -1,16 +1,20 @@
-// The CUDA backend: device memory, copies, cuDNN convolutions, cuBLAS products, and the kernels of
-// kernels.h behind the DeviceBackend interface.
+// The CUDA backend: device memory, copies, convolutions (cuDNN, or a patch matrix and one product),
+// matrix products (cuBLASLt with fused epilogues, cuBLAS for attention's batched products), and the
+// kernels of kernels.h behind the DeviceBackend interface.
 //
-// Exact float32: cuDNN convolutions run with CUDNN_FMA_MATH (no tensor-core TF32) on the algorithms
-// that compute the direct sum (implicit GEMM, GEMM, direct; never FFT or Winograd), and cuBLAS in its
-// default float32 math (no TF32; NVIDIA_TF32_OVERRIDE=0 is set before the libraries start).
+// Exact float32: products run in float32 FMA arithmetic, never TF32 (cuBLAS's default math,
+// CUBLAS_COMPUTE_32F in cuBLASLt, NVIDIA_TF32_OVERRIDE=0 set before the libraries start); cuDNN
+// convolutions run with CUDNN_FMA_MATH on the algorithms that compute the direct sum (implicit GEMM,
+// GEMM, direct; never FFT or Winograd). A KxK convolution is timed both ways at its first input size
+// and runs the faster: cuDNN's exact NHWC kernels are slow on most ResNet shapes.
 //
 // --dtype bfloat16 / float16 (load_compute_dtype() when a layer is built): Conv2d and Linear keep their
-// weights in that type and round their float32 input to it; the products run on tensor cores with
-// float32 accumulation. Matrix products (Linear, 1x1 convolutions) write float32 (cuBLAS, A and B
-// 16-bit, C float32); cuDNN convolutions write the 16-bit type (its 16-bit configurations take no
-// float32 output), widened in the epilogue kernel. Depthwise convolutions stay float32: they are
-// memory-bound stencils without a product for tensor cores. Every other op reads float32 as before.
+// weights in that type and round a float32 input to it; the products run on tensor cores with
+// float32 accumulation and write float32, except cuDNN's 16-bit convolutions (16-bit output, widened
+// in the epilogue kernel) and Linear::forward_to_layer, whose 16-bit output the next Linear, or
+// attention, reads as it is (attention then runs both products in 16 bits). Depthwise convolutions
+// stay float32: memory-bound stencils without a product for tensor cores. Every other op reads
+// float32.
 //
 // Every op of one GPU is enqueued on one stream, so memory handed back to the pool may be handed out
 // again at once: whatever reads it next is ordered after whatever used it before. Copies to the
