@@ -561,7 +561,7 @@ void check_16bit_attention(DType t) {
   AttentionOptions opt;
   opt.scale = 0.25f;
   Tensor want = multi_head_attention_packed(qkv, H, opt);
-  Tensor got = multi_head_attention_packed(qkv.to(t).to(kGpu), H, opt);
+  Tensor got = multi_head_attention_packed(qkv.to(kGpu).to(t), H, opt);
   EXPECT_EQ(got.dtype(), DType::F32) << what;
   const double u = unit_roundoff(t);
   expect_close(got, want, 1e-4 + 1.01 * u * max_magnitude(qkv), 0, what);

@@ -335,8 +335,8 @@ class CudaBackend final : public DeviceBackend {
     }
   }
   Tensor convert(const Tensor& x, DType to) override {
-    if (to == DType::F16 || to == DType::BF16)
-      throw Error(std::string("conversion to ") + dtype_name(to) + " is not supported");
+    if (to == DType::F16 || to == DType::BF16)  // rounded to nearest even, from float32
+      return to_16bit(x.dtype() == DType::F32 ? x : convert(x, DType::F32), to);
     Tensor y = empty(x.shape(), to);
     cuda::convert(y.raw(), int(to), x.raw(), int(x.dtype()), x.numel(), stream_);
     launched("convert");
@@ -981,7 +981,12 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
   ws = Tensor();
   // The patch matrix and one product, timed the same way; taken where it is faster (cuDNN's exact
   // float32 NHWC kernels are slow on most KxK shapes, its 16-bit ones mostly are not).
-  if (opt_.groups == 1) {
+  // VF_CUDA_CONV_PATCHES=0: cuDNN only (to compare).
+  static const bool patches_allowed = [] {
+    const char* e = std::getenv("VF_CUDA_CONV_PATCHES");
+    return !(e && std::string(e) == "0");
+  }();
+  if (opt_.groups == 1 && patches_allowed) {
     constexpr int64_t kPatchBytes = int64_t(64) << 20;
     const int64_t row_bytes = kh_ * kw_ * in_ * int64_t(dtype_size(dtype_));
     p.chunk_rows = std::max<int64_t>(1, kPatchBytes / row_bytes);
