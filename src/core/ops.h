@@ -48,6 +48,9 @@ struct Conv2dOptions {
   // TensorFlow 'SAME': padding computed from each input's size (what BiT's DynamicPad2d does).
   bool dynamic_same = false;
   Act act = Act::None;  // fused after the bias (and after the residual sum)
+  // The layer will run on BlockedMaps: its weights take the blocked kernels' layout at load (the
+  // NHWC forward()s still work, with a second copy of the weights made at their first run).
+  bool blocked_maps = false;
 };
 
 // A feature map passed between convolutions in the layout oneDNN's kernels pick for them (on an

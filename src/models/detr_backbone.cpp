@@ -134,6 +134,7 @@ Conv2dOptions conv_opts(int k, int stride, int dilation, Act act, int groups = 1
   o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = pad;
   o.groups = groups;
   o.act = act;
+  o.blocked_maps = true;
   return o;
 }
 
