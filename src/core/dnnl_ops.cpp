@@ -266,10 +266,10 @@ struct Conv2d::Impl {
     const int64_t oh = g.out_h, ow = g.out_w;
 
     // A chain of blocked maps asks for the channel-blocked layout: with tag::any on both sides
-    // oneDNN 2.6 picks its NHWC kernels (brgconv), which reach 220-370 GFLOP/s on 2 AVX-512 cores
-    // where the nChw16c kernels and Winograd reach 450-525. An input of a few channels (the stem's
-    // image) stays in whatever layout the kernel reads; a convolution with no blocked kernel takes
-    // the layouts oneDNN picks.
+    // oneDNN 2.6 picks its NHWC kernels (brgconv) on AVX-512, slower on ResNet-50's 1x1
+    // convolutions than its nChw16c ones (issue 14), and Winograd's layout is nChw16c: one layout
+    // for the whole chain needs no reorder. An input of a few channels (the stem's image) stays in
+    // the layout the kernel reads; a convolution with no blocked kernel takes the ones oneDNN picks.
     const tag blocked_tag = channel_blocked_tag();
     const tag src_tag = !blocked ? tag::nhwc : in % channel_block(blocked_tag) == 0 ? blocked_tag : tag::any;
     const tag dst_tag = !blocked ? tag::nhwc : blocked_tag;
