@@ -55,6 +55,17 @@ bool append_act(dnnl::post_ops& po, Act act) {
   }
 }
 
+// The channel-blocked layout of this CPU's direct convolution kernels: 16 channels (one AVX-512
+// register) per block, 8 on AVX2 (and a layout a convolution may refuse elsewhere).
+tag channel_blocked_tag() {
+  static const tag t = static_cast<unsigned>(dnnl::get_effective_cpu_isa()) >=
+                               static_cast<unsigned>(dnnl::cpu_isa::avx512_core)
+                           ? tag::nChw16c
+                           : tag::nChw8c;
+  return t;
+}
+int64_t channel_block(tag t) { return t == tag::nChw16c ? 16 : 8; }
+
 // What the weighted layers built now compute in on the CPU (check_compute_dtype let only these through).
 dt cpu_compute_type() { return load_compute_dtype() == DType::BF16 ? dt::bf16 : dt::f32; }
 
@@ -185,13 +196,14 @@ struct Conv2d::Impl {
     dnnl::convolution_forward prim;
     memory weights;
     int64_t oh, ow;
-    // Winograd runs on channel-blocked maps: the NHWC input and output are reordered around it.
+    // The primitive reads and writes the layouts it picked (src_blocked, dst_blocked): always for
+    // BlockedMaps; for NHWC tensors only Winograd, with the input and output reordered around it.
     bool blocked = false;
     memory::desc src_blocked, dst_blocked;
     dnnl::reorder to_blocked, from_blocked;
     SourceConversion to_compute;  // float32 NHWC -> what a bfloat16 primitive reads
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>, Prim> cache;
   std::mutex mu;
 
   static bool winograd_applies(const Conv2dOptions& o, int64_t out, int64_t in, int64_t kh, int64_t kw) {
@@ -200,7 +212,9 @@ struct Conv2d::Impl {
   }
 
   // The Winograd primitive for this input, or false where oneDNN has none for it.
-  bool winograd_prim(Prim& p, int64_t n, int64_t h, int64_t w, const ConvGeometry& g, const dnnl::primitive_attr& attr) {
+  // nhwc_around: for NHWC maps, with the reorders to and from the blocked layouts.
+  bool winograd_prim(Prim& p, int64_t n, int64_t h, int64_t w, const ConvGeometry& g, const dnnl::primitive_attr& attr,
+                     bool nhwc_around) {
     memory::desc any_src({n, in, h, w}, dt::f32, tag::any);
     memory::desc any_dst({n, out, g.out_h, g.out_w}, dt::f32, tag::any);
     memory::desc w_md(weight_dims(), dt::f32, tag::any);
@@ -224,8 +238,10 @@ struct Conv2d::Impl {
       p.blocked = true;
       p.src_blocked = pd.src_desc();
       p.dst_blocked = pd.dst_desc();
-      p.to_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), nhwc_src, engine(), p.src_blocked));
-      p.from_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.dst_blocked, engine(), nhwc_dst));
+      if (nhwc_around) {
+        p.to_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), nhwc_src, engine(), p.src_blocked));
+        p.from_blocked = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.dst_blocked, engine(), nhwc_dst));
+      }
       return true;
     } catch (const dnnl::error&) {
       return false;
@@ -238,9 +254,10 @@ struct Conv2d::Impl {
   }
 
   // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
-  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false) {
+  // blocked: source and output in the layouts the primitive picks (BlockedMap), float32 layers only.
+  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false, bool blocked = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_tuple(n, h, w, residual, compute_dst);
+    auto key = std::make_tuple(n, h, w, residual, compute_dst, blocked);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
 
@@ -248,8 +265,16 @@ struct Conv2d::Impl {
     const int pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom, pr = g.pad_right;
     const int64_t oh = g.out_h, ow = g.out_w;
 
-    memory::desc src_md({n, in, h, w}, compute, tag::nhwc);
-    memory::desc dst_md({n, out, oh, ow}, compute_dst ? compute : dt::f32, tag::nhwc);
+    // A chain of blocked maps asks for the channel-blocked layout: with tag::any on both sides
+    // oneDNN 2.6 picks its NHWC kernels (brgconv) on AVX-512, slower on ResNet-50's 1x1
+    // convolutions than its nChw16c ones (issue 14), and Winograd's layout is nChw16c: one layout
+    // for the whole chain needs no reorder. An input of a few channels (the stem's image) stays in
+    // the layout the kernel reads; a convolution with no blocked kernel takes the ones oneDNN picks.
+    const tag blocked_tag = channel_blocked_tag();
+    const tag src_tag = !blocked ? tag::nhwc : in % channel_block(blocked_tag) == 0 ? blocked_tag : tag::any;
+    const tag dst_tag = !blocked ? tag::nhwc : blocked_tag;
+    memory::desc src_md({n, in, h, w}, compute, src_tag);
+    memory::desc dst_md({n, out, oh, ow}, compute_dst ? compute : dt::f32, dst_tag);
     memory::desc w_md(weight_dims(), compute, tag::any);
     memory::desc b_md({out}, dt::f32, tag::x);
     dnnl::post_ops po;
@@ -261,18 +286,33 @@ struct Conv2d::Impl {
       Prim p;
       p.oh = oh;
       p.ow = ow;
-      if (winograd_prim(p, n, h, w, g, attr)) return cache.emplace(key, std::move(p)).first->second;
+      if (winograd_prim(p, n, h, w, g, attr, !blocked)) return cache.emplace(key, std::move(p)).first->second;
     }
-    dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-                                      src_md, w_md, b_md, dst_md, {opt.stride_h, opt.stride_w},
-                                      {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
-    dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
+    auto direct = [&](const memory::desc& src, const memory::desc& dst) {
+      dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+                                        src, w_md, b_md, dst, {opt.stride_h, opt.stride_w},
+                                        {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
+      return dnnl::convolution_forward::primitive_desc(d, attr, engine());
+    };
+    dnnl::convolution_forward::primitive_desc pd;
+    try {
+      pd = direct(src_md, dst_md);
+    } catch (const dnnl::error&) {
+      if (!blocked) throw;
+      pd = direct(memory::desc({n, in, h, w}, compute, tag::any), memory::desc({n, out, oh, ow}, dt::f32, tag::any));
+    }
     Prim p;
     p.prim = dnnl::convolution_forward(pd);
     p.weights = prepared.get(pd.weights_desc());
     p.oh = oh;
     p.ow = ow;
-    p.to_compute = SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md);
+    if (blocked) {
+      p.blocked = true;
+      p.src_blocked = pd.src_desc();
+      p.dst_blocked = pd.dst_desc();
+    } else {
+      p.to_compute = SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md);
+    }
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -308,7 +348,8 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   // the kernel) picks the weights' layout, in practice the one every input size gets; a size that
   // wants another one gets its own copy at its first run. (Winograd's layouts depend on the map's
   // size: they are made at the first run of each, from the direct layout chosen here.)
-  impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false);
+  impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false, false,
+                 opt.blocked_maps && impl->compute == dt::f32);
   // VF_CONV_WINOGRAD=0: direct convolutions only (to compare; Winograd's gain depends on the CPU).
   static const bool winograd_allowed = [] {
     const char* e = std::getenv("VF_CONV_WINOGRAD");
@@ -356,7 +397,7 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
   memory src = p.to_compute.source(x, memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), x_compute);
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   const memory::desc dst_md({n, out_, p.oh, p.ow}, dt::f32, tag::nhwc);
-  if (p.blocked) {  // never with a residual
+  if (p.blocked) {  // Winograd: never with a residual
     Tensor yb = Tensor::empty({int64_t((p.dst_blocked.get_size() + 3) / 4)});
     memory dst_b(p.dst_blocked, engine(), yb.raw());
     {
@@ -381,6 +422,147 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
   Act a = impl_->opt.act;
   dnnl::post_ops probe;
   if (!append_act(probe, a)) act_inplace(y, a);
+  return y;
+}
+
+// ---- blocked maps --------------------------------------------------------------------------------
+
+struct BlockedMap::Layout {
+  memory::desc md;
+};
+
+namespace {
+
+// A map's bytes as oneDNN memory (float32; a blocked map's own descriptor).
+memory::desc plain_desc(const Shape& nhwc, tag t) {
+  return memory::desc({nhwc[0], nhwc[3], nhwc[1], nhwc[2]}, dt::f32, t);
+}
+
+// Room for `md`, from the buffer pool.
+Tensor storage_for(const memory::desc& md) { return Tensor::empty({int64_t((md.get_size() + 3) / 4)}); }
+
+}  // namespace
+
+BlockedMap BlockedMap::from_nhwc(Tensor x) {
+  if (x.dim() != 4) throw Error("BlockedMap::from_nhwc expects [N, H, W, C], got " + shape_str(x.shape()));
+  BlockedMap m;
+  m.shape_ = x.shape();
+  m.data_ = std::move(x);
+  return m;
+}
+
+BlockedMap BlockedMap::from_nchw(Tensor x) {
+  if (x.dim() != 4) throw Error("BlockedMap::from_nchw expects [N, C, H, W], got " + shape_str(x.shape()));
+  BlockedMap m;
+  m.shape_ = {x.size(0), x.size(2), x.size(3), x.size(1)};
+  m.form_ = Form::Nchw;
+  m.data_ = std::move(x);
+  return m;
+}
+
+Tensor BlockedMap::to_nhwc() const {
+  switch (form_) {
+    case Form::Nhwc: return data_.dtype() == DType::F32 ? data_ : data_.to(DType::F32);
+    case Form::Nchw: return nchw_to_nhwc(data_.dtype() == DType::F32 ? data_ : data_.to(DType::F32));
+    case Form::Blocked: break;
+  }
+  Tensor y = Tensor::empty(shape_);
+  memory src(layout_->md, engine(), const_cast<void*>(data_.raw()));
+  memory dst(plain_desc(shape_, tag::nhwc), engine(), y.raw());
+  dnnl::reorder(src, dst).execute(stream(), src, dst);
+  stream().wait();
+  return y;
+}
+
+BlockedMap Conv2d::forward(const BlockedMap& x) const { return forward(x, nullptr, false); }
+
+BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap&& residual) const { return forward(x, &residual, false); }
+
+BlockedMap Conv2d::forward_to_layer(const BlockedMap& x) const { return forward(x, nullptr, true); }
+
+BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_layer) const {
+  if (x.shape_.size() != 4 || x.shape_[3] != in_)
+    throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape_));
+  dnnl::post_ops fusable;
+  const bool blocked = impl_->device.is_cpu() && x.data_.is_cpu() && x.data_.dtype() == DType::F32 &&
+                       impl_->compute == dt::f32 && append_act(fusable, impl_->opt.act) &&
+                       (!residual || (residual->data_.is_cpu() && residual->data_.dtype() == DType::F32));
+  if (!blocked) {  // the NHWC path, as it is
+    if (!residual) return BlockedMap::from_nhwc(to_layer ? forward_to_layer(x.to_nhwc()) : forward(x.to_nhwc()));
+    Tensor r = residual->to_nhwc();
+    *residual = BlockedMap();  // the caller handed it over: the sum may accumulate in place
+    return BlockedMap::from_nhwc(forward(x.to_nhwc(), std::move(r)));
+  }
+  const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2];
+  auto& p = impl_->prim_for(n, h, w, residual != nullptr, false, /*blocked=*/true);
+  const Shape out_shape{n, p.oh, p.ow, out_};
+
+  // The source in the primitive's layout: the map itself when it has it, else a reordered copy.
+  auto as_memory = [](const BlockedMap& m) {
+    const memory::desc md = m.form_ == BlockedMap::Form::Blocked ? m.layout_->md
+                            : plain_desc(m.shape_, m.form_ == BlockedMap::Form::Nhwc ? tag::nhwc : tag::nchw);
+    return memory(md, engine(), const_cast<void*>(m.data_.raw()));
+  };
+  auto in_layout = [&](const BlockedMap& m, const memory::desc& want, Tensor& holder) {
+    memory src = as_memory(m);
+    if (src.get_desc() == want) return src;
+    holder = storage_for(want);
+    memory dst(want, engine(), holder.raw());
+    dnnl::reorder(src, dst).execute(stream(), src, dst);
+    return dst;
+  };
+
+  BlockedMap y;
+  y.form_ = BlockedMap::Form::Blocked;
+  y.shape_ = out_shape;
+  y.layout_ = std::make_shared<const BlockedMap::Layout>(BlockedMap::Layout{p.dst_blocked});
+  if (residual) {
+    if (residual->shape_ != out_shape) throw Error("conv2d residual has shape " + shape_str(residual->shape_));
+    Tensor holder;
+    memory r = in_layout(*residual, p.dst_blocked, holder);
+    if (holder.defined()) {
+      y.data_ = std::move(holder);
+    } else if (residual->data_.sole_owner()) {
+      y.data_ = std::move(residual->data_);
+    } else {
+      y.data_ = residual->data_.clone();
+    }
+    *residual = BlockedMap();
+  } else {
+    y.data_ = storage_for(p.dst_blocked);
+  }
+  Tensor x_holder;
+  memory src = in_layout(x, p.src_blocked, x_holder);
+  memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
+  memory dst(p.dst_blocked, engine(), y.data_.raw());
+  p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
+                            {DNNL_ARG_DST, dst}});
+  stream().wait();
+  return y;
+}
+
+BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad) {
+  if (x.form_ != BlockedMap::Form::Blocked)
+    return BlockedMap::from_nhwc(max_pool2d_nhwc(x.to_nhwc(), kernel, stride, pad, pad, pad, pad));
+  const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2], c = x.shape_[3];
+  const int64_t oh = max_pool_out_size(h, kernel, stride, pad, pad, false);
+  const int64_t ow = max_pool_out_size(w, kernel, stride, pad, pad, false);
+  if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input too small");
+  const memory::desc& src_md = x.layout_->md;
+  // The output in the input's layout (a pooling primitive keeps it).
+  memory::desc dst_md({n, c, oh, ow}, dt::f32, tag::any);
+  dnnl::pooling_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src_md, dst_md,
+                                {stride, stride}, {kernel, kernel}, {pad, pad}, {pad, pad});
+  dnnl::pooling_forward::primitive_desc pd(d, engine());
+  BlockedMap y;
+  y.form_ = BlockedMap::Form::Blocked;
+  y.shape_ = {n, oh, ow, c};
+  y.layout_ = std::make_shared<const BlockedMap::Layout>(BlockedMap::Layout{pd.dst_desc()});
+  y.data_ = storage_for(pd.dst_desc());
+  memory src(src_md, engine(), const_cast<void*>(x.data_.raw()));
+  memory dst(pd.dst_desc(), engine(), y.data_.raw());
+  dnnl::pooling_forward(pd).execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
+  stream().wait();
   return y;
 }
 

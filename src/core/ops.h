@@ -48,6 +48,37 @@ struct Conv2dOptions {
   // TensorFlow 'SAME': padding computed from each input's size (what BiT's DynamicPad2d does).
   bool dynamic_same = false;
   Act act = Act::None;  // fused after the bias (and after the residual sum)
+  // The layer will run on BlockedMaps: its weights take the blocked kernels' layout at load (the
+  // NHWC forward()s still work, with a second copy of the weights made at their first run).
+  bool blocked_maps = false;
+};
+
+// A feature map passed between convolutions in the layout oneDNN's kernels pick for them (on an
+// AVX-512 CPU channel-blocked, nChw16c: sixteen channels of a pixel side by side, one plane of
+// them after another), so that a chain of Conv2d (a ResNet's blocks) runs without reordering its
+// maps to and from NHWC around every layer. Opaque: a model makes one from its input, passes it from
+// layer to layer and converts the maps it reads back to NHWC. Where a layer runs elsewhere (a
+// device, bfloat16 compute) the map simply holds the NHWC tensor that layer takes and returns.
+class BlockedMap {
+ public:
+  BlockedMap() = default;
+  static BlockedMap from_nhwc(Tensor x);  // [N, H, W, C]
+  static BlockedMap from_nchw(Tensor x);  // [N, C, H, W] (e.g. pixel_values): read in place when it can be
+  // float32 [N, H, W, C] (a copy unless the map holds a float32 NHWC tensor).
+  Tensor to_nhwc() const;
+  // The logical shape, [N, H, W, C].
+  const Shape& shape() const { return shape_; }
+  bool defined() const { return data_.defined(); }
+  struct Layout;
+
+ private:
+  friend class Conv2d;
+  friend BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad);
+  enum class Form { Nhwc, Nchw, Blocked };
+  Form form_ = Form::Nhwc;
+  Tensor data_;  // the NHWC / NCHW tensor, or the blocked map's bytes (flat float32)
+  std::shared_ptr<const Layout> layout_;  // Blocked: oneDNN's description of the bytes
+  Shape shape_;
 };
 
 class Conv2d {
@@ -64,6 +95,13 @@ class Conv2d {
   // the layer's compute dtype, so bfloat16 when it was built so (the next layer takes it without a
   // conversion, and half the bytes move); otherwise what forward() returns.
   Tensor forward_to_layer(const Tensor& x) const;
+  // The same three on blocked maps: a float32 CPU layer reads its input in the layout it prefers
+  // (reordered once when it is another) and writes its output in the layout it picks; the sum
+  // accumulates in the residual's storage when it already has the output's layout and nothing else
+  // shares it. Elsewhere these run the NHWC forward()s above.
+  BlockedMap forward(const BlockedMap& x) const;
+  BlockedMap forward(const BlockedMap& x, BlockedMap&& residual) const;
+  BlockedMap forward_to_layer(const BlockedMap& x) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
   bool defined() const { return impl_ != nullptr; }
@@ -73,6 +111,7 @@ class Conv2d {
   Tensor forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer = false) const;
   // oneDNN, host tensors
   Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const;
+  BlockedMap forward(const BlockedMap& x, BlockedMap* residual, bool to_layer) const;
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };
@@ -121,6 +160,9 @@ void softmax_lastdim_inplace(Tensor& x);
 Tensor max_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad_top, int pad_left, int pad_bottom,
                        int pad_right, bool ceil_mode = false);
 Tensor avg_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad, bool count_include_pad = true);
+// Max pooling of a blocked map (a ResNet stem's), padding excluded from every window, in the map's
+// own layout (oneDNN); a map that holds an NHWC tensor goes through max_pool2d_nhwc.
+BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad);
 // Adaptive average to 1x1 -> [N, C].
 Tensor global_avg_pool_nhwc(const Tensor& x);
 

@@ -134,6 +134,7 @@ Conv2dOptions conv_opts(int k, int stride, int dilation, Act act, int groups = 1
   o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = pad;
   o.groups = groups;
   o.act = act;
+  o.blocked_maps = true;
   return o;
 }
 
@@ -145,8 +146,8 @@ struct ResidualBlock {
 
   // Takes the input by value: the sum then accumulates in place in the shortcut (or in the input
   // itself when the caller hands over the only reference).
-  Tensor forward(Tensor x) const {
-    Tensor h = x;
+  BlockedMap forward(BlockedMap x) const {
+    BlockedMap h = x;
     for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward_to_layer(h);
     if (shortcut.defined()) return convs.back().forward(h, shortcut.forward(x));
     return convs.back().forward(h, std::move(x));
@@ -336,15 +337,17 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
   auto requested = [&](int level) {
     return std::find(impl_->out_levels.begin(), impl_->out_levels.end(), level) != impl_->out_levels.end();
   };
-  Tensor x = impl_->stem.forward(nchw_to_nhwc(pixel_values));
-  if (!impl_->pool_before_stem_output && requested(0)) levels[0] = x;
+  // The maps stay in the convolutions' own layout from the stem's output to the last block; only
+  // the levels the model reads are converted to channels-last.
+  BlockedMap x = impl_->stem.forward(BlockedMap::from_nchw(pixel_values));
+  if (!impl_->pool_before_stem_output && requested(0)) levels[0] = x.to_nhwc();
   if (last > 0 || impl_->pool_before_stem_output) {
-    x = max_pool2d_nhwc(x, 3, 2, 1, 1, 1, 1);
-    if (impl_->pool_before_stem_output && requested(0)) levels[0] = x;
+    x = max_pool2d(x, 3, 2, 1);
+    if (impl_->pool_before_stem_output && requested(0)) levels[0] = x.to_nhwc();
   }
   for (int s = 1; s <= last; ++s) {
     for (auto& blk : impl_->stages[s - 1]) x = blk.forward(std::move(x));
-    if (requested(s)) levels[s] = x;
+    if (requested(s)) levels[s] = x.to_nhwc();
   }
   std::vector<DetrFeatureMap> out;
   for (int idx : impl_->out_levels) {

@@ -15,7 +15,8 @@
 //    stages ("stem" = after the max pool, "stage1".."stage4").
 // A `backbone_config` with model_type "swin" builds transformers' SwinBackbone instead (models/swin.h).
 // Every BatchNorm is the reference's FrozenBatchNorm2d (eps 1e-5), folded into its convolution at
-// load. Feature maps are channels-last, [B, h, w, C].
+// load. Between its convolutions the maps stay in their blocked layout (core BlockedMap); the feature
+// maps returned are channels-last, [B, h, w, C].
 #pragma once
 
 #include <memory>

@@ -1,0 +1,199 @@
+// A ResNet-style chain of Conv2d on BlockedMaps (stem, max pool, bottlenecks with projected and
+// identity shortcuts, a strided block, a channel count that is not a multiple of the block) against
+// a convolution and a max pool written here from their definitions, on NCHW arrays in double.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/ops.h"
+
+using namespace vf;
+
+namespace {
+
+// An NCHW map in double, the reference's own representation.
+struct Map {
+  int64_t c = 0, h = 0, w = 0;
+  std::vector<double> v;
+  double& at(int64_t ch, int64_t y, int64_t x) { return v[(ch * h + y) * w + x]; }
+  double at(int64_t ch, int64_t y, int64_t x) const { return v[(ch * h + y) * w + x]; }
+};
+
+Tensor randn(Shape s, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(g);
+  return t;
+}
+
+// y[o, i, j] = b[o] + sum_{c, ky, kx} w[o, c, ky, kx] x[c, i s - p + ky, j s - p + kx] (zero outside),
+// then + residual, then ReLU when asked.
+Map conv_direct(const Map& x, const Tensor& w, const Tensor& b, int stride, int pad, bool relu,
+                const Map* residual = nullptr) {
+  const int64_t o = w.size(0), k = w.size(2);
+  Map y;
+  y.c = o;
+  y.h = (x.h + 2 * pad - k) / stride + 1;
+  y.w = (x.w + 2 * pad - k) / stride + 1;
+  y.v.assign(y.c * y.h * y.w, 0.0);
+  for (int64_t oc = 0; oc < o; ++oc)
+    for (int64_t i = 0; i < y.h; ++i)
+      for (int64_t j = 0; j < y.w; ++j) {
+        double acc = b.f32()[oc];
+        for (int64_t ic = 0; ic < x.c; ++ic)
+          for (int64_t ky = 0; ky < k; ++ky)
+            for (int64_t kx = 0; kx < k; ++kx) {
+              const int64_t yy = i * stride - pad + ky, xx = j * stride - pad + kx;
+              if (yy < 0 || yy >= x.h || xx < 0 || xx >= x.w) continue;
+              acc += double(w.f32()[((oc * x.c + ic) * k + ky) * k + kx]) * x.at(ic, yy, xx);
+            }
+        if (residual) acc += residual->at(oc, i, j);
+        y.at(oc, i, j) = relu ? std::max(acc, 0.0) : acc;
+      }
+  return y;
+}
+
+// Max over each k x k window, positions outside the map left out.
+Map max_pool_direct(const Map& x, int k, int stride, int pad) {
+  Map y;
+  y.c = x.c;
+  y.h = (x.h + 2 * pad - k) / stride + 1;
+  y.w = (x.w + 2 * pad - k) / stride + 1;
+  y.v.assign(y.c * y.h * y.w, -std::numeric_limits<double>::infinity());
+  for (int64_t c = 0; c < y.c; ++c)
+    for (int64_t i = 0; i < y.h; ++i)
+      for (int64_t j = 0; j < y.w; ++j)
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t yy = i * stride - pad + ky, xx = j * stride - pad + kx;
+            if (yy >= 0 && yy < x.h && xx >= 0 && xx < x.w) y.at(c, i, j) = std::max(y.at(c, i, j), x.at(c, yy, xx));
+          }
+  return y;
+}
+
+// The NHWC tensor a map converts to against the reference's NCHW map: the largest difference
+// relative to the reference's largest magnitude (which must be well above zero: a map of zeros
+// would prove nothing).
+double relative_error(const Tensor& nhwc, const Map& ref) {
+  EXPECT_EQ(nhwc.shape(), (Shape{1, ref.h, ref.w, ref.c}));
+  if (nhwc.shape() != Shape{1, ref.h, ref.w, ref.c}) return INFINITY;
+  double scale = 0, err = 0;
+  for (int64_t c = 0; c < ref.c; ++c)
+    for (int64_t i = 0; i < ref.h; ++i)
+      for (int64_t j = 0; j < ref.w; ++j) {
+        const double r = ref.at(c, i, j), v = nhwc.f32()[(i * ref.w + j) * ref.c + c];
+        scale = std::max(scale, std::fabs(r));
+        err = std::max(err, std::isnan(v) ? INFINITY : std::fabs(v - r));
+      }
+  EXPECT_GT(scale, 0.5);
+  return err / scale;
+}
+
+struct Layer {
+  Tensor w, b;
+  int stride, pad;
+  bool relu;
+  Conv2d conv;
+};
+
+Layer make_layer(int64_t out, int64_t in, int k, int stride, bool relu, uint32_t seed) {
+  Layer l{randn({out, in, k, k}, seed, 1.0f / std::sqrt(float(in * k * k))), randn({out}, seed + 1, 0.1f),
+          stride, k / 2, relu, Conv2d()};
+  Conv2dOptions o;
+  o.stride_h = o.stride_w = stride;
+  o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = k / 2;
+  o.act = relu ? Act::Relu : Act::None;
+  o.blocked_maps = true;
+  l.conv = Conv2d(l.w, l.b, o);
+  return l;
+}
+
+// A bottleneck: 1x1 -> 3x3 (stride) -> 1x1 + shortcut, ReLU after the sum.
+struct Bottleneck {
+  Layer c1, c2, c3;
+  bool projected;
+  Layer shortcut;
+
+  Bottleneck(int64_t in, int64_t width, int64_t out, int stride, uint32_t seed)
+      : c1(make_layer(width, in, 1, 1, true, seed)),
+        c2(make_layer(width, width, 3, stride, true, seed + 10)),
+        c3(make_layer(out, width, 1, 1, true, seed + 20)),
+        projected(in != out || stride != 1),
+        shortcut(make_layer(out, in, 1, stride, false, seed + 30)) {}
+
+  BlockedMap forward(BlockedMap x) const {
+    BlockedMap h = c2.conv.forward_to_layer(c1.conv.forward_to_layer(x));
+    if (projected) return c3.conv.forward(h, shortcut.conv.forward(x));
+    return c3.conv.forward(h, std::move(x));
+  }
+  Map reference(const Map& x) const {
+    Map h = conv_direct(conv_direct(x, c1.w, c1.b, 1, 0, true), c2.w, c2.b, c2.stride, 1, true);
+    Map r = projected ? conv_direct(x, shortcut.w, shortcut.b, shortcut.stride, 0, false) : x;
+    return conv_direct(h, c3.w, c3.b, 1, 0, true, &r);
+  }
+};
+
+}  // namespace
+
+TEST(BlockedMap, ResNetChainMatchesDirectConvolution) {
+  // An image of 3 channels, odd sizes (the stem's padding and the pool's edges matter).
+  const int64_t H = 37, W = 29;
+  Tensor image = randn({1, 3, H, W}, 1);
+  Map ref_in{3, H, W, std::vector<double>(image.f32(), image.f32() + image.numel())};
+
+  Layer stem = make_layer(32, 3, 7, 2, true, 100);
+  Bottleneck blocks[] = {
+      Bottleneck(32, 16, 64, 1, 200),  // projected shortcut; its 3x3 is Winograd-sized (16 in, 16 out)
+      Bottleneck(64, 16, 64, 1, 300),  // identity shortcut: the sum accumulates in the input's storage
+      Bottleneck(64, 24, 48, 2, 400),  // strided, 24 and 48 channels (not multiples of 16)
+  };
+
+  BlockedMap x = stem.conv.forward(BlockedMap::from_nchw(image));
+  Map ref = conv_direct(ref_in, stem.w, stem.b, 2, 3, true);
+  EXPECT_LT(relative_error(x.to_nhwc(), ref), 1e-5);
+
+  x = max_pool2d(x, 3, 2, 1);
+  ref = max_pool_direct(ref, 3, 2, 1);
+  EXPECT_EQ(x.shape(), (Shape{1, ref.h, ref.w, 32}));
+  EXPECT_LT(relative_error(x.to_nhwc(), ref), 1e-5);
+
+  for (const Bottleneck& b : blocks) {
+    x = b.forward(std::move(x));
+    ref = b.reference(ref);
+    EXPECT_LT(relative_error(x.to_nhwc(), ref), 1e-4) << "after the block of " << b.c3.w.size(0) << " channels";
+  }
+  EXPECT_EQ(x.shape(), (Shape{1, 5, 4, 48}));
+}
+
+TEST(BlockedMap, SharedResidualIsNotOverwritten) {
+  // A residual that another map still shares must stay as it was (the sum goes to a copy).
+  Layer l = make_layer(16, 16, 1, 1, false, 500);
+  Tensor input = randn({1, 6, 5, 16}, 501);
+  BlockedMap x = l.conv.forward(BlockedMap::from_nhwc(input));  // a blocked map
+  BlockedMap kept = x;
+  const Tensor before = x.to_nhwc();
+  BlockedMap y = l.conv.forward(kept, std::move(x));
+  EXPECT_EQ(max_abs_diff(kept.to_nhwc(), before), 0.0);
+  // y = conv(kept) + kept, against the definition.
+  Map m{16, 6, 5, std::vector<double>(16 * 30)};
+  for (int64_t c = 0; c < 16; ++c)
+    for (int64_t i = 0; i < 6; ++i)
+      for (int64_t j = 0; j < 5; ++j) m.at(c, i, j) = before.f32()[(i * 5 + j) * 16 + c];
+  EXPECT_LT(relative_error(y.to_nhwc(), conv_direct(m, l.w, l.b, 1, 0, false, &m)), 1e-5);
+}
+
+TEST(BlockedMap, NhwcRoundTripAndShapeChecks) {
+  Tensor t = randn({2, 3, 4, 5}, 600);
+  EXPECT_EQ(max_abs_diff(BlockedMap::from_nhwc(t).to_nhwc(), t), 0.0);
+  BlockedMap n = BlockedMap::from_nchw(t);
+  EXPECT_EQ(n.shape(), (Shape{2, 4, 5, 3}));
+  EXPECT_EQ(n.to_nhwc().at(((1 * 4 + 2) * 5 + 3) * 3 + 1), t.at(((1 * 3 + 1) * 4 + 2) * 5 + 3));
+  Layer l = make_layer(8, 4, 1, 1, false, 601);
+  EXPECT_THROW(l.conv.forward(BlockedMap::from_nhwc(t)), Error);  // 5 channels for a layer of 4
+  EXPECT_THROW(BlockedMap::from_nhwc(Tensor::empty({3, 4})), Error);
+}
