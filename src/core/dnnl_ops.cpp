@@ -331,6 +331,10 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return f
 
 Tensor Conv2d::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, false, true); }
 
+DType Conv2d::input_dtype() const {
+  return impl_ && !impl_->device_layer && impl_->compute == dt::bf16 ? DType::BF16 : DType::F32;
+}
+
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   if (x.dim() != 4 || x.size(3) != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape()));

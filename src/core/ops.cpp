@@ -3,6 +3,7 @@
 #include "core/ops.h"
 
 #include "core/backend.h"
+#include "core/bfloat16.h"
 #include "core/errors.h"
 #include "core/shapes.h"
 
@@ -128,16 +129,17 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
   return y;
 }
 
-Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a) {
+Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a,
+                       DType out_dtype) {
   if (!x.is_cpu()) return backend(x.device()).group_norm_nhwc(x, groups, weight, bias, eps, a);
   require_f32(x, "group_norm");
+  if (out_dtype != DType::F32 && out_dtype != DType::BF16)
+    throw Error(std::string("group_norm: cannot write ") + dtype_name(out_dtype));
   if (x.dim() != 4) throw Error("group_norm expects NHWC, got " + shape_str(x.shape()));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   if (groups <= 0 || c % groups) throw Error("group_norm: " + std::to_string(c) + " channels in " + std::to_string(groups) + " groups");
   int64_t cg = c / groups;
-  Tensor y = Tensor::empty(x.shape());
   const float* px = x.f32();
-  float* py = y.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
   // One pass over the map for every group at once: per-channel sums along the contiguous channel rows
@@ -184,22 +186,45 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
       }
     }
   const bool relu = a == Act::Relu;
+  // One row of the output in float32; a bfloat16 output rounds each row while it is in cache.
+  auto normalise_row = [&](int64_t i, int64_t p, float* out) __attribute__((always_inline)) {
+    const float* in = px + (i * hw + p) * c;
+    const float* s = scale.data() + i * c;
+    const float* t = shift.data() + i * c;
+    if (relu) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+    }
+  };
+  if (out_dtype == DType::BF16 && (relu || a == Act::None)) {
+    Tensor yb = Tensor::empty(x.shape(), DType::BF16);
+    uint16_t* pyb = static_cast<uint16_t*>(yb.raw());
+#pragma omp parallel
+    {
+      std::vector<float> row(c);
+#pragma omp for collapse(2)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t p = 0; p < hw; ++p) {
+          normalise_row(i, p, row.data());
+          bf16_from_float(row.data(), pyb + (i * hw + p) * c, c);
+        }
+    }
+    return yb;
+  }
+  Tensor y = Tensor::empty(x.shape());
+  float* py = y.f32();
 #pragma omp parallel for collapse(2)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t p = 0; p < hw; ++p) {
-      const float* in = px + (i * hw + p) * c;
-      float* out = py + (i * hw + p) * c;
-      const float* s = scale.data() + i * c;
-      const float* t = shift.data() + i * c;
-      if (relu) {
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
-      }
-    }
+    for (int64_t p = 0; p < hw; ++p) normalise_row(i, p, py + (i * hw + p) * c);
   if (!relu) act_inplace(y, a);  // ReLU (BiT, DETR's mask head) is fused above
+  if (out_dtype == DType::BF16) {  // after an activation of its own pass
+    Tensor yb = Tensor::empty(x.shape(), DType::BF16);
+    bf16_from_float(y.f32(), static_cast<uint16_t*>(yb.raw()), y.numel());
+    return yb;
+  }
   return y;
 }
 

@@ -66,6 +66,9 @@ class Conv2d {
   Tensor forward_to_layer(const Tensor& x) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
+  // What forward() reads without a conversion: BF16 for a CPU layer built to compute in bfloat16 (an op
+  // producing its input can write that directly), else F32.
+  DType input_dtype() const;
   bool defined() const { return impl_ != nullptr; }
   struct Impl;
 
@@ -106,9 +109,11 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b = false, float alph
 // ---- normalisation ----------------------------------------------------------------------------
 // Over the last dimension (nn.LayerNorm, and ConvNeXt's channels_last on NHWC).
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps);
-// GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation.
+// GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation. On the CPU, `out_dtype`
+// BF16 writes the result rounded to bfloat16, for a layer that reads it as it is (see
+// Conv2d::input_dtype); on a device the result is float32.
 Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
-                       Act act = Act::None);
+                       Act act = Act::None, DType out_dtype = DType::F32);
 // y = x * scale[c] + shift[c] (a folded batch norm) over the last dim, optional activation.
 Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act act = Act::None);
 // ConvNeXt V2's global response norm on NHWC.
