@@ -142,9 +142,11 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
   const float* px = x.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
-  // One pass over the map for every group at once: per-channel sums along the contiguous channel rows
-  // (vectorised), in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows
-  // whose sums are added in order, so the result does not depend on the thread count.
+  // One pass over the map for every group at once: per-channel sums along the contiguous channel rows,
+  // in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows whose sums are
+  // added in order, so the result does not depend on the thread count. The float sums of 16 channels
+  // stay in registers over their 16 rows (kLanes is one AVX-512 vector).
+  constexpr int64_t kLanes = 16;
   const int64_t chunk_rows = 256, chunks = (hw + chunk_rows - 1) / chunk_rows;
   std::vector<double> part(size_t(n * chunks) * 2 * c);
 #pragma omp parallel for collapse(2)
@@ -152,19 +154,27 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
     for (int64_t j = 0; j < chunks; ++j) {
       double* ds = part.data() + (i * chunks + j) * 2 * c;
       double* dq = ds + c;
-      std::vector<float> fs(c), fq(c);
       int64_t p0 = j * chunk_rows, p1 = std::min(hw, p0 + chunk_rows);
       for (int64_t p = p0; p < p1; p += 16) {
-        std::fill(fs.begin(), fs.end(), 0.f);
-        std::fill(fq.begin(), fq.end(), 0.f);
-        float* s = fs.data();
-        float* q = fq.data();
-        for (int64_t r = p; r < std::min(p1, p + 16); ++r) {
-          const float* row = px + (i * hw + r) * c;
+        const float* first = px + (i * hw + p) * c;
+        const int64_t rows = std::min(p1, p + 16) - p;
+        int64_t k0 = 0;
+        for (; k0 + kLanes <= c; k0 += kLanes) {
+          float s[kLanes] = {}, q[kLanes] = {};
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* row = first + r * c + k0;
 #pragma omp simd
-          for (int64_t k = 0; k < c; ++k) { s[k] += row[k]; q[k] += row[k] * row[k]; }
+            for (int64_t l = 0; l < kLanes; ++l) { s[l] += row[l]; q[l] += row[l] * row[l]; }
+          }
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) { ds[k0 + l] += s[l]; dq[k0 + l] += q[l]; }
         }
-        for (int64_t k = 0; k < c; ++k) { ds[k] += s[k]; dq[k] += q[k]; }
+        for (int64_t k = k0; k < c; ++k) {
+          float s = 0.f, q = 0.f;
+          for (int64_t r = 0; r < rows; ++r) { s += first[r * c + k]; q += first[r * c + k] * first[r * c + k]; }
+          ds[k] += s;
+          dq[k] += q;
+        }
       }
     }
   std::vector<float> scale(n * c), shift(n * c);
@@ -186,40 +196,53 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
       }
     }
   const bool relu = a == Act::Relu;
-  // One row of the output in float32; a bfloat16 output rounds each row while it is in cache.
-  auto normalise_row = [&](int64_t i, int64_t p, float* out) __attribute__((always_inline)) {
-    const float* in = px + (i * hw + p) * c;
-    const float* s = scale.data() + i * c;
-    const float* t = shift.data() + i * c;
+  // `count` (<= kLanes) values of a row in float32: ReLU (BiT, DETR's mask head) fused, other
+  // activations applied afterwards.
+  auto normalise = [relu](const float* in, const float* s, const float* t, float* out, int64_t count)
+      __attribute__((always_inline)) {
     if (relu) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
+      for (int64_t k = 0; k < count; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+      for (int64_t k = 0; k < count; ++k) out[k] = in[k] * s[k] + t[k];
     }
   };
-  if (out_dtype == DType::BF16 && (relu || a == Act::None)) {
-    Tensor yb = Tensor::empty(x.shape(), DType::BF16);
-    uint16_t* pyb = static_cast<uint16_t*>(yb.raw());
-#pragma omp parallel
-    {
-      std::vector<float> row(c);
-#pragma omp for collapse(2)
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t p = 0; p < hw; ++p) {
-          normalise_row(i, p, row.data());
-          bf16_from_float(row.data(), pyb + (i * hw + p) * c, c);
-        }
-    }
-    return yb;
-  }
-  Tensor y = Tensor::empty(x.shape());
-  float* py = y.f32();
+  const bool to_bf16 = out_dtype == DType::BF16 && (relu || a == Act::None);
+  Tensor y = Tensor::empty(x.shape(), to_bf16 ? DType::BF16 : DType::F32);
 #pragma omp parallel for collapse(2)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t p = 0; p < hw; ++p) normalise_row(i, p, py + (i * hw + p) * c);
-  if (!relu) act_inplace(y, a);  // ReLU (BiT, DETR's mask head) is fused above
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t at = (i * hw + p) * c;
+      const float* s = scale.data() + i * c;
+      const float* t = shift.data() + i * c;
+      if (to_bf16) {  // each vector rounded while in registers
+        uint16_t* out = static_cast<uint16_t*>(y.raw()) + at;
+#if defined(__AVX512BF16__)
+        const __m512 zero = _mm512_setzero_ps();
+        for (int64_t k0 = 0; k0 < c; k0 += kLanes) {
+          const __mmask16 m = c - k0 >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (c - k0)) - 1u);
+          // in * s + t in one rounding, as the float32 loop above compiles (FMA); max(0, v) keeps a NaN
+          // as std::max(v, 0) does.
+          __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, px + at + k0), _mm512_maskz_loadu_ps(m, s + k0),
+                                     _mm512_maskz_loadu_ps(m, t + k0));
+          if (relu) v = _mm512_max_ps(zero, v);
+          _mm256_mask_storeu_epi16(out + k0, m, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+#else
+        for (int64_t k0 = 0; k0 < c; k0 += kLanes) {
+          const int64_t count = std::min(kLanes, c - k0);
+          float block[kLanes];
+          normalise(px + at + k0, s + k0, t + k0, block, count);
+          bf16_from_float(block, out + k0, count);
+        }
+#endif
+      } else {
+        normalise(px + at, s, t, y.f32() + at, c);
+      }
+    }
+  if (to_bf16) return y;
+  if (!relu) act_inplace(y, a);
   if (out_dtype == DType::BF16) {  // after an activation of its own pass
     Tensor yb = Tensor::empty(x.shape(), DType::BF16);
     bf16_from_float(y.f32(), static_cast<uint16_t*>(yb.raw()), y.numel());
