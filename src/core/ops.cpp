@@ -405,6 +405,93 @@ Tensor global_avg_pool_nhwc(const Tensor& x) {
 
 // ---- layout --------------------------------------------------------------------------------------
 
+namespace {
+
+// dst[b][j][i] = src[b][i][j] for `batch` matrices of rows x cols, in 16 x 16 tiles: the tile's source
+// lines stay in cache while its columns are written out as rows.
+// A few rows or columns (an image's channels) are (de)interleaved with their count known to the
+// compiler, a range of the long side at a time.
+template <int64_t kRows>
+void interleave_rows(const float* in, float* out, int64_t cols, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = 0; r < kRows; ++r) out[c * kRows + r] = in[r * cols + c];
+}
+template <int64_t kCols>
+void deinterleave_cols(const float* in, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < kCols; ++c) out[c * rows + r] = in[r * kCols + c];
+}
+
+void transpose_batched(const float* src, float* dst, int64_t batch, int64_t rows, int64_t cols) {
+  if (cols <= 4 && rows > 4) {
+    constexpr int64_t kRange = 1024;
+    const int64_t ranges = (rows + kRange - 1) / kRange;
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t < ranges; ++t) {
+        const float* in = src + b * rows * cols;
+        float* out = dst + b * rows * cols;
+        const int64_t r0 = t * kRange, r1 = std::min(rows, r0 + kRange);
+        switch (cols) {
+          case 2: deinterleave_cols<2>(in, out, rows, r0, r1); break;
+          case 3: deinterleave_cols<3>(in, out, rows, r0, r1); break;
+          default: deinterleave_cols<4>(in, out, rows, r0, r1); break;
+        }
+      }
+    return;
+  }
+  constexpr int64_t kTile = 16;
+  const int64_t tile = rows <= 4 ? 1024 : kTile;
+  const int64_t col_tiles = (cols + tile - 1) / tile;
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t ct = 0; ct < col_tiles; ++ct) {
+      const int64_t c0 = ct * tile, c1 = std::min(cols, c0 + tile);
+      const float* in = src + b * rows * cols;
+      float* out = dst + b * rows * cols;
+      switch (rows) {
+        case 2: interleave_rows<2>(in, out, cols, c0, c1); continue;
+        case 3: interleave_rows<3>(in, out, cols, c0, c1); continue;
+        case 4: interleave_rows<4>(in, out, cols, c0, c1); continue;
+        default: break;
+      }
+      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+      }
+    }
+}
+
+// A permutation that is a batched matrix transpose once size-1 dims are dropped and the dims that
+// stay together are merged (NCHW <-> NHWC, transpose_last2): the source as [batch, rows, cols].
+bool as_batched_transpose(const Shape& shape, const std::vector<int>& perm, int64_t& batch, int64_t& rows,
+                          int64_t& cols) {
+  std::vector<int> kept(shape.size(), -1);  // a source dim's place among the dims larger than 1
+  int m = 0;
+  for (size_t k = 0; k < shape.size(); ++k)
+    if (shape[k] != 1) kept[k] = m++;
+  std::vector<std::pair<int, int64_t>> runs;  // in output order: (first kept source dim, merged size)
+  int prev = -2;
+  for (int k : perm) {
+    if (kept[k] < 0) continue;
+    if (kept[k] == prev + 1) runs.back().second *= shape[k];
+    else runs.push_back({kept[k], shape[k]});
+    prev = kept[k];
+  }
+  if (runs.size() == 2 && runs[1].first < runs[0].first) {
+    batch = 1, rows = runs[1].second, cols = runs[0].second;
+    return true;
+  }
+  if (runs.size() == 3 && runs[0].first < runs[2].first && runs[2].first < runs[1].first) {
+    batch = runs[0].second, rows = runs[2].second, cols = runs[1].second;
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 Tensor permute(const Tensor& x, const std::vector<int>& perm) {
   if (!x.is_cpu()) return backend(x.device()).permute(x, perm);
   const int64_t d = x.dim();
@@ -414,6 +501,10 @@ Tensor permute(const Tensor& x, const std::vector<int>& perm) {
   size_t es = dtype_size(x.dtype());
   int64_t total = y.numel();
   if (total == 0) return y;
+  if (int64_t batch, rows, cols; es == 4 && as_batched_transpose(x.shape(), perm, batch, rows, cols)) {
+    transpose_batched(static_cast<const float*>(x.raw()), static_cast<float*>(y.raw()), batch, rows, cols);
+    return y;
+  }
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(y.raw());
   int64_t inner = out_shape[d - 1], inner_stride = src_stride[d - 1];
