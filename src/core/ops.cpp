@@ -25,7 +25,6 @@ inline float gelu_tanh(float x) {
   const float k = 0.7978845608028654f;  // sqrt(2/pi)
   return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
 }
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // F.softplus with its default threshold: the identity above 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 }  // namespace

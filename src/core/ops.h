@@ -10,6 +10,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -36,6 +37,9 @@ enum class Act {
 // "tanh", "quick_gelu", "relu6", "relu2", "leaky_relu", "hardswish", "mish", "laplace",
 // "sqrtsoftplus", "linear". Unknown names throw, and so do "prelu" and "xielu" (learned parameters).
 Act act_from_name(const std::string& name);
+// The logistic function of one value, as Act::Sigmoid computes it (and the heads and losses that
+// take it element by element).
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 void act_inplace(Tensor& x, Act act);
 Tensor act(const Tensor& x, Act act);
 
