@@ -299,3 +299,37 @@ TEST(Bf16, ForwardToLayerHandsOverRoundedBf16) {
   check_pair(hc, c1->forward(img), "conv");
   EXPECT_EQ(max_abs_diff(c2->forward(hc), c2->forward(hc.to(DType::F32))), 0.0);
 }
+
+// A group norm whose output only a bfloat16 convolution reads writes it rounded (nearest even, the
+// rounding written out above) from its float32 result, activation included; the convolution gives
+// what it gives on that float32 result, which it rounds itself.
+TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
+  SKIP_WITHOUT_CPU_BF16();
+  Conv2dOptions opt;
+  opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
+  std::unique_ptr<Conv2d> conv;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    conv = std::make_unique<Conv2d>(randn({16, 64, 3, 3}, 61, 0.1f), randn({16}, 62), opt);
+  }
+  EXPECT_EQ(conv->input_dtype(), DType::BF16);
+  EXPECT_EQ(Conv2d(randn({16, 64, 3, 3}, 61, 0.1f), randn({16}, 62), opt).input_dtype(), DType::F32);
+  // 2 x 300 rows: more than one chunk of the statistics; 64 channels: 4 full vectors; 40: a tail.
+  for (int64_t c : {64, 40})
+    for (Act a : {Act::Relu, Act::None, Act::Gelu}) {
+      Tensor x = randn({2, 20, 15, c}, 63, 3.0f), w = randn({c}, 64), b = randn({c}, 65);
+      Tensor f32 = group_norm_nhwc(x, 8, w, b, 1e-5f, a);
+      Tensor bf = group_norm_nhwc(x, 8, w, b, 1e-5f, a, DType::BF16);
+      ASSERT_EQ(bf.dtype(), DType::BF16);
+      ASSERT_EQ(bf.shape(), f32.shape());
+      Tensor back = bf.to(DType::F32);
+      int bad = 0;
+      for (int64_t i = 0; i < f32.numel(); ++i)
+        if (back.f32()[i] != round_bf16(f32.f32()[i]) && bad++ < 5)
+          ADD_FAILURE() << "c=" << c << " act " << int(a) << " [" << i << "] " << back.f32()[i] << " vs "
+                        << round_bf16(f32.f32()[i]);
+      if (c == 64) EXPECT_EQ(max_abs_diff(conv->forward(bf), conv->forward(f32)), 0.0) << "act " << int(a);
+    }
+  EXPECT_THROW(group_norm_nhwc(randn({1, 2, 2, 8}, 66), 2, randn({8}, 67), randn({8}, 68), 1e-5f, Act::None, DType::F16),
+               Error);
+}

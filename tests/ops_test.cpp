@@ -140,6 +140,34 @@ TEST(Ops, PermuteCatNarrowRoundTrip) {
   EXPECT_EQ(max_abs_diff(c, x), 0.0);
 }
 
+// Every element against y[i0..] = x[i_perm...], for permutations that are batched transposes (few
+// rows, few columns, tiles with partial edges, size-1 dims in between) and ones that are not.
+TEST(Ops, PermuteMatchesItsDefinition) {
+  struct Case { Shape shape; std::vector<int> perm; };
+  for (const Case& cs : {Case{{2, 3, 7, 9}, {0, 2, 3, 1}}, Case{{1, 5, 6, 3}, {0, 3, 1, 2}}, Case{{2, 37, 19}, {0, 2, 1}},
+                         Case{{1, 2, 50, 1, 3}, {0, 4, 3, 2, 1}}, Case{{40, 33}, {1, 0}}, Case{{3, 4, 5, 6}, {2, 0, 3, 1}},
+                         Case{{4, 1, 18, 2}, {2, 1, 0, 3}}, Case{{2, 1, 5, 3}, {0, 3, 1, 2}},
+                         Case{{3, 2, 70}, {0, 2, 1}}, Case{{2, 3, 4}, {0, 1, 2}}}) {
+    Tensor x = randn(cs.shape, 31);
+    Tensor y = permute(x, cs.perm);
+    const int64_t d = x.dim();
+    ASSERT_EQ(y.dim(), d);
+    for (int64_t i = 0; i < d; ++i) ASSERT_EQ(y.size(i), x.size(cs.perm[i]));
+    std::vector<int64_t> stride(d, 1);
+    for (int64_t i = d - 2; i >= 0; --i) stride[i] = stride[i + 1] * x.size(i + 1);
+    int bad = 0;
+    for (int64_t o = 0; o < y.numel(); ++o) {
+      int64_t rem = o, src = 0;
+      for (int64_t i = d - 1; i >= 0; --i) {
+        src += (rem % y.size(i)) * stride[cs.perm[i]];
+        rem /= y.size(i);
+      }
+      if (y.f32()[o] != x.f32()[src]) ++bad;
+    }
+    EXPECT_EQ(bad, 0) << shape_str(cs.shape);
+  }
+}
+
 TEST(Ops, BilinearMatchesTorchHalfPixelRule) {
   // 1x1x1x2 -> 1x1x1x4: sources -0.25 (clamped 0), 0.25, 0.75, 1.25 (i1 clamps): [a, .75a+.25b, .25a+.75b, b]
   Tensor x = Tensor::from<float>({1, 1, 1, 2}, {1.0f, 5.0f});

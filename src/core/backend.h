@@ -112,6 +112,9 @@ Device op_device(std::initializer_list<const Tensor*> inputs);
 
 // Backends, defined in their own files.
 DeviceBackend& emulated_backend();
+// Throws vf::Error when this CPU cannot compute Conv2d/Linear in `t` (check_compute_dtype; dnnl_ops.cpp:
+// what oneDNN finds on the CPU).
+void check_cpu_compute_dtype(DType t);
 #ifdef VF_WITH_CUDA
 DeviceBackend& cuda_backend(int index);
 int cuda_device_count();

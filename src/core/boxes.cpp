@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/backend.h"
+#include "core/ops.h"
 
 namespace vf {
 
@@ -220,8 +221,6 @@ float inverse_sigmoid_of(float x, float eps) {
   return std::log(std::max(x, eps) / std::max(1.f - x, eps));
 }
 
-float sigmoid_of(float x) { return 1.f / (1.f + std::exp(-x)); }
-
 }  // namespace
 
 Tensor inverse_sigmoid(const Tensor& x, float eps) {
@@ -252,7 +251,7 @@ Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) {
     for (int64_t k = 0; k < 4; ++k) {
       float v = d[i * 4 + k];
       if (k < nc) v += inverse_sigmoid_of(r[i * nc + k], eps);
-      o[i * 4 + k] = sigmoid_of(v);
+      o[i * 4 + k] = sigmoid(v);
     }
   return out;
 }

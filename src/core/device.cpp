@@ -68,8 +68,6 @@ thread_local Device t_load_device;
 thread_local DType t_load_dtype = DType::F32;
 }  // namespace
 
-void check_cpu_compute_dtype(DType t);  // dnnl_ops.cpp: what oneDNN finds on this CPU
-
 Device load_device() { return t_load_device; }
 DType load_compute_dtype() { return t_load_dtype; }
 

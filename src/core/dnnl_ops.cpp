@@ -130,7 +130,12 @@ struct PreparedWeights {
     memory m(want, engine());
     memory src = plain;
     try {
-      dnnl::reorder(src, m).execute(stream(), src, m);
+      dnnl::reorder::primitive_desc direct(engine(), src.get_desc(), engine(), want);
+      // Between two blocked layouts oneDNN may have only its reference reorder, 10-50x slower than
+      // its jit ones out of and into the plain layout: through a plain copy then.
+      if (src.get_desc() != plain_desc && std::string(direct.impl_info_str()).rfind("simple", 0) == 0)
+        throw dnnl::error(dnnl_unimplemented, "only the reference reorder");
+      dnnl::reorder(direct).execute(stream(), src, m);
     } catch (const dnnl::error&) {
       // oneDNN reorders into its Winograd layouts from the plain layout only: through a plain copy.
       memory tmp(plain_desc, engine());
@@ -371,6 +376,10 @@ Tensor Conv2d::forward(const Tensor& x, Tensor&& residual) const {
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
 
 Tensor Conv2d::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, false, true); }
+
+DType Conv2d::input_dtype() const {
+  return impl_ && !impl_->device_layer && impl_->compute == dt::bf16 ? DType::BF16 : DType::F32;
+}
 
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   if (x.dim() != 4 || x.size(3) != in_)

@@ -3,6 +3,7 @@
 #include "core/ops.h"
 
 #include "core/backend.h"
+#include "core/bfloat16.h"
 #include "core/errors.h"
 #include "core/shapes.h"
 
@@ -24,7 +25,6 @@ inline float gelu_tanh(float x) {
   const float k = 0.7978845608028654f;  // sqrt(2/pi)
   return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
 }
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // F.softplus with its default threshold: the identity above 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 }  // namespace
@@ -128,21 +128,24 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
   return y;
 }
 
-Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a) {
+Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, Act a,
+                       DType out_dtype) {
   if (!x.is_cpu()) return backend(x.device()).group_norm_nhwc(x, groups, weight, bias, eps, a);
   require_f32(x, "group_norm");
+  if (out_dtype != DType::F32 && out_dtype != DType::BF16)
+    throw Error(std::string("group_norm: cannot write ") + dtype_name(out_dtype));
   if (x.dim() != 4) throw Error("group_norm expects NHWC, got " + shape_str(x.shape()));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   if (groups <= 0 || c % groups) throw Error("group_norm: " + std::to_string(c) + " channels in " + std::to_string(groups) + " groups");
   int64_t cg = c / groups;
-  Tensor y = Tensor::empty(x.shape());
   const float* px = x.f32();
-  float* py = y.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
-  // One pass over the map for every group at once: per-channel sums along the contiguous channel rows
-  // (vectorised), in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows
-  // whose sums are added in order, so the result does not depend on the thread count.
+  // One pass over the map for every group at once: per-channel sums along the contiguous channel rows,
+  // in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows whose sums are
+  // added in order, so the result does not depend on the thread count. The float sums of 16 channels
+  // stay in registers over their 16 rows (kLanes is one AVX-512 vector).
+  constexpr int64_t kLanes = 16;
   const int64_t chunk_rows = 256, chunks = (hw + chunk_rows - 1) / chunk_rows;
   std::vector<double> part(size_t(n * chunks) * 2 * c);
 #pragma omp parallel for collapse(2)
@@ -150,19 +153,27 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
     for (int64_t j = 0; j < chunks; ++j) {
       double* ds = part.data() + (i * chunks + j) * 2 * c;
       double* dq = ds + c;
-      std::vector<float> fs(c), fq(c);
       int64_t p0 = j * chunk_rows, p1 = std::min(hw, p0 + chunk_rows);
       for (int64_t p = p0; p < p1; p += 16) {
-        std::fill(fs.begin(), fs.end(), 0.f);
-        std::fill(fq.begin(), fq.end(), 0.f);
-        float* s = fs.data();
-        float* q = fq.data();
-        for (int64_t r = p; r < std::min(p1, p + 16); ++r) {
-          const float* row = px + (i * hw + r) * c;
+        const float* first = px + (i * hw + p) * c;
+        const int64_t rows = std::min(p1, p + 16) - p;
+        int64_t k0 = 0;
+        for (; k0 + kLanes <= c; k0 += kLanes) {
+          float s[kLanes] = {}, q[kLanes] = {};
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* row = first + r * c + k0;
 #pragma omp simd
-          for (int64_t k = 0; k < c; ++k) { s[k] += row[k]; q[k] += row[k] * row[k]; }
+            for (int64_t l = 0; l < kLanes; ++l) { s[l] += row[l]; q[l] += row[l] * row[l]; }
+          }
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) { ds[k0 + l] += s[l]; dq[k0 + l] += q[l]; }
         }
-        for (int64_t k = 0; k < c; ++k) { ds[k] += s[k]; dq[k] += q[k]; }
+        for (int64_t k = k0; k < c; ++k) {
+          float s = 0.f, q = 0.f;
+          for (int64_t r = 0; r < rows; ++r) { s += first[r * c + k]; q += first[r * c + k] * first[r * c + k]; }
+          ds[k] += s;
+          dq[k] += q;
+        }
       }
     }
   std::vector<float> scale(n * c), shift(n * c);
@@ -184,22 +195,58 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
       }
     }
   const bool relu = a == Act::Relu;
+  // `count` (<= kLanes) values of a row in float32: ReLU (BiT, DETR's mask head) fused, other
+  // activations applied afterwards.
+  auto normalise = [relu](const float* in, const float* s, const float* t, float* out, int64_t count)
+      __attribute__((always_inline)) {
+    if (relu) {
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) out[k] = in[k] * s[k] + t[k];
+    }
+  };
+  const bool to_bf16 = out_dtype == DType::BF16 && (relu || a == Act::None);
+  Tensor y = Tensor::empty(x.shape(), to_bf16 ? DType::BF16 : DType::F32);
 #pragma omp parallel for collapse(2)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t p = 0; p < hw; ++p) {
-      const float* in = px + (i * hw + p) * c;
-      float* out = py + (i * hw + p) * c;
+      const int64_t at = (i * hw + p) * c;
       const float* s = scale.data() + i * c;
       const float* t = shift.data() + i * c;
-      if (relu) {
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) out[k] = std::max(in[k] * s[k] + t[k], 0.f);
+      if (to_bf16) {  // each vector rounded while in registers
+        uint16_t* out = static_cast<uint16_t*>(y.raw()) + at;
+#if defined(__AVX512BF16__)
+        const __m512 zero = _mm512_setzero_ps();
+        for (int64_t k0 = 0; k0 < c; k0 += kLanes) {
+          const __mmask16 m = c - k0 >= kLanes ? __mmask16(0xffff) : __mmask16((1u << (c - k0)) - 1u);
+          // in * s + t in one rounding, as the float32 loop above compiles (FMA); max(0, v) keeps a NaN
+          // as std::max(v, 0) does.
+          __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, px + at + k0), _mm512_maskz_loadu_ps(m, s + k0),
+                                     _mm512_maskz_loadu_ps(m, t + k0));
+          if (relu) v = _mm512_max_ps(zero, v);
+          _mm256_mask_storeu_epi16(out + k0, m, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+#else
+        for (int64_t k0 = 0; k0 < c; k0 += kLanes) {
+          const int64_t count = std::min(kLanes, c - k0);
+          float block[kLanes];
+          normalise(px + at + k0, s + k0, t + k0, block, count);
+          bf16_from_float(block, out + k0, count);
+        }
+#endif
       } else {
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) out[k] = in[k] * s[k] + t[k];
+        normalise(px + at, s, t, y.f32() + at, c);
       }
     }
-  if (!relu) act_inplace(y, a);  // ReLU (BiT, DETR's mask head) is fused above
+  if (to_bf16) return y;
+  if (!relu) act_inplace(y, a);
+  if (out_dtype == DType::BF16) {  // after an activation of its own pass
+    Tensor yb = Tensor::empty(x.shape(), DType::BF16);
+    bf16_from_float(y.f32(), static_cast<uint16_t*>(yb.raw()), y.numel());
+    return yb;
+  }
   return y;
 }
 
@@ -357,6 +404,93 @@ Tensor global_avg_pool_nhwc(const Tensor& x) {
 
 // ---- layout --------------------------------------------------------------------------------------
 
+namespace {
+
+// dst[b][j][i] = src[b][i][j] for `batch` matrices of rows x cols, in 16 x 16 tiles: the tile's source
+// lines stay in cache while its columns are written out as rows.
+// A few rows or columns (an image's channels) are (de)interleaved with their count known to the
+// compiler, a range of the long side at a time.
+template <int64_t kRows>
+void interleave_rows(const float* in, float* out, int64_t cols, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = 0; r < kRows; ++r) out[c * kRows + r] = in[r * cols + c];
+}
+template <int64_t kCols>
+void deinterleave_cols(const float* in, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < kCols; ++c) out[c * rows + r] = in[r * kCols + c];
+}
+
+void transpose_batched(const float* src, float* dst, int64_t batch, int64_t rows, int64_t cols) {
+  if (cols <= 4 && rows > 4) {
+    constexpr int64_t kRange = 1024;
+    const int64_t ranges = (rows + kRange - 1) / kRange;
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t < ranges; ++t) {
+        const float* in = src + b * rows * cols;
+        float* out = dst + b * rows * cols;
+        const int64_t r0 = t * kRange, r1 = std::min(rows, r0 + kRange);
+        switch (cols) {
+          case 2: deinterleave_cols<2>(in, out, rows, r0, r1); break;
+          case 3: deinterleave_cols<3>(in, out, rows, r0, r1); break;
+          default: deinterleave_cols<4>(in, out, rows, r0, r1); break;
+        }
+      }
+    return;
+  }
+  constexpr int64_t kTile = 16;
+  const int64_t tile = rows <= 4 ? 1024 : kTile;
+  const int64_t col_tiles = (cols + tile - 1) / tile;
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t ct = 0; ct < col_tiles; ++ct) {
+      const int64_t c0 = ct * tile, c1 = std::min(cols, c0 + tile);
+      const float* in = src + b * rows * cols;
+      float* out = dst + b * rows * cols;
+      switch (rows) {
+        case 2: interleave_rows<2>(in, out, cols, c0, c1); continue;
+        case 3: interleave_rows<3>(in, out, cols, c0, c1); continue;
+        case 4: interleave_rows<4>(in, out, cols, c0, c1); continue;
+        default: break;
+      }
+      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+      }
+    }
+}
+
+// A permutation that is a batched matrix transpose once size-1 dims are dropped and the dims that
+// stay together are merged (NCHW <-> NHWC, transpose_last2): the source as [batch, rows, cols].
+bool as_batched_transpose(const Shape& shape, const std::vector<int>& perm, int64_t& batch, int64_t& rows,
+                          int64_t& cols) {
+  std::vector<int> kept(shape.size(), -1);  // a source dim's place among the dims larger than 1
+  int m = 0;
+  for (size_t k = 0; k < shape.size(); ++k)
+    if (shape[k] != 1) kept[k] = m++;
+  std::vector<std::pair<int, int64_t>> runs;  // in output order: (first kept source dim, merged size)
+  int prev = -2;
+  for (int k : perm) {
+    if (kept[k] < 0) continue;
+    if (kept[k] == prev + 1) runs.back().second *= shape[k];
+    else runs.push_back({kept[k], shape[k]});
+    prev = kept[k];
+  }
+  if (runs.size() == 2 && runs[1].first < runs[0].first) {
+    batch = 1, rows = runs[1].second, cols = runs[0].second;
+    return true;
+  }
+  if (runs.size() == 3 && runs[0].first < runs[2].first && runs[2].first < runs[1].first) {
+    batch = runs[0].second, rows = runs[2].second, cols = runs[1].second;
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 Tensor permute(const Tensor& x, const std::vector<int>& perm) {
   if (!x.is_cpu()) return backend(x.device()).permute(x, perm);
   const int64_t d = x.dim();
@@ -366,6 +500,10 @@ Tensor permute(const Tensor& x, const std::vector<int>& perm) {
   size_t es = dtype_size(x.dtype());
   int64_t total = y.numel();
   if (total == 0) return y;
+  if (int64_t batch, rows, cols; es == 4 && as_batched_transpose(x.shape(), perm, batch, rows, cols)) {
+    transpose_batched(static_cast<const float*>(x.raw()), static_cast<float*>(y.raw()), batch, rows, cols);
+    return y;
+  }
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(y.raw());
   int64_t inner = out_shape[d - 1], inner_stride = src_stride[d - 1];

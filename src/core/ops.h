@@ -10,6 +10,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -36,6 +37,9 @@ enum class Act {
 // "tanh", "quick_gelu", "relu6", "relu2", "leaky_relu", "hardswish", "mish", "laplace",
 // "sqrtsoftplus", "linear". Unknown names throw, and so do "prelu" and "xielu" (learned parameters).
 Act act_from_name(const std::string& name);
+// The logistic function of one value, as Act::Sigmoid computes it (and the heads and losses that
+// take it element by element).
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 void act_inplace(Tensor& x, Act act);
 Tensor act(const Tensor& x, Act act);
 
@@ -104,6 +108,9 @@ class Conv2d {
   BlockedMap forward_to_layer(const BlockedMap& x) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
+  // What forward() reads without a conversion: BF16 for a CPU layer built to compute in bfloat16 (an op
+  // producing its input can write that directly), else F32.
+  DType input_dtype() const;
   bool defined() const { return impl_ != nullptr; }
   struct Impl;
 
@@ -145,9 +152,11 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b = false, float alph
 // ---- normalisation ----------------------------------------------------------------------------
 // Over the last dimension (nn.LayerNorm, and ConvNeXt's channels_last on NHWC).
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps);
-// GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation.
+// GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation. On the CPU, `out_dtype`
+// BF16 writes the result rounded to bfloat16, for a layer that reads it as it is (see
+// Conv2d::input_dtype); on a device the result is float32.
 Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
-                       Act act = Act::None);
+                       Act act = Act::None, DType out_dtype = DType::F32);
 // y = x * scale[c] + shift[c] (a folded batch norm) over the last dim, optional activation.
 Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act act = Act::None);
 // ConvNeXt V2's global response norm on NHWC.

@@ -94,6 +94,10 @@ Tensor BitGroupNormActivation::operator()(const Tensor& x) const {
   return group_norm_nhwc(x, groups, weight, bias, 1e-5f, act);
 }
 
+Tensor BitGroupNormActivation::operator()(const Tensor& x, const WeightStandardizedConv2d& next) const {
+  return group_norm_nhwc(x, groups, weight, bias, 1e-5f, act, next.conv.input_dtype());
+}
+
 BitEmbeddings BitEmbeddings::load(const Weights& w, const BitConfig& cfg) {
   BitEmbeddings e;
   e.convolution = WeightStandardizedConv2d::load(w.pp("convolution"), cfg, cfg.num_channels, cfg.embedding_size, 7, 2);
@@ -156,16 +160,17 @@ BitBottleneckLayer BitBottleneckLayer::load(const Weights& w, const BitConfig& c
 
 Tensor BitBottleneckLayer::operator()(Tensor hidden_states) const {
   if (preactivation) {
-    Tensor preact = norm1(hidden_states);
+    // The normalised maps feed only convolutions (the downsample's too: it has no norm here).
+    Tensor preact = norm1(hidden_states, conv1);
     Tensor shortcut = has_downsample ? downsample(preact) : std::move(hidden_states);
     Tensor x = conv1(preact);
     preact = Tensor();
-    x = conv2(norm2(x));
-    return conv3.conv.forward(norm3(x), std::move(shortcut));  // in place unless the caller keeps the input
+    x = conv2(norm2(x, conv2));
+    return conv3.conv.forward(norm3(x, conv3), std::move(shortcut));  // in place unless the caller keeps the input
   }
   Tensor shortcut = has_downsample ? downsample(hidden_states) : hidden_states;
-  Tensor x = norm1(conv1(hidden_states));
-  x = norm2(conv2(x));
+  Tensor x = norm1(conv1(hidden_states), conv2);
+  x = norm2(conv2(x), conv3);
   x = norm3(conv3(x));
   add_inplace(x, shortcut);
   act_inplace(x, activation);

@@ -41,6 +41,8 @@ struct BitGroupNormActivation {
   Act act = Act::None;
   static BitGroupNormActivation load(const Weights& w, const BitConfig& cfg, int channels, bool apply_activation = true);
   Tensor operator()(const Tensor& x) const;
+  // For an output only `next` reads: in the dtype it takes as it is (bfloat16 under --dtype bfloat16).
+  Tensor operator()(const Tensor& x, const WeightStandardizedConv2d& next) const;
 };
 
 struct BitEmbeddings {

@@ -87,8 +87,6 @@ DeformableDetrConfig read_deformable_detr_config(const json& c, const Deformable
 
 namespace {
 
-inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
-
 Tensor layout_value_keep(const MultiScaleLayout& layout) {
   const Tensor& m = layout.mask_flatten;
   Tensor keep = Tensor::empty({m.size(0), m.size(1), 1});
@@ -854,7 +852,7 @@ void deformable_detr_loss(const DeformableDetrConfig& cfg, bool deta, const Defo
 
   auto sigmoid_of = [](const Tensor& x) {
     Tensor y = x.cpu().clone();  // the loss runs on the host
-    for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = sigmoidf(y.f32()[i]);
+    for (int64_t i = 0; i < y.numel(); ++i) y.f32()[i] = sigmoid(y.f32()[i]);
     return y;
   };
   DetrLossInputs in;

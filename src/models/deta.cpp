@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/boxes.h"
+#include "core/ops.h"
 
 namespace vf {
 
@@ -44,7 +45,7 @@ std::vector<int64_t> deta_first_stage_proposals(const std::vector<float>& logits
 
   // Proposal boxes: center_to_corners(sigmoid(coord logits)).clamp(0, 1).
   Tensor boxes = coord_logits.clone();
-  for (int64_t i = 0; i < boxes.numel(); ++i) boxes.f32()[i] = 1.f / (1.f + std::exp(-boxes.f32()[i]));
+  for (int64_t i = 0; i < boxes.numel(); ++i) boxes.f32()[i] = sigmoid(boxes.f32()[i]);
   boxes = center_to_corners(boxes);
   for (int64_t i = 0; i < boxes.numel(); ++i) boxes.f32()[i] = std::min(std::max(boxes.f32()[i], 0.f), 1.f);
 
@@ -56,7 +57,7 @@ std::vector<int64_t> deta_first_stage_proposals(const std::vector<float>& logits
   std::vector<int64_t> pre_nms_inds;
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t s = 0; s < S; ++s)
-      level_score[s] = (1.f / (1.f + std::exp(-logits[s]))) * static_cast<float>(level_ids[s] == l);
+      level_score[s] = sigmoid(logits[s]) * static_cast<float>(level_ids[s] == l);
     auto top = topk_proposals(level_score, pre_nms_topk);
     pre_nms_inds.insert(pre_nms_inds.end(), top.begin(), top.end());
   }

@@ -26,8 +26,6 @@ constexpr double kDetaStage1PositiveFraction = 0.5;
 constexpr double kDetaStage2PositiveFraction = 0.25;
 constexpr int64_t kDetaStage2Background = 400;
 
-float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
 Tensor scalar(double v) { return Tensor::from<float>({1}, {static_cast<float>(v)}); }
 
 int64_t num_targets(const DetectionTarget& t) { return t.class_labels.defined() ? t.class_labels.numel() : 0; }
@@ -96,7 +94,7 @@ Indices hungarian(const DetrLossPrediction& p, const std::vector<DetectionTarget
     if (cfg.match_cost == DetrMatchCost::Softmax) {
       softmax_lastdim_inplace(prob);
     } else {
-      for (int64_t i = 0; i < prob.numel(); ++i) prob.f32()[i] = sigmoidf(prob.f32()[i]);
+      for (int64_t i = 0; i < prob.numel(); ++i) prob.f32()[i] = sigmoid(prob.f32()[i]);
     }
     const float* pr = prob.f32();
     const float* pb = p.pred_boxes.f32() + b * queries * 4;
@@ -231,7 +229,7 @@ std::vector<int64_t> query_classes(const Indices& idx, const std::vector<Detecti
 // Sigmoid focal loss summed over all elements (the reference's mean over dim 1 and sum, times the
 // size of dim 1, before dividing by num_boxes).
 double focal_sum(float x, float target, double alpha) {
-  const double p = sigmoidf(x);
+  const double p = sigmoid(x);
   const double ce = std::max<double>(x, 0) - static_cast<double>(x) * target + std::log1p(std::exp(-std::fabs(static_cast<double>(x))));
   const double p_t = p * target + (1 - p) * (1 - target);
   double loss = ce * (1 - p_t) * (1 - p_t);
@@ -299,7 +297,7 @@ void loss_cardinality(const DetrLossPrediction& p, const std::vector<DetectionTa
       if (cfg.cardinality == DetrCardinality::ArgmaxNotLast)
         card += arg != classes - 1;
       else
-        card += sigmoidf(row[arg]) > 0.5f;
+        card += sigmoid(row[arg]) > 0.5f;
     }
     err += std::fabs(static_cast<double>(card - num_targets(targets[b])));
   }
@@ -349,7 +347,7 @@ void loss_masks(const DetrLossPrediction& p, const std::vector<DetectionTarget>&
         const float tv = (y < h && x < w) ? t[y * w + x] : 0.0f;
         const float sv = s[y * tw + x];
         fsum += focal_sum(sv, tv, 0.25);
-        const double pv = sigmoidf(sv);
+        const double pv = sigmoid(sv);
         inter += pv * tv;
         psum += pv;
         tsum += tv;

@@ -36,8 +36,6 @@ void require_target_sizes(const std::vector<TargetSize>& ts, int64_t batch) {
                   ") must be positive");
 }
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
 // Softmax of each row of a [rows, c] block (a copy).
 Tensor softmax_rows(const Tensor& x) {
   Tensor y = x.clone();
