@@ -29,6 +29,7 @@ Device Device::parse(const std::string& s) {
                                                    : std::string("no CUDA GPU is visible")));
     return cuda(index);
 #else
+    (void)index;
     throw Error("device '" + s + "': this build has no CUDA backend (configure with -DVF_CUDA=ON)");
 #endif
   }
