@@ -645,6 +645,8 @@ Tensor Linear::forward(const Tensor& x, const Tensor* residual) const { return f
 
 Tensor Linear::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, true); }
 
+Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, impl_->device_layer != nullptr); }
+
 Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));

@@ -130,9 +130,13 @@ class Linear {
   Linear(const Tensor& weight, const Tensor& bias, Act act = Act::None);
   // x: [..., in] -> [..., out]: y = act(x W^T + b) + residual (the order of a residual branch).
   Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
-  // For an output that only another Linear or Conv2d, or attention, reads (an MLP's hidden layer,
-  // packed Q|K|V): in the layer's compute dtype (see Conv2d::forward_to_layer).
+  // For an output that only another Linear or Conv2d reads (an MLP's hidden layer): in the layer's
+  // compute dtype (see Conv2d::forward_to_layer).
   Tensor forward_to_layer(const Tensor& x) const;
+  // For an output that only attention reads (packed Q|K|V): in the dtype attention computes in on the
+  // layer's device, the compute dtype on a GPU (both products then run in it), float32 on the CPU
+  // (whose attention kernels read float32).
+  Tensor forward_to_attention(const Tensor& x) const;
   int64_t out_features() const { return out_; }
   int64_t in_features() const { return in_; }
   bool defined() const { return impl_ != nullptr; }

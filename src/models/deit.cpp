@@ -220,8 +220,7 @@ struct DeiTSelfAttention {
     opt.scale = scale;
     opt.head_mask = head_mask;
     opt.probs = probs;
-    // In the compute dtype: under --dtype bfloat16 on a GPU both attention products run in it.
-    return multi_head_attention_packed(qkv.forward_to_layer(x), num_heads, opt);
+    return multi_head_attention_packed(qkv.forward_to_attention(x), num_heads, opt);
   }
 };
 
