@@ -40,13 +40,7 @@ float round_bf16(float v) {
   return v;
 }
 
-Tensor randn(Shape s, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d;
-  Tensor t = Tensor::empty(std::move(s));
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = scale * d(g);
-  return t;
-}
+using test::randn;
 
 Tensor rounded(const Tensor& t) {
   Tensor r = t.clone();

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "test_util.h"
 #include "core/ops.h"
 
 using namespace vf;
@@ -23,13 +24,7 @@ struct Map {
   double at(int64_t ch, int64_t y, int64_t x) const { return v[(ch * h + y) * w + x]; }
 };
 
-Tensor randn(Shape s, uint32_t seed, float stddev = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, stddev);
-  Tensor t = Tensor::empty(std::move(s));
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(g);
-  return t;
-}
+using test::randn;
 
 // y[o, i, j] = b[o] + sum_{c, ky, kx} w[o, c, ky, kx] x[c, i s - p + ky, j s - p + kx] (zero outside),
 // then + residual, then ReLU when asked.

@@ -6,11 +6,21 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <string>
 
 #include "core/tensor.h"  // vf::Error
 
 namespace vf::test {
+
+// A float32 tensor of normal values with standard deviation `stddev`, the same on every run of a seed.
+inline Tensor randn(Shape shape, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  Tensor t = Tensor::empty(std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(g);
+  return t;
+}
 
 // The message of the exception of type E that `f` throws ("" and a test failure otherwise); an
 // error message must be one line.

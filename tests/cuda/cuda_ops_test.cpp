@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../test_util.h"
 #include "core/attention.h"
 #include "core/deformable_attention.h"
 #include "core/device.h"
@@ -23,13 +24,7 @@ namespace {
 
 const Device kGpu = Device::cuda(0);
 
-Tensor randn(Shape shape, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  Tensor t = Tensor::empty(std::move(shape));
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(gen);
-  return t;
-}
+using test::randn;
 
 Tensor uniform(Shape shape, uint32_t seed, float lo, float hi) {
   std::mt19937 gen(seed);
