@@ -9,8 +9,10 @@
 #include <climits>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <set>
 
+#include "core/backend.h"
 #include "hub/hub.h"
 #include "io/checkpoint.h"
 #include "io/json.h"
@@ -92,31 +94,68 @@ BatchFeature preprocess(const Pretrained& p, const std::vector<Image>& images) {
 
 }  // namespace
 
+namespace {
+
+// One forward of run_batches: images of one processed size.
+struct ForwardJob {
+  std::vector<size_t> indices;
+  Tensor pixel_values, pixel_mask;
+};
+
+// The forwards of images [begin, end): each image preprocessed alone, those of one processed size
+// stacked. On a GPU the inputs start uploading at once, beside the forward in flight.
+std::vector<ForwardJob> prepare_forwards(const Pretrained& p, const std::vector<Image>& images, size_t begin,
+                                         size_t end) {
+  std::vector<BatchFeature> features;
+  for (size_t i = begin; i < end; ++i) features.push_back(preprocess(p, {images[i]}));
+  std::vector<ForwardJob> jobs;
+  std::vector<bool> done(features.size(), false);
+  for (size_t first = 0; first < features.size(); ++first) {
+    if (done[first]) continue;
+    ForwardJob job;
+    std::vector<Tensor> values, masks;
+    for (size_t j = first; j < features.size(); ++j) {
+      if (done[j] || features[j].pixel_values.shape() != features[first].pixel_values.shape()) continue;
+      done[j] = true;
+      job.indices.push_back(begin + j);
+      values.push_back(features[j].pixel_values);
+      if (features[j].pixel_mask.defined()) masks.push_back(features[j].pixel_mask);
+    }
+    const bool one = values.size() == 1;
+    job.pixel_values = one ? values[0] : cat(values, 0);
+    job.pixel_mask = masks.empty() ? Tensor() : one ? masks[0] : cat(masks, 0);
+    if (const Device d = p.model->device; !d.is_cpu())
+      if (Tensor up = backend(d).upload_beside(job.pixel_values); up.defined()) job.pixel_values = up;
+    jobs.push_back(std::move(job));
+  }
+  return jobs;
+}
+
+// On a device the next batch is preprocessed (and uploaded) on a thread of its own while the current
+// one runs; VF_PREFETCH=0 does one after the other (to compare). On the CPU the forward has every core.
+bool prefetch(const Pretrained& p) {
+  static const bool allowed = [] {
+    const char* e = std::getenv("VF_PREFETCH");
+    return !(e && std::string(e) == "0");
+  }();
+  return allowed && !p.model->device.is_cpu();
+}
+
+}  // namespace
+
 // Each image is processed alone and images of one processed size share a forward, unpadded: padding
 // a DETR-family batch changes its outputs (the backbone's borders see the padding, Deformable
 // DETR's / DETA's input GroupNorm averages over it), while the pipelines run every image alone.
 void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use) {
   const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
+  const bool ahead = prefetch(p);
+  auto prepare = [&](size_t begin) { return prepare_forwards(p, images, begin, std::min(images.size(), begin + step)); };
+  std::future<std::vector<ForwardJob>> next;
+  if (ahead && !images.empty()) next = std::async(std::launch::async, prepare, size_t(0));
   for (size_t begin = 0; begin < images.size(); begin += step) {
-    const size_t end = std::min(images.size(), begin + step);
-    std::vector<BatchFeature> features;
-    for (size_t i = begin; i < end; ++i) features.push_back(preprocess(p, {images[i]}));
-    std::vector<bool> done(features.size(), false);
-    for (size_t first = 0; first < features.size(); ++first) {
-      if (done[first]) continue;
-      std::vector<size_t> indices;
-      std::vector<Tensor> values, masks;
-      for (size_t j = first; j < features.size(); ++j) {
-        if (done[j] || features[j].pixel_values.shape() != features[first].pixel_values.shape()) continue;
-        done[j] = true;
-        indices.push_back(begin + j);
-        values.push_back(features[j].pixel_values);
-        if (features[j].pixel_mask.defined()) masks.push_back(features[j].pixel_mask);
-      }
-      const bool one = values.size() == 1;
-      use(forward(p, one ? values[0] : cat(values, 0), masks.empty() ? Tensor() : one ? masks[0] : cat(masks, 0)),
-          indices);
-    }
+    std::vector<ForwardJob> jobs = ahead ? next.get() : prepare(begin);
+    if (ahead && begin + step < images.size()) next = std::async(std::launch::async, prepare, begin + step);
+    for (const ForwardJob& job : jobs) use(forward(p, job.pixel_values, job.pixel_mask), job.indices);
   }
 }
 

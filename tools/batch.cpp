@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <future>
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -156,20 +157,35 @@ BatchSummary run_in_batches(const std::vector<std::string>& paths, const BatchOp
   };
 
   const size_t step = static_cast<size_t>(std::max(options.batch_size, 1));
+  // A batch's images, decoded; an unreadable one as its error message, reported in order below.
+  struct Decoded {
+    std::vector<size_t> indices;
+    std::vector<Image> images;
+    std::vector<std::pair<size_t, std::string>> unreadable;
+  };
+  auto decode = [&paths, step](size_t begin) {
+    Decoded d;
+    for (size_t i = begin; i < std::min(paths.size(), begin + step); ++i) {
+      try {
+        d.images.push_back(load_image(paths[i], /*apply_exif_orientation=*/true));
+        d.indices.push_back(i);
+      } catch (const InputError& e) {
+        d.unreadable.emplace_back(i, e.what());
+      }
+    }
+    return d;
+  };
+  std::future<Decoded> next;
   try {
     bar.draw(0);
+    if (options.prefetch && !paths.empty()) next = std::async(std::launch::async, decode, size_t(0));
     for (size_t begin = 0; begin < paths.size(); begin += step) {
       const size_t end = std::min(paths.size(), begin + step);
-      std::vector<size_t> indices;
-      std::vector<Image> images;
-      for (size_t i = begin; i < end; ++i) {
-        try {
-          images.push_back(load_image(paths[i], /*apply_exif_orientation=*/true));
-          indices.push_back(i);
-        } catch (const InputError& e) {
-          skip(paths[i], e.what());
-        }
-      }
+      Decoded d = options.prefetch ? next.get() : decode(begin);
+      if (options.prefetch && end < paths.size()) next = std::async(std::launch::async, decode, end);
+      for (auto& [i, message] : d.unreadable) skip(paths[i], message);
+      std::vector<size_t>& indices = d.indices;
+      std::vector<Image>& images = d.images;
       if (images.empty()) {
         bar.draw(end);
         continue;
@@ -194,6 +210,7 @@ BatchSummary run_in_batches(const std::vector<std::string>& paths, const BatchOp
     }
   } catch (...) {
     bar.clear();  // before the error message
+    if (next.valid()) next.wait();  // the decoding in flight reads `paths`
     throw;
   }
   bar.clear();

@@ -35,6 +35,9 @@ struct BatchOptions {
   int batch_size = 1;
   bool keep_going = false;  // report an unreadable image on stderr and skip it, instead of stopping
   bool progress = false;    // a progress bar on stderr
+  // Decode the next batch on a thread of its own while the current one is processed (a model on a
+  // GPU leaves the CPU free for it).
+  bool prefetch = false;
 };
 
 struct BatchSummary {

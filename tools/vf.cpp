@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <iostream>
@@ -70,9 +71,15 @@ int run_images(const RunOptions& o, const std::vector<std::string>& paths, const
   if (paths.empty()) throw vf::InputError("no image files in the given paths (" + std::to_string(o.inputs.size()) + " given)");
   Results results(o, paths);
   vf::cli::BatchOptions bo;
-  bo.batch_size = o.batch_size;
+  // On a GPU the decoder reads ahead (BatchOptions::prefetch) and the library prepares each forward's
+  // input while the one before runs: several forwards' images are handed over at once.
+  // VF_PREFETCH=0: one step after the other (to compare).
+  const char* prefetch_env = std::getenv("VF_PREFETCH");
+  const bool ahead = !vf::default_device().is_cpu() && !(prefetch_env && std::string(prefetch_env) == "0");
+  bo.batch_size = o.batch_size * (ahead ? 4 : 1);
   bo.keep_going = o.keep_going;
   bo.progress = ::isatty(STDERR_FILENO) == 1;
+  bo.prefetch = ahead;
   vf::cli::BatchSummary summary = vf::cli::run_in_batches(
       paths, bo, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images) {
         process(indices, images, results);
@@ -88,7 +95,7 @@ int cmd_classify(const std::string& model_dir, const RunOptions& o, int top_k) {
   const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
   return run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
                                   Results& out) {
-    auto results = vf::classify(p, images, top_k);
+    auto results = vf::classify(p, images, top_k, o.batch_size);
     for (size_t i = 0; i < results.size(); ++i) {
       std::string text = paths[indices[i]] + "\n";
       for (auto& ls : results[i]) {
@@ -132,7 +139,7 @@ int cmd_detect(const std::string& model_dir, const RunOptions& o, float threshol
   nlohmann::ordered_json coco = nlohmann::ordered_json::array();
   int rc = run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
                                     Results& out) {
-    auto results = vf::detect(p, images, threshold, /*batch_size=*/0);  // the batch run_images made
+    auto results = vf::detect(p, images, threshold, o.batch_size);
     for (size_t i = 0; i < results.size(); ++i) {
       const size_t n = indices[i];
       if (!draw_path.empty()) {
@@ -173,7 +180,7 @@ int cmd_segment(const std::string& model_dir, const RunOptions& o, const vf::Seg
   const std::vector<std::string> paths = vf::cli::expand_image_paths(o.inputs);
   return run_images(o, paths, [&](const std::vector<size_t>& indices, const std::vector<vf::Image>& images,
                                   Results& out) {
-    std::vector<vf::SegmentedImage> segs = vf::segment(p, images, params, /*batch_size=*/0);
+    std::vector<vf::SegmentedImage> segs = vf::segment(p, images, params, o.batch_size);
     for (size_t i = 0; i < segs.size(); ++i) {
       const size_t n = indices[i];
       const vf::SegmentedImage& seg = segs[i];

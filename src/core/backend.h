@@ -62,6 +62,13 @@ class DeviceBackend {
   virtual std::shared_ptr<DeviceGraph> capture(const std::function<void()>& enqueue) { return nullptr; }
   // What allocate() has handed out and not had back, now and at most (device_memory_stats()).
   virtual DeviceMemoryStats memory_stats(bool reset_peak) { return {}; }
+  // An upload beside the work in flight: starts copying a host tensor to the device on a stream of
+  // its own (through page-locked memory), so that the next input travels while the current forward
+  // runs, and returns the device tensor. Ops may read it only after await_upload(t), which orders
+  // the compute stream after the copy without waiting on the host. An undefined tensor where the
+  // backend has no second stream (then upload as usual).
+  virtual Tensor upload_beside(const Tensor& host) { return Tensor(); }
+  virtual void await_upload(const Tensor& t) {}
 
   // ---- weighted layers ----
   // nullptr: the backend runs the layer through the CPU objects (the emulated device does).

@@ -197,8 +197,9 @@ Tensor Tensor::full(Shape shape, float value) {
   return t;
 }
 
-Tensor Tensor::wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner) {
+Tensor Tensor::wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner, Device device) {
   Tensor t;
+  t.device_ = device;
   t.data_ = data;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;

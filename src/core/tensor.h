@@ -47,8 +47,9 @@ class Tensor {
   static Tensor empty(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
   static Tensor zeros(Shape shape, DType dtype = DType::F32, Device device = Device::cpu());
   static Tensor full(Shape shape, float value);
-  // Wraps memory owned by `owner` (an mmap'd file, another tensor) without copying.
-  static Tensor wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner);
+  // Wraps memory owned by `owner` (an mmap'd file, another tensor, a device buffer) without copying.
+  static Tensor wrap(void* data, Shape shape, DType dtype, std::shared_ptr<void> owner,
+                     Device device = Device::cpu());
   template <class T>
   static Tensor from(Shape shape, std::initializer_list<T> values) {
     return from_vector<T>(std::move(shape), std::vector<T>(values));

@@ -182,6 +182,8 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
     for (auto& [name, t] : on_device.items()) out.set(name, t.cpu());
     return out;
   };
+  // An input uploaded beside the previous forward (upload_beside): the work below comes after its copy.
+  if (!inputs.pixel_values.is_cpu()) backend(device).await_upload(inputs.pixel_values);
   ModelInputs in = inputs;
   // An all-ones pixel mask means what no mask means (every pixel real), and keeps the forward
   // recordable.
@@ -208,7 +210,8 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
     }
     // The first run sets everything up (uploads, algorithm searches); the second is recorded.
     if (r->runs == 2 && !r->unrecordable) {
-      r->input = inputs.pixel_values.to(device);
+      r->input = Tensor::empty(inputs.pixel_values.shape(), inputs.pixel_values.dtype(), device);
+      r->input.copy_from(inputs.pixel_values);  // the recording's own input (never an upload buffer)
       in.pixel_values = r->input;
       r->graph = backend(device).capture([&] { r->output = forward(in); });
       if (std::getenv("VF_CUDA_TRACE") || std::getenv("VF_CUDA_GRAPH_LOG"))

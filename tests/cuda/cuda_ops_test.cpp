@@ -13,6 +13,8 @@
 
 #include "../test_util.h"
 #include "core/attention.h"
+#include "core/backend.h"
+#include "core/cuda/kernels.h"
 #include "core/deformable_attention.h"
 #include "core/device.h"
 #include "core/ops.h"
@@ -163,6 +165,21 @@ TEST(CudaOps, Pooling) {
   expect_close(avg_pool2d_nhwc(x.to(kGpu), 3, 2, 1, false), avg_pool2d_nhwc(x, 3, 2, 1, false), 1e-6, 1e-6, "avg_pool");
   expect_close(avg_pool2d_nhwc(x.to(kGpu), 2, 2, 0, true), avg_pool2d_nhwc(x, 2, 2, 0, true), 1e-6, 1e-6, "avg_pool 2");
   expect_close(global_avg_pool_nhwc(x.to(kGpu)), global_avg_pool_nhwc(x), 1e-6, 1e-6, "global_avg_pool");
+  // Channels in fours (the float4 kernel), and PyTorch's rule that a NaN in a window is its maximum:
+  // the NaN at (row 4, column 6, channel 5) is in every window that covers it (output y covers input
+  // rows 2y - 1 .. 2y + 1: outputs 2 and, for columns, 3), and only there.
+  Tensor x8 = randn({1, 9, 10, 8}, 11);
+  expect_close(max_pool2d_nhwc(x8.to(kGpu), 3, 2, 1, 1, 1, 1), max_pool2d_nhwc(x8, 3, 2, 1, 1, 1, 1), 0, 0,
+               "max_pool, 8 channels");
+  x8.f32()[(4 * 10 + 6) * 8 + 5] = NAN;
+  Tensor pooled = max_pool2d_nhwc(x8.to(kGpu), 3, 2, 1, 1, 1, 1).cpu();
+  ASSERT_EQ(pooled.shape(), (Shape{1, 5, 5, 8}));
+  for (int64_t oy = 0; oy < 5; ++oy)
+    for (int64_t ox = 0; ox < 5; ++ox)
+      for (int64_t ch = 0; ch < 8; ++ch) {
+        const bool covers = ch == 5 && oy * 2 - 1 <= 4 && 4 <= oy * 2 + 1 && ox * 2 - 1 <= 6 && 6 <= ox * 2 + 1;
+        EXPECT_EQ(std::isnan(pooled.f32()[(oy * 5 + ox) * 8 + ch]), covers) << oy << "," << ox << "," << ch;
+      }
 }
 
 TEST(CudaOps, Layout) {
@@ -195,6 +212,17 @@ TEST(CudaOps, Elementwise) {
   expect_close(g, a2, 0, 0, "add_inplace");
   expect_close(scale(a.to(kGpu), 0.125f), scale(a, 0.125f), 0, 0, "scale");
   expect_close(mul_lastdim(a.to(kGpu), c), mul_lastdim(a, c), 0, 0, "mul_lastdim");
+  // The shapes of the index arithmetic's merged dims: equal shapes (one dim, four at a time, and an
+  // odd count), a trailing broadcast, a middle one, both operands broadcast, a single element.
+  Tensor p = randn({2, 5, 8}, 20), q = randn({2, 5, 8}, 21), r = uniform({2, 1, 8}, 22, 0.5f, 2.0f);
+  Tensor odd = randn({3, 7}, 23), row = randn({1, 6}, 24), col = randn({5, 1}, 25), one = randn({1}, 26);
+  expect_close(add(p.to(kGpu), q.to(kGpu)), add(p, q), 0, 0, "add, equal shapes");
+  expect_close(mul(odd.to(kGpu), odd.to(kGpu)), mul(odd, odd), 0, 0, "mul, equal odd shapes");
+  Tensor last = randn({8}, 27);
+  expect_close(sub(p.to(kGpu), last.to(kGpu)), sub(p, last), 0, 0, "sub, trailing broadcast");
+  expect_close(div(p.to(kGpu), r.to(kGpu)), div(p, r), 0, 1e-7, "div, middle broadcast");
+  expect_close(add(col.to(kGpu), row.to(kGpu)), add(col, row), 0, 0, "add, both broadcast");
+  expect_close(mul(one.to(kGpu), one.to(kGpu)), mul(one, one), 0, 0, "mul, one element");
   Tensor ye = uniform({300}, 17, 0.0f, 6.3f), xe = uniform({300}, 18, 0.0f, 6.3f), dim_t = uniform({64}, 19, 1.0f, 9000.0f);
   expect_close(sine_expand(ye.to(kGpu), xe.to(kGpu), dim_t.to(kGpu)), sine_expand(ye, xe, dim_t), 1e-6, 1e-5,
                "sine_expand");
@@ -400,6 +428,10 @@ TEST(CudaOps, DeformableSampling) {
   Tensor w = uniform({B, Q, NH, L, P}, 42, 0.0f, 1.0f);
   expect_close(ms_deform_attn(value.to(kGpu), levels, loc.to(kGpu), w.to(kGpu)), ms_deform_attn(value, levels, loc, w),
                1e-5, 1e-5, "ms_deform_attn");
+  // A head size that is not a multiple of 4: one channel a thread.
+  Tensor value6 = randn({B, S, NH, 6}, 43);
+  expect_close(ms_deform_attn(value6.to(kGpu), levels, loc.to(kGpu), w.to(kGpu)),
+               ms_deform_attn(value6, levels, loc, w), 1e-5, 1e-5, "ms_deform_attn, head size 6");
 }
 
 // ---- 16-bit products (--dtype bfloat16 / float16) ----
@@ -563,11 +595,133 @@ void check_16bit_attention(DType t) {
   EXPECT_GT(max_abs_diff(got.cpu(), want), 1e-7) << what << ": no 16-bit rounding to be seen";
 }
 
+// The fused kernel itself (the op picks it or the materialised scores by timing), against the CPU's
+// attention: keys over several tiles of 64 with a partial last one, query rows over several blocks,
+// and with `options` every option the models use. Batch 0 pads every third key, batch 1 the whole
+// first tile and more (its running maximum starts at the lowest float and must be replaced), batch 2
+// every key (equal weights, as the reference's additive mask gives).
+void check_fused_attention(DType t, int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t dv,
+                           bool options) {
+  const std::string what = std::string(dtype_name(t)) + " fused attention " + std::to_string(Lq) + "x" +
+                           std::to_string(Lk) + " d " + std::to_string(dk) + "/" + std::to_string(dv);
+  Tensor q = randn({B, Lq, H * dk}, 700), k = randn({B, Lk, H * dk}, 701), v = randn({B, Lk, H * dv}, 702);
+  if (t != DType::F32) q = rounded(q, t), k = rounded(k, t), v = rounded(v, t);
+  AttentionOptions opt;
+  opt.scale = 1.0f / std::sqrt(float(dk));
+  if (options) {
+    opt.bias = randn({H, Lq, Lk}, 703);
+    opt.batch_bias = randn({2, Lq, Lk}, 704);
+    opt.head_mask = uniform({H}, 705, 0.5f, 1.5f);
+    opt.key_mask = Tensor::empty({B, Lk}, DType::U8);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < Lk; ++j)
+        opt.key_mask.data<uint8_t>()[b * Lk + j] = b == 0 ? j % 3 != 1 : b == 1 ? j >= 70 : 0;
+  }
+  Tensor want = multi_head_attention(q, k, v, H, opt);
+
+  auto device = [&](const Tensor& x) { return x.to(kGpu).to(t); };
+  auto on_gpu = [](const Tensor& x) { return x.defined() ? x.to(kGpu) : Tensor(); };
+  Tensor qg = device(q), kg = device(k), vg = device(v);
+  Tensor bias = on_gpu(opt.bias), batch_bias = on_gpu(opt.batch_bias), head_mask = on_gpu(opt.head_mask),
+         key_mask = on_gpu(opt.key_mask);
+  Tensor out = Tensor::full({B, Lq, H * dv}, NAN).to(kGpu);  // every element must be written
+  auto f = [](const Tensor& x) { return x.defined() ? static_cast<const float*>(x.raw()) : nullptr; };
+  const cuda::FusedAttention a{qg.raw(), kg.raw(), vg.raw(), H * dk, H * dk, H * dv, static_cast<float*>(out.raw()),
+                               B, Lq, Lk, H, dk, dv, opt.scale, f(bias), f(batch_bias), 2,
+                               key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
+                               f(head_mask)};
+  ASSERT_TRUE(cuda::fused_attention_supported(a, t)) << what;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;  // the uploads ran on the backend's stream
+  cuda::fused_attention(a, t, nullptr);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess) << what;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+  // 16 bits: the probabilities are rounded for the second product (see check_16bit_attention).
+  const double tol = t == DType::F32 ? 2e-5 : 1e-4 + 1.01 * unit_roundoff(t) * max_magnitude(v);
+  expect_close(out, want, tol, t == DType::F32 ? 1e-4 : 0, what);
+}
+
+TEST(CudaOps, FusedAttention) {
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    check_fused_attention(t, 3, 37, 150, 3, 64, 32, true);   // Conditional DETR's cross-attention sizes
+    check_fused_attention(t, 3, 70, 129, 2, 32, 64, true);
+    check_fused_attention(t, 2, 600, 200, 8, 32, 32, false);  // the float32 kernel's eight rows a warp
+    check_fused_attention(t, 1, 197, 197, 4, 64, 64, false);  // DeiT's
+  }
+  // Shapes the kernel does not take: the op falls back to the materialised scores.
+  cuda::FusedAttention odd{};
+  odd.B = 1, odd.H = 1, odd.Lq = 4, odd.Lk = 4, odd.dk = 16, odd.dv = 16;
+  EXPECT_FALSE(cuda::fused_attention_supported(odd, DType::F32));
+}
+
+// Through the op, where the first call of a shape times both ways and keeps the faster: the same
+// results either way, the probabilities (materialised) when asked for.
+TEST(CudaOps, AttentionChoosesAWay) {
+  const int64_t B = 2, L = 300, H = 8, d = 32;
+  Tensor q = randn({B, L, H * d}, 710), k = randn({B, L, H * d}, 711), v = randn({B, L, H * d}, 712);
+  AttentionOptions opt;
+  opt.scale = 1.0f / std::sqrt(float(d));
+  opt.key_mask = Tensor::empty({B, L}, DType::U8);
+  for (int64_t i = 0; i < B * L; ++i) opt.key_mask.data<uint8_t>()[i] = i % L < 250 || i < L;
+  Tensor want = multi_head_attention(q, k, v, H, opt);
+  for (int round = 0; round < 2; ++round)
+    expect_close(multi_head_attention(q.to(kGpu), k.to(kGpu), v.to(kGpu), H, opt), want, 2e-5, 1e-4,
+                 "attention, call " + std::to_string(round + 1));
+  Tensor probs;
+  opt.probs = &probs;
+  expect_close(multi_head_attention(q.to(kGpu), k.to(kGpu), v.to(kGpu), H, opt), want, 2e-5, 1e-4,
+               "attention with probabilities");
+  ASSERT_EQ(probs.shape(), (Shape{B, H, L, L}));
+}
+
+// The 16-bit epilogue passes of a Linear that writes its compute type, against the same arithmetic
+// on the CPU: rounding float32 to 16 bits (to_16bit) is exact to compare, and
+// act(y + bias) rounded once may differ by one 16-bit step where the float32 activation lands on
+// either side of a rounding boundary. Widths take both the eight-wide kernels and the scalar ones.
+void check_16bit_passes(DType t) {
+  const bool bf16 = t == DType::BF16;
+  for (int64_t n : {int64_t(8), int64_t(4096), int64_t(1001)}) {
+    Tensor x = randn({n}, 720 + uint32_t(n));
+    Tensor y = Tensor::empty({n}, t, kGpu), xg = x.to(kGpu);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cuda::to_16bit(y.raw(), static_cast<const float*>(xg.raw()), n, bf16, nullptr);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    Tensor got = y.to(DType::F32).cpu();
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(got.f32()[i], round_16bit(x.f32()[i], t)) << dtype_name(t) << " to_16bit, n " << n << ", element " << i;
+  }
+  const double u = unit_roundoff(t);
+  for (int64_t cols : {int64_t(8), int64_t(768), int64_t(3072), int64_t(13)})
+    for (Act act : {Act::None, Act::Gelu, Act::Relu}) {
+      const int64_t rows = 5;
+      Tensor x = rounded(randn({rows, cols}, 730 + uint32_t(cols)), t), bias = randn({cols}, 731);
+      Tensor y = x.to(kGpu).to(t), bg = bias.to(kGpu);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cuda::bias_act_16bit_inplace(y.raw(), bf16, static_cast<const float*>(bg.raw()), rows, cols, act, nullptr);
+      ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      Tensor got = y.to(DType::F32).cpu();
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        const float v = x.f32()[i] + bias.f32()[i % cols];
+        const float a = act == Act::None ? v
+                        : act == Act::Relu ? std::max(v, 0.0f)
+                                           : 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+        const double want = round_16bit(a, t);
+        // One 16-bit step, plus GELU's tail: 1 + erf(v / sqrt 2) cancels for v << 0, so the few float32
+        // ulps (of 1) in which two erf implementations differ become 0.5 |v| * 4 * 2^-23.
+        ASSERT_LE(std::fabs(got.f32()[i] - want), 1.01 * u * 2 * std::fabs(want) + std::fabs(v) * 2.4e-7)
+            << dtype_name(t) << " bias_act_16bit_inplace, " << cols << " columns, act " << int(act) << ", element "
+            << i << ": " << got.f32()[i] << " against " << want;
+      }
+    }
+}
+
 TEST(CudaOps, Bfloat16Layers) {
   check_16bit_convs(DType::BF16);
   check_16bit_linear(DType::BF16);
   check_16bit_linear_to_layer(DType::BF16);
   check_16bit_attention(DType::BF16);
+  check_16bit_passes(DType::BF16);
 }
 
 TEST(CudaOps, Float16Layers) {
@@ -575,6 +729,24 @@ TEST(CudaOps, Float16Layers) {
   check_16bit_linear(DType::F16);
   check_16bit_linear_to_layer(DType::F16);
   check_16bit_attention(DType::F16);
+  check_16bit_passes(DType::F16);
+}
+
+// Uploads beside the compute stream (the next input during a forward): what arrives is the host's
+// data, the compute stream reads it after await_upload, and a buffer given back is reused for the
+// next upload without the two mixing.
+TEST(CudaOps, UploadBeside) {
+  DeviceBackend& be = backend(kGpu);
+  for (uint32_t round = 0; round < 3; ++round) {
+    Tensor host = randn({4, 512, 1024}, 800 + round);
+    Tensor busy = matmul(randn({512, 512}, 810).to(kGpu), randn({512, 512}, 811).to(kGpu));  // work in flight
+    Tensor up = be.upload_beside(host);
+    ASSERT_TRUE(up.defined());
+    ASSERT_EQ(up.device(), kGpu);
+    ASSERT_EQ(up.shape(), host.shape());
+    be.await_upload(up);
+    expect_close(scale(up, 2.0f), scale(host, 2.0f), 0, 0, "scaled upload, round " + std::to_string(round));
+  }
 }
 
 TEST(CudaOps, MemoryStats) {

@@ -1,6 +1,7 @@
 // The CUDA backend: device memory, copies, convolutions (cuDNN, or a patch matrix and one product),
-// matrix products (cuBLASLt with fused epilogues, cuBLAS for attention's batched products), and the
-// kernels of kernels.h behind the DeviceBackend interface.
+// matrix products (cuBLASLt with fused epilogues), attention (fused, or cuBLAS's batched products
+// around the materialised scores, whichever is faster per shape), and the kernels of kernels.h
+// behind the DeviceBackend interface.
 //
 // Exact float32: products run in float32 FMA arithmetic, never TF32 (cuBLAS's default math,
 // CUBLAS_COMPUTE_32F in cuBLASLt, NVIDIA_TF32_OVERRIDE=0 set before the libraries start); cuDNN
@@ -18,7 +19,8 @@
 //
 // Every op of one GPU is enqueued on one stream, so memory handed back to the pool may be handed out
 // again at once: whatever reads it next is ordered after whatever used it before. Copies to the
-// host wait for the stream.
+// host wait for the stream. A second stream carries upload_beside's copies (the next input while
+// the current forward runs), into buffers of their own ordered by events.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cudnn.h>
@@ -40,6 +42,7 @@
 #include "core/cuda/kernels.h"
 #include "core/cuda/launch.cuh"
 #include "core/cuda/lt_matmul.h"
+#include "core/cuda/timing.h"
 #include "core/errors.h"
 #include "core/limits.h"
 #include "core/shapes.h"
@@ -95,6 +98,13 @@ OpTrace& op_trace() {
 void launched(const char* what) {
   check(cudaGetLastError(), what);
   if (op_trace().on) op_trace().mark(what);
+}
+
+// VF_CUDA_PLAN_LOG (or VF_CUDA_TRACE): print each choice timed at a first shape (convolution way,
+// fused attention) to stderr.
+bool log_plans() {
+  static const bool on = std::getenv("VF_CUDA_PLAN_LOG") || std::getenv("VF_CUDA_TRACE");
+  return on;
 }
 
 const float* cf(const Tensor& t) { return static_cast<const float*>(t.raw()); }
@@ -256,6 +266,31 @@ class CudaLinear final : public DeviceLayer {
   int64_t out_, in_;
 };
 
+// Buffers of uploads beside the work in flight (CudaBackend::upload_beside): device memory of their
+// own (not the pool's, whose blocks are ordered on the compute stream only) and a page-locked host
+// copy, reused once the compute stream has passed every reader of their last contents.
+struct StagedUpload {
+  void* device = nullptr;
+  void* host = nullptr;
+  size_t bytes = 0;
+  cudaEvent_t copied = nullptr;    // on the copy stream, after the upload
+  cudaEvent_t released = nullptr;  // on the compute stream, when the tensor was dropped
+  bool was_released = false;
+  ~StagedUpload() {
+    if (copied) cudaEventDestroy(copied);
+    if (released) cudaEventDestroy(released);
+    if (device) cudaFree(device);
+    if (host) cudaFreeHost(host);
+  }
+};
+
+struct Staging {
+  std::mutex mu;
+  std::vector<std::shared_ptr<StagedUpload>> free;
+  std::map<const void*, std::shared_ptr<StagedUpload>> in_use;  // by device address, for await_upload
+  std::vector<std::shared_ptr<StagedUpload>> kept;  // dropped while a graph was recorded: never reused
+};
+
 class CudaBackend final : public DeviceBackend {
  public:
   explicit CudaBackend(int index)
@@ -264,6 +299,7 @@ class CudaBackend final : public DeviceBackend {
     ::setenv("NVIDIA_TF32_OVERRIDE", "0", 1);
     check(cudaSetDevice(index_), "cudaSetDevice");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
     check(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
@@ -305,6 +341,47 @@ class CudaBackend final : public DeviceBackend {
   DeviceMemoryStats memory_stats(bool reset_peak) override {
     if (reset_peak) counters_->peak = counters_->in_use.load();
     return {counters_->in_use.load(), counters_->peak.load()};
+  }
+
+  // ---- uploads beside the work in flight ----
+  Tensor upload_beside(const Tensor& host) override {
+    if (!host.is_cpu()) return Tensor();
+    activate();
+    const size_t n = host.nbytes();
+    std::shared_ptr<StagedUpload> u = staged_buffer(n);
+    check(cudaEventSynchronize(u->copied), "upload event");  // its last upload has read the host copy
+    std::memcpy(u->host, host.raw(), n);
+    if (u->was_released) check(cudaStreamWaitEvent(copy_stream_, u->released, 0), "upload order");
+    check(cudaMemcpyAsync(u->device, u->host, n, cudaMemcpyHostToDevice, copy_stream_), "upload beside");
+    check(cudaEventRecord(u->copied, copy_stream_), "upload event");
+    {
+      std::lock_guard<std::mutex> lock(staging_->mu);
+      staging_->in_use[u->device] = u;
+    }
+    // Dropping the tensor marks where the compute stream is (its readers were all enqueued before).
+    std::shared_ptr<void> owner(u->device, [staging = staging_, u, stream = stream_, index = index_](void*) {
+      cudaSetDevice(index);
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      cudaStreamIsCapturing(stream, &capture);
+      const bool ordered = capture == cudaStreamCaptureStatusNone && cudaEventRecord(u->released, stream) == cudaSuccess;
+      cudaGetLastError();
+      std::lock_guard<std::mutex> lock(staging->mu);
+      staging->in_use.erase(u->device);
+      u->was_released = ordered;
+      (ordered ? staging->free : staging->kept).push_back(u);
+    });
+    return Tensor::wrap(u->device, host.shape(), host.dtype(), std::move(owner), device());
+  }
+
+  void await_upload(const Tensor& t) override {
+    std::shared_ptr<StagedUpload> u;
+    {
+      std::lock_guard<std::mutex> lock(staging_->mu);
+      auto it = staging_->in_use.find(t.raw());
+      if (it == staging_->in_use.end()) return;
+      u = it->second;
+    }
+    check(cudaStreamWaitEvent(stream_, u->copied, 0), "wait for an upload");
   }
   void copy_to_device(void* dst, const void* src, size_t n) override {
     if (capture_pool_) {
@@ -626,8 +703,8 @@ class CudaBackend final : public DeviceBackend {
     return y;
   }
 
-  // softmax(scale * Q K^T + biases) V per (batch, head), the products as batched cuBLAS calls over
-  // pointer arrays (Q, K and V keep their [B, L, heads * d] layout; a head is a column block).
+  // softmax(scale * Q K^T + biases) V per (batch, head); Q, K and V keep their [B, L, heads * d]
+  // layout (a head is a column block).
   Tensor multi_head_attention(const Tensor& q0, const Tensor& k0, const Tensor& v0, int64_t H,
                               const AttentionOptions& opt) override {
     Tensor q = here(q0), k = here(k0), v = here(v0);
@@ -679,17 +756,62 @@ class CudaBackend final : public DeviceBackend {
         throw Error("attention: batch_bias must be float32 [M, " + std::to_string(Lq) + ", " + std::to_string(Lk) + "]");
       batch_bias = here(bb);
     }
-    const double score_bytes = double(B) * double(H) * double(Lq) * double(Lk) * sizeof(float);
-    if (score_bytes > double(max_forward_bytes()))
-      throw InputError("attention over " + std::to_string(Lq) + " x " + std::to_string(Lk) + " tokens needs " +
-                       std::to_string(uint64_t(score_bytes)) + " bytes of scores, more than the limit of " +
-                       std::to_string(max_forward_bytes()) + " (VF_MAX_FORWARD_BYTES)");
     Tensor out = empty({B, Lq, H * dv});
     if (B == 0 || Lq == 0) {
       if (opt.probs) *opt.probs = Tensor::zeros({B, H, Lq, Lk}, DType::F32, device());
       return out;
     }
     if (Lk == 0) throw Error("attention: no keys to attend to");
+    const cuda::FusedAttention a{q.p, k.p, v.p, q.row_stride, k.row_stride, v.row_stride, mf(out), B, Lq, Lk, H, dk, dv,
+                                 opt.scale, bias.defined() ? cf(bias) : nullptr,
+                                 batch_bias.defined() ? cf(batch_bias) : nullptr,
+                                 batch_bias.defined() ? batch_bias.size(0) : 1,
+                                 key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
+                                 head_mask.defined() ? cf(head_mask) : nullptr};
+    const double score_bytes = double(B) * double(H) * double(Lq) * double(Lk) * sizeof(float);
+    const bool scores_fit = score_bytes <= double(max_forward_bytes());
+    // The probabilities, when asked for, need the materialised scores.
+    if (!opt.probs && cuda::fused_attention_supported(a, t) && (!scores_fit || fused_is_faster(a, t))) {
+      cuda::fused_attention(a, t, stream_);
+      launched("attention (fused)");
+      return out;
+    }
+    if (!scores_fit)
+      throw InputError("attention over " + std::to_string(Lq) + " x " + std::to_string(Lk) + " tokens needs " +
+                       std::to_string(uint64_t(score_bytes)) + " bytes of scores, more than the limit of " +
+                       std::to_string(max_forward_bytes()) + " (VF_MAX_FORWARD_BYTES)");
+    Tensor scores = materialised_attention(a, t);
+    if (opt.probs) *opt.probs = scores;
+    return out;
+  }
+
+  // Fused attention or the materialised scores, timed once per shape and options (not while a graph
+  // is recorded: then fused). VF_CUDA_FUSED_ATTENTION=0 or 1 forces one (to compare).
+  bool fused_is_faster(const cuda::FusedAttention& a, DType t) {
+    static const int forced = [] {
+      const char* e = std::getenv("VF_CUDA_FUSED_ATTENTION");
+      return e && (e == std::string("0") || e == std::string("1")) ? e[0] - '0' : -1;
+    }();
+    if (forced >= 0) return forced == 1;
+    const auto key = std::make_tuple(int(t), a.B, a.Lq, a.Lk, a.H, a.dk, a.dv,
+                                     (a.bias ? 1 : 0) | (a.batch_bias ? 2 : 0) | (a.key_mask ? 4 : 0) |
+                                         (a.head_mask ? 8 : 0));
+    std::lock_guard<std::mutex> lock(attention_mu_);
+    if (auto it = attention_fused_.find(key); it != attention_fused_.end()) return it->second;
+    if (cuda::capturing(stream_)) return true;
+    const float fused_ms = cuda::mean_ms(stream_, 3, [&] { cuda::fused_attention(a, t, stream_); });
+    const float materialised_ms = cuda::mean_ms(stream_, 3, [&] { materialised_attention(a, t); });
+    if (log_plans())
+      std::fprintf(stderr, "attention %s B=%lld H=%lld %lldx%lld d=%lld/%lld: fused %.3f ms, materialised %.3f ms\n",
+                   dtype_name(t), (long long)a.B, (long long)a.H, (long long)a.Lq, (long long)a.Lk, (long long)a.dk,
+                   (long long)a.dv, fused_ms, materialised_ms);
+    return attention_fused_.emplace(key, fused_ms <= materialised_ms).first->second;
+  }
+
+  // The scores [B, H, Lq, Lk] as a tensor: two batched cuBLAS products over pointer arrays around
+  // attention_softmax. Returns the probabilities (float32); writes a.out.
+  Tensor materialised_attention(const cuda::FusedAttention& a, DType t) {
+    const int64_t B = a.B, H = a.H, Lq = a.Lq, Lk = a.Lk, dk = a.dk, dv = a.dv;
     Tensor scores = empty({B, H, Lq, Lk});
     const bool half = t != DType::F32;
     const int64_t n = B * H, es = int64_t(dtype_size(t)), fs = int64_t(sizeof(float));
@@ -700,52 +822,48 @@ class CudaBackend final : public DeviceBackend {
     Tensor ptrs = empty({6 * n}, DType::I64);
     auto* pp = static_cast<const void**>(ptrs.raw());
     cuda::AttentionPointers ap{
-        {bytes(k.p), bytes(q.p), bytes(scores.raw()), bytes(v.p), probs, bytes(out.raw())},
-        {Lk * k.row_stride * es, Lq * q.row_stride * es, H * Lq * Lk * fs, Lk * v.row_stride * es, H * Lq * Lk * es,
+        {bytes(a.k), bytes(a.q), bytes(scores.raw()), bytes(a.v), probs, bytes(a.out)},
+        {Lk * a.k_stride * es, Lq * a.q_stride * es, H * Lq * Lk * fs, Lk * a.v_stride * es, H * Lq * Lk * es,
          Lq * H * dv * fs},
         {dk * es, dk * es, Lq * Lk * fs, dv * es, Lq * Lk * es, dv * fs}};
     cuda::attention_pointers(pp, ap, B, H, stream_);
     launched("attention pointers");
-    const float alpha = opt.scale, zero = 0.0f, one = 1.0f;
+    const float alpha = a.scale, zero = 0.0f, one = 1.0f;
     const cudaDataType_t dt = t == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
     // scores[b, h] (row-major [Lq, Lk]) = column-major [Lk, Lq] = K_h (T) x Q_h.
     if (half)
       check(cublasGemmBatchedEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha, pp, dt,
-                                int(k.row_stride), pp + n, dt, int(q.row_stride), &zero,
+                                int(a.k_stride), pp + n, dt, int(a.q_stride), &zero,
                                 const_cast<void**>(pp + 2 * n), CUDA_R_32F, int(Lk), int(n), CUBLAS_COMPUTE_32F,
                                 CUBLAS_GEMM_DEFAULT),
             "attention scores (16-bit)");
     else
       check(cublasSgemmBatched(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(Lk), int(Lq), int(dk), &alpha,
-                               reinterpret_cast<const float**>(pp), int(k.row_stride),
-                               reinterpret_cast<const float**>(pp + n), int(q.row_stride), &zero,
+                               reinterpret_cast<const float**>(pp), int(a.k_stride),
+                               reinterpret_cast<const float**>(pp + n), int(a.q_stride), &zero,
                                const_cast<float**>(reinterpret_cast<const float**>(pp + 2 * n)), int(Lk), int(n)),
             "attention scores");
     launched("attention scores");
-    cuda::attention_softmax(mf(scores), B, H, Lq, Lk, opt.scale, bias.defined() ? cf(bias) : nullptr,
-                            batch_bias.defined() ? cf(batch_bias) : nullptr,
-                            batch_bias.defined() ? batch_bias.size(0) : 1,
-                            key_mask.defined() ? static_cast<const uint8_t*>(key_mask.raw()) : nullptr,
-                            head_mask.defined() ? cf(head_mask) : nullptr, stream_);
+    cuda::attention_softmax(mf(scores), B, H, Lq, Lk, a.scale, a.bias, a.batch_bias, a.M, a.key_mask, a.head_mask,
+                            stream_);
     launched("attention softmax");
     // out[b, :, h] (row-major [Lq, dv], ld H*dv) = column-major [dv, Lq] = V_h x P_h.
     if (half) {
       cuda::to_16bit(probs16.raw(), cf(scores), scores.numel(), t == DType::BF16, stream_);
       launched("to 16-bit");
       check(cublasGemmBatchedEx(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one, pp + 3 * n, dt,
-                                int(v.row_stride), pp + 4 * n, dt, int(Lk), &zero, const_cast<void**>(pp + 5 * n),
+                                int(a.v_stride), pp + 4 * n, dt, int(Lk), &zero, const_cast<void**>(pp + 5 * n),
                                 CUDA_R_32F, int(H * dv), int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "attention context (16-bit)");
     } else {
       check(cublasSgemmBatched(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, int(dv), int(Lq), int(Lk), &one,
-                               reinterpret_cast<const float**>(pp + 3 * n), int(v.row_stride),
+                               reinterpret_cast<const float**>(pp + 3 * n), int(a.v_stride),
                                reinterpret_cast<const float**>(pp + 4 * n), int(Lk), &zero,
                                const_cast<float**>(reinterpret_cast<const float**>(pp + 5 * n)), int(H * dv), int(n)),
             "attention context");
     }
     launched("attention context");
-    if (opt.probs) *opt.probs = scores;
-    return out;
+    return scores;
   }
 
   Tensor sine_expand(const Tensor& y0, const Tensor& x0, const Tensor& dim_t0) override {
@@ -788,6 +906,28 @@ class CudaBackend final : public DeviceBackend {
   }
 
  private:
+  // A free staging buffer of at least n bytes (not more than twice), else a new one.
+  std::shared_ptr<StagedUpload> staged_buffer(size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(staging_->mu);
+      auto& free = staging_->free;
+      for (size_t i = 0; i < free.size(); ++i)
+        if (free[i]->bytes >= n && free[i]->bytes / 2 <= n) {
+          std::shared_ptr<StagedUpload> u = free[i];
+          free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+          return u;
+        }
+      if (free.size() > 4) free.erase(free.begin());  // inputs changed size: let the oldest go
+    }
+    auto u = std::make_shared<StagedUpload>();
+    u->bytes = std::max<size_t>(n, 1);
+    check(cudaMalloc(&u->device, u->bytes), "upload buffer");
+    check(cudaMallocHost(&u->host, u->bytes), "page-locked upload buffer");
+    check(cudaEventCreateWithFlags(&u->copied, cudaEventDisableTiming), "upload event");
+    check(cudaEventCreateWithFlags(&u->released, cudaEventDisableTiming), "upload event");
+    return u;
+  }
+
   static constexpr size_t kCublasWorkspace = size_t(32) << 20;
   int index_;
   std::shared_ptr<Pool> pool_;
@@ -795,9 +935,14 @@ class CudaBackend final : public DeviceBackend {
   std::shared_ptr<MemoryCounters> counters_;
   void* cublas_workspace_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;  // upload_beside's
+  std::shared_ptr<Staging> staging_ = std::make_shared<Staging>();
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<cuda::LtMatmul> lt_;
   cudnnHandle_t cudnn_ = nullptr;
+  // Per attention shape and options (dtype, B, Lq, Lk, H, dk, dv, which options): fused or not.
+  std::mutex attention_mu_;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>, bool> attention_fused_;
 };
 
 // ---- CUDA graphs ---------------------------------------------------------------------------------
@@ -992,24 +1137,13 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
     p.chunk_rows = std::max<int64_t>(1, kPatchBytes / row_bytes);
     Tensor xf = be_.empty({n, h, w, in_}), yf = be_.empty({n, p.oh, p.ow, out_});
     cudaMemsetAsync(xf.raw(), 0, xf.nbytes(), be_.stream());
-    patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));  // a first run: the timing excludes cuBLAS's set-up
-    cudaEvent_t start, stop;
-    check(cudaEventCreate(&start), "event");
-    check(cudaEventCreate(&stop), "event");
-    check(cudaEventRecord(start, be_.stream()), "event");
-    constexpr int kRuns = 3;
-    for (int i = 0; i < kRuns; ++i) patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));
-    check(cudaEventRecord(stop, be_.stream()), "event");
-    check(cudaEventSynchronize(stop), "event");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop), "event");
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    p.patches = cudnn_ms <= 0 || ms / kRuns < cudnn_ms;
-    if (std::getenv("VF_CUDA_TRACE"))
+    const float ms =
+        cuda::mean_ms(be_.stream(), 3, [&] { patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf)); });
+    p.patches = cudnn_ms <= 0 || ms < cudnn_ms;
+    if (log_plans())
       std::fprintf(stderr, "conv %lldx%lld %lld->%lld on %lldx%lldx%lld: cuDNN %.3f ms, patches %.3f ms\n",
                    (long long)kh_, (long long)kw_, (long long)in_, (long long)out_, (long long)n, (long long)h,
-                   (long long)w, cudnn_ms, ms / kRuns);
+                   (long long)w, cudnn_ms, ms);
   }
   return plans_.emplace(key, p).first->second;
 }
@@ -1019,11 +1153,10 @@ void CudaConv::patch_product(const Plan& p, const float* x, int64_t n, int64_t h
   const int64_t M = n * p.oh * p.ow, K = kh_ * kw_ * in_;
   const cuda::Im2col g{h, w, in_, p.oh, p.ow, int(kh_), int(kw_), opt_.stride_h, opt_.stride_w,
                        p.pt, p.pl, opt_.dilation_h, opt_.dilation_w};
-  const int dt = dtype_ == DType::F32 ? 0 : dtype_ == DType::BF16 ? 1 : 2;
   Tensor col = be_.empty({std::min(M, p.chunk_rows) * K}, dtype_);
   for (int64_t row0 = 0; row0 < M; row0 += p.chunk_rows) {
     const int64_t rows = std::min(p.chunk_rows, M - row0);
-    cuda::im2col_nhwc(col.raw(), dt, x, g, row0, rows, be_.stream());
+    cuda::im2col_nhwc(col.raw(), dtype_, x, g, row0, rows, be_.stream());
     launched("conv patches");
     layer_product(be_, dtype_, rows, out_, K, col.raw(), weight_.raw(), bias,
                   residual ? residual + row0 * out_ : nullptr, act, true, y + row0 * out_);

@@ -77,6 +77,30 @@ __global__ void binary_kernel(float* out, const float* a, const float* b, Broadc
   }
 }
 
+// The same with 32-bit index arithmetic (tensors under 2^31 elements: every one of a forward's).
+template <int Op>
+__global__ void binary32_kernel(float* out, const float* a, const float* b, Broadcast bc, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+    int rem = i, oa = 0, ob = 0;
+    for (int k = bc.dims - 1; k >= 0; --k) {
+      const int extent = int(bc.shape[k]), idx = rem % extent;
+      rem /= extent;
+      oa += idx * int(bc.sa[k]);
+      ob += idx * int(bc.sb[k]);
+    }
+    out[i] = binop<Op>(a[oa], b[ob]);
+  }
+}
+
+// Both operands contiguous in the output's order (no broadcast), four at a time.
+template <int Op>
+__global__ void binary_same4_kernel(float4* out, const float4* a, const float4* b, int64_t n4) {
+  VF_GRID_STRIDE(i, n4) {
+    const float4 x = a[i], y = b[i];
+    out[i] = make_float4(binop<Op>(x.x, y.x), binop<Op>(x.y, y.y), binop<Op>(x.z, y.z), binop<Op>(x.w, y.w));
+  }
+}
+
 __global__ void add_inplace_kernel(float* a, const float* b, int64_t n) {
   VF_GRID_STRIDE(i, n) a[i] += b[i];
 }
@@ -184,21 +208,46 @@ void bias_act(float* y, const float* bias, const float* residual, int64_t rows, 
     bias_act_kernel<false><<<grid_for(rows * cols), kThreads, 0, s>>>(y, bias, residual, rows, cols, a);
 }
 
+template <int Op>
+void launch_binary(float* out, const float* a, const float* b, const Broadcast& bc, int64_t n, cudaStream_t s) {
+  const bool same = bc.dims == 1 && bc.sa[0] == 1 && bc.sb[0] == 1;
+  if (same && n % 4 == 0 && aligned16(out) && aligned16(a) && aligned16(b))
+    binary_same4_kernel<Op><<<grid_for(n / 4), kThreads, 0, s>>>(reinterpret_cast<float4*>(out),
+                                                                  reinterpret_cast<const float4*>(a),
+                                                                  reinterpret_cast<const float4*>(b), n / 4);
+  else if (n < (int64_t(1) << 31))
+    binary32_kernel<Op><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, int(n));
+  else
+    binary_kernel<Op><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, n);
+}
+
 void binary(int op, float* out, const float* a, const float* b, const int64_t* shape, const int64_t* a_strides,
             const int64_t* b_strides, int dims, int64_t n, cudaStream_t s) {
   if (n == 0) return;
+  // Fewer dims for the index arithmetic: size-1 dims dropped, and a dim merged into the one outside
+  // it where both operands continue across the boundary ([N, C] + [C] stays two dims, [B, L, C] +
+  // [B, L, C] becomes one).
   Broadcast bc{};
-  bc.dims = dims;
   for (int i = 0; i < dims; ++i) {
-    bc.shape[i] = shape[i];
-    bc.sa[i] = a_strides[i];
-    bc.sb[i] = b_strides[i];
+    if (shape[i] == 1) continue;
+    const int k = bc.dims - 1;
+    if (k >= 0 && bc.sa[k] == a_strides[i] * shape[i] && bc.sb[k] == b_strides[i] * shape[i]) {
+      bc.shape[k] *= shape[i];
+      bc.sa[k] = a_strides[i];
+      bc.sb[k] = b_strides[i];
+      continue;
+    }
+    bc.shape[bc.dims] = shape[i];
+    bc.sa[bc.dims] = a_strides[i];
+    bc.sb[bc.dims] = b_strides[i];
+    ++bc.dims;
   }
+  if (bc.dims == 0) bc.dims = 1, bc.shape[0] = 1, bc.sa[0] = bc.sb[0] = 0;  // one element
   switch (op) {
-    case 0: binary_kernel<0><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, n); break;
-    case 1: binary_kernel<1><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, n); break;
-    case 2: binary_kernel<2><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, n); break;
-    default: binary_kernel<3><<<grid_for(n), kThreads, 0, s>>>(out, a, b, bc, n); break;
+    case 0: launch_binary<0>(out, a, b, bc, n, s); break;
+    case 1: launch_binary<1>(out, a, b, bc, n, s); break;
+    case 2: launch_binary<2>(out, a, b, bc, n, s); break;
+    default: launch_binary<3>(out, a, b, bc, n, s); break;
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include "core/cuda/kernels.h"
 #include "core/cuda/launch.cuh"
+#include "core/errors.h"
 
 namespace vf::cuda {
 
@@ -64,11 +65,12 @@ void launch(T* col, const float* x, const Im2col& g, int64_t row0, int64_t rows,
 
 }  // namespace
 
-void im2col_nhwc(void* col, int dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s) {
+void im2col_nhwc(void* col, DType dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s) {
   switch (dtype) {
-    case 0: launch(static_cast<float*>(col), x, g, row0, rows, s); break;
-    case 1: launch(static_cast<__nv_bfloat16*>(col), x, g, row0, rows, s); break;
-    default: launch(static_cast<__half*>(col), x, g, row0, rows, s); break;
+    case DType::F32: launch(static_cast<float*>(col), x, g, row0, rows, s); break;
+    case DType::BF16: launch(static_cast<__nv_bfloat16*>(col), x, g, row0, rows, s); break;
+    case DType::F16: launch(static_cast<__half*>(col), x, g, row0, rows, s); break;
+    default: throw Error(std::string("im2col_nhwc: no ") + dtype_name(dtype) + " patches");
   }
 }
 

@@ -68,6 +68,28 @@ void attention_softmax(float* scores, int64_t B, int64_t H, int64_t Lq, int64_t 
                        const float* batch_bias, int64_t M, const uint8_t* key_mask, const float* head_mask,
                        cudaStream_t s);
 
+// Fused attention (attention.cu): out [B, Lq, H * dv] (float32) = softmax(scale * Q K^T + bias +
+// batch_bias, key mask) * head_mask V per (batch, head), without the [Lq, Lk] score matrix. Q, K, V
+// are [B, L, H * d] operands of `dtype` (float32, bfloat16 or float16; a head is a column block) whose
+// row r of batch b starts at element (b * L + r) * stride. The options are attention_softmax's.
+struct FusedAttention {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride, k_stride, v_stride;
+  float* out;
+  int64_t B, Lq, Lk, H, dk, dv;
+  float scale;
+  const float* bias;        // [H, Lq, Lk] or null
+  const float* batch_bias;  // [M, Lq, Lk] or null
+  int64_t M;
+  const uint8_t* key_mask;  // [B, Lk] or null
+  const float* head_mask;   // [H] or null
+};
+// Whether fused_attention takes these operands: head sizes 32 or 64; 16-bit rows 16-byte aligned.
+bool fused_attention_supported(const FusedAttention& a, DType dtype);
+void fused_attention(const FusedAttention& a, DType dtype, cudaStream_t s);
+
 // The pointer arrays of attention's batched products: array j (of six) gets, for batch b and head h,
 // base[j] + b * batch_stride[j] + h * head_stride[j] (strides in bytes), at out + j * B * H.
 struct AttentionPointers {
@@ -92,9 +114,9 @@ struct Im2col {
   int kh, kw, sh, sw, pt, pl, dh, dw;
 };
 // Rows row0 .. row0 + rows of the patch matrix [n * oh * ow, kh * kw * c] (columns in the order
-// ky, kx, channel; zeros where a tap falls in the padding), written as float32 (dtype 0), bfloat16
-// (1) or float16 (2).
-void im2col_nhwc(void* col, int dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s);
+// ky, kx, channel; zeros where a tap falls in the padding), written in dtype: float32, bfloat16 or
+// float16.
+void im2col_nhwc(void* col, DType dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s);
 
 // ---- layout (layout.cu) ----
 // Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/cuda/timing.h"
 #include "core/errors.h"
 
 namespace vf::cuda {
@@ -13,9 +14,6 @@ namespace {
 void check(cublasStatus_t e, const char* what) {
   if (e != CUBLAS_STATUS_SUCCESS)
     throw Error(std::string("cuBLASLt: ") + what + ": " + cublasGetStatusString(e));
-}
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
 cudaDataType_t lt_type(DType t) {
@@ -130,30 +128,16 @@ LtMatmul::Plan& LtMatmul::plan_for(const LtProduct& p, int align, const void* x,
 
   // Time the candidates on the real operands (y is rewritten by each; `add` and x are only read),
   // unless the stream is being recorded into a graph, where nothing may wait.
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(stream_, &capturing), "capture status");
-  if (count > 1 && capturing == cudaStreamCaptureStatusNone && p.add != y) {
-    cudaEvent_t start, stop;
-    check(cudaEventCreate(&start), "event");
-    check(cudaEventCreate(&stop), "event");
+  if (count > 1 && !capturing(stream_) && p.add != y) {
     float best_ms = -1;
     int best = 0;
     for (int i = 0; i < count; ++i) {
       if (found[i].state != CUBLAS_STATUS_SUCCESS) continue;
       plan.algo = found[i].algo;
-      launch(plan, p, x, w, y);  // warm-up
-      constexpr int kRuns = 3;
-      check(cudaEventRecord(start, stream_), "event");
-      for (int r = 0; r < kRuns; ++r) launch(plan, p, x, w, y);
-      check(cudaEventRecord(stop, stream_), "event");
-      check(cudaEventSynchronize(stop), "event");
-      float ms = 0;
-      check(cudaEventElapsedTime(&ms, start, stop), "event");
+      const float ms = mean_ms(stream_, 3, [&] { launch(plan, p, x, w, y); });
       if (best_ms < 0 || ms < best_ms) best_ms = ms, best = i;
     }
     plan.algo = found[best].algo;
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
   }
   return plans_.emplace(key, plan).first->second;
 }

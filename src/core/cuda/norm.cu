@@ -2,6 +2,7 @@
 // here are a few dozen to a few thousand wide, and a warp's shuffles need no shared memory.
 #include "core/cuda/kernels.h"
 #include "core/cuda/launch.cuh"
+#include "core/cuda/warp.cuh"
 
 namespace vf::cuda {
 
@@ -11,11 +12,6 @@ constexpr int kWarpsPerBlock = 8;
 // Fewer rows a block for the layer norm in registers: a batch of one image has only a few hundred
 // rows, and small blocks spread them over more SMs.
 constexpr int kNormWarps = 4;
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 unsigned warp_blocks(int64_t rows) {
   return static_cast<unsigned>(std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1 << 30));
@@ -112,13 +108,10 @@ void layer_norm_regs(float* y, const float* x, const float* w, const float* b, i
   layer_norm_regs_kernel<N, Vec><<<blocks, 32 * kNormWarps, 0, s>>>(y, x, w, b, rows, cols, eps);
 }
 
-// NaN-propagating max, like std::max over a row that holds one (the row then becomes NaN).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b); }
-
 __device__ void softmax_row(float* row, int64_t n, float factor, int lane) {
   float m = -INFINITY;
   for (int64_t i = lane; i < n; i += 32) m = nan_max(m, row[i]);
-  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  m = warp_nan_max(m);
   float s = 0.f;
   for (int64_t i = lane; i < n; i += 32) {
     float e = expf(row[i] - m);

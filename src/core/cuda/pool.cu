@@ -37,6 +37,33 @@ __global__ void max_pool_kernel(float* __restrict__ y, const float* __restrict__
   }
 }
 
+// The same four channels at a time (float4), for channel counts of a multiple of 4: a quarter of the
+// index arithmetic, 16-byte loads. A ResNet stem's pool (400x533x64) is memory-bound this way.
+__device__ __forceinline__ float max_or_nan(float m, float v) { return v > m || isnan(v) ? v : m; }
+
+__global__ void max_pool4_kernel(float4* __restrict__ y, const float4* __restrict__ x, int h, int w, int c4, int oh,
+                                 int ow, int k, int s, int pt, int pl, int64_t total) {
+  VF_GRID_STRIDE(o, total) {
+    const int ch = int(o % c4);
+    const int64_t t = o / c4;
+    const int ox = int(t % ow), oy = int((t / ow) % oh);
+    const int64_t i = t / (int64_t(ow) * oh);
+    float4 m = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    for (int ky = 0; ky < k; ++ky) {
+      const int iy = oy * s - pt + ky;
+      if (iy < 0 || iy >= h) continue;
+      const float4* row = x + ((i * h + iy) * w) * c4 + ch;
+      for (int kx = 0; kx < k; ++kx) {
+        const int ix = ox * s - pl + kx;
+        if (ix < 0 || ix >= w) continue;
+        const float4 v = row[int64_t(ix) * c4];
+        m.x = max_or_nan(m.x, v.x), m.y = max_or_nan(m.y, v.y), m.z = max_or_nan(m.z, v.z), m.w = max_or_nan(m.w, v.w);
+      }
+    }
+    y[o] = m;
+  }
+}
+
 __global__ void avg_pool_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t h, int64_t w, int64_t c,
                                 int64_t oh, int64_t ow, int k, int s, int pad, bool count_include_pad,
                                 int64_t total) {
@@ -247,6 +274,13 @@ void max_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, 
                      int k, int stride, int pad_top, int pad_left, cudaStream_t s) {
   const int64_t total = n * oh * ow * c;
   if (total <= 0) return;
+  if (c % 4 == 0 && aligned16(y) && aligned16(x) && h < (1 << 30) && w < (1 << 30)) {
+    max_pool4_kernel<<<grid_for(total / 4), kThreads, 0, s>>>(reinterpret_cast<float4*>(y),
+                                                               reinterpret_cast<const float4*>(x), int(h), int(w),
+                                                               int(c / 4), int(oh), int(ow), k, stride, pad_top,
+                                                               pad_left, total / 4);
+    return;
+  }
   max_pool_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, h, w, c, oh, ow, k, stride, pad_top, pad_left,
                                                        total);
 }
