@@ -809,12 +809,12 @@ ModelOutput DeformableDetrModel::forward(const ModelInputs& inputs) const {
 // ---- object detection ---------------------------------------------------------------------------------
 
 DeformableDetrPredictions deformable_detr_predictions(const DeformableDetrHeads& heads,
-                                                      const DeformableDetrModelOutput& o) {
+                                                      const DeformableDetrModelOutput& o, bool all_levels) {
   DeformableDetrPredictions p;
   const int64_t B = o.intermediate_hidden_states.size(0), n = o.intermediate_hidden_states.size(1);
   const int64_t Q = o.intermediate_hidden_states.size(2), C = o.intermediate_hidden_states.size(3);
   if (static_cast<int64_t>(heads.class_embed.size()) < n) throw Error("detection heads: fewer heads than decoder layers");
-  for (int64_t level = 0; level < n; ++level) {
+  for (int64_t level = all_levels ? 0 : std::max<int64_t>(n - 1, 0); level < n; ++level) {
     Tensor hidden = narrow(o.intermediate_hidden_states, 1, level, 1).reshape({B, Q, C});
     Tensor reference = level == 0 ? o.init_reference_points
                                   : narrow(o.intermediate_reference_points, 1, level - 1, 1)
@@ -892,7 +892,7 @@ DeformableDetrForObjectDetection::DeformableDetrForObjectDetection(const Deforma
 ModelOutput DeformableDetrForObjectDetection::forward(const ModelInputs& inputs) const {
   DeformableDetrModelOutput o =
       model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states, inputs.output_attentions);
-  DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o);
+  DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o, /*all_levels=*/!inputs.targets.empty());
   ModelOutput out;
   if (!inputs.targets.empty()) deformable_detr_loss(cfg_, /*deta=*/false, p, o, inputs.targets, out);
   out.set("logits", p.outputs_class.back());

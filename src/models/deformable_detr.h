@@ -314,8 +314,11 @@ struct DeformableDetrPredictions {
   std::vector<Tensor> outputs_class;
   std::vector<Tensor> outputs_coord;
 };
+// `all_levels` false: the last layer's only (what a forward without targets returns; the others
+// feed the loss alone), whose entries are then the only ones.
 DeformableDetrPredictions deformable_detr_predictions(const DeformableDetrHeads& heads,
-                                                      const DeformableDetrModelOutput& outputs);
+                                                      const DeformableDetrModelOutput& outputs,
+                                                      bool all_levels = true);
 
 // The detection loss when `targets` are given: DeformableDetrForObjectDetectionLoss, or (`deta`) the
 // 4.x DETA loss with its assigners and the two-stage "_enc" terms. Adds loss, loss_dict.* and, with

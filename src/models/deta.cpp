@@ -113,7 +113,7 @@ DetaForObjectDetection::DetaForObjectDetection(const DeformableDetrConfig& cfg, 
 ModelOutput DetaForObjectDetection::forward(const ModelInputs& inputs) const {
   DeformableDetrModelOutput o =
       model_->run(inputs.pixel_values, inputs.pixel_mask, inputs.output_hidden_states, inputs.output_attentions);
-  DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o);
+  DeformableDetrPredictions p = deformable_detr_predictions(*heads_, o, /*all_levels=*/!inputs.targets.empty());
   ModelOutput out;
   if (!inputs.targets.empty()) deformable_detr_loss(cfg_, /*deta=*/true, p, o, inputs.targets, out);
   out.set("logits", p.outputs_class.back());
