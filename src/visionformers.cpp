@@ -131,24 +131,22 @@ std::vector<ForwardJob> prepare_forwards(const Pretrained& p, const std::vector<
   return jobs;
 }
 
-// On a device the next batch is preprocessed (and uploaded) on a thread of its own while the current
-// one runs; VF_PREFETCH=0 does one after the other (to compare). On the CPU the forward has every core.
-bool prefetch(const Pretrained& p) {
+}  // namespace
+
+bool prepares_ahead(Device d) {
   static const bool allowed = [] {
     const char* e = std::getenv("VF_PREFETCH");
     return !(e && std::string(e) == "0");
   }();
-  return allowed && !p.model->device.is_cpu();
+  return allowed && !d.is_cpu();
 }
-
-}  // namespace
 
 // Each image is processed alone and images of one processed size share a forward, unpadded: padding
 // a DETR-family batch changes its outputs (the backbone's borders see the padding, Deformable
 // DETR's / DETA's input GroupNorm averages over it), while the pipelines run every image alone.
 void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use) {
   const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
-  const bool ahead = prefetch(p);
+  const bool ahead = prepares_ahead(p.model->device);
   auto prepare = [&](size_t begin) { return prepare_forwards(p, images, begin, std::min(images.size(), begin + step)); };
   std::future<std::vector<ForwardJob>> next;
   if (ahead && !images.empty()) next = std::async(std::launch::async, prepare, size_t(0));

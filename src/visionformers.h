@@ -68,6 +68,10 @@ struct Pretrained {
 // with its images' indices into `images`, increasing within a forward.
 using ForwardFn = std::function<void(const ModelOutput& out, const std::vector<size_t>& indices)>;
 void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use);
+// Whether run_batches prepares the next forward (preprocessing, and on a GPU its upload) on a thread of
+// its own while the current one runs, for a model on `d`: on a device, unless VF_PREFETCH=0 (to
+// compare); never on the CPU, where the forward has every core.
+bool prepares_ahead(Device d);
 
 struct LabelScore {
   std::string label;

@@ -71,11 +71,9 @@ int run_images(const RunOptions& o, const std::vector<std::string>& paths, const
   if (paths.empty()) throw vf::InputError("no image files in the given paths (" + std::to_string(o.inputs.size()) + " given)");
   Results results(o, paths);
   vf::cli::BatchOptions bo;
-  // On a GPU the decoder reads ahead (BatchOptions::prefetch) and the library prepares each forward's
-  // input while the one before runs: several forwards' images are handed over at once.
-  // VF_PREFETCH=0: one step after the other (to compare).
-  const char* prefetch_env = std::getenv("VF_PREFETCH");
-  const bool ahead = !vf::default_device().is_cpu() && !(prefetch_env && std::string(prefetch_env) == "0");
+  // Where the library prepares each forward's input while the one before runs (a GPU), the decoder
+  // reads ahead too (BatchOptions::prefetch), and several forwards' images are handed over at once.
+  const bool ahead = vf::prepares_ahead(vf::default_device());
   bo.batch_size = o.batch_size * (ahead ? 4 : 1);
   bo.keep_going = o.keep_going;
   bo.progress = ::isatty(STDERR_FILENO) == 1;
