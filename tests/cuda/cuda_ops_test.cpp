@@ -4,9 +4,11 @@
 // another order (cuDNN / cuBLAS block their sums; the kernels reduce across a warp).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -395,6 +397,79 @@ TEST(CudaOps, DepthwiseConvShapes) {
     EXPECT_EQ(y.f32()[ch], 12.5f);
     EXPECT_EQ(y.f32()[8 * 4 + ch], 28.5f);  // (2, 2): 5 + 6 + 8 + 9
   }
+}
+
+// The convolution of an NHWC x [n, h, w, c] by w [k, c, 3, 3], stride 1, in double: the direct sum
+// the three GPU ways (cuDNN, patches, Winograd) must all reproduce.
+Tensor conv3x3_reference(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* residual, int pt,
+                         int pl, int64_t oh, int64_t ow, Act act) {
+  const int64_t n = x.size(0), h = x.size(1), wd = x.size(2), c = x.size(3), k = w.size(0);
+  Tensor y = Tensor::empty({n, oh, ow, k});
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < oh; ++oy)
+      for (int64_t ox = 0; ox < ow; ++ox)
+        for (int64_t ko = 0; ko < k; ++ko) {
+          double acc = bias.f32()[ko];
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx) {
+              const int64_t iy = oy - pt + ky, ix = ox - pl + kx;
+              if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
+              for (int64_t ci = 0; ci < c; ++ci)
+                acc += double(x.f32()[((b * h + iy) * wd + ix) * c + ci]) * w.f32()[((ko * c + ci) * 3 + ky) * 3 + kx];
+            }
+          const int64_t at = ((b * oh + oy) * ow + ox) * k + ko;
+          if (residual) acc += residual->f32()[at];
+          y.f32()[at] = act == Act::Relu ? float(std::max(acc, 0.0)) : float(acc);
+        }
+  return y;
+}
+
+// 3x3 stride-1 convolutions by each way, forced with VF_CUDA_CONV, against the direct sum in double:
+// tiles cut by the image's edge (sizes not multiples of 4), no padding, asymmetric padding, batches,
+// a residual and ReLU, channels that are not multiples of 4, and a ResNet layer1-sized map.
+TEST(CudaOps, Conv3x3Ways) {
+  struct Case {
+    int64_t n, h, w, in, out;
+    int pt, pl, pb, pr;
+    Act act;
+  };
+  const std::vector<Case> cases = {
+      {1, 13, 11, 16, 24, 1, 1, 1, 1, Act::Relu}, {2, 9, 10, 8, 8, 0, 0, 0, 0, Act::None},
+      {1, 7, 6, 5, 3, 0, 1, 2, 1, Act::None},     {3, 4, 4, 12, 20, 1, 1, 1, 1, Act::Relu},
+      {1, 50, 67, 64, 64, 1, 1, 1, 1, Act::Relu},
+  };
+  uint32_t seed = 900;
+  for (const Case& c : cases) {
+    Conv2dOptions o;
+    o.pad_top = c.pt, o.pad_left = c.pl, o.pad_bottom = c.pb, o.pad_right = c.pr;
+    o.act = c.act;
+    // Weights of a trained layer's scale (a folded batch norm's): outputs of order one.
+    Tensor w = randn({c.out, c.in, 3, 3}, seed++, 1.0f / std::sqrt(9.0f * float(c.in))), b = randn({c.out}, seed++);
+    Tensor x = randn({c.n, c.h, c.w, c.in}, seed++);
+    const int64_t oh = c.h + c.pt + c.pb - 2, ow = c.w + c.pl + c.pr - 2;
+    Tensor res = randn({c.n, oh, ow, c.out}, seed++);
+    Tensor want = conv3x3_reference(x, w, b, nullptr, c.pt, c.pl, oh, ow, c.act);
+    Tensor want_res = conv3x3_reference(x, w, b, &res, c.pt, c.pl, oh, ow, c.act);
+    for (const char* way : {"winograd", "patches", "cudnn"}) {
+      setenv("VF_CUDA_CONV", way, 1);
+      LoadDeviceScope on(kGpu);
+      Conv2d gpu(w, b, o);
+      const std::string what = std::string(way) + " " + std::to_string(c.h) + "x" + std::to_string(c.w) + " " +
+                               std::to_string(c.in) + "->" + std::to_string(c.out);
+      expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, what);
+      Tensor rg = res.to(kGpu);
+      expect_close(gpu.forward(x.to(kGpu), &rg), want_res, 1e-4, 1e-5, what + " + residual");
+      unsetenv("VF_CUDA_CONV");
+    }
+  }
+  // Chosen by timing (no VF_CUDA_CONV): whichever way wins computes the same.
+  Conv2dOptions o;
+  o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = 1;
+  Tensor w = randn({32, 32, 3, 3}, 950, 0.06f), b = randn({32}, 951), x = randn({1, 40, 36, 32}, 952);
+  Tensor want = conv3x3_reference(x, w, b, nullptr, 1, 1, 40, 36, Act::None);
+  LoadDeviceScope on(kGpu);
+  Conv2d gpu(w, b, o);
+  for (int round = 0; round < 2; ++round) expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, "timed way");
 }
 
 TEST(CudaOps, Attention) {

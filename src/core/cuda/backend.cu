@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -225,16 +226,20 @@ class CudaConv final : public DeviceLayer {
     int64_t oh = 0, ow = 0;
     int pt = 0, pl = 0, pb = 0, pr = 0;
     bool explicit_pad = false;  // cuDNN pads symmetrically only: pad the input first
-    // Or a patch matrix and one product (im2col.cu), where that was faster on this shape: the
-    // matrix is made and multiplied `chunk_rows` output pixels at a time (a bounded buffer).
-    bool patches = false;
-    int64_t chunk_rows = 0;
+    // How this shape runs: cuDNN; or a patch matrix and one product (im2col.cu), made and multiplied
+    // `chunk_rows` output pixels at a time (a bounded buffer); or Winograd's F(4x4, 3x3)
+    // (winograd.cu), `chunk_tiles` tiles at a time. The fastest at the shape's first use.
+    enum class Way { Cudnn, Patches, Winograd } way = Way::Cudnn;
+    int64_t chunk_rows = 0, chunk_tiles = 0;
   };
   Plan& plan_for(const Tensor& x) const;
   // y [n*oh*ow, out] (float32) = act(the convolution of the float32 NHWC x + bias + residual), by
-  // patches (bias and residual may be null).
+  // patches or by Winograd (bias and residual may be null).
   void patch_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
                      const float* residual, Act act, float* y) const;
+  void winograd_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
+                        const float* residual, Act act, float* y) const;
+  bool winograd_applies() const;
 
   CudaBackend& be_;
   Tensor weight_, bias_;  // weight_ in dtype_, but float32 for a depthwise convolution
@@ -245,6 +250,8 @@ class CudaConv final : public DeviceLayer {
   cudnnFilterDescriptor_t filter_ = nullptr;
   mutable std::mutex mu_;
   mutable std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans_;
+  // Winograd's transformed weights [36, out, in], held while a plan uses them.
+  mutable Tensor winograd_weights_;
 };
 
 // ---- Linear: y = act(x W^T + b) + residual, the product on cuBLAS ---------------------------------
@@ -1124,28 +1131,73 @@ CudaConv::Plan& CudaConv::plan_for(const Tensor& x) const {
   for (int i = 0; i < found; ++i)
     if (perf[i].algo == p.algo && perf[i].status == CUDNN_STATUS_SUCCESS) cudnn_ms = perf[i].time;
   ws = Tensor();
-  // The patch matrix and one product, timed the same way; taken where it is faster (cuDNN's exact
-  // float32 NHWC kernels are slow on most KxK shapes, its 16-bit ones mostly are not).
-  // VF_CUDA_CONV_PATCHES=0: cuDNN only (to compare).
-  static const bool patches_allowed = [] {
-    const char* e = std::getenv("VF_CUDA_CONV_PATCHES");
-    return !(e && std::string(e) == "0");
-  }();
-  if (opt_.groups == 1 && patches_allowed) {
-    constexpr int64_t kPatchBytes = int64_t(64) << 20;
-    const int64_t row_bytes = kh_ * kw_ * in_ * int64_t(dtype_size(dtype_));
-    p.chunk_rows = std::max<int64_t>(1, kPatchBytes / row_bytes);
+  // The patch matrix and one product (cuDNN's exact float32 NHWC kernels are slow on most KxK
+  // shapes, its 16-bit ones mostly are not), and for 3x3 stride-1 float32 layers Winograd, timed the
+  // same way on scratch buffers; the fastest is kept. VF_CUDA_CONV (a comma-separated list of cudnn,
+  // patches, winograd) limits the choice to those ways, wherever they apply (to compare).
+  const char* ways_env = std::getenv("VF_CUDA_CONV");
+  const std::string ways = "," + std::string(ways_env ? ways_env : "cudnn,patches,winograd") + ",";
+  const auto allowed = [&](const char* way) { return ways.find("," + std::string(way) + ",") != std::string::npos; };
+  const bool patches = opt_.groups == 1 && allowed("patches"), winograd = winograd_applies() && allowed("winograd");
+  constexpr int64_t kChunkBytes = int64_t(64) << 20;
+  p.chunk_rows = std::max<int64_t>(1, kChunkBytes / (kh_ * kw_ * in_ * int64_t(dtype_size(dtype_))));
+  p.chunk_tiles = std::max<int64_t>(1, kChunkBytes / (36 * std::max(in_, out_) * int64_t(sizeof(float))));
+  if (winograd && !winograd_weights_.defined()) {
+    winograd_weights_ = be_.empty({36, out_, in_});
+    cuda::winograd_weights(mf(winograd_weights_), cf(weight_), out_, in_, be_.stream());
+  }
+  float best_ms = allowed("cudnn") && cudnn_ms > 0 ? cudnn_ms : std::numeric_limits<float>::infinity();
+  if (patches || winograd) {
     Tensor xf = be_.empty({n, h, w, in_}), yf = be_.empty({n, p.oh, p.ow, out_});
     cudaMemsetAsync(xf.raw(), 0, xf.nbytes(), be_.stream());
-    const float ms =
-        cuda::mean_ms(be_.stream(), 3, [&] { patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf)); });
-    p.patches = cudnn_ms <= 0 || ms < cudnn_ms;
+    float patches_ms = -1, winograd_ms = -1;
+    if (patches) {
+      patches_ms = cuda::mean_ms(be_.stream(), 3, [&] {
+        patch_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));
+      });
+      if (patches_ms < best_ms) best_ms = patches_ms, p.way = Plan::Way::Patches;
+    }
+    if (winograd) {
+      winograd_ms = cuda::mean_ms(be_.stream(), 3, [&] {
+        winograd_product(p, cf(xf), n, h, w, nullptr, nullptr, Act::None, mf(yf));
+      });
+      if (winograd_ms < best_ms) best_ms = winograd_ms, p.way = Plan::Way::Winograd;
+    }
     if (log_plans())
-      std::fprintf(stderr, "conv %lldx%lld %lld->%lld on %lldx%lldx%lld: cuDNN %.3f ms, patches %.3f ms\n",
+      std::fprintf(stderr, "conv %lldx%lld %lld->%lld on %lldx%lldx%lld: cuDNN %.3f ms, patches %.3f ms, Winograd %.3f ms\n",
                    (long long)kh_, (long long)kw_, (long long)in_, (long long)out_, (long long)n, (long long)h,
-                   (long long)w, cudnn_ms, ms);
+                   (long long)w, cudnn_ms, patches_ms, winograd_ms);
   }
-  return plans_.emplace(key, p).first->second;
+  auto& kept = plans_.emplace(key, p).first->second;
+  // The transformed weights stay only while some shape of this layer runs by Winograd.
+  if (winograd_weights_.defined() &&
+      std::none_of(plans_.begin(), plans_.end(), [](const auto& e) { return e.second.way == Plan::Way::Winograd; }))
+    winograd_weights_ = Tensor();
+  return kept;
+}
+
+bool CudaConv::winograd_applies() const {
+  return dtype_ == DType::F32 && opt_.groups == 1 && kh_ == 3 && kw_ == 3 && opt_.stride_h == 1 &&
+         opt_.stride_w == 1 && opt_.dilation_h == 1 && opt_.dilation_w == 1;
+}
+
+void CudaConv::winograd_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
+                                const float* residual, Act act, float* y) const {
+  const int64_t th = (p.oh + 3) / 4, tw = (p.ow + 3) / 4, tiles = n * th * tw;
+  const cuda::Winograd g{h, w, in_, out_, p.oh, p.ow, th, tw, p.pt, p.pl};
+  const int64_t chunk = std::min(tiles, p.chunk_tiles);
+  Tensor v = be_.empty({36 * chunk * in_}), m = be_.empty({36 * chunk * out_});
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+    const int64_t count = std::min(chunk, tiles - t0);
+    cuda::winograd_input(mf(v), x, g, t0, count, be_.stream());
+    launched("conv Winograd input");
+    cuda::LtProduct prod;
+    prod.M = count, prod.N = out_, prod.K = in_, prod.batch = 36;
+    if (!be_.product(prod, v.raw(), winograd_weights_.raw(), m.raw()))
+      throw Error("cuBLASLt has no batched float32 product for Winograd's convolution");
+    cuda::winograd_output(y, mf(m), bias, residual, act, g, t0, count, be_.stream());
+    launched("conv Winograd output");
+  }
 }
 
 void CudaConv::patch_product(const Plan& p, const float* x, int64_t n, int64_t h, int64_t w, const float* bias,
@@ -1197,8 +1249,12 @@ Tensor CudaConv::forward(const Tensor& x, const Tensor* residual) const {
   if (residual && residual->shape() != y.shape())
     throw Error("conv2d residual has shape " + shape_str(residual->shape()));
   Tensor res = residual ? be_.here(*residual) : Tensor();
-  if (p.patches) {
+  if (p.way == Plan::Way::Patches) {
     patch_product(p, cf(x), n, h, w, cf(bias_), res.defined() ? cf(res) : nullptr, opt_.act, mf(y));
+    return y;
+  }
+  if (p.way == Plan::Way::Winograd) {
+    winograd_product(p, cf(x), n, h, w, cf(bias_), res.defined() ? cf(res) : nullptr, opt_.act, mf(y));
     return y;
   }
   Tensor src = p.explicit_pad ? vf::pad_nhwc(x, p.pt, p.pl, p.pb, p.pr, 0.0f) : x;

@@ -118,6 +118,23 @@ struct Im2col {
 // float16.
 void im2col_nhwc(void* col, DType dtype, const float* x, const Im2col& g, int64_t row0, int64_t rows, cudaStream_t s);
 
+// ---- Winograd F(4x4, 3x3) (winograd.cu) ----
+// A 3x3 stride-1 convolution of an NHWC input [n, h, w, c] into [n, oh, ow, k] with padding pt, pl
+// at the top and left (zeros; the bottom and right are implied by oh, ow), over th x tw tiles of 4x4
+// outputs per image.
+struct Winograd {
+  int64_t h, w, c, k, oh, ow, th, tw;
+  int pt, pl;
+};
+// u [36, k, c] = G g G^T of the weights w [k, 3, 3, c].
+void winograd_weights(float* u, const float* w, int64_t k, int64_t c, cudaStream_t s);
+// v [36, tiles, c] = B^T d B of the input tiles t0 .. t0 + tiles.
+void winograd_input(float* v, const float* x, const Winograd& g, int64_t t0, int64_t tiles, cudaStream_t s);
+// The outputs of tiles t0 .. t0 + tiles from their products m [36, tiles, k] (= v u^T per position):
+// y = act(A^T m A + bias + residual); bias and residual ([n, oh, ow, k]) may be null.
+void winograd_output(float* y, const float* m, const float* bias, const float* residual, Act a, const Winograd& g,
+                     int64_t t0, int64_t tiles, cudaStream_t s);
+
 // ---- layout (layout.cu) ----
 // Generic permutation of `elem_size`-byte elements: out[i] = in[sum(idx_k * src_stride_k)] where
 // idx is i's multi-index over out_shape.

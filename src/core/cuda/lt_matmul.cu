@@ -74,7 +74,7 @@ void LtMatmul::launch(const Plan& plan, const LtProduct& p, const void* x, const
 
 LtMatmul::Plan& LtMatmul::plan_for(const LtProduct& p, int align, const void* x, const void* w, void* y) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Key key{p.M, p.N, p.K, int(p.in), int(p.out), p.bias != nullptr, p.relu, p.add != nullptr, align};
+  const Key key{p.M, p.N, p.K, int(p.in), int(p.out), p.bias != nullptr, p.relu, p.add != nullptr, align, p.batch};
   if (auto it = plans_.find(key); it != plans_.end()) return it->second;
 
   Plan plan;
@@ -100,6 +100,18 @@ LtMatmul::Plan& LtMatmul::plan_for(const LtProduct& p, int align, const void* x,
   check(cublasLtMatrixLayoutCreate(&plan.b, in, uint64_t(p.K), uint64_t(p.M), p.K), "layout");
   check(cublasLtMatrixLayoutCreate(&plan.c, out, uint64_t(p.N), uint64_t(p.M), p.N), "layout");
   check(cublasLtMatrixLayoutCreate(&plan.d, out, uint64_t(p.N), uint64_t(p.M), p.N), "layout");
+  if (p.batch > 1) {
+    const int32_t count = int32_t(p.batch);
+    const int64_t strides[4] = {p.N * p.K, p.M * p.K, p.M * p.N, p.M * p.N};
+    cublasLtMatrixLayout_t layouts[4] = {plan.a, plan.b, plan.c, plan.d};
+    for (int i = 0; i < 4; ++i) {
+      check(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
+            "batch count");
+      check(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i],
+                                             sizeof(strides[i])),
+            "batch stride");
+    }
+  }
 
   cublasLtMatmulPreference_t pref;
   check(cublasLtMatmulPreferenceCreate(&pref), "preference");

@@ -23,6 +23,7 @@ struct LtProduct {
   const float* bias = nullptr;  // [N] float32, or null
   bool relu = false;            // after the bias
   const void* add = nullptr;    // [M, N], added to the product before the bias, or null
+  int64_t batch = 1;            // that many products of these shapes, each operand's matrices back to back
 };
 
 class LtMatmul {
@@ -43,7 +44,7 @@ class LtMatmul {
     cublasLtMatmulAlgo_t algo{};
     bool supported = true;
   };
-  using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool, bool, int>;
+  using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool, bool, int, int64_t>;
   Plan& plan_for(const LtProduct& p, int align, const void* x, const void* w, void* y);
   void launch(const Plan& plan, const LtProduct& p, const void* x, const void* w, void* y);
 
