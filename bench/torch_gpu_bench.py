@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch on the GPU beside vf's CUDA backend (bench/run_gpu.sh): transformers' classes built from their
-configs with random weights. One JSON line per model:
+configs with random weights (DETA, which transformers 5 dropped: bench/torch_deta.py's plain-PyTorch model). One JSON line per model:
 {"name", "mode", "batch", "ms" (median per forward), "min_ms", "images_per_s", "peak_mb"}; the names are
 vf_bench's benchmarks'. peak_mb is torch.cuda.max_memory_allocated over warm-up and timing (weights included).
 
@@ -38,7 +38,16 @@ def models():
          hf.ConditionalDetrConfig(num_labels=91, use_pretrained_backbone=False), 800, 1066, True),
         ("BM_DeformableDetr", hf.DeformableDetrForObjectDetection,
          hf.DeformableDetrConfig(num_labels=91, use_pretrained_backbone=False), 800, 1066, True),
+        # transformers 5 has no DETA: bench/torch_deta.py, its 4.x compute in plain PyTorch (the same config as
+        # vf_bench's BM_DetaResnet50; the name says which was timed).
+        ("BM_DetaResnet50", plain_deta,
+         {"architectures": ["DetaForObjectDetection"], "num_labels": 91}, 800, 1066, True),
     ]
+
+
+def plain_deta(config):
+    import torch_deta  # bench/, next to this file
+    return torch_deta.build(config)
 
 
 def time_cuda(fn, warmup=3, runs=20):
@@ -96,7 +105,7 @@ def main():
                 med, mn = time_cuda(fn, warmup=warmup)
             peak = torch.cuda.max_memory_allocated() / 2**20
             mode = f"autocast {args.dtype}" if args.mode == "autocast" else args.mode
-            print(json.dumps({"name": name, "mode": mode, "batch": batch, "ms": med, "min_ms": mn,
+            print(json.dumps({"name": name, "mode": mode, "batch": batch, "model": type(model).__module__, "ms": med, "min_ms": mn,
                               "images_per_s": batch * 1000.0 / med, "peak_mb": round(peak)}), flush=True)
             del model, run
             torch.cuda.empty_cache()
