@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
 #include <random>
 
 #include "core/ops.h"
@@ -138,6 +141,42 @@ TEST(Ops, PermuteCatNarrowRoundTrip) {
   EXPECT_FLOAT_EQ(nchw_to_nhwc(x).f32()[1], x.f32()[4 * 5]);  // (0,0,0,1) <- (0,1,0,0)
   Tensor c = cat({narrow(x, 1, 0, 1), narrow(x, 1, 1, 2)}, 1);
   EXPECT_EQ(max_abs_diff(c, x), 0.0);
+}
+
+// y[b, k] = x[b, idx[b, k]] by hand, on the host and on the emulated device (whose op runs the
+// device path: the indices go with the call, the rows stay on the device); bad indices are refused.
+TEST(Ops, GatherRowsPicksWholeRowsPerImage) {
+  Tensor x = Tensor::empty({2, 4, 3});
+  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = float(i);
+  Tensor idx = Tensor::from_vector<int64_t>({2, 3}, {3, 0, 3, 1, 2, 1});
+  for (const Device d : {Device::cpu(), Device::emulated()}) {
+    Tensor y = gather_rows(x.to(d), idx);
+    ASSERT_EQ(y.device(), d);
+    ASSERT_EQ(y.shape(), (Shape{2, 3, 3}));
+    const std::vector<float> want = {9, 10, 11, 0, 1, 2, 9, 10, 11, 15, 16, 17, 18, 19, 20, 15, 16, 17};
+    Tensor h = y.cpu();
+    for (int64_t i = 0; i < 18; ++i) EXPECT_EQ(h.f32()[i], want[i]) << i;
+  }
+  EXPECT_THROW(gather_rows(x, Tensor::from_vector<int64_t>({2, 1}, {4, 0})), Error);
+  EXPECT_THROW(gather_rows(x, Tensor::from_vector<int64_t>({2, 1}, {0, -1})), Error);
+  EXPECT_THROW(gather_rows(x, Tensor::from_vector<int64_t>({1, 1}, {0})), Error);
+}
+
+// torch.topk's order: NaN above every number, equal values by index, k clamped to n; and the same
+// as sorting everything on random values with many ties.
+TEST(Ops, TopKIndicesOrdersLikeTorch) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> v = {1.f, nan, 3.f, 3.f, -INFINITY, nan, 2.f};
+  EXPECT_EQ(topk_indices(v.data(), 7, 4), (std::vector<int64_t>{1, 5, 2, 3}));
+  EXPECT_EQ(topk_indices(v.data(), 7, 9), (std::vector<int64_t>{1, 5, 2, 3, 6, 0, 4}));
+  EXPECT_TRUE(topk_indices(v.data(), 7, 0).empty());
+  std::vector<float> r(5000);
+  for (size_t i = 0; i < r.size(); ++i) r[i] = float((i * 7919) % 613) * 0.25f;  // ~8 copies of each value
+  std::vector<int64_t> all(r.size());
+  std::iota(all.begin(), all.end(), int64_t{0});
+  std::stable_sort(all.begin(), all.end(), [&](int64_t a, int64_t b) { return r[a] > r[b]; });
+  all.resize(1000);
+  EXPECT_EQ(topk_indices(r.data(), int64_t(r.size()), 1000), all);
 }
 
 // Every element against y[i0..] = x[i_perm...], for permutations that are batched transposes (few

@@ -95,6 +95,7 @@ class DeviceBackend {
                                 int64_t out_h, int64_t out_w) = 0;
   virtual Tensor cat(const std::vector<Tensor>& xs, int64_t dim) = 0;
   virtual Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) = 0;
+  virtual Tensor gather_rows(const Tensor& x, const Tensor& idx) = 0;  // idx checked, on the host
   virtual Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) = 0;
   virtual void add_inplace(Tensor& a, const Tensor& b) = 0;
   virtual Tensor scale(const Tensor& x, float s) = 0;

@@ -126,25 +126,28 @@ Tensor generalized_box_iou(const Tensor& a, const Tensor& b) {
 std::vector<int64_t> nms(const float* boxes, const float* scores, int64_t n, double iou_threshold) {
   std::vector<int64_t> keep;
   if (n <= 0) return keep;
-  std::vector<float> area(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i)
-    area[i] = (boxes[4 * i + 2] - boxes[4 * i]) * (boxes[4 * i + 3] - boxes[4 * i + 1]);
+  // The boxes in score order, a coordinate per array, so that a kept box is compared with all later
+  // ones in one vectorised pass. Boxes already suppressed are compared too (the reference skips
+  // them): that only suppresses them again, so the kept list is the same, and the IoU is the same
+  // expression in the same order.
   const std::vector<int64_t> order = order_by_score(scores, n);
+  std::vector<float> x1(n), y1(n), x2(n), y2(n), area(n);
+  for (int64_t o = 0; o < n; ++o) {
+    const float* b = boxes + 4 * order[o];
+    x1[o] = b[0], y1[o] = b[1], x2[o] = b[2], y2[o] = b[3];
+    area[o] = (b[2] - b[0]) * (b[3] - b[1]);
+  }
   std::vector<uint8_t> suppressed(static_cast<size_t>(n), 0);
-  for (int64_t oi = 0; oi < n; ++oi) {
-    const int64_t i = order[oi];
+  for (int64_t i = 0; i < n; ++i) {
     if (suppressed[i]) continue;
-    keep.push_back(i);
-    const float* bi = boxes + 4 * i;
-    for (int64_t oj = oi + 1; oj < n; ++oj) {
-      const int64_t j = order[oj];
-      if (suppressed[j]) continue;
-      const float* bj = boxes + 4 * j;
-      const float w = std::max(0.0f, std::min(bi[2], bj[2]) - std::max(bi[0], bj[0]));
-      const float h = std::max(0.0f, std::min(bi[3], bj[3]) - std::max(bi[1], bj[1]));
+    keep.push_back(order[i]);
+    const float ax1 = x1[i], ay1 = y1[i], ax2 = x2[i], ay2 = y2[i], a = area[i];
+    for (int64_t j = i + 1; j < n; ++j) {
+      const float w = std::max(0.0f, std::min(ax2, x2[j]) - std::max(ax1, x1[j]));
+      const float h = std::max(0.0f, std::min(ay2, y2[j]) - std::max(ay1, y1[j]));
       const float inter = w * h;
-      const float iou = inter / (area[i] + area[j] - inter);
-      if (iou > iou_threshold) suppressed[j] = 1;
+      const float iou = inter / (a + area[j] - inter);
+      suppressed[j] |= static_cast<uint8_t>(iou > iou_threshold);
     }
   }
   return keep;

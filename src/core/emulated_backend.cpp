@@ -86,6 +86,7 @@ class EmulatedBackend final : public DeviceBackend {
   Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) override {
     return dev(vf::narrow(host(x), dim, begin, length));
   }
+  Tensor gather_rows(const Tensor& x, const Tensor& idx) override { return dev(vf::gather_rows(host(x), idx)); }
   Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) override {
     switch (op) {
       case BinaryOp::Add: return dev(vf::add(host(a), host(b)));

@@ -8,6 +8,7 @@
 #include "core/shapes.h"
 
 #include <algorithm>
+#include <numeric>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -659,6 +660,24 @@ Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
   return y;
 }
 
+Tensor gather_rows(const Tensor& x, const Tensor& idx) {
+  if (x.dim() != 3 || x.dtype() != DType::F32)
+    throw Error("gather_rows: x must be float32 [B, S, C], got " + shape_str(x.shape()));
+  if (!idx.is_cpu() || idx.dtype() != DType::I64 || idx.dim() != 2 || idx.size(0) != x.size(0))
+    throw Error("gather_rows: idx must be a host int64 [" + std::to_string(x.size(0)) + ", K], got " +
+                shape_str(idx.shape()));
+  const int64_t S = x.size(1);
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    if (idx.data<int64_t>()[i] < 0 || idx.data<int64_t>()[i] >= S) throw Error("gather_rows: index out of range");
+  if (!x.is_cpu()) return backend(x.device()).gather_rows(x, idx);
+  const int64_t B = x.size(0), C = x.size(2), K = idx.size(1);
+  Tensor y = Tensor::empty({B, K, C});
+  const int64_t* at = idx.data<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) std::copy_n(x.f32() + (b * S + at[b * K + k]) * C, C, y.f32() + (b * K + k) * C);
+  return y;
+}
+
 // ---- elementwise ---------------------------------------------------------------------------------
 
 namespace {
@@ -892,6 +911,26 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
     m = std::max(m, d);
   }
   return m;
+}
+
+// ---- selection ----------------------------------------------------------------------------------
+
+std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k) {
+  k = std::clamp<int64_t>(k, 0, n);
+  std::vector<int64_t> idx(static_cast<size_t>(n));
+  std::iota(idx.begin(), idx.end(), int64_t{0});
+  // A strict total order (NaN first, then by value, then by index), so that selecting the first k
+  // (linear) and sorting only those gives what sorting everything would.
+  auto before = [v](int64_t a, int64_t b) {
+    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
+    if (na != nb) return na;
+    if (!na && v[a] != v[b]) return v[a] > v[b];
+    return a < b;
+  };
+  if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), before);
+  std::sort(idx.begin(), idx.begin() + k, before);
+  idx.resize(static_cast<size_t>(k));
+  return idx;
 }
 
 }  // namespace vf

@@ -200,6 +200,9 @@ Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t 
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
 // Sub-range along any dim: [begin, end).
 Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length);
+// Rows of each batch entry: x [B, S, C] (float32) and idx [B, K] (int64, on the host) -> y [B, K, C]
+// with y[b, k] = x[b, idx[b, k]] (torch.gather of whole rows), on x's device.
+Tensor gather_rows(const Tensor& x, const Tensor& idx);
 
 // ---- elementwise --------------------------------------------------------------------------------
 // Broadcasting binary ops (numpy rules). Any float32 shapes.
@@ -222,5 +225,10 @@ Tensor interpolate_bicubic(const Tensor& x, int64_t out_h, int64_t out_w);
 // ---- reductions ---------------------------------------------------------------------------------
 double max_abs(const Tensor& x);
 double max_abs_diff(const Tensor& a, const Tensor& b);
+
+// ---- selection ----------------------------------------------------------------------------------
+// The indices of the min(k, n) largest of v[0 .. n), largest first, as torch.topk orders them: a NaN
+// above every number, equal values in index order.
+std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k);
 
 }  // namespace vf

@@ -130,40 +130,12 @@ Tensor stack_dim1(const std::vector<Tensor>& xs) {
   return cat(r, 1);
 }
 
-// Rows idx of x [B, S, C] per image -> [B, K, C].
-Tensor gather_rows(const Tensor& x_in, const std::vector<std::vector<int64_t>>& idx) {
-  const Tensor x = x_in.cpu();  // once per forward (two-stage proposals), on the host
-  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
-  const int64_t K = static_cast<int64_t>(idx[0].size());
-  Tensor y = Tensor::empty({B, K, C});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t s = idx[b][k];
-      if (s < 0 || s >= S) throw Error("gather_rows: index out of range");
-      std::copy_n(x.f32() + (b * S + s) * C, C, y.f32() + (b * K + k) * C);
-    }
-  return y.to(x_in.device());
-}
-
-// Indices of the k largest values, largest first; equal values keep index order.
-std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k) {
-  if (k > n) throw Error("top-k: k = " + std::to_string(k) + " is larger than the " + std::to_string(n) + " candidates");
-  std::vector<int64_t> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [v](int64_t a, int64_t b) {
-    // NaN first, as torch.topk does.
-    bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
-    if (na || nb) return na && !nb;
-    return v[a] > v[b];
-  });
-  idx.resize(k);
-  return idx;
-}
-
 }  // namespace
 
 std::vector<int64_t> topk_proposals(const std::vector<float>& logits, int64_t k) {
-  return topk_indices(logits.data(), static_cast<int64_t>(logits.size()), k);
+  const int64_t n = static_cast<int64_t>(logits.size());
+  if (k > n) throw Error("top-k: k = " + std::to_string(k) + " is larger than the " + std::to_string(n) + " candidates");
+  return topk_indices(logits.data(), n, k);
 }
 
 // ---- heads ----------------------------------------------------------------------------------------
@@ -651,25 +623,24 @@ std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(cons
   return {object_query, proposals.to(enc_output.device())};
 }
 
-std::vector<std::vector<int64_t>> DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class_in,
-                                                                        const Tensor& enc_outputs_coord_logits_in,
-                                                                        const MultiScaleLayout& layout) const {
-  // The top-k selection runs on the host, once per forward.
-  const Tensor enc_outputs_class = enc_outputs_class_in.cpu();
+Tensor DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class_in, const Tensor& enc_outputs_coord_logits_in,
+                                            const MultiScaleLayout& layout) const {
+  // The top-k selection runs on the host, once per forward: it reads the first class's logits only.
+  const Tensor enc_outputs_class = narrow(enc_outputs_class_in, 2, 0, 1).cpu();
   const Tensor enc_outputs_coord_logits = variant_.select_proposals ? enc_outputs_coord_logits_in.cpu() : Tensor();
-  const int64_t B = enc_outputs_class.size(0), S = enc_outputs_class.size(1), NC = enc_outputs_class.size(2);
+  const int64_t B = enc_outputs_class.size(0), S = enc_outputs_class.size(1);
   const int64_t K = cfg_.two_stage_num_proposals;
   std::vector<float> logit0(S);
-  std::vector<std::vector<int64_t>> r;
+  Tensor r = Tensor::empty({B, K}, DType::I64);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t s = 0; s < S; ++s) logit0[s] = enc_outputs_class.f32()[(b * S + s) * NC];
-    if (variant_.select_proposals)
-      r.push_back(variant_.select_proposals(logit0, enc_outputs_coord_logits[b], layout, K));
-    else
-      r.push_back(topk_proposals(logit0, K));
-    if (static_cast<int64_t>(r.back().size()) != K)
-      throw Error(variant_.name + ": proposal selection returned " + std::to_string(r.back().size()) + " of " +
+    std::copy_n(enc_outputs_class.f32() + b * S, S, logit0.begin());
+    const std::vector<int64_t> chosen = variant_.select_proposals
+                                            ? variant_.select_proposals(logit0, enc_outputs_coord_logits[b], layout, K)
+                                            : topk_proposals(logit0, K);
+    if (static_cast<int64_t>(chosen.size()) != K)
+      throw Error(variant_.name + ": proposal selection returned " + std::to_string(chosen.size()) + " of " +
                   std::to_string(K) + " proposals");
+    std::copy(chosen.begin(), chosen.end(), r.data<int64_t>() + b * K);
   }
   return r;
 }

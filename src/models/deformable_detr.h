@@ -280,10 +280,9 @@ class DeformableDetrModel : public Model {
   std::pair<Tensor, Tensor> gen_encoder_output_proposals(const Tensor& enc_output, const MultiScaleLayout& layout) const;
 
  private:
-  // The top-k proposal indices per image (int64 [B, K]).
-  std::vector<std::vector<int64_t>> select_proposals(const Tensor& enc_outputs_class,
-                                                     const Tensor& enc_outputs_coord_logits,
-                                                     const MultiScaleLayout& layout) const;
+  // The top-k proposal indices per image (int64 [B, K], on the host).
+  Tensor select_proposals(const Tensor& enc_outputs_class, const Tensor& enc_outputs_coord_logits,
+                          const MultiScaleLayout& layout) const;
 
   DeformableDetrConfig cfg_;
   DeformableDetrVariant variant_;

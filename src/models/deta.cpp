@@ -53,11 +53,11 @@ std::vector<int64_t> deta_first_stage_proposals(const std::vector<float>& logits
   // 1000 positions the rest are zero-score positions of other levels; we take those in index order
   // (torch.topk leaves the order of ties unspecified). They are duplicates of positions their own
   // level already holds whenever no level exceeds 1000 positions, and NMS drops duplicates.
-  std::vector<float> level_score(S);
+  std::vector<float> score(S), level_score(S);
+  for (int64_t s = 0; s < S; ++s) score[s] = sigmoid(logits[s]);
   std::vector<int64_t> pre_nms_inds;
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t s = 0; s < S; ++s)
-      level_score[s] = sigmoid(logits[s]) * static_cast<float>(level_ids[s] == l);
+    for (int64_t s = 0; s < S; ++s) level_score[s] = score[s] * static_cast<float>(level_ids[s] == l);
     auto top = topk_proposals(level_score, pre_nms_topk);
     pre_nms_inds.insert(pre_nms_inds.end(), top.begin(), top.end());
   }

@@ -43,17 +43,6 @@ Tensor softmax_rows(const Tensor& x) {
   return y;
 }
 
-// The indices of the k largest values, largest first; equal values in index order.
-std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k) {
-  k = std::clamp<int64_t>(k, 0, n);
-  std::vector<int64_t> idx(static_cast<size_t>(n));
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  auto before = [&](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
-  idx.resize(static_cast<size_t>(k));
-  return idx;
-}
-
 // Python's round(x, 6): the decimal rounding of the exact binary value.
 double round6(double x) {
   char buf[64];

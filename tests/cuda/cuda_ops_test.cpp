@@ -472,6 +472,15 @@ TEST(CudaOps, Conv3x3Ways) {
   for (int round = 0; round < 2; ++round) expect_close(gpu.forward(x.to(kGpu)), want, 1e-4, 1e-5, "timed way");
 }
 
+TEST(CudaOps, GatherRows) {
+  Tensor x = randn({2, 70, 33}, 960);
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < 2 * 45; ++i) rows.push_back((i * 37) % 70);
+  Tensor idx = Tensor::from_vector<int64_t>({2, 45}, rows);
+  Tensor want = gather_rows(x, idx);
+  expect_close(gather_rows(x.to(kGpu), idx), want, 0, 0, "gather_rows");
+}
+
 TEST(CudaOps, Attention) {
   const int64_t B = 2, Lq = 37, Lk = 45, H = 3, d = 16;
   Tensor q = randn({B, Lq, H * d}, 30), k = randn({B, Lk, H * d}, 31), v = randn({B, Lk, H * d}, 32);

@@ -659,6 +659,15 @@ class CudaBackend final : public DeviceBackend {
     return y;
   }
 
+  Tensor gather_rows(const Tensor& x0, const Tensor& idx) override {
+    Tensor x = here(x0);
+    const int64_t B = x.size(0), S = x.size(1), C = x.size(2), K = idx.size(1);
+    Tensor rows = idx.to(device()), y = empty({B, K, C});
+    cuda::gather_rows(mf(y), cf(x), static_cast<const int64_t*>(rows.raw()), B, S, K, C, stream_);
+    launched("gather_rows");
+    return y;
+  }
+
   Tensor binary(BinaryOp op, const Tensor& a0, const Tensor& b0) override {
     Tensor a = here(a0), b = here(b0);
     const char* name = op == BinaryOp::Add ? "add" : op == BinaryOp::Sub ? "sub" : op == BinaryOp::Mul ? "mul" : "div";

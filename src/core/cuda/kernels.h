@@ -140,6 +140,9 @@ void winograd_output(float* y, const float* m, const float* bias, const float* r
 // idx is i's multi-index over out_shape.
 void permute(void* out, const void* in, const int64_t* out_shape, const int64_t* src_strides, int dims,
              int64_t n, int elem_size, cudaStream_t s);
+// y [B, K, C] = x [B, S, C] at rows idx [B, K] (in range) of each batch entry.
+void gather_rows(float* y, const float* x, const int64_t* idx, int64_t B, int64_t S, int64_t K, int64_t C,
+                 cudaStream_t s);
 void pad_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int top, int left, int bottom,
               int right, float value, cudaStream_t s);
 void window_partition(float* y, const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t window,

@@ -79,6 +79,14 @@ __global__ void window_reverse_kernel(float* __restrict__ y, const float* __rest
   }
 }
 
+__global__ void gather_rows_kernel(float* __restrict__ y, const float* __restrict__ x, const int64_t* __restrict__ idx,
+                                   int64_t S, int64_t K, int64_t C, int64_t total) {
+  VF_GRID_STRIDE(i, total) {
+    const int64_t c = i % C, row = i / C, b = row / K;
+    y[i] = x[(b * S + idx[row]) * C + c];
+  }
+}
+
 }  // namespace
 
 void permute(void* out, const void* in, const int64_t* out_shape, const int64_t* src_strides, int dims, int64_t n,
@@ -121,6 +129,13 @@ void window_reverse(float* y, const float* windows, int64_t B, int64_t H, int64_
   if (total <= 0) return;
   window_reverse_kernel<<<grid_for(total), kThreads, 0, s>>>(y, windows, H, W, C, window, shift, H / window,
                                                                 W / window, out_h, out_w, total);
+}
+
+void gather_rows(float* y, const float* x, const int64_t* idx, int64_t B, int64_t S, int64_t K, int64_t C,
+                 cudaStream_t s) {
+  const int64_t total = B * K * C;
+  if (total <= 0) return;
+  gather_rows_kernel<<<grid_for(total), kThreads, 0, s>>>(y, x, idx, S, K, C, total);
 }
 
 }  // namespace vf::cuda
