@@ -550,28 +550,49 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
   return y;
 }
 
+namespace {
+
+// The channel block of a map's layout when its bytes are [N][C/B][H][W][B] (oneDNN's nChwBc; nhwc
+// is that with one block of all C channels, nchw with blocks of one), read from the descriptor; 0
+// for any other layout. The tag that describes it goes to `t`.
+int64_t channel_block_of(const memory::desc& md, tag& t) {
+  const auto& d = md.data;
+  if (d.ndims != 4 || d.data_type != dnnl_f32 || d.format_kind != dnnl_blocked) return 0;
+  const auto& b = d.format_desc.blocking;
+  const memory::dims dims = md.dims();
+  int64_t block = 0;
+  if (b.inner_nblks == 0) {
+    block = b.strides[1] == 1 ? dims[1] : 1;
+    t = block == 1 ? tag::nchw : tag::nhwc;
+  } else if (b.inner_nblks == 1 && b.inner_idxs[0] == 1) {
+    block = b.inner_blks[0];
+    t = block == 16 ? tag::nChw16c : block == 8 ? tag::nChw8c : block == 4 ? tag::nChw4c : tag::undef;
+  }
+  // Dense and in that order (not merely the same blocks): the descriptor the tag makes is this one.
+  if (block == 0 || t == tag::undef || memory::desc(dims, dt::f32, t) != md) return 0;
+  return block;
+}
+
+}  // namespace
+
 BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad) {
-  if (x.form_ != BlockedMap::Form::Blocked)
+  tag t = tag::undef;
+  const int64_t block = x.form_ == BlockedMap::Form::Blocked ? channel_block_of(x.layout_->md, t) : 0;
+  if (block == 0)
     return BlockedMap::from_nhwc(max_pool2d_nhwc(x.to_nhwc(), kernel, stride, pad, pad, pad, pad));
+  // [N][C/B][H][W][B] is N * C/B maps of B channels in NHWC: max_pool2d_nhwc pools them in place,
+  // with PyTorch's rule (a NaN in the window is the maximum, which oneDNN's pooling does not
+  // promise), and its output [N * C/B][OH][OW][B] is the same layout. Channels padded up to a
+  // multiple of B hold zeros (oneDNN's rule for blocked layouts) and pool to zeros.
   const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2], c = x.shape_[3];
-  const int64_t oh = max_pool_out_size(h, kernel, stride, pad, pad, false);
-  const int64_t ow = max_pool_out_size(w, kernel, stride, pad, pad, false);
-  if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input too small");
-  const memory::desc& src_md = x.layout_->md;
-  // The output in the input's layout (a pooling primitive keeps it).
-  memory::desc dst_md({n, c, oh, ow}, dt::f32, tag::any);
-  dnnl::pooling_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src_md, dst_md,
-                                {stride, stride}, {kernel, kernel}, {pad, pad}, {pad, pad});
-  dnnl::pooling_forward::primitive_desc pd(d, engine());
+  const int64_t blocks = x.layout_->md.data.padded_dims[1] / block;
+  Tensor pooled = max_pool2d_nhwc(x.data_.reshape({n * blocks, h, w, block}), kernel, stride, pad, pad, pad, pad);
   BlockedMap y;
   y.form_ = BlockedMap::Form::Blocked;
-  y.shape_ = {n, oh, ow, c};
-  y.layout_ = std::make_shared<const BlockedMap::Layout>(BlockedMap::Layout{pd.dst_desc()});
-  y.data_ = storage_for(pd.dst_desc());
-  memory src(src_md, engine(), const_cast<void*>(x.data_.raw()));
-  memory dst(pd.dst_desc(), engine(), y.data_.raw());
-  dnnl::pooling_forward(pd).execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
-  stream().wait();
+  y.shape_ = {n, pooled.size(1), pooled.size(2), c};
+  y.layout_ = std::make_shared<const BlockedMap::Layout>(
+      BlockedMap::Layout{memory::desc({n, c, pooled.size(1), pooled.size(2)}, dt::f32, t)});
+  y.data_ = pooled.reshape({-1});
   return y;
 }
 
