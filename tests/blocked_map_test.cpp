@@ -1,12 +1,15 @@
 // A ResNet-style chain of Conv2d on BlockedMaps (stem, max pool, bottlenecks with projected and
 // identity shortcuts, a strided block, a channel count that is not a multiple of the block) against
-// a convolution and a max pool written here from their definitions, on NCHW arrays in double.
+// a convolution and a max pool written here from their definitions, on NCHW arrays in double; the
+// blocked max pool's NaN, -inf and border values against hand-computed ones, and against the NHWC pool.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "test_util.h"
@@ -191,4 +194,82 @@ TEST(BlockedMap, NhwcRoundTripAndShapeChecks) {
   Layer l = make_layer(8, 4, 1, 1, false, 601);
   EXPECT_THROW(l.conv.forward(BlockedMap::from_nhwc(t)), Error);  // 5 channels for a layer of 4
   EXPECT_THROW(BlockedMap::from_nhwc(Tensor::empty({3, 4})), Error);
+}
+
+namespace {
+
+// A blocked map holding `nhwc`'s values exactly: a depthwise 1x1 convolution of weight 1 and bias 0
+// (x * 1 + 0 is x for NaN and -inf too, where a dense identity matrix would spread 0 * NaN).
+BlockedMap blocked_copy(const Tensor& nhwc) {
+  const int64_t c = nhwc.size(3);
+  Conv2dOptions o;
+  o.groups = int(c);
+  o.blocked_maps = true;
+  Conv2d identity(Tensor::from_vector<float>({c, 1, 1, 1}, std::vector<float>(c, 1.f)), Tensor(), o);
+  return identity.forward(BlockedMap::from_nhwc(nhwc));
+}
+
+}  // namespace
+
+TEST(BlockedMap, MaxPoolNanInfAndBorders) {
+  // A 5 x 6 map pooled 3 x 3, stride 2, padding 1 (the ResNet stem's pool) -> 3 x 3: the padding is
+  // left out of every window (an all-negative or all -inf window must not give 0), a NaN anywhere in
+  // a window gives NaN (PyTorch's rule). 32 channels (whole blocks) and 24 (the last block padded).
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t H = 5, W = 6;
+  for (int64_t C : {32, 24}) {
+    SCOPED_TRACE("channels " + std::to_string(C));
+    std::vector<float> v(H * W * C);
+    auto at = [&](int64_t i, int64_t j, int64_t c) -> float& { return v[(i * W + j) * C + c]; };
+    // Increasing along rows and columns, all negative: a window's maximum is its bottom-right pixel.
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j)
+        for (int64_t c = 0; c < C; ++c) at(i, j, c) = float(i * W + j) - 100.f - float(c);
+    // Channel 20 decreasing: the maximum is a window's top-left pixel.
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) at(i, j, 20) = -float(i * W + j) - 1.f;
+    at(0, 0, 0) = nan;  // top-left corner: only output (0, 0) sees it
+    at(4, 5, 3) = nan;  // bottom-right corner: only output (2, 2)
+    at(2, 2, 17) = nan;  // the second block, inside: only output (1, 1) (rows 1-3, columns 1-3)
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) at(i, j, 1) = at(i, j, 5) = -inf;  // all -inf: -inf, not 0
+    at(0, 0, 5) = nan;  // NaN beside -inf: NaN at (0, 0), -inf elsewhere
+
+    Tensor y = max_pool2d(blocked_copy(Tensor::from_vector<float>({1, H, W, C}, v)), 3, 2, 1).to_nhwc();
+    ASSERT_EQ(y.shape(), (Shape{1, 3, 3, C}));
+    for (int64_t oy = 0; oy < 3; ++oy)
+      for (int64_t ox = 0; ox < 3; ++ox)
+        for (int64_t c = 0; c < C; ++c) {
+          // Window rows 2 oy - 1 .. 2 oy + 1 and columns 2 ox - 1 .. 2 ox + 1, clipped to the map.
+          const int64_t bottom = std::min<int64_t>(2 * oy + 1, H - 1), right = std::min<int64_t>(2 * ox + 1, W - 1);
+          const int64_t top = std::max<int64_t>(2 * oy - 1, 0), left = std::max<int64_t>(2 * ox - 1, 0);
+          float want = float(bottom * W + right) - 100.f - float(c);
+          if (c == 20) want = -float(top * W + left) - 1.f;
+          if (c == 1 || c == 5) want = -inf;
+          const bool nan_here = (c == 0 && oy == 0 && ox == 0) || (c == 3 && oy == 2 && ox == 2) ||
+                                (c == 17 && oy == 1 && ox == 1) || (c == 5 && oy == 0 && ox == 0);
+          const float got = y.f32()[(oy * 3 + ox) * C + c];
+          if (nan_here)
+            EXPECT_TRUE(std::isnan(got)) << "channel " << c << " at " << oy << "," << ox << ": " << got;
+          else
+            EXPECT_EQ(got, want) << "channel " << c << " at " << oy << "," << ox;
+        }
+  }
+}
+
+TEST(BlockedMap, MaxPoolEqualsNhwcPool) {
+  // Random maps (no NaN) of odd sizes, whole and padded channel blocks: the blocked pool gives the
+  // NHWC pool's values exactly (a maximum involves no rounding).
+  for (int64_t C : {64, 40}) {
+    SCOPED_TRACE("channels " + std::to_string(C));
+    Tensor x = randn({2, 23, 18, C}, 700 + uint32_t(C));
+    BlockedMap b = blocked_copy(x);
+    ASSERT_EQ(max_abs_diff(b.to_nhwc(), x), 0.0);
+    for (auto [k, s, p] : {std::array<int, 3>{3, 2, 1}, {2, 2, 0}, {3, 1, 1}}) {
+      Tensor want = max_pool2d_nhwc(x, k, s, p, p, p, p);
+      Tensor got = max_pool2d(b, k, s, p).to_nhwc();
+      ASSERT_EQ(got.shape(), want.shape());
+      EXPECT_EQ(max_abs_diff(got, want), 0.0) << "kernel " << k << ", stride " << s << ", padding " << p;
+    }
+  }
 }

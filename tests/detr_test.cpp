@@ -87,6 +87,14 @@ TEST(DetrBackbone, TransformersResNetThroughInputProjection) {
   // The full goldens hold the encoder's input, exactly these features (vendored copies leave it out).
   if (exp.count("encoder_hidden_states.0"))
     expect_close(x.reshape({x.size(0), -1, 16}), exp["encoder_hidden_states.0"], "projected features");
+  // A caller that reads only the last level (a model without a segmentation head) gets that level
+  // alone, the same values and mask.
+  auto last = enc.forward(exp["pixel_values"], exp["pixel_mask"], /*last_level_only=*/true);
+  ASSERT_EQ(last.size(), 1u);
+  EXPECT_EQ(max_abs_diff(last[0].features, maps.back().features), 0.0);
+  ASSERT_EQ(last[0].mask.shape(), maps.back().mask.shape());
+  EXPECT_TRUE(std::equal(last[0].mask.data<uint8_t>(), last[0].mask.data<uint8_t>() + last[0].mask.numel(),
+                         maps.back().mask.data<uint8_t>()));
 }
 
 namespace {

@@ -17,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #include "core/backend.h"
 #include "core/file_pages.h"
@@ -91,6 +92,31 @@ struct SourceConversion {
     return m;
   }
 };
+
+// Room for `md`, from the buffer pool.
+Tensor storage_for(const memory::desc& md) { return Tensor::empty({int64_t((md.get_size() + 3) / 4)}); }
+
+// The layers' primitives take their scratchpad at each run (scratchpad_mode::user), from the buffer
+// pool, rather than oneDNN's own, allocated when a primitive is made and held for as long as it (or,
+// where kernels share one, any primitive) lives (Winograd's transformed tiles, 8-40 MB a layer of
+// ResNet-50 at 800x1066): a scratchpad then shares the pool's memory with the maps that are dead
+// while it is used.
+dnnl::primitive_attr user_scratchpad(dnnl::primitive_attr attr) {
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// Runs `prim` on `args`, with a scratchpad of `scratchpad` (the primitive's; empty when it needs
+// none) from the pool for this run, and waits for it.
+void execute(const dnnl::primitive& prim, const memory::desc& scratchpad, std::unordered_map<int, memory> args) {
+  Tensor room;
+  if (scratchpad.get_size() > 0) {
+    room = storage_for(scratchpad);
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, engine(), room.raw()));
+  }
+  prim.execute(stream(), args);
+  stream().wait();
+}
 
 std::mutex& dnnl_mutex() {
   static std::mutex m;
@@ -199,6 +225,7 @@ struct Conv2d::Impl {
   dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::convolution_forward prim;
+    memory::desc scratchpad;
     memory weights;
     int64_t oh, ow;
     // The primitive reads and writes the layouts it picked (src_blocked, dst_blocked): always for
@@ -228,17 +255,18 @@ struct Conv2d::Impl {
       dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_winograd,
                                         any_src, w_md, b_md, any_dst, {1, 1}, {0, 0}, {g.pad_top, g.pad_left},
                                         {g.pad_bottom, g.pad_right});
-      dnnl::convolution_forward::primitive_desc pd(d, attr, engine());
+      dnnl::convolution_forward::primitive_desc pd(d, user_scratchpad(attr), engine());
       // Of oneDNN's Winograd kernels for this size, one whose weights are already held, if any; else
       // its first choice (a fresh descriptor: next_impl() moves the one it is called on).
       while (!prepared.has(pd.weights_desc()))
         if (!pd.next_impl()) {
-          pd = dnnl::convolution_forward::primitive_desc(d, attr, engine());
+          pd = dnnl::convolution_forward::primitive_desc(d, user_scratchpad(attr), engine());
           break;
         }
       memory::desc nhwc_src({n, in, h, w}, dt::f32, tag::nhwc);
       memory::desc nhwc_dst({n, out, g.out_h, g.out_w}, dt::f32, tag::nhwc);
       p.prim = dnnl::convolution_forward(pd);
+      p.scratchpad = pd.scratchpad_desc();
       p.weights = prepared.get(pd.weights_desc());
       p.blocked = true;
       p.src_blocked = pd.src_desc();
@@ -293,11 +321,14 @@ struct Conv2d::Impl {
       p.ow = ow;
       if (winograd_prim(p, n, h, w, g, attr, !blocked)) return cache.emplace(key, std::move(p)).first->second;
     }
+    auto direct_desc = [&](const memory::desc& src, const memory::desc& dst) {
+      return dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                             dnnl::algorithm::convolution_direct, src, w_md, b_md, dst,
+                                             {opt.stride_h, opt.stride_w}, {opt.dilation_h - 1, opt.dilation_w - 1},
+                                             {pt, pl}, {pb, pr});
+    };
     auto direct = [&](const memory::desc& src, const memory::desc& dst) {
-      dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-                                        src, w_md, b_md, dst, {opt.stride_h, opt.stride_w},
-                                        {opt.dilation_h - 1, opt.dilation_w - 1}, {pt, pl}, {pb, pr});
-      return dnnl::convolution_forward::primitive_desc(d, attr, engine());
+      return dnnl::convolution_forward::primitive_desc(direct_desc(src, dst), user_scratchpad(attr), engine());
     };
     dnnl::convolution_forward::primitive_desc pd;
     try {
@@ -306,8 +337,31 @@ struct Conv2d::Impl {
       if (!blocked) throw;
       pd = direct(memory::desc({n, in, h, w}, compute, tag::any), memory::desc({n, out, oh, ow}, dt::f32, tag::any));
     }
+    // A strided 1x1 convolution: oneDNN's jit_1x1 kernels copy the subsampled input into their
+    // scratchpad, once per thread (110 MB at 16 threads for ResNet-50's third-stage shortcut at
+    // 800x1066), where its general direct kernels read the strided input in place, as fast (about
+    // 10 ms for each of ResNet-50's three strided shortcuts at 2 threads on the development VM). An
+    // implementation that needs more than one such copy gives way to the next one that needs less
+    // and reads and writes the same layouts (a reference kernel, far slower, never).
+    if (kh == 1 && kw == 1 && (opt.stride_h > 1 || opt.stride_w > 1)) {
+      const size_t one_copy = size_t(n * in * oh * ow) * memory::data_type_size(compute);
+      if (pd.scratchpad_desc().get_size() > one_copy) {
+        // A fresh one (next_impl() moves it), of a description that outlives the search.
+        const auto d = direct_desc(pd.src_desc(), pd.dst_desc());
+        dnnl::convolution_forward::primitive_desc next(d, user_scratchpad(attr), engine());
+        while (next.next_impl()) {
+          if (std::string(next.impl_info_str()).rfind("ref", 0) == 0) break;
+          if (next.scratchpad_desc().get_size() <= one_copy && next.weights_desc() == pd.weights_desc() &&
+              next.src_desc() == pd.src_desc() && next.dst_desc() == pd.dst_desc()) {
+            pd = next;
+            break;
+          }
+        }
+      }
+    }
     Prim p;
     p.prim = dnnl::convolution_forward(pd);
+    p.scratchpad = pd.scratchpad_desc();
     p.weights = prepared.get(pd.weights_desc());
     p.oh = oh;
     p.ow = ow;
@@ -413,9 +467,8 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
       Tensor xb = Tensor::empty({int64_t((p.src_blocked.get_size() + 3) / 4)});
       memory src_b(p.src_blocked, engine(), xb.raw());
       p.to_blocked.execute(stream(), src, src_b);
-      p.prim.execute(stream(), {{DNNL_ARG_SRC, src_b}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
-                                {DNNL_ARG_DST, dst_b}});
-      stream().wait();
+      execute(p.prim, p.scratchpad,
+              {{DNNL_ARG_SRC, src_b}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst_b}});
     }  // the blocked input goes back to the pool before the output is taken: it can reuse the buffer
     y = Tensor::empty({n, p.oh, p.ow, out_});
     memory dst(dst_md, engine(), y.raw());
@@ -424,8 +477,8 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
     if (!residual) y = Tensor::empty({n, p.oh, p.ow, out_}, compute_dst ? DType::BF16 : DType::F32);
     memory dst(compute_dst ? memory::desc({n, out_, p.oh, p.ow}, impl_->compute, tag::nhwc) : dst_md, engine(),
                y.raw());
-    p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
-                              {DNNL_ARG_DST, dst}});
+    execute(p.prim, p.scratchpad,
+            {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
   }
   stream().wait();
   Act a = impl_->opt.act;
@@ -446,9 +499,6 @@ namespace {
 memory::desc plain_desc(const Shape& nhwc, tag t) {
   return memory::desc({nhwc[0], nhwc[3], nhwc[1], nhwc[2]}, dt::f32, t);
 }
-
-// Room for `md`, from the buffer pool.
-Tensor storage_for(const memory::desc& md) { return Tensor::empty({int64_t((md.get_size() + 3) / 4)}); }
 
 }  // namespace
 
@@ -544,34 +594,54 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
   memory src = in_layout(x, p.src_blocked, x_holder);
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   memory dst(p.dst_blocked, engine(), y.data_.raw());
-  p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
-                            {DNNL_ARG_DST, dst}});
-  stream().wait();
+  execute(p.prim, p.scratchpad,
+          {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
   return y;
 }
 
+namespace {
+
+// The channel block of a map's layout when its bytes are [N][C/B][H][W][B] (oneDNN's nChwBc; nhwc
+// is that with one block of all C channels, nchw with blocks of one), read from the descriptor; 0
+// for any other layout. The tag that describes it goes to `t`.
+int64_t channel_block_of(const memory::desc& md, tag& t) {
+  const auto& d = md.data;
+  if (d.ndims != 4 || d.data_type != dnnl_f32 || d.format_kind != dnnl_blocked) return 0;
+  const auto& b = d.format_desc.blocking;
+  const memory::dims dims = md.dims();
+  int64_t block = 0;
+  if (b.inner_nblks == 0) {
+    block = b.strides[1] == 1 ? dims[1] : 1;
+    t = block == 1 ? tag::nchw : tag::nhwc;
+  } else if (b.inner_nblks == 1 && b.inner_idxs[0] == 1) {
+    block = b.inner_blks[0];
+    t = block == 16 ? tag::nChw16c : block == 8 ? tag::nChw8c : block == 4 ? tag::nChw4c : tag::undef;
+  }
+  // Dense and in that order (not merely the same blocks): the descriptor the tag makes is this one.
+  if (block == 0 || t == tag::undef || memory::desc(dims, dt::f32, t) != md) return 0;
+  return block;
+}
+
+}  // namespace
+
 BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad) {
-  if (x.form_ != BlockedMap::Form::Blocked)
+  tag t = tag::undef;
+  const int64_t block = x.form_ == BlockedMap::Form::Blocked ? channel_block_of(x.layout_->md, t) : 0;
+  if (block == 0)
     return BlockedMap::from_nhwc(max_pool2d_nhwc(x.to_nhwc(), kernel, stride, pad, pad, pad, pad));
+  // [N][C/B][H][W][B] is N * C/B maps of B channels in NHWC: max_pool2d_nhwc pools them in place,
+  // with PyTorch's rule (a NaN in the window is the maximum, which oneDNN's pooling does not
+  // promise), and its output [N * C/B][OH][OW][B] is the same layout. Channels padded up to a
+  // multiple of B hold zeros (oneDNN's rule for blocked layouts) and pool to zeros.
   const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2], c = x.shape_[3];
-  const int64_t oh = max_pool_out_size(h, kernel, stride, pad, pad, false);
-  const int64_t ow = max_pool_out_size(w, kernel, stride, pad, pad, false);
-  if (oh <= 0 || ow <= 0) throw Error("max_pool2d: input too small");
-  const memory::desc& src_md = x.layout_->md;
-  // The output in the input's layout (a pooling primitive keeps it).
-  memory::desc dst_md({n, c, oh, ow}, dt::f32, tag::any);
-  dnnl::pooling_forward::desc d(dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src_md, dst_md,
-                                {stride, stride}, {kernel, kernel}, {pad, pad}, {pad, pad});
-  dnnl::pooling_forward::primitive_desc pd(d, engine());
+  const int64_t blocks = x.layout_->md.data.padded_dims[1] / block;
+  Tensor pooled = max_pool2d_nhwc(x.data_.reshape({n * blocks, h, w, block}), kernel, stride, pad, pad, pad, pad);
   BlockedMap y;
   y.form_ = BlockedMap::Form::Blocked;
-  y.shape_ = {n, oh, ow, c};
-  y.layout_ = std::make_shared<const BlockedMap::Layout>(BlockedMap::Layout{pd.dst_desc()});
-  y.data_ = storage_for(pd.dst_desc());
-  memory src(src_md, engine(), const_cast<void*>(x.data_.raw()));
-  memory dst(pd.dst_desc(), engine(), y.data_.raw());
-  dnnl::pooling_forward(pd).execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
-  stream().wait();
+  y.shape_ = {n, pooled.size(1), pooled.size(2), c};
+  y.layout_ = std::make_shared<const BlockedMap::Layout>(
+      BlockedMap::Layout{memory::desc({n, c, pooled.size(1), pooled.size(2)}, dt::f32, t)});
+  y.data_ = pooled.reshape({-1});
   return y;
 }
 
@@ -587,6 +657,7 @@ struct Linear::Impl {
   dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::matmul prim;
+    memory::desc scratchpad;
     memory weights;
     SourceConversion to_compute;
   };
@@ -609,8 +680,9 @@ struct Linear::Impl {
     dnnl::primitive_attr attr;
     attr.set_post_ops(po);
     dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
-    dnnl::matmul::primitive_desc pd(d, attr, engine());
-    Prim p{dnnl::matmul(pd), prepared.get(pd.weights_desc()), SourceConversion(memory::desc({m, in}, dt::f32, tag::ab), src_md)};
+    dnnl::matmul::primitive_desc pd(d, user_scratchpad(attr), engine());
+    Prim p{dnnl::matmul(pd), pd.scratchpad_desc(), prepared.get(pd.weights_desc()),
+           SourceConversion(memory::desc({m, in}, dt::f32, tag::ab), src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
@@ -678,9 +750,8 @@ Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_laye
   memory src = p.to_compute.source(x, memory::desc({m, in_}, dt::f32, tag::ab), x_compute);
   memory dst(memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab), engine(), y.raw());
   memory bias(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw());
-  p.prim.execute(stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias},
-                            {DNNL_ARG_DST, dst}});
-  stream().wait();
+  execute(p.prim, p.scratchpad,
+          {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
   return y;
 }
 
@@ -695,8 +766,10 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
   if (y.numel() == 0) return y;
   if (K == 0) { y.fill(0); return y; }
 
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, float>, dnnl::matmul> cache;
-  dnnl::matmul prim;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, float>,
+                  std::pair<dnnl::matmul, memory::desc>>  // the primitive, its scratchpad
+      cache;
+  std::pair<dnnl::matmul, memory::desc> prim;
   {
     std::lock_guard<std::mutex> lock(dnnl_mutex());
     auto key = std::make_tuple(batch, M, K, N, trans_b, alpha);
@@ -708,17 +781,16 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b, float alpha) {
       dnnl::primitive_attr attr;
       if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
       dnnl::matmul::desc d(a_md, b_md, c_md);
-      dnnl::matmul::primitive_desc pd(d, attr, engine());
+      dnnl::matmul::primitive_desc pd(d, user_scratchpad(attr), engine());
       if (cache.size() > 512) cache.clear();
-      it = cache.emplace(key, dnnl::matmul(pd)).first;
+      it = cache.emplace(key, std::make_pair(dnnl::matmul(pd), pd.scratchpad_desc())).first;
     }
     prim = it->second;
   }
   memory am(memory::desc({batch, M, K}, dt::f32, tag::abc), engine(), const_cast<void*>(a.raw()));
   memory bm(memory::desc({batch, K, N}, dt::f32, trans_b ? tag::acb : tag::abc), engine(), const_cast<void*>(b.raw()));
   memory cm(memory::desc({batch, M, N}, dt::f32, tag::abc), engine(), y.raw());
-  prim.execute(stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
-  stream().wait();
+  execute(prim.first, prim.second, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
   return y;
 }
 

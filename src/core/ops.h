@@ -173,8 +173,9 @@ void softmax_lastdim_inplace(Tensor& x);
 Tensor max_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad_top, int pad_left, int pad_bottom,
                        int pad_right, bool ceil_mode = false);
 Tensor avg_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad, bool count_include_pad = true);
-// Max pooling of a blocked map (a ResNet stem's), padding excluded from every window, in the map's
-// own layout (oneDNN); a map that holds an NHWC tensor goes through max_pool2d_nhwc.
+// Max pooling of a blocked map (a ResNet stem's), padding excluded from every window, a NaN in a
+// window giving NaN (PyTorch's rule, as max_pool2d_nhwc), in the map's own layout; a map that holds an
+// NHWC tensor (or bytes in a layout other than channel blocks) goes through max_pool2d_nhwc.
 BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad);
 // Adaptive average to 1x1 -> [N, C].
 Tensor global_avg_pool_nhwc(const Tensor& x);

@@ -146,8 +146,8 @@ ConditionalDetrDecoderOutput ConditionalDetrDecoder::forward(const Tensor& input
 
 // ---- ConditionalDetrModel -----------------------------------------------------------------------
 
-ConditionalDetrModel::ConditionalDetrModel(const Weights& w, const ConditionalDetrConfig& cfg)
-    : backbone_(w, cfg),
+ConditionalDetrModel::ConditionalDetrModel(const Weights& w, const ConditionalDetrConfig& cfg, bool all_levels)
+    : backbone_(w, cfg, all_levels),
       query_position_embeddings_(w.get("query_position_embeddings.weight", {cfg.num_queries, cfg.d_model})),
       encoder_(w.pp("encoder"), cfg),
       decoder_(w.pp("decoder"), cfg) {}
@@ -180,7 +180,7 @@ class ConditionalDetrRunner : public Model {
         detection_(arch != "ConditionalDetrModel"),
         segmentation_(arch == "ConditionalDetrForSegmentation") {
     DetrCheckpointLayout ck = detr_checkpoint_layout(w, "conditional_detr", segmentation_);
-    model_ = ConditionalDetrModel(ck.base, cfg_);
+    model_ = ConditionalDetrModel(ck.base, cfg_, /*all_levels=*/segmentation_);
     if (detection_) {
       // No "no object" class here: the focal loss scores every class independently.
       class_labels_classifier_ = Linear(ck.heads.get("class_labels_classifier.weight", {cfg_.num_labels, cfg_.d_model}),

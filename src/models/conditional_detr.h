@@ -77,7 +77,8 @@ struct ConditionalDetrModelOutputs {
 class ConditionalDetrModel {
  public:
   ConditionalDetrModel() = default;
-  ConditionalDetrModel(const Weights& w, const ConditionalDetrConfig& cfg);
+  // all_levels: for a segmentation head (DetrConvModel).
+  ConditionalDetrModel(const Weights& w, const ConditionalDetrConfig& cfg, bool all_levels = false);
   ConditionalDetrModelOutputs forward(const Tensor& pixel_values, const Tensor& pixel_mask,
                                       bool output_hidden_states, bool output_attentions = false) const;
   const DetrConvModel& backbone() const { return backbone_; }

@@ -217,7 +217,7 @@ DetrDecoderOutput DetrDecoder::forward(const Tensor& inputs_embeds, const Tensor
 
 // ---- front end ----------------------------------------------------------------------------------
 
-DetrConvModel::DetrConvModel(const Weights& w, const DetrConfig& cfg) {
+DetrConvModel::DetrConvModel(const Weights& w, const DetrConfig& cfg, bool all_levels) : all_levels_(all_levels) {
   Weights bw = w.pp("backbone");
   conv_encoder_ = DetrConvEncoder(cfg.backbone, bw.pp("conv_encoder").pp("model"));
   const int64_t half = cfg.d_model / 2;
@@ -237,7 +237,7 @@ DetrConvModel::DetrConvModel(const Weights& w, const DetrConfig& cfg) {
 
 DetrFrontOutput DetrConvModel::forward(const Tensor& pixel_values, const Tensor& pixel_mask) const {
   DetrFrontOutput out;
-  out.features = conv_encoder_.forward(pixel_values, pixel_mask);
+  out.features = conv_encoder_.forward(pixel_values, pixel_mask, /*last_level_only=*/!all_levels_);
   const DetrFeatureMap& last = out.features.back();
   const int64_t B = last.features.size(0), h = last.features.size(1), w = last.features.size(2);
   out.projected_feature_map = input_projection_.forward(last.features);
@@ -252,8 +252,8 @@ DetrFrontOutput DetrConvModel::forward(const Tensor& pixel_values, const Tensor&
 
 // ---- DetrModel ----------------------------------------------------------------------------------
 
-DetrModel::DetrModel(const Weights& w, const DetrConfig& cfg)
-    : backbone_(w, cfg),
+DetrModel::DetrModel(const Weights& w, const DetrConfig& cfg, bool all_levels)
+    : backbone_(w, cfg, all_levels),
       query_position_embeddings_(w.get("query_position_embeddings.weight", {cfg.num_queries, cfg.d_model})),
       encoder_(w.pp("encoder"), cfg),
       decoder_(w.pp("decoder"), cfg) {}
@@ -495,7 +495,7 @@ class DetrRunner : public Model {
     const bool segmentation = arch == "DetrForSegmentation";
     const bool detection = arch != "DetrModel";
     DetrCheckpointLayout ck = detr_checkpoint_layout(w, "detr", segmentation);
-    model_ = DetrModel(ck.base, cfg_);
+    model_ = DetrModel(ck.base, cfg_, /*all_levels=*/segmentation);
     if (detection) {
       const Weights& hw = ck.heads;
       class_labels_classifier_ = Linear(hw.get("class_labels_classifier.weight", {cfg_.num_labels + 1, cfg_.d_model}),

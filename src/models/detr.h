@@ -173,7 +173,7 @@ class DetrDecoder {
 
 // What the backbone, the position embedding and the input projection hand to the transformer.
 struct DetrFrontOutput {
-  std::vector<DetrFeatureMap> features;  // every backbone level (the mask head's FPN reads them)
+  std::vector<DetrFeatureMap> features;  // every backbone level (the mask head's FPN reads them), or the last
   Tensor projected_feature_map;          // [B, h, w, D]: input_projection of the last level
   Tensor flattened_features;             // [B, h*w, D] (a view of projected_feature_map)
   Tensor spatial_position_embeddings;    // [B, h*w, D]
@@ -181,16 +181,19 @@ struct DetrFrontOutput {
 };
 
 // DetrConvModel (backbone + position embedding) with DetrModel's input_projection.
-// `w` is scoped to the base model ("model." of a detection checkpoint).
+// `w` is scoped to the base model ("model." of a detection checkpoint). `all_levels`: the output
+// keeps every backbone level, for a segmentation head; otherwise only the last, which the
+// transformer reads (the others, 96 MB for DETR-R50 at 800x1066, are not kept through the forward).
 class DetrConvModel {
  public:
   DetrConvModel() = default;
-  DetrConvModel(const Weights& w, const DetrConfig& cfg);
+  DetrConvModel(const Weights& w, const DetrConfig& cfg, bool all_levels = false);
   DetrFrontOutput forward(const Tensor& pixel_values, const Tensor& pixel_mask) const;
   const std::vector<int64_t>& intermediate_channel_sizes() const { return conv_encoder_.intermediate_channel_sizes(); }
 
  private:
   DetrConvEncoder conv_encoder_;
+  bool all_levels_ = false;
   LearnedPositionEmbedding learned_;  // position_embedding_type "learned"
   SinePositionEmbeddingOptions sine_;
   Conv2d input_projection_;
@@ -215,7 +218,8 @@ Tensor repeat_over_batch(const Tensor& weight, int64_t batch, Device device);
 class DetrModel {
  public:
   DetrModel() = default;
-  DetrModel(const Weights& w, const DetrConfig& cfg);
+  // all_levels: for a segmentation head (DetrConvModel).
+  DetrModel(const Weights& w, const DetrConfig& cfg, bool all_levels = false);
   DetrModelOutputs forward(const Tensor& pixel_values, const Tensor& pixel_mask, bool output_hidden_states,
                            bool output_attentions = false) const;
   const DetrConvModel& backbone() const { return backbone_; }

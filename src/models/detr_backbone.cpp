@@ -312,7 +312,8 @@ DetrConvEncoder::DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w
   impl_ = std::move(impl);
 }
 
-std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values, const Tensor& pixel_mask) const {
+std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values, const Tensor& pixel_mask,
+                                                     bool last_level_only) const {
   if (!impl_) throw Error("DetrConvEncoder: not built");
   if (pixel_values.dim() != 4) throw Error("pixel_values must be [B, C, H, W], got " + shape_str(pixel_values.shape()));
   const int64_t B = pixel_values.size(0), H = pixel_values.size(2), W = pixel_values.size(3);
@@ -328,13 +329,16 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
     std::vector<DetrFeatureMap> out;
     for (Tensor& f : impl_->swin.forward(pixel_values))
       out.push_back({f, downsample_pixel_mask(mask, f.size(1), f.size(2))});
+    if (last_level_only) out.erase(out.begin(), out.end() - 1);
     return out;
   }
   const int last = *std::max_element(impl_->out_levels.begin(), impl_->out_levels.end());
-  // Only the requested levels are kept: an unrequested one (the stem's, for DETR: 55 MB at 800x1066)
-  // is freed as soon as the next stage has read it.
+  // Only the requested levels are kept: an unrequested one (the stem's, for DETR: 55 MB at 800x1066;
+  // with last_level_only, all but the last: DETR's first three, 96 MB) is freed as soon as the next
+  // stage has read it.
   std::vector<Tensor> levels(last + 1);
   auto requested = [&](int level) {
+    if (last_level_only) return level == impl_->out_levels.back();
     return std::find(impl_->out_levels.begin(), impl_->out_levels.end(), level) != impl_->out_levels.end();
   };
   // The maps stay in the convolutions' own layout from the stem's output to the last block; only
@@ -351,6 +355,7 @@ std::vector<DetrFeatureMap> DetrConvEncoder::forward(const Tensor& pixel_values,
   }
   std::vector<DetrFeatureMap> out;
   for (int idx : impl_->out_levels) {
+    if (!requested(idx)) continue;
     const Tensor& f = levels[idx];
     out.push_back({f, downsample_pixel_mask(mask, f.size(1), f.size(2))});
   }

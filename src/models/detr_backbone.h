@@ -79,8 +79,10 @@ class DetrConvEncoder {
   DetrConvEncoder(const DetrBackboneConfig& cfg, const Weights& w);
   // pixel_values float32 [B, C, H, W] (as the processor returns them); pixel_mask [B, H, W] of any
   // numeric dtype, nonzero on real pixels (undefined: all ones). One entry per selected level, in
-  // order of increasing stride.
-  std::vector<DetrFeatureMap> forward(const Tensor& pixel_values, const Tensor& pixel_mask) const;
+  // order of increasing stride; with `last_level_only`, the last level alone (a caller that reads no
+  // other: the others are neither converted nor kept, and their memory is reused as the network goes on).
+  std::vector<DetrFeatureMap> forward(const Tensor& pixel_values, const Tensor& pixel_mask,
+                                      bool last_level_only = false) const;
   // Channels of each returned level (the reference's backbone.channels).
   const std::vector<int64_t>& intermediate_channel_sizes() const { return channels_; }
   struct Impl;
