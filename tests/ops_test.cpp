@@ -134,6 +134,25 @@ TEST(Ops, LayerNormAndSoftmax) {
   EXPECT_NEAR(s, 1.0, 1e-5);
 }
 
+// A batch gives each image exactly what it gives alone (the server batches requests and answers what
+// the CLI prints for one image): strided 1x1 convolutions (ResNet's shortcuts), whose kernel is chosen
+// by kind, the same for every batch size, and a 3x3 one.
+TEST(Ops, ConvolutionOfABatchEqualsEachImageAlone) {
+  struct Case { int64_t in, out, h, w; int k, stride, pad; };
+  for (const Case& c : {Case{256, 512, 50, 67, 1, 2, 0}, Case{64, 128, 40, 36, 1, 2, 0}, Case{32, 32, 21, 17, 3, 1, 1}}) {
+    Conv2dOptions o;
+    o.stride_h = o.stride_w = c.stride;
+    o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = c.pad;
+    Conv2d conv(scale(randn({c.out, c.in, c.k, c.k}, 40), 0.05f), randn({c.out}, 41), o);
+    Tensor x = randn({3, c.h, c.w, c.in}, 42);
+    Tensor all = conv.forward(x);
+    for (int64_t i = 0; i < 3; ++i) {
+      Tensor one = conv.forward(x.slice0(i, i + 1));
+      EXPECT_EQ(max_abs_diff(one, all.slice0(i, i + 1)), 0.0) << "image " << i << ", " << c.k << "x" << c.k;
+    }
+  }
+}
+
 TEST(Ops, PermuteCatNarrowRoundTrip) {
   Tensor x = randn({2, 3, 4, 5}, 12);
   Tensor back = nhwc_to_nchw(nchw_to_nhwc(x));
