@@ -8,10 +8,10 @@
 #include "core/shapes.h"
 
 #include <algorithm>
-#include <numeric>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 namespace vf {
 
@@ -687,14 +687,16 @@ Tensor gather_rows(const Tensor& x, const Tensor& idx) {
     throw Error("gather_rows: idx must be a host int64 [" + std::to_string(x.size(0)) + ", K], got " +
                 shape_str(idx.shape()));
   const int64_t S = x.size(1);
-  for (int64_t i = 0; i < idx.numel(); ++i)
-    if (idx.data<int64_t>()[i] < 0 || idx.data<int64_t>()[i] >= S) throw Error("gather_rows: index out of range");
+  const int64_t* rows = idx.data<int64_t>();
+  if (std::any_of(rows, rows + idx.numel(), [S](int64_t r) { return r < 0 || r >= S; }))
+    throw Error("gather_rows: index out of range");
   if (!x.is_cpu()) return backend(x.device()).gather_rows(x, idx);
   const int64_t B = x.size(0), C = x.size(2), K = idx.size(1);
   Tensor y = Tensor::empty({B, K, C});
-  const int64_t* at = idx.data<int64_t>();
+  const float* px = x.f32();
+  float* py = y.f32();
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < K; ++k) std::copy_n(x.f32() + (b * S + at[b * K + k]) * C, C, y.f32() + (b * K + k) * C);
+    for (int64_t k = 0; k < K; ++k) std::copy_n(px + (b * S + rows[b * K + k]) * C, C, py + (b * K + k) * C);
   return y;
 }
 
