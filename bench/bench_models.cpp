@@ -9,8 +9,9 @@
 //   BM_<Model>/inflight    throughput: VF_BENCH_WORKERS models (default: VF_THREADS), each on its own
 //                          thread with VF_THREADS / workers threads of its own, batch 1 each, all
 //                          running at once; items_per_second = images/s
-// VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): inputs uploaded once, each forward timed
-// until the GPU has finished it.
+// VF_DEVICE=cuda (or cuda:N) runs them on a GPU (bench/run_gpu.sh): an iteration of BM_<Model> is
+// Model::infer, from a host image (or, with VF_BENCH_INPUT=device, one already on the GPU, as PyTorch's
+// benchmarks have it) to the host outputs; the throughput benchmarks upload their inputs once.
 // VF_DTYPE=bfloat16 (or float16) builds the models' convolutions and linear layers in that compute dtype
 // (README: reduced precision); the benchmarks keep their names and are labelled with it.
 #include <benchmark/benchmark.h>
@@ -47,8 +48,6 @@ vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
   return t;
 }
 
-// VF_DEVICE=cuda (or cuda:N) runs the models on a GPU; an iteration is Model::infer, from the host
-// image to the host outputs.
 vf::Device bench_device() {
   const char* d = std::getenv("VF_DEVICE");
   return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
@@ -110,9 +109,17 @@ void latency(benchmark::State& state, const Arch& a) {
   if (bench_dtype() != vf::DType::F32) state.SetLabel(vf::dtype_name(bench_dtype()));
   if (!bench_device().is_cpu()) {
     // What a caller gets: Model::infer uploads the image, replays the recorded forward where the
-    // model allows (no pixel mask: all ones is the same as none), and downloads the outputs.
+    // model allows (no pixel mask: all ones is the same as none), and downloads the outputs. With
+    // VF_BENCH_INPUT=device the image is on the GPU before the clock starts (infer copies it into the
+    // recorded forward's input on the GPU), which is what PyTorch's timings of a model measure.
     vf::ModelInputs in;
     in.pixel_values = fill("pixel_values", {1, 3, a.h, a.w});
+    const char* source = std::getenv("VF_BENCH_INPUT");
+    if (source && std::string(source) == "device") {
+      in.pixel_values = in.pixel_values.to(bench_device());
+      state.SetLabel(std::string(bench_dtype() != vf::DType::F32 ? vf::dtype_name(bench_dtype()) : "") +
+                     " input on the GPU");
+    }
     for (int i = 0; i < 3; ++i) model->infer(in);  // set-up, recording, first replay
     reset_gpu_peak();
     for (auto _ : state) benchmark::DoNotOptimize(model->infer(in));

@@ -15,7 +15,7 @@ build=${BUILD_DIR:-build-cuda}
 goldens=${GOLDENS:-../shared/goldens}
 out=.device
 rm -rf "$out/bin" && mkdir -p "$out/bin"
-for b in vf tests/vf_cuda_tests bench/vf_bench; do
+for b in vf tests/vf_cuda_tests bench/vf_bench bench/libvf_kernel_profile.so; do
   if [ -x "$build/$b" ]; then strip -o "$out/bin/$(basename "$b")" "$build/$b"; fi
 done
 
@@ -24,7 +24,7 @@ done
 libs=$(mktemp -d)
 for b in "$out"/bin/*; do
   ldd "$b" | awk '/=> \//{print $3}'
-done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libcudnn[^/]*)\.so' |
+done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libcudnn[^/]*|libcupti)\.so' |
   while read -r f; do cp -L "$f" "$libs/"; done
 stamp="$out/libs.list"
 ls "$libs" > "$stamp.new"
