@@ -335,9 +335,10 @@ TEST(CudaOps, Conv2d) {
   }
 }
 
-// The depthwise convolution's paths: rows of 4 or 8 outputs a thread for 4 channels (stride 1, no
-// dilation, c % 4 == 0, kw 3, 5 or 7, aligned) and the generic kernel (everything else), with and
-// without a residual, on widths that leave a partial last group of outputs.
+// The depthwise convolution's paths: stride 1, no dilation and kw 3, 5 or 7 run rows of 8, 4, 2 or 1
+// outputs a thread for 4 channels (aligned, c % 4 == 0) or one, as many as keep enough threads; the
+// rest run the generic kernel. With and without a residual, aligned and not, on widths that leave a
+// partial last group of outputs.
 TEST(CudaOps, DepthwiseConvShapes) {
   struct Case {
     int64_t n, h, w, c, kh, kw;
@@ -345,14 +346,16 @@ TEST(CudaOps, DepthwiseConvShapes) {
     Act a;
   };
   const std::vector<Case> cases = {
-      {2, 17, 23, 96, 7, 7, 3, 3, 1, 1, Act::None},   // ConvNeXt, rows of 4
-      {4, 56, 61, 384, 7, 7, 3, 3, 1, 1, Act::None},  // enough rows for 8 outputs a thread
+      {2, 17, 23, 96, 7, 7, 3, 3, 1, 1, Act::None},   // a small map: one output, one channel a thread
+      {4, 56, 61, 384, 7, 7, 3, 3, 1, 1, Act::None},  // 8 outputs x 4 channels (misaligned: 4 x 1)
+      {2, 56, 57, 384, 7, 7, 3, 3, 1, 1, Act::None},  // 4 outputs x 4 channels
+      {1, 28, 29, 192, 7, 7, 3, 3, 1, 1, Act::None},  // ConvNeXt's stage 2 at 224: 2 outputs x 1 channel
       {1, 7, 7, 768, 7, 7, 3, 3, 1, 1, Act::Gelu},    // ConvNeXt's last stage: the image narrower than a row of taps
       {1, 9, 10, 12, 5, 5, 2, 2, 1, 1, Act::Relu},    // kw 5
       {2, 6, 5, 8, 3, 3, 1, 1, 1, 1, Act::None},      // kw 3
       {1, 11, 13, 16, 3, 7, 1, 3, 1, 1, Act::None},   // kh != kw
       {1, 11, 13, 16, 7, 7, 0, 1, 1, 1, Act::None},   // less padding than the kernel: a smaller output
-      {1, 12, 14, 6, 7, 7, 3, 3, 1, 1, Act::None},    // c % 4 != 0: generic
+      {1, 12, 14, 6, 7, 7, 3, 3, 1, 1, Act::None},    // c % 4 != 0: one channel a thread
       {1, 12, 14, 8, 4, 4, 1, 2, 1, 1, Act::None},    // kw 4: generic
       {1, 12, 14, 8, 3, 3, 1, 1, 2, 1, Act::None},    // stride 2: generic
       {1, 12, 14, 8, 3, 3, 2, 2, 1, 2, Act::None},    // dilation 2: generic
