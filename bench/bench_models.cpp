@@ -131,6 +131,11 @@ void latency(benchmark::State& state, const Arch& a) {
   for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
   state.counters["threads"] = vf::num_threads();
   state.counters["peak_rss_mb"] = peak_rss_mb();
+  // Where the memory is: the most the buffer pool had handed out at once (weights included), and
+  // what it keeps cached for the next forward.
+  const vf::PoolStats pool = vf::pool_stats();
+  state.counters["pool_peak_mb"] = double(pool.peak_live_bytes) / double(1 << 20);
+  state.counters["pool_cached_mb"] = double(pool.cached_bytes) / double(1 << 20);
 }
 
 // `workers` models at once, each on a thread of its own with `threads_each` compute threads, each

@@ -7,6 +7,8 @@
 #   cmake --build build-cuda -j --target vf vf_cuda_tests vf_bench
 #   scripts/device-bundle.sh            # then: scripts/device-test.sh on the GPU machine
 #
+# CPU_BUILD_DIR (default build): the CPU build whose vf_bench is carried too, as vf_bench_cpu.
+#
 # GOLDEN_CASES (a space-separated list of case names) limits the goldens carried; by default every
 # case of ../shared/goldens that runs a model. Archives are xz: the device tool carries 64 MiB.
 set -euo pipefail
@@ -18,6 +20,10 @@ rm -rf "$out/bin" && mkdir -p "$out/bin"
 for b in vf tests/vf_cuda_tests bench/vf_bench bench/libvf_kernel_profile.so; do
   if [ -x "$build/$b" ]; then strip -o "$out/bin/$(basename "$b")" "$build/$b"; fi
 done
+# The CPU build's vf_bench too (bench/run_device_cpu.sh): the CUDA build's maps cuDNN and cuBLAS even
+# when it runs on the CPU, which adds ~150 MB to its peak RSS.
+cpu_build=${CPU_BUILD_DIR:-build}
+if [ -x "$cpu_build/bench/vf_bench" ]; then strip -o "$out/bin/vf_bench_cpu" "$cpu_build/bench/vf_bench"; fi
 
 # Libraries: everything the binaries load except glibc, the C++ runtime and CUDA's own (the GPU
 # machine has newer ones of those).
