@@ -20,11 +20,12 @@ void require_boxes(const Tensor& t, const char* what, bool two_dims) {
                 shape_str(t.shape()));
 }
 
-// Indices sorted by decreasing score; equal scores keep their input order (torch's stable sort).
+// Indices sorted by decreasing score, NaN first; equal scores keep their input order (torchvision's
+// stable descending torch.sort).
 std::vector<int64_t> order_by_score(const float* scores, int64_t n) {
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score_above(scores[a], scores[b]); });
   return order;
 }
 
@@ -179,8 +180,10 @@ std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, cons
 
   // torchvision switches strategy on boxes.numel() > 4000 (on CPU).
   if (boxes.numel() <= 4000) {
+    // boxes.max(), which is NaN when any coordinate is (then no box is suppressed).
     float max_coord = b[0];
-    for (int64_t i = 1; i < 4 * n; ++i) max_coord = std::max(max_coord, b[i]);
+    for (int64_t i = 1; i < 4 * n; ++i)
+      max_coord = std::isnan(max_coord) || std::isnan(b[i]) ? NAN : std::max(max_coord, b[i]);
     std::vector<float> shifted(static_cast<size_t>(4 * n));
     for (int64_t i = 0; i < n; ++i) {
       const float offset = static_cast<float>(gid[i]) * (max_coord + 1.0f);
@@ -211,7 +214,7 @@ std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, cons
   std::vector<int64_t> keep;
   for (int64_t i = 0; i < n; ++i)
     if (kept[i]) keep.push_back(i);
-  std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
+  std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return score_above(s[x], s[y]); });
   return keep;
 }
 

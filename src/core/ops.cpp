@@ -941,12 +941,11 @@ std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k) {
   k = std::clamp<int64_t>(k, 0, n);
   std::vector<int64_t> idx(static_cast<size_t>(n));
   std::iota(idx.begin(), idx.end(), int64_t{0});
-  // A strict total order (NaN first, then by value, then by index), so that selecting the first k
-  // (linear) and sorting only those gives what sorting everything would.
+  // A strict total order (score_above, then by index), so that selecting the first k (linear) and
+  // sorting only those gives what sorting everything would.
   auto before = [v](int64_t a, int64_t b) {
-    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
-    if (na != nb) return na;
-    if (!na && v[a] != v[b]) return v[a] > v[b];
+    if (score_above(v[a], v[b])) return true;
+    if (score_above(v[b], v[a])) return false;
     return a < b;
   };
   if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), before);

@@ -228,6 +228,10 @@ double max_abs(const Tensor& x);
 double max_abs_diff(const Tensor& a, const Tensor& b);
 
 // ---- selection ----------------------------------------------------------------------------------
+// torch's descending order of scores (torch.sort / torch.topk): a NaN before every number, then the
+// larger first. Equal values, -0 and +0, and two NaNs are not ordered by it: every caller keeps those
+// in index order (a stable sort), and the device kernels do the same.
+inline bool score_above(float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; }
 // The indices of the min(k, n) largest of v[0 .. n), largest first, as torch.topk orders them: a NaN
 // above every number, equal values in index order.
 std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k);
