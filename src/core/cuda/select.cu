@@ -279,8 +279,9 @@ __global__ void keep_positions_kernel(int* keep_pos, const int* sorted_vals, con
 // were kept), an entry is taken when fewer than k / L of its level come before it, then the first
 // of the others until there are k; out gets the taken entries in order.
 constexpr int kBalanceThreads = 1024;
-__global__ void balance_kernel(int64_t* out, uint8_t* first_pass, const int* keep_pos, const int* count,
-                               const int* topk_pos, LevelTable t, int64_t S, int64_t N, int64_t k) {
+__global__ void __launch_bounds__(kBalanceThreads)
+    balance_kernel(int64_t* out, uint8_t* first_pass, const int* keep_pos, const int* count, const int* topk_pos,
+                   LevelTable t, int64_t S, int64_t N, int64_t k) {
   using Scan = cub::BlockScan<int, kBalanceThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int level_running[kMaxLevels];
