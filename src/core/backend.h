@@ -95,7 +95,8 @@ class DeviceBackend {
                                 int64_t out_h, int64_t out_w) = 0;
   virtual Tensor cat(const std::vector<Tensor>& xs, int64_t dim) = 0;
   virtual Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) = 0;
-  virtual Tensor gather_rows(const Tensor& x, const Tensor& idx) = 0;  // idx checked, on the host
+  // idx on the host (checked) or on this device (not checked: a GPU writes NaN rows where out of range).
+  virtual Tensor gather_rows(const Tensor& x, const Tensor& idx) = 0;
   virtual Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) = 0;
   virtual void add_inplace(Tensor& a, const Tensor& b) = 0;
   virtual Tensor scale(const Tensor& x, float s) = 0;
@@ -107,6 +108,11 @@ class DeviceBackend {
   virtual Tensor sine_expand(const Tensor& y_embed, const Tensor& x_embed, const Tensor& dim_t) = 0;  // position.h
   virtual Tensor inverse_sigmoid(const Tensor& x, float eps) = 0;                                  // boxes.h
   virtual Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) = 0;        // boxes.h
+  // Selection: the same indices as the host code (ties in index order, NaN first), never read back.
+  virtual Tensor topk_rows(const Tensor& scores, int64_t k) = 0;
+  virtual Tensor level_nms_proposals(const Tensor& logits, const Tensor& coord_logits,  // boxes.h
+                                     const std::vector<int64_t>& level_sizes, int64_t k, int64_t pre_nms_topk,
+                                     double iou_threshold) = 0;
   virtual Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels,
                                 const Tensor& sampling_locations, const Tensor& attention_weights) = 0;
 };

@@ -20,11 +20,12 @@ void require_boxes(const Tensor& t, const char* what, bool two_dims) {
                 shape_str(t.shape()));
 }
 
-// Indices sorted by decreasing score; equal scores keep their input order (torch's stable sort).
+// Indices sorted by decreasing score, NaN first; equal scores keep their input order (torchvision's
+// stable descending torch.sort).
 std::vector<int64_t> order_by_score(const float* scores, int64_t n) {
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score_above(scores[a], scores[b]); });
   return order;
 }
 
@@ -179,8 +180,10 @@ std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, cons
 
   // torchvision switches strategy on boxes.numel() > 4000 (on CPU).
   if (boxes.numel() <= 4000) {
+    // boxes.max(), which is NaN when any coordinate is (then no box is suppressed).
     float max_coord = b[0];
-    for (int64_t i = 1; i < 4 * n; ++i) max_coord = std::max(max_coord, b[i]);
+    for (int64_t i = 1; i < 4 * n; ++i)
+      max_coord = std::isnan(max_coord) || std::isnan(b[i]) ? NAN : std::max(max_coord, b[i]);
     std::vector<float> shifted(static_cast<size_t>(4 * n));
     for (int64_t i = 0; i < n; ++i) {
       const float offset = static_cast<float>(gid[i]) * (max_coord + 1.0f);
@@ -211,8 +214,99 @@ std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, cons
   std::vector<int64_t> keep;
   for (int64_t i = 0; i < n; ++i)
     if (kept[i]) keep.push_back(i);
-  std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
+  std::stable_sort(keep.begin(), keep.end(), [&](int64_t x, int64_t y) { return score_above(s[x], s[y]); });
   return keep;
+}
+
+// ---- two-stage proposals ----
+
+std::vector<int64_t> level_nms_select(const float* logits, const float* scores, const float* centers,
+                                      const std::vector<int64_t>& level_sizes, int64_t k, int64_t pre_nms_topk,
+                                      double iou_threshold) {
+  const int64_t L = static_cast<int64_t>(level_sizes.size());
+  const int64_t S = std::accumulate(level_sizes.begin(), level_sizes.end(), int64_t{0});
+  std::vector<int64_t> level_ids;
+  level_ids.reserve(static_cast<size_t>(S));
+  for (int64_t l = 0; l < L; ++l) level_ids.insert(level_ids.end(), static_cast<size_t>(level_sizes[l]), l);
+
+  // Proposal boxes: center_to_corners(sigmoid(coord logits)).clamp(0, 1) (a NaN stays NaN).
+  Tensor boxes = center_to_corners(Tensor::from_vector<float>({S, 4}, std::vector<float>(centers, centers + 4 * S)));
+  for (int64_t i = 0; i < boxes.numel(); ++i) boxes.f32()[i] = std::min(std::max(boxes.f32()[i], 0.f), 1.f);
+
+  // Per level, the top pre_nms_topk of sigmoid(logit) * (position in the level). When a level has
+  // fewer positions the rest are zero-score positions of other levels, in index order (torch.topk
+  // leaves the order of ties unspecified). They are duplicates of positions their own level already
+  // holds whenever no level exceeds pre_nms_topk positions, and NMS drops duplicates.
+  std::vector<float> level_score(static_cast<size_t>(S));
+  std::vector<int64_t> pre_nms_inds;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t s = 0; s < S; ++s) level_score[s] = scores[s] * static_cast<float>(level_ids[s] == l);
+    auto top = topk_indices(level_score.data(), S, pre_nms_topk);
+    pre_nms_inds.insert(pre_nms_inds.end(), top.begin(), top.end());
+  }
+  const int64_t N = static_cast<int64_t>(pre_nms_inds.size());
+  Tensor pre_boxes = Tensor::empty({N, 4});
+  Tensor pre_scores = Tensor::empty({N});
+  Tensor pre_levels = Tensor::empty({N}, DType::I64);
+  for (int64_t i = 0; i < N; ++i) {
+    std::copy_n(boxes.f32() + pre_nms_inds[i] * 4, 4, pre_boxes.f32() + i * 4);
+    pre_scores.f32()[i] = logits[pre_nms_inds[i]];
+    pre_levels.data<int64_t>()[i] = level_ids[pre_nms_inds[i]];
+  }
+  std::vector<int64_t> keep_inds;
+  for (int64_t i : batched_nms(pre_boxes, pre_scores, pre_levels, iou_threshold)) keep_inds.push_back(pre_nms_inds[i]);
+  if (static_cast<int64_t>(keep_inds.size()) < k) keep_inds = topk_indices(logits, S, k);
+
+  // Keep the first k / L of each level (in score order), then top up with the first of the rest.
+  const int64_t q_per_l = k / L;
+  std::vector<int64_t> per_level(static_cast<size_t>(L), 0);
+  std::vector<char> keep(keep_inds.size(), 0);
+  int64_t kept = 0;
+  for (size_t i = 0; i < keep_inds.size(); ++i)
+    if (++per_level[level_ids[keep_inds[i]]] <= q_per_l) {
+      keep[i] = 1;
+      ++kept;
+    }
+  for (size_t i = 0; i < keep_inds.size() && kept < k; ++i)
+    if (!keep[i]) {
+      keep[i] = 1;
+      ++kept;
+    }
+  std::vector<int64_t> r;
+  for (size_t i = 0; i < keep_inds.size(); ++i)
+    if (keep[i]) r.push_back(keep_inds[i]);
+  return r;
+}
+
+Tensor level_nms_proposals(const Tensor& logits, const Tensor& coord_logits, const std::vector<int64_t>& level_sizes,
+                           int64_t k, int64_t pre_nms_topk, double iou_threshold) {
+  if (logits.dim() != 2 || logits.dtype() != DType::F32)
+    throw Error("level_nms_proposals: logits must be float32 [B, S], got " + shape_str(logits.shape()));
+  const int64_t B = logits.size(0), S = logits.size(1);
+  if (coord_logits.dtype() != DType::F32 || coord_logits.shape() != Shape{B, S, 4} ||
+      coord_logits.device() != logits.device())
+    throw Error("level_nms_proposals: coord_logits must be float32 [" + std::to_string(B) + ", " + std::to_string(S) +
+                ", 4] on the logits' device, got " + shape_str(coord_logits.shape()));
+  if (level_sizes.empty() || std::any_of(level_sizes.begin(), level_sizes.end(), [](int64_t n) { return n <= 0; }) ||
+      std::accumulate(level_sizes.begin(), level_sizes.end(), int64_t{0}) != S)
+    throw Error("level_nms_proposals: the level sizes must be positive and sum to S = " + std::to_string(S));
+  if (k < 0 || k > S || pre_nms_topk < 1 || pre_nms_topk > S)
+    throw Error("level_nms_proposals: k = " + std::to_string(k) + " and pre_nms_topk = " + std::to_string(pre_nms_topk) +
+                " must be within the " + std::to_string(S) + " positions");
+  if (!logits.is_cpu())
+    return backend(logits.device()).level_nms_proposals(logits, coord_logits, level_sizes, k, pre_nms_topk, iou_threshold);
+  Tensor r = Tensor::empty({B, k}, DType::I64);
+  std::vector<float> scores(static_cast<size_t>(S)), centers(static_cast<size_t>(4 * S));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* lg = logits.f32() + b * S;
+    const float* cl = coord_logits.f32() + b * S * 4;
+    for (int64_t s = 0; s < S; ++s) scores[s] = sigmoid(lg[s]);
+    for (int64_t i = 0; i < 4 * S; ++i) centers[i] = sigmoid(cl[i]);
+    const std::vector<int64_t> chosen =
+        level_nms_select(lg, scores.data(), centers.data(), level_sizes, k, pre_nms_topk, iou_threshold);
+    std::copy(chosen.begin(), chosen.end(), r.data<int64_t>() + b * k);
+  }
+  return r;
 }
 
 // ---- in logit space ----

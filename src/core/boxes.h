@@ -46,6 +46,28 @@ std::vector<int64_t> nms(const float* boxes, const float* scores, int64_t n, dou
 std::vector<int64_t> batched_nms(const Tensor& boxes, const Tensor& scores, const Tensor& group_ids,
                                  double iou_threshold);
 
+// ---- two-stage proposals ----
+
+// DETA's first-stage proposal choice (DetaModel.forward with assign_first_stage, transformers 4.x
+// modeling_deta.py), batched and on the device of its inputs: logits [B, S] (the first class's logit
+// of every position), coord_logits [B, S, 4], the positions laid out level after level
+// (level_sizes: height * width of each, summing to S) -> int64 [B, k]. Per image: the proposal
+// boxes clamp(center_to_corners(sigmoid(coord_logits)), 0, 1); per level the pre_nms_topk best of
+// sigmoid(logit) * (position in the level) (topk_indices: where a level has fewer positions, the
+// zero-score positions of other levels in index order); batched_nms of those at iou_threshold within
+// levels, scored by the logits; the plain top-k of the logits when fewer than k are kept; then the
+// first k / levels of each level in score order, topped up with the first of the rest. k and
+// pre_nms_topk are at most S.
+Tensor level_nms_proposals(const Tensor& logits, const Tensor& coord_logits, const std::vector<int64_t>& level_sizes,
+                           int64_t k, int64_t pre_nms_topk, double iou_threshold);
+// level_nms_proposals of one image on the host, from the sigmoids it takes: scores [S] =
+// sigmoid(logits), centers [S, 4] = sigmoid(coord_logits). The CPU op computes those with
+// vf::sigmoid; a GPU's sigmoid may round differently in the last bit, so tests of a GPU's selection
+// feed this the GPU's sigmoids.
+std::vector<int64_t> level_nms_select(const float* logits, const float* scores, const float* centers,
+                                      const std::vector<int64_t>& level_sizes, int64_t k, int64_t pre_nms_topk,
+                                      double iou_threshold);
+
 // ---- in logit space, as ops (on the device of their inputs: a decoder's reference points and box
 // refinement stay where its hidden states are) ----
 

@@ -86,7 +86,9 @@ class EmulatedBackend final : public DeviceBackend {
   Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) override {
     return dev(vf::narrow(host(x), dim, begin, length));
   }
-  Tensor gather_rows(const Tensor& x, const Tensor& idx) override { return dev(vf::gather_rows(host(x), idx)); }
+  Tensor gather_rows(const Tensor& x, const Tensor& idx) override {
+    return dev(vf::gather_rows(host(x), host(idx)));
+  }
   Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) override {
     switch (op) {
       case BinaryOp::Add: return dev(vf::add(host(a), host(b)));
@@ -135,6 +137,11 @@ class EmulatedBackend final : public DeviceBackend {
   Tensor inverse_sigmoid(const Tensor& x, float eps) override { return dev(vf::inverse_sigmoid(host(x), eps)); }
   Tensor refine_boxes(const Tensor& delta, const Tensor& reference, float eps) override {
     return dev(vf::refine_boxes(host(delta), host(reference), eps));
+  }
+  Tensor topk_rows(const Tensor& scores, int64_t k) override { return dev(vf::topk_rows(host(scores), k)); }
+  Tensor level_nms_proposals(const Tensor& logits, const Tensor& coord_logits, const std::vector<int64_t>& level_sizes,
+                             int64_t k, int64_t pre_nms_topk, double iou_threshold) override {
+    return dev(vf::level_nms_proposals(host(logits), host(coord_logits), level_sizes, k, pre_nms_topk, iou_threshold));
   }
   Tensor ms_deform_attn(const Tensor& value, const std::vector<DeformLevel>& levels, const Tensor& loc,
                         const Tensor& weights) override {

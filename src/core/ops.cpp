@@ -683,15 +683,19 @@ Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
 Tensor gather_rows(const Tensor& x, const Tensor& idx) {
   if (x.dim() != 3 || x.dtype() != DType::F32)
     throw Error("gather_rows: x must be float32 [B, S, C], got " + shape_str(x.shape()));
-  if (!idx.is_cpu() || idx.dtype() != DType::I64 || idx.dim() != 2 || idx.size(0) != x.size(0))
-    throw Error("gather_rows: idx must be a host int64 [" + std::to_string(x.size(0)) + ", K], got " +
-                shape_str(idx.shape()));
+  if ((!idx.is_cpu() && idx.device() != x.device()) || idx.dtype() != DType::I64 || idx.dim() != 2 ||
+      idx.size(0) != x.size(0))
+    throw Error("gather_rows: idx must be int64 [" + std::to_string(x.size(0)) + ", K] on the host or on x's device, got " +
+                shape_str(idx.shape()) + " on " + idx.device().str());
   const int64_t S = x.size(1);
-  const int64_t* rows = idx.data<int64_t>();
-  if (std::any_of(rows, rows + idx.numel(), [S](int64_t r) { return r < 0 || r >= S; }))
-    throw Error("gather_rows: index out of range");
+  if (idx.is_cpu()) {
+    const int64_t* rows = idx.data<int64_t>();
+    if (std::any_of(rows, rows + idx.numel(), [S](int64_t r) { return r < 0 || r >= S; }))
+      throw Error("gather_rows: index out of range");
+  }
   if (!x.is_cpu()) return backend(x.device()).gather_rows(x, idx);
   const int64_t B = x.size(0), C = x.size(2), K = idx.size(1);
+  const int64_t* rows = idx.data<int64_t>();
   Tensor y = Tensor::empty({B, K, C});
   const float* px = x.f32();
   float* py = y.f32();
@@ -941,18 +945,32 @@ std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k) {
   k = std::clamp<int64_t>(k, 0, n);
   std::vector<int64_t> idx(static_cast<size_t>(n));
   std::iota(idx.begin(), idx.end(), int64_t{0});
-  // A strict total order (NaN first, then by value, then by index), so that selecting the first k
-  // (linear) and sorting only those gives what sorting everything would.
+  // A strict total order (score_above, then by index), so that selecting the first k (linear) and
+  // sorting only those gives what sorting everything would.
   auto before = [v](int64_t a, int64_t b) {
-    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
-    if (na != nb) return na;
-    if (!na && v[a] != v[b]) return v[a] > v[b];
+    if (score_above(v[a], v[b])) return true;
+    if (score_above(v[b], v[a])) return false;
     return a < b;
   };
   if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), before);
   std::sort(idx.begin(), idx.begin() + k, before);
   idx.resize(static_cast<size_t>(k));
   return idx;
+}
+
+Tensor topk_rows(const Tensor& scores, int64_t k) {
+  if (scores.dim() != 2 || scores.dtype() != DType::F32)
+    throw Error("topk_rows: scores must be float32 [B, S], got " + shape_str(scores.shape()));
+  if (k < 0 || k > scores.size(1))
+    throw Error("top-k: k = " + std::to_string(k) + " of " + std::to_string(scores.size(1)) + " candidates");
+  if (!scores.is_cpu()) return backend(scores.device()).topk_rows(scores, k);
+  const int64_t B = scores.size(0), S = scores.size(1);
+  Tensor r = Tensor::empty({B, k}, DType::I64);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int64_t> top = topk_indices(scores.f32() + b * S, S, k);
+    std::copy(top.begin(), top.end(), r.data<int64_t>() + b * k);
+  }
+  return r;
 }
 
 }  // namespace vf

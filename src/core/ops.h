@@ -201,8 +201,11 @@ Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t 
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
 // Sub-range along any dim: [begin, end).
 Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length);
-// Rows of each batch entry: x [B, S, C] (float32) and idx [B, K] (int64, on the host) -> y [B, K, C]
-// with y[b, k] = x[b, idx[b, k]] (torch.gather of whole rows), on x's device.
+// Rows of each batch entry: x [B, S, C] (float32) and idx [B, K] (int64) -> y [B, K, C] with
+// y[b, k] = x[b, idx[b, k]] (torch.gather of whole rows), on x's device. idx is on the host or on x's
+// device (what topk_rows / level_nms_proposals return there: nothing is read back). Host indices are
+// checked (an Error when out of range); a device's cannot be without waiting for it, so a GPU writes
+// NaN rows for indices out of range, and the emulated device, which can look, throws.
 Tensor gather_rows(const Tensor& x, const Tensor& idx);
 
 // ---- elementwise --------------------------------------------------------------------------------
@@ -228,8 +231,14 @@ double max_abs(const Tensor& x);
 double max_abs_diff(const Tensor& a, const Tensor& b);
 
 // ---- selection ----------------------------------------------------------------------------------
+// torch's descending order of scores (torch.sort / torch.topk): a NaN before every number, then the
+// larger first. Equal values, -0 and +0, and two NaNs are not ordered by it: every caller keeps those
+// in index order (a stable sort), and the device kernels do the same.
+inline bool score_above(float a, float b) { return std::isnan(a) ? !std::isnan(b) : a > b; }
 // The indices of the min(k, n) largest of v[0 .. n), largest first, as torch.topk orders them: a NaN
 // above every number, equal values in index order.
 std::vector<int64_t> topk_indices(const float* v, int64_t n, int64_t k);
+// topk_indices of every row of scores [B, S] (float32), k <= S -> int64 [B, k] on scores' device.
+Tensor topk_rows(const Tensor& scores, int64_t k);
 
 }  // namespace vf

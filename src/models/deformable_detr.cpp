@@ -132,12 +132,6 @@ Tensor stack_dim1(const std::vector<Tensor>& xs) {
 
 }  // namespace
 
-std::vector<int64_t> topk_proposals(const std::vector<float>& logits, int64_t k) {
-  const int64_t n = static_cast<int64_t>(logits.size());
-  if (k > n) throw Error("top-k: k = " + std::to_string(k) + " is larger than the " + std::to_string(n) + " candidates");
-  return topk_indices(logits.data(), n, k);
-}
-
 // ---- heads ----------------------------------------------------------------------------------------
 
 DeformableDetrMLPPredictionHead::DeformableDetrMLPPredictionHead(const Weights& w, int64_t input_dim,
@@ -623,25 +617,17 @@ std::pair<Tensor, Tensor> DeformableDetrModel::gen_encoder_output_proposals(cons
   return {object_query, proposals.to(enc_output.device())};
 }
 
-Tensor DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class_in, const Tensor& enc_outputs_coord_logits_in,
+Tensor DeformableDetrModel::select_proposals(const Tensor& enc_outputs_class, const Tensor& enc_outputs_coord_logits,
                                             const MultiScaleLayout& layout) const {
-  // The top-k selection runs on the host, once per forward: it reads the first class's logits only.
-  const Tensor enc_outputs_class = narrow(enc_outputs_class_in, 2, 0, 1).cpu();
-  const Tensor enc_outputs_coord_logits = variant_.select_proposals ? enc_outputs_coord_logits_in.cpu() : Tensor();
+  // The selection reads the first class's logits only, on their device.
   const int64_t B = enc_outputs_class.size(0), S = enc_outputs_class.size(1);
+  const Tensor logit0 = narrow(enc_outputs_class, 2, 0, 1).reshape({B, S});
   const int64_t K = cfg_.two_stage_num_proposals;
-  std::vector<float> logit0(S);
-  Tensor r = Tensor::empty({B, K}, DType::I64);
-  for (int64_t b = 0; b < B; ++b) {
-    std::copy_n(enc_outputs_class.f32() + b * S, S, logit0.begin());
-    const std::vector<int64_t> chosen = variant_.select_proposals
-                                            ? variant_.select_proposals(logit0, enc_outputs_coord_logits[b], layout, K)
-                                            : topk_proposals(logit0, K);
-    if (static_cast<int64_t>(chosen.size()) != K)
-      throw Error(variant_.name + ": proposal selection returned " + std::to_string(chosen.size()) + " of " +
-                  std::to_string(K) + " proposals");
-    std::copy(chosen.begin(), chosen.end(), r.data<int64_t>() + b * K);
-  }
+  Tensor r = variant_.select_proposals ? variant_.select_proposals(logit0, enc_outputs_coord_logits, layout, K)
+                                       : topk_rows(logit0, K);
+  if (r.shape() != Shape{B, K})
+    throw Error(variant_.name + ": proposal selection returned " + shape_str(r.shape()) + ", not [" +
+                std::to_string(B) + ", " + std::to_string(K) + "]");
   return r;
 }
 

@@ -81,10 +81,11 @@ DeformableDetrConfig read_deformable_detr_config(const json& config, const Defor
 
 struct MultiScaleLayout;
 
-// Chooses the two-stage proposals of one image: `logits` [S] (the first class's logit of every
-// position), `coord_logits` [S, 4], k of them -> their indices, in the order the decoder gets them.
-using ProposalSelector = std::function<std::vector<int64_t>(const std::vector<float>& logits, const Tensor& coord_logits,
-                                                            const MultiScaleLayout& layout, int64_t k)>;
+// Chooses the two-stage proposals: `logits` [B, S] (the first class's logit of every position),
+// `coord_logits` [B, S, 4], k per image -> int64 [B, k] of their indices on their device, in the
+// order the decoder gets them (a device op: nothing is read back, so the forward can be recorded).
+using ProposalSelector = std::function<Tensor(const Tensor& logits, const Tensor& coord_logits,
+                                              const MultiScaleLayout& layout, int64_t k)>;
 
 // What DETA changes in the architecture; Deformable DETR keeps the defaults.
 struct DeformableDetrVariant {
@@ -96,9 +97,6 @@ struct DeformableDetrVariant {
   ProposalSelector select_proposals;
   bool return_output_proposals = false;
 };
-
-// The top-k of the first class logit, largest first (equal logits keep their index order).
-std::vector<int64_t> topk_proposals(const std::vector<float>& logits, int64_t k);
 
 // nn.Linear(d_model, ...) x3 with ReLU between: DeformableDetrMLPPredictionHead.
 class DeformableDetrMLPPredictionHead {

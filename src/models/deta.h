@@ -16,12 +16,13 @@ namespace vf {
 // no timm: a transformers ResNet-50 with out_features stage2..stage4 when backbone_config is absent).
 DeformableDetrConfig read_deta_config(const json& config);
 
-// DetaModel.forward's proposal choice with assign_first_stage: per level the 1000 best positions
-// (sigmoid of the first class logit), NMS at IoU 0.9 within each level (batched_nms), then at most
-// k / levels per level in score order, topped up with the best of the rest. Falls back to the
-// plain top-k when NMS leaves fewer than k.
-std::vector<int64_t> deta_first_stage_proposals(const std::vector<float>& logits, const Tensor& coord_logits,
-                                                const MultiScaleLayout& layout, int64_t k);
+// DetaModel.forward's proposal choice with assign_first_stage (level_nms_proposals, core/boxes.h):
+// per level the 1000 best positions (sigmoid of the first class logit), NMS at IoU 0.9 within each
+// level, then at most k / levels per level in score order, topped up with the best of the rest; the
+// plain top-k when NMS leaves fewer than k. logits [B, S], coord_logits [B, S, 4] -> int64 [B, k] on
+// their device.
+Tensor deta_first_stage_proposals(const Tensor& logits, const Tensor& coord_logits, const MultiScaleLayout& layout,
+                                  int64_t k);
 
 DeformableDetrVariant deta_variant(const DeformableDetrConfig& cfg);
 

@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -16,6 +19,7 @@
 #include "../test_util.h"
 #include "core/attention.h"
 #include "core/backend.h"
+#include "core/boxes.h"
 #include "core/cuda/kernels.h"
 #include "core/deformable_attention.h"
 #include "core/device.h"
@@ -482,6 +486,118 @@ TEST(CudaOps, GatherRows) {
   Tensor idx = Tensor::from_vector<int64_t>({2, 45}, rows);
   Tensor want = gather_rows(x, idx);
   expect_close(gather_rows(x.to(kGpu), idx), want, 0, 0, "gather_rows");
+}
+
+TEST(CudaOps, GatherRowsDeviceIndices) {
+  Tensor x = randn({2, 70, 33}, 961);
+  Tensor idx = Tensor::from_vector<int64_t>({2, 3}, {69, 0, 5, 5, 70, -1});
+  Tensor got = gather_rows(x.to(kGpu), idx.to(kGpu)).cpu();
+  Tensor want = gather_rows(x, Tensor::from_vector<int64_t>({2, 3}, {69, 0, 5, 5, 0, 0}));
+  // Rows in range as the CPU gathers them; out of range (not checkable without waiting): NaN.
+  for (int64_t i = 0; i < 4 * 33; ++i) ASSERT_EQ(got.f32()[i], want.f32()[i]) << i;
+  for (int64_t i = 4 * 33; i < 6 * 33; ++i) ASSERT_TRUE(std::isnan(got.f32()[i])) << i;
+}
+
+// ---- selection: the host's indices exactly ----
+
+// Scores full of ties: a coarse grid of values, a few NaN; boxes from a few coordinates (equal boxes),
+// some clamped at the border.
+std::pair<Tensor, Tensor> tie_heavy(int64_t B, int64_t S, uint32_t seed, double nan_fraction) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> level(-6, 6), coord(-3, 3);
+  std::uniform_real_distribution<double> u(0, 1);
+  Tensor logits = Tensor::empty({B, S}), coords = Tensor::empty({B, S, 4});
+  for (int64_t i = 0; i < B * S; ++i) {
+    logits.f32()[i] = u(gen) < nan_fraction ? std::nanf("") : 0.5f * static_cast<float>(level(gen));
+    for (int c = 0; c < 4; ++c) coords.f32()[4 * i + c] = c < 2 ? 0.7f * coord(gen) : -1.0f + 0.5f * coord(gen);
+    if (u(gen) < 0.02) coords.f32()[4 * i + 2] = 40.0f;
+  }
+  return {logits, coords};
+}
+
+std::vector<int64_t> row_of(const Tensor& t, int64_t b) {
+  const Tensor c = t.cpu();
+  return std::vector<int64_t>(c.data<int64_t>() + b * c.size(1), c.data<int64_t>() + (b + 1) * c.size(1));
+}
+
+TEST(CudaOps, TopkRows) {
+  const int64_t S = 17884;
+  auto [ties, unused] = tie_heavy(3, S, 970, 0.01);
+  for (const Tensor& scores : {randn({3, S}, 971), ties}) {
+    for (int64_t k : {int64_t{1}, int64_t{300}, int64_t{900}, S}) {
+      const Tensor got = topk_rows(scores.to(kGpu), k);
+      ASSERT_EQ(got.device(), kGpu);
+      const Tensor want = topk_rows(scores, k);
+      for (int64_t b = 0; b < 3; ++b) EXPECT_EQ(row_of(got, b), row_of(want, b)) << "k = " << k << ", row " << b;
+    }
+  }
+}
+
+// The GPU's selection against level_nms_select over the GPU's own sigmoids (device_sigmoid's expf
+// may round differently from the host's std::exp); where the two sigmoids agree bit for bit, against
+// the CPU op itself too.
+void expect_host_selection(const Tensor& logits, const Tensor& coords, const std::vector<int64_t>& sizes, int64_t k,
+                           const std::string& what) {
+  const int64_t B = logits.size(0), S = logits.size(1);
+  const Tensor lg = logits.to(kGpu), cg = coords.to(kGpu);
+  const Tensor got = level_nms_proposals(lg, cg, sizes, k, 1000, 0.9);
+  ASSERT_EQ(got.device(), kGpu) << what;
+  ASSERT_EQ(got.shape(), (Shape{B, k})) << what;
+  const Tensor scores = act(lg, Act::Sigmoid).cpu(), centers = act(cg, Act::Sigmoid).cpu();
+  for (int64_t b = 0; b < B; ++b)
+    EXPECT_EQ(row_of(got, b), level_nms_select(logits.f32() + b * S, scores.f32() + b * S,
+                                               centers.f32() + b * S * 4, sizes, k, 1000, 0.9))
+        << what << ", image " << b;
+  const bool same_sigmoid = std::memcmp(scores.raw(), act(logits, Act::Sigmoid).raw(), scores.nbytes()) == 0 &&
+                            std::memcmp(centers.raw(), act(coords, Act::Sigmoid).raw(), centers.nbytes()) == 0;
+  if (!same_sigmoid) {
+    std::printf("%s: the GPU's sigmoid rounds some values differently from the CPU's\n", what.c_str());
+    return;
+  }
+  const Tensor cpu = level_nms_proposals(logits, coords, sizes, k, 1000, 0.9);
+  for (int64_t b = 0; b < B; ++b) EXPECT_EQ(row_of(got, b), row_of(cpu, b)) << what << ", image " << b << " (CPU op)";
+}
+
+TEST(CudaOps, LevelNmsProposals) {
+  // DETA-R50 at 800x1066: levels 100x134, 50x67, 25x34, 13x17, 7x9 (the last three below 1000), k = 900.
+  const std::vector<int64_t> deta = {100 * 134, 50 * 67, 25 * 34, 13 * 17, 7 * 9};
+  const int64_t S = std::accumulate(deta.begin(), deta.end(), int64_t{0});
+  expect_host_selection(randn({2, S}, 980, 2.0f), randn({2, S, 4}, 981, 1.5f), deta, 900, "DETA size, random");
+  auto [tl, tc] = tie_heavy(2, S, 982, 0.001);
+  expect_host_selection(tl, tc, deta, 900, "DETA size, ties");
+  // Five levels, most below 1000 positions, ties and NaN logits.
+  auto [fl, fc] = tie_heavy(3, 2300, 983, 0.01);
+  expect_host_selection(fl, fc, {1500, 600, 150, 40, 10}, 300, "five small levels");
+  // One level: one NMS over offset boxes (<= 4000 coordinates); then a NaN coordinate in it.
+  auto [ol, oc] = tie_heavy(2, 1200, 984, 0.02);
+  expect_host_selection(ol, oc, {1200}, 100, "one level");
+  oc.f32()[4 * 700 + 1] = std::nanf("");
+  expect_host_selection(ol, oc, {1200}, 100, "one level, a NaN coordinate");
+  // Every box the same: one kept per level, fewer than k: the plain top-k.
+  auto [al, ac] = tie_heavy(2, 2000, 985, 0.01);
+  for (int64_t i = 0; i < ac.numel(); ++i) ac.f32()[i] = 0.25f;
+  expect_host_selection(al, ac, {1000, 700, 300}, 60, "fallback");
+}
+
+// The selection and the gathers after it record into a CUDA graph (nothing waits for the GPU) and
+// replay to the same rows.
+TEST(CudaOps, ProposalSelectionRecordsAsGraph) {
+  const std::vector<int64_t> deta = {100 * 134, 50 * 67, 25 * 34, 13 * 17, 7 * 9};
+  const int64_t S = std::accumulate(deta.begin(), deta.end(), int64_t{0});
+  const Tensor logits = randn({1, S}, 990, 2.0f).to(kGpu), coords = randn({1, S, 4}, 991, 1.5f).to(kGpu);
+  const Tensor eager = gather_rows(coords, level_nms_proposals(logits, coords, deta, 900, 1000, 0.9)).cpu();
+  const Tensor eager_top = gather_rows(coords, topk_rows(logits, 900)).cpu();
+  Tensor recorded, recorded_top;
+  auto graph = backend(kGpu).capture([&] {
+    recorded = gather_rows(coords, level_nms_proposals(logits, coords, deta, 900, 1000, 0.9));
+    recorded_top = gather_rows(coords, topk_rows(logits, 900));
+  });
+  ASSERT_NE(graph, nullptr);
+  for (int round = 0; round < 2; ++round) {
+    graph->replay();
+    EXPECT_EQ(max_abs_diff(recorded.cpu(), eager), 0.0);
+    EXPECT_EQ(max_abs_diff(recorded_top.cpu(), eager_top), 0.0);
+  }
 }
 
 TEST(CudaOps, Attention) {

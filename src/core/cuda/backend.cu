@@ -662,7 +662,7 @@ class CudaBackend final : public DeviceBackend {
   Tensor gather_rows(const Tensor& x0, const Tensor& idx) override {
     Tensor x = here(x0);
     const int64_t B = x.size(0), S = x.size(1), C = x.size(2), K = idx.size(1);
-    Tensor rows = idx.to(device()), y = empty({B, K, C});
+    Tensor rows = idx.to(device()), y = empty({B, K, C});  // device indices as they are
     cuda::gather_rows(mf(y), cf(x), static_cast<const int64_t*>(rows.raw()), B, S, K, C, stream_);
     launched("gather_rows");
     return y;
@@ -906,6 +906,27 @@ class CudaBackend final : public DeviceBackend {
     return out;
   }
 
+  Tensor topk_rows(const Tensor& scores0, int64_t k) override {
+    Tensor scores = here(scores0);
+    Tensor out = empty({scores.size(0), k}, DType::I64);
+    std::vector<std::shared_ptr<void>> held;
+    cuda::topk_rows(static_cast<int64_t*>(out.raw()), cf(scores), scores.size(0), scores.size(1), k, scratch(held),
+                    stream_);
+    launched("topk_rows");
+    return out;
+  }
+
+  Tensor level_nms_proposals(const Tensor& logits0, const Tensor& coord_logits0, const std::vector<int64_t>& level_sizes,
+                             int64_t k, int64_t pre_nms_topk, double iou_threshold) override {
+    Tensor logits = here(logits0), coord_logits = here(coord_logits0);
+    Tensor out = empty({logits.size(0), k}, DType::I64);
+    std::vector<std::shared_ptr<void>> held;
+    cuda::level_nms_proposals(static_cast<int64_t*>(out.raw()), cf(logits), cf(coord_logits), logits.size(0),
+                              logits.size(1), level_sizes, k, pre_nms_topk, iou_threshold, scratch(held), stream_);
+    launched("level_nms_proposals");
+    return out;
+  }
+
   Tensor ms_deform_attn(const Tensor& value0, const std::vector<DeformLevel>& levels, const Tensor& loc0,
                         const Tensor& weights0) override {
     Tensor value = here(value0), loc = here(loc0), weights = here(weights0);
@@ -922,6 +943,15 @@ class CudaBackend final : public DeviceBackend {
   }
 
  private:
+  // Pool memory for a kernel's scratch, held in `held` until the caller returns (all its kernels are
+  // enqueued on the stream by then, and whatever is handed the blocks next is ordered after them).
+  cuda::ScratchFn scratch(std::vector<std::shared_ptr<void>>& held) {
+    return [this, &held](size_t bytes) {
+      held.push_back(allocate(bytes));
+      return held.back().get();
+    };
+  }
+
   // A free staging buffer of at least n bytes (not more than twice), else a new one.
   std::shared_ptr<StagedUpload> staged_buffer(size_t n) {
     {

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/ops.h"
@@ -140,7 +141,8 @@ void winograd_output(float* y, const float* m, const float* bias, const float* r
 // idx is i's multi-index over out_shape.
 void permute(void* out, const void* in, const int64_t* out_shape, const int64_t* src_strides, int dims,
              int64_t n, int elem_size, cudaStream_t s);
-// y [B, K, C] = x [B, S, C] at rows idx [B, K] (in range) of each batch entry.
+// y [B, K, C] = x [B, S, C] at rows idx [B, K] of each batch entry; a row out of range is NaN (device
+// indices cannot be checked on the host).
 void gather_rows(float* y, const float* x, const int64_t* idx, int64_t B, int64_t S, int64_t K, int64_t C,
                  cudaStream_t s);
 void pad_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int top, int left, int bottom,
@@ -149,6 +151,19 @@ void window_partition(float* y, const float* x, int64_t B, int64_t H, int64_t W,
                       int64_t shift, cudaStream_t s);
 void window_reverse(float* y, const float* windows, int64_t B, int64_t H, int64_t W, int64_t C, int64_t window,
                     int64_t shift, int64_t out_h, int64_t out_w, cudaStream_t s);
+
+// ---- selection (select.cu) ----
+// Device scratch memory for one call (the backend's pool: what it hands out stays valid until the
+// call returns, and everything the call enqueues on the stream is ordered before the next user).
+using ScratchFn = std::function<void*(size_t bytes)>;
+// ops.h's topk_rows: out [B, k] int64 = topk_indices of every row of scores [B, S].
+void topk_rows(int64_t* out, const float* scores, int64_t B, int64_t S, int64_t k, const ScratchFn& scratch,
+               cudaStream_t s);
+// boxes.h's level_nms_proposals: out [B, k] int64 from logits [B, S] and coord_logits [B, S, 4] (at
+// most 16 levels and 16384 pre-NMS boxes per image).
+void level_nms_proposals(int64_t* out, const float* logits, const float* coord_logits, int64_t B, int64_t S,
+                         const std::vector<int64_t>& level_sizes, int64_t k, int64_t pre_nms_topk,
+                         double iou_threshold, const ScratchFn& scratch, cudaStream_t s);
 
 // ---- pooling (pool.cu) ----
 void max_pool2d_nhwc(float* y, const float* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,

@@ -82,8 +82,8 @@ __global__ void window_reverse_kernel(float* __restrict__ y, const float* __rest
 __global__ void gather_rows_kernel(float* __restrict__ y, const float* __restrict__ x, const int64_t* __restrict__ idx,
                                    int64_t S, int64_t K, int64_t C, int64_t total) {
   VF_GRID_STRIDE(i, total) {
-    const int64_t c = i % C, row = i / C, b = row / K;
-    y[i] = x[(b * S + idx[row]) * C + c];
+    const int64_t c = i % C, row = i / C, b = row / K, r = idx[row];
+    y[i] = r >= 0 && r < S ? x[(b * S + r) * C + c] : __int_as_float(0x7fc00000);  // NaN where out of range
   }
 }
 
