@@ -10,7 +10,8 @@
 # CPU_BUILD_DIR (default build): the CPU build whose vf_bench is carried too, as vf_bench_cpu.
 #
 # GOLDEN_CASES (a space-separated list of case names) limits the goldens carried; by default every
-# case of ../shared/goldens that runs a model. Archives are xz: the device tool carries 64 MiB.
+# case of ../shared/goldens that runs a model. Archives are xz (-9e for the two that change rarely): the
+# device tool carries 64 MiB, the tracked files included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build-cuda}
@@ -35,7 +36,7 @@ done | sort -u | grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux
 stamp="$out/libs.list"
 ls "$libs" > "$stamp.new"
 if ! cmp -s "$stamp.new" "$stamp" || [ ! -f "$out/libs.tar.xz" ]; then
-  tar -C "$libs" -cf - . | xz -T2 -6 > "$out/libs.tar.xz"
+  tar -C "$libs" -cf - . | xz -T2 -9e > "$out/libs.tar.xz"
   mv "$stamp.new" "$stamp"
 fi
 rm -rf "$libs" "$stamp.new"
@@ -46,7 +47,7 @@ cases=${GOLDEN_CASES:-$(for c in "$goldens"/*/; do
   case $c in proc-*|postproc-*) continue;; esac; echo "$c"; done)}
 echo "$cases" | tr ' ' '\n' | grep . > "$out/cases.list.new"
 if ! cmp -s "$out/cases.list.new" "$out/cases.list" || [ ! -f "$out/goldens.tar.xz" ]; then
-  tar -C "$goldens" -cf - images $(cat "$out/cases.list.new") | xz -T2 -6 > "$out/goldens.tar.xz"
+  tar -C "$goldens" -cf - images $(cat "$out/cases.list.new") | xz -T2 -9e > "$out/goldens.tar.xz"
 fi
 mv "$out/cases.list.new" "$out/cases.list"
 rm -rf "$out/bin"
