@@ -23,6 +23,7 @@
 #include "io/json.h"
 #include "models/model.h"
 #include "models/registry.h"
+#include "proposal_inputs.h"
 #include "test_util.h"
 
 namespace vf {
@@ -160,22 +161,6 @@ std::vector<int64_t> deta_reference(const float* logits, const float* coords, co
 
 // ---- inputs ----
 
-// logits [B, S] and coord_logits [B, S, 4] full of ties: logits on a coarse grid (a few NaN),
-// boxes from a few distinct coordinates (equal boxes, IoU 1), some far outside [0, 1] after the
-// sigmoid's clamp (degenerate boxes of area 0, IoU NaN).
-std::pair<Tensor, Tensor> tie_heavy(int64_t B, int64_t S, uint32_t seed, double nan_fraction) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int> level(-6, 6), coord(-3, 3);
-  std::uniform_real_distribution<double> u(0, 1);
-  Tensor logits = Tensor::empty({B, S}), coords = Tensor::empty({B, S, 4});
-  for (int64_t i = 0; i < B * S; ++i) {
-    logits.f32()[i] = u(gen) < nan_fraction ? kNaN : 0.5f * static_cast<float>(level(gen));
-    for (int c = 0; c < 4; ++c) coords.f32()[4 * i + c] = c < 2 ? 0.7f * coord(gen) : -1.0f + 0.5f * coord(gen);
-    if (u(gen) < 0.02) coords.f32()[4 * i + 2] = 40.0f;  // w = 1: a box clamped at the border
-  }
-  return {logits, coords};
-}
-
 std::pair<Tensor, Tensor> random_inputs(int64_t B, int64_t S, uint32_t seed) {
   return {test::randn({B, S}, seed, 2.0f), test::randn({B, S, 4}, seed + 1, 1.5f)};
 }
@@ -214,7 +199,7 @@ TEST(Selection, TopkRowsByHand) {
 }
 
 TEST(Selection, TopkRowsMatchesTorchTopk) {
-  auto [logits, unused] = tie_heavy(3, 2000, 7, 0.01);
+  auto [logits, unused] = test::tie_heavy(3, 2000, 7, 0.01);
   for (Device d : {Device::cpu(), kEmu}) {
     const Tensor r = topk_rows(logits.to(d), 300);
     for (int64_t b = 0; b < 3; ++b)
@@ -283,23 +268,23 @@ TEST(Selection, FirstStageMatchesReferenceOnTies) {
   // Levels below 1000 positions (the rest of their top 1000 comes from other levels), NaN logits,
   // equal and degenerate boxes; per-level NMS (5000 pre-NMS boxes).
   {
-    auto [logits, coords] = tie_heavy(2, 2300, 11, 0.01);
+    auto [logits, coords] = test::tie_heavy(2, 2300, 11, 0.01);
     expect_reference(logits, coords, {1500, 600, 150, 40, 10}, 300, 1000, "five levels");
   }
   // One level: one NMS over offset boxes (<= 4000 coordinates).
   {
-    auto [logits, coords] = tie_heavy(2, 1200, 12, 0.02);
+    auto [logits, coords] = test::tie_heavy(2, 1200, 12, 0.02);
     expect_reference(logits, coords, {1200}, 100, 1000, "one level");
   }
   // A NaN box coordinate: torch's boxes.max() is NaN, nothing suppressed.
   {
-    auto [logits, coords] = tie_heavy(1, 1200, 13, 0.0);
+    auto [logits, coords] = test::tie_heavy(1, 1200, 13, 0.0);
     coords.f32()[4 * 600] = kNaN;
     expect_reference(logits, coords, {1200}, 100, 1000, "one level, a NaN coordinate");
   }
   // Every box the same: NMS keeps one per level, fewer than k: the fallback.
   {
-    auto [logits, coords] = tie_heavy(1, 2000, 14, 0.01);
+    auto [logits, coords] = test::tie_heavy(1, 2000, 14, 0.01);
     for (int64_t i = 0; i < 2000 * 4; ++i) coords.f32()[i] = 0.25f;
     expect_reference(logits, coords, {1000, 700, 300}, 60, 1000, "fallback");
   }
@@ -311,7 +296,7 @@ TEST(Selection, FirstStageMatchesReferenceAtDetaSize) {
   const int64_t S = std::accumulate(sizes.begin(), sizes.end(), int64_t{0});
   auto [logits, coords] = random_inputs(1, S, 21);
   expect_reference(logits, coords, sizes, 900, 1000, "random");
-  auto [tl, tc] = tie_heavy(1, S, 22, 0.001);
+  auto [tl, tc] = test::tie_heavy(1, S, 22, 0.001);
   expect_reference(tl, tc, sizes, 900, 1000, "ties");
 }
 

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "../proposal_inputs.h"
 #include "../test_util.h"
 #include "core/attention.h"
 #include "core/backend.h"
@@ -500,21 +501,6 @@ TEST(CudaOps, GatherRowsDeviceIndices) {
 
 // ---- selection: the host's indices exactly ----
 
-// Scores full of ties: a coarse grid of values, a few NaN; boxes from a few coordinates (equal boxes),
-// some clamped at the border.
-std::pair<Tensor, Tensor> tie_heavy(int64_t B, int64_t S, uint32_t seed, double nan_fraction) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int> level(-6, 6), coord(-3, 3);
-  std::uniform_real_distribution<double> u(0, 1);
-  Tensor logits = Tensor::empty({B, S}), coords = Tensor::empty({B, S, 4});
-  for (int64_t i = 0; i < B * S; ++i) {
-    logits.f32()[i] = u(gen) < nan_fraction ? std::nanf("") : 0.5f * static_cast<float>(level(gen));
-    for (int c = 0; c < 4; ++c) coords.f32()[4 * i + c] = c < 2 ? 0.7f * coord(gen) : -1.0f + 0.5f * coord(gen);
-    if (u(gen) < 0.02) coords.f32()[4 * i + 2] = 40.0f;
-  }
-  return {logits, coords};
-}
-
 std::vector<int64_t> row_of(const Tensor& t, int64_t b) {
   const Tensor c = t.cpu();
   return std::vector<int64_t>(c.data<int64_t>() + b * c.size(1), c.data<int64_t>() + (b + 1) * c.size(1));
@@ -522,7 +508,7 @@ std::vector<int64_t> row_of(const Tensor& t, int64_t b) {
 
 TEST(CudaOps, TopkRows) {
   const int64_t S = 17884;
-  auto [ties, unused] = tie_heavy(3, S, 970, 0.01);
+  auto [ties, unused] = test::tie_heavy(3, S, 970, 0.01);
   for (const Tensor& scores : {randn({3, S}, 971), ties}) {
     for (int64_t k : {int64_t{1}, int64_t{300}, int64_t{900}, S}) {
       const Tensor got = topk_rows(scores.to(kGpu), k);
@@ -563,18 +549,18 @@ TEST(CudaOps, LevelNmsProposals) {
   const std::vector<int64_t> deta = {100 * 134, 50 * 67, 25 * 34, 13 * 17, 7 * 9};
   const int64_t S = std::accumulate(deta.begin(), deta.end(), int64_t{0});
   expect_host_selection(randn({2, S}, 980, 2.0f), randn({2, S, 4}, 981, 1.5f), deta, 900, "DETA size, random");
-  auto [tl, tc] = tie_heavy(2, S, 982, 0.001);
+  auto [tl, tc] = test::tie_heavy(2, S, 982, 0.001);
   expect_host_selection(tl, tc, deta, 900, "DETA size, ties");
   // Five levels, most below 1000 positions, ties and NaN logits.
-  auto [fl, fc] = tie_heavy(3, 2300, 983, 0.01);
+  auto [fl, fc] = test::tie_heavy(3, 2300, 983, 0.01);
   expect_host_selection(fl, fc, {1500, 600, 150, 40, 10}, 300, "five small levels");
   // One level: one NMS over offset boxes (<= 4000 coordinates); then a NaN coordinate in it.
-  auto [ol, oc] = tie_heavy(2, 1200, 984, 0.02);
+  auto [ol, oc] = test::tie_heavy(2, 1200, 984, 0.02);
   expect_host_selection(ol, oc, {1200}, 100, "one level");
   oc.f32()[4 * 700 + 1] = std::nanf("");
   expect_host_selection(ol, oc, {1200}, 100, "one level, a NaN coordinate");
   // Every box the same: one kept per level, fewer than k: the plain top-k.
-  auto [al, ac] = tie_heavy(2, 2000, 985, 0.01);
+  auto [al, ac] = test::tie_heavy(2, 2000, 985, 0.01);
   for (int64_t i = 0; i < ac.numel(); ++i) ac.f32()[i] = 0.25f;
   expect_host_selection(al, ac, {1000, 700, 300}, 60, "fallback");
 }
