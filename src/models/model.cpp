@@ -1,6 +1,7 @@
 #include "models/model.h"
 
 #include "core/backend.h"
+#include "core/device_lock.h"
 #include "core/errors.h"
 
 #include <algorithm>
@@ -179,8 +180,7 @@ ModelOutput Model::infer_to(const ModelInputs& inputs, bool keep_on_device) cons
   if (device.is_cpu()) return forward(inputs);
   // One forward at a time per process on a device: its backend's handles and stream serve one
   // caller (a server batches requests instead of running them side by side).
-  static std::mutex device_mutex;
-  std::lock_guard<std::mutex> lock(device_mutex);
+  std::lock_guard<std::mutex> lock(device_work_mutex());
   // A forward's own outputs as they are, or every output on the host; a recording's outputs, which
   // its next replay rewrites, as copies (made on the stream before any later replay, under the lock).
   auto hand_out = [keep_on_device](const ModelOutput& outputs, bool recorded) {

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "core/boxes.h"
+#include "core/device_lock.h"
 #include "core/ops.h"
 
 namespace vf {
@@ -190,6 +191,12 @@ void require_segmentation_inputs(DetrPostKind kind, const Tensor& logits, const 
                 shape_str(logits.shape()));
 }
 
+// Held while work on the outputs' device is enqueued (device_lock.h); nothing for host outputs.
+std::unique_lock<std::mutex> hold_device_of(const Tensor& logits, const Tensor& pred_masks) {
+  if (logits.is_cpu() && pred_masks.is_cpu()) return std::unique_lock<std::mutex>();
+  return std::unique_lock<std::mutex>(device_work_mutex());
+}
+
 // The kept queries' mask probabilities of image b, on pred_masks' device: the sigmoid of their mask
 // logits [k, mh, mw], resized to the target when there is one.
 Tensor kept_mask_probs(const Tensor& pred_masks, int64_t b, const std::vector<int64_t>& kept,
@@ -257,6 +264,7 @@ SegmentationResult compute_segments(const Tensor& mask_probs, const std::vector<
 std::vector<SegmentationResult> instance_or_panoptic(DetrPostKind kind, const Tensor& logits_in,
                                                      const Tensor& pred_masks, const SegmentationOptions& opt,
                                                      bool panoptic) {
+  const auto hold = hold_device_of(logits_in, pred_masks);
   const Tensor logits = logits_in.cpu();  // small: the query scores are picked on the host
   const int64_t batch = logits.size(0), queries = logits.size(1), classes = logits.size(2);
   const int64_t mh = pred_masks.size(2), mw = pred_masks.size(3);
@@ -313,6 +321,7 @@ std::vector<Tensor> post_process_semantic_segmentation(DetrPostKind kind, const 
                                                        const Tensor& pred_masks,
                                                        const std::vector<TargetSize>& target_sizes) {
   require_segmentation_inputs(kind, logits_in, pred_masks, "post_process_semantic_segmentation");
+  const auto hold = hold_device_of(logits_in, pred_masks);
   const Tensor logits = logits_in.cpu();  // small: the class weights are made on the host
   const int64_t batch = logits.size(0), queries = logits.size(1), classes = logits.size(2);
   const int64_t mh = pred_masks.size(2), mw = pred_masks.size(3), mn = mh * mw;
