@@ -72,13 +72,14 @@ Pretrained Pretrained::from_pretrained(const std::string& dir_or_id, const LoadO
 namespace {
 
 ModelOutput forward(const Pretrained& p, const Tensor& pixel_values, const Tensor& pixel_mask,
-                    bool output_hidden_states = false, bool output_attentions = false) {
+                    bool output_hidden_states = false, bool output_attentions = false,
+                    bool outputs_on_device = false) {
   ModelInputs in;
   in.pixel_values = pixel_values;
   in.pixel_mask = pixel_mask;
   in.output_hidden_states = output_hidden_states;
   in.output_attentions = output_attentions;
-  return p.model->infer(in);
+  return outputs_on_device ? p.model->infer_on_device(in) : p.model->infer(in);
 }
 
 // The model's image processor on `images`; a processor setting that cannot apply names its file.
@@ -144,7 +145,8 @@ bool prepares_ahead(Device d) {
 // Each image is processed alone and images of one processed size share a forward, unpadded: padding
 // a DETR-family batch changes its outputs (the backbone's borders see the padding, Deformable
 // DETR's / DETA's input GroupNorm averages over it), while the pipelines run every image alone.
-void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use) {
+void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use,
+                 bool outputs_on_device) {
   const size_t step = batch_size > 0 ? static_cast<size_t>(batch_size) : std::max<size_t>(images.size(), 1);
   const bool ahead = prepares_ahead(p.model->device);
   auto prepare = [&](size_t begin) { return prepare_forwards(p, images, begin, std::min(images.size(), begin + step)); };
@@ -153,7 +155,8 @@ void run_batches(const Pretrained& p, const std::vector<Image>& images, int batc
   for (size_t begin = 0; begin < images.size(); begin += step) {
     std::vector<ForwardJob> jobs = ahead ? next.get() : prepare(begin);
     if (ahead && begin + step < images.size()) next = std::async(std::launch::async, prepare, begin + step);
-    for (const ForwardJob& job : jobs) use(forward(p, job.pixel_values, job.pixel_mask), job.indices);
+    for (const ForwardJob& job : jobs)
+      use(forward(p, job.pixel_values, job.pixel_mask, false, false, outputs_on_device), job.indices);
   }
 }
 
@@ -333,12 +336,17 @@ std::vector<SegmentedImage> segment(const Pretrained& p, const std::vector<Image
   const DetrPostKind kind = detr_post_kind(p.model->model_type);
   check_segmentation(p, params, kind);
   std::vector<SegmentedImage> result(images.size());
-  run_batches(p, images, batch_size, [&](const ModelOutput& out, const std::vector<size_t>& indices) {
-    std::vector<const Image*> batch;
-    for (size_t i : indices) batch.push_back(&images[i]);
-    std::vector<SegmentedImage> segs = post_segmentation(p, kind, params, out, batch);
-    for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(segs[b]);
-  });
+  // The outputs stay on the model's device: the masks are resized, weighed and compared there, and
+  // only the segment map and the per-query areas come back (detr_postprocess.h).
+  run_batches(
+      p, images, batch_size,
+      [&](const ModelOutput& out, const std::vector<size_t>& indices) {
+        std::vector<const Image*> batch;
+        for (size_t i : indices) batch.push_back(&images[i]);
+        std::vector<SegmentedImage> segs = post_segmentation(p, kind, params, out, batch);
+        for (size_t b = 0; b < indices.size(); ++b) result[indices[b]] = std::move(segs[b]);
+      },
+      true);
   return result;
 }
 

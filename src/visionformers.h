@@ -65,9 +65,11 @@ struct Pretrained {
 
 // The batches' building block, for callers that post-process themselves (the server): runs the
 // images `batch_size` at a time (<= 0: all at once) as above, and gives `use` each forward's output
-// with its images' indices into `images`, increasing within a forward.
+// with its images' indices into `images`, increasing within a forward. With outputs_on_device the
+// outputs stay on the model's device (Model::infer_on_device), for post-processing that runs there.
 using ForwardFn = std::function<void(const ModelOutput& out, const std::vector<size_t>& indices)>;
-void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use);
+void run_batches(const Pretrained& p, const std::vector<Image>& images, int batch_size, const ForwardFn& use,
+                 bool outputs_on_device = false);
 // Whether run_batches prepares the next forward (preprocessing, and on a GPU its upload) on a thread of
 // its own while the current one runs, for a model on `d`: on a device, unless VF_PREFETCH=0 (to
 // compare); never on the CPU, where the forward has every core.

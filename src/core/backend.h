@@ -102,6 +102,10 @@ class DeviceBackend {
   virtual Tensor scale(const Tensor& x, float s) = 0;
   virtual Tensor mul_lastdim(const Tensor& x, const Tensor& gamma) = 0;
   virtual Tensor interpolate(const Tensor& x, int64_t out_h, int64_t out_w, Interp mode) = 0;
+  // plane_scale may be undefined or on the host; inputs checked.
+  virtual Tensor argmax_planes(const Tensor& x, const Tensor& plane_scale, DType out) = 0;
+  virtual Tensor count_at_least(const Tensor& x, const Tensor& plane_scale, float threshold) = 0;
+  virtual Tensor bincount(const Tensor& idx, int64_t bins) = 0;
   virtual Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                                       const AttentionOptions& opt) = 0;
   virtual Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt) = 0;

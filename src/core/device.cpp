@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "core/backend.h"
+#include "core/device_lock.h"
 #include "core/errors.h"
 
 namespace vf {
@@ -103,6 +104,11 @@ LoadDeviceScope::~LoadDeviceScope() {
 
 DeviceMemoryStats device_memory_stats(Device d, bool reset_peak) {
   return d.is_cpu() ? DeviceMemoryStats{} : backend(d).memory_stats(reset_peak);
+}
+
+std::mutex& device_work_mutex() {
+  static std::mutex m;
+  return m;
 }
 
 DeviceBackend& backend(Device d) {

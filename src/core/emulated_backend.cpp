@@ -115,6 +115,13 @@ class EmulatedBackend final : public DeviceBackend {
     }
     return Tensor();
   }
+  Tensor argmax_planes(const Tensor& x, const Tensor& plane_scale, DType out) override {
+    return dev(vf::argmax_planes(host(x), host(plane_scale), out));
+  }
+  Tensor count_at_least(const Tensor& x, const Tensor& plane_scale, float threshold) override {
+    return dev(vf::count_at_least(host(x), host(plane_scale), threshold));
+  }
+  Tensor bincount(const Tensor& idx, int64_t bins) override { return dev(vf::bincount(host(idx), bins)); }
   Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads,
                               const AttentionOptions& opt) override {
     AttentionOptions o = opt;

@@ -915,6 +915,94 @@ Tensor interpolate_nearest(const Tensor& x, int64_t oh, int64_t ow) {
 
 // ---- reductions ----------------------------------------------------------------------------------
 
+namespace {
+void check_planes(const Tensor& x, const Tensor& plane_scale, const char* op) {
+  require_f32(x, op);
+  if (x.dim() < 1 || x.size(0) < 1)
+    throw Error(std::string(op) + ": expected planes [K >= 1, ...], got " + shape_str(x.shape()));
+  if (plane_scale.defined() && (plane_scale.dtype() != DType::F32 || plane_scale.numel() != x.size(0)))
+    throw Error(std::string(op) + ": plane_scale must be float32 with one value per plane, got " +
+                dtype_name(plane_scale.dtype()) + " " + shape_str(plane_scale.shape()) + " for " +
+                shape_str(x.shape()));
+}
+
+// A plane's weight on the host (1 when there is none: x * 1.0f is x, NaN included).
+std::vector<float> host_plane_scale(const Tensor& plane_scale, int64_t count) {
+  if (!plane_scale.defined()) return std::vector<float>(static_cast<size_t>(count), 1.0f);
+  const Tensor s = plane_scale.cpu();
+  return std::vector<float>(s.f32(), s.f32() + count);
+}
+}  // namespace
+
+Tensor argmax_planes(const Tensor& x, const Tensor& plane_scale, DType out) {
+  check_planes(x, plane_scale, "argmax_planes");
+  if (out != DType::I32 && out != DType::I64)
+    throw Error(std::string("argmax_planes: indices are int32 or int64, not ") + dtype_name(out));
+  if (!x.is_cpu()) return backend(x.device()).argmax_planes(x, plane_scale, out);
+  const int64_t count = x.size(0), n = x.numel() / count;
+  const std::vector<float> s = host_plane_scale(plane_scale, count);
+  Tensor y = Tensor::empty(Shape(x.shape().begin() + 1, x.shape().end()), out);
+  const float* planes = x.f32();
+  // Blocks of positions, planes visited in order within a block: contiguous reads.
+  constexpr int64_t kBlock = 2048;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t p0 = blk * kBlock, len = std::min(kBlock, n - p0);
+    float best[kBlock];
+    int64_t arg[kBlock];
+    for (int64_t i = 0; i < len; ++i) best[i] = planes[p0 + i] * s[0];
+    std::fill(arg, arg + len, int64_t{0});
+    for (int64_t k = 1; k < count; ++k) {
+      const float* plane = planes + k * n + p0;
+      for (int64_t i = 0; i < len; ++i)
+        if (const float v = plane[i] * s[k]; v > best[i]) {
+          best[i] = v;
+          arg[i] = k;
+        }
+    }
+    if (out == DType::I64)
+      std::copy(arg, arg + len, y.data<int64_t>() + p0);
+    else
+      std::transform(arg, arg + len, y.data<int32_t>() + p0, [](int64_t a) { return static_cast<int32_t>(a); });
+  }
+  return y;
+}
+
+Tensor count_at_least(const Tensor& x, const Tensor& plane_scale, float threshold) {
+  check_planes(x, plane_scale, "count_at_least");
+  if (!x.is_cpu()) return backend(x.device()).count_at_least(x, plane_scale, threshold);
+  const int64_t count = x.size(0), n = x.numel() / count;
+  const std::vector<float> s = host_plane_scale(plane_scale, count);
+  Tensor y = Tensor::empty({count}, DType::I64);
+  const float* px = x.f32();
+#pragma omp parallel for
+  for (int64_t k = 0; k < count; ++k) {
+    int64_t c = 0;
+    for (int64_t p = 0; p < n; ++p) c += px[k * n + p] * s[k] >= threshold;
+    y.data<int64_t>()[k] = c;
+  }
+  return y;
+}
+
+Tensor bincount(const Tensor& idx, int64_t bins) {
+  if (idx.dtype() != DType::I32 && idx.dtype() != DType::I64)
+    throw Error(std::string("bincount: indices must be int32 or int64, got ") + dtype_name(idx.dtype()));
+  if (bins < 0) throw Error("bincount: bins must be >= 0");
+  if (!idx.is_cpu()) return backend(idx.device()).bincount(idx, bins);
+  Tensor y = Tensor::zeros({bins}, DType::I64);
+  int64_t* c = y.data<int64_t>();
+  auto count = [&](const auto* v) {
+    for (int64_t i = 0, n = idx.numel(); i < n; ++i)
+      if (v[i] >= 0 && v[i] < bins) ++c[v[i]];
+  };
+  if (idx.dtype() == DType::I64)
+    count(idx.data<int64_t>());
+  else
+    count(idx.data<int32_t>());
+  return y;
+}
+
 double max_abs(const Tensor& x) {
   Tensor d = x.cpu().to(DType::F64);
   double m = 0;

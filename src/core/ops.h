@@ -227,6 +227,18 @@ Tensor interpolate_nearest(const Tensor& x, int64_t out_h, int64_t out_w);
 Tensor interpolate_bicubic(const Tensor& x, int64_t out_h, int64_t out_w);
 
 // ---- reductions ---------------------------------------------------------------------------------
+// Over the planes x[0], x[1], ... of a float32 x [K, ...] (K >= 1), each weighed by plane_scale[k]
+// (float32 [K], any device; undefined: 1), the value compared being the float32 product
+// x[k][i] * plane_scale[k] (segmentation post-processing: a query's mask times its score):
+// at each position, the index of the first largest plane (torch.argmax's tie rule; a NaN never
+// wins), `out` I32 or I64, shaped x.shape[1:] ...
+Tensor argmax_planes(const Tensor& x, const Tensor& plane_scale = Tensor(), DType out = DType::I64);
+// ... and per plane, how many positions have x[k][i] * plane_scale[k] >= threshold: int64 [K].
+Tensor count_at_least(const Tensor& x, const Tensor& plane_scale, float threshold);
+// How many of idx's values (int32 or int64, any shape) equal 0, 1, ..., bins - 1: int64 [bins] on
+// idx's device (torch.bincount with minlength = bins; values outside are not counted).
+Tensor bincount(const Tensor& idx, int64_t bins);
+
 double max_abs(const Tensor& x);
 double max_abs_diff(const Tensor& a, const Tensor& b);
 

@@ -1,6 +1,7 @@
 #include "models/model.h"
 
 #include "core/backend.h"
+#include "core/device_lock.h"
 #include "core/errors.h"
 
 #include <algorithm>
@@ -171,15 +172,21 @@ bool graphs_enabled() {
 }
 }  // namespace
 
-ModelOutput Model::infer(const ModelInputs& inputs) const {
+ModelOutput Model::infer(const ModelInputs& inputs) const { return infer_to(inputs, false); }
+
+ModelOutput Model::infer_on_device(const ModelInputs& inputs) const { return infer_to(inputs, true); }
+
+ModelOutput Model::infer_to(const ModelInputs& inputs, bool keep_on_device) const {
   if (device.is_cpu()) return forward(inputs);
   // One forward at a time per process on a device: its backend's handles and stream serve one
   // caller (a server batches requests instead of running them side by side).
-  static std::mutex device_mutex;
-  std::lock_guard<std::mutex> lock(device_mutex);
-  auto download = [](const ModelOutput& on_device) {
+  std::lock_guard<std::mutex> lock(device_work_mutex());
+  // A forward's own outputs as they are, or every output on the host; a recording's outputs, which
+  // its next replay rewrites, as copies (made on the stream before any later replay, under the lock).
+  auto hand_out = [keep_on_device](const ModelOutput& outputs, bool recorded) {
+    if (keep_on_device && !recorded) return outputs;
     ModelOutput out;
-    for (auto& [name, t] : on_device.items()) out.set(name, t.cpu());
+    for (auto& [name, t] : outputs.items()) out.set(name, keep_on_device ? t.clone() : t.cpu());
     return out;
   };
   // An input uploaded beside the previous forward (upload_beside): the work below comes after its copy.
@@ -206,7 +213,7 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
     if (r->graph) {
       r->input.copy_from(inputs.pixel_values);
       r->graph->replay();
-      return download(r->output);
+      return hand_out(r->output, true);
     }
     // The first run sets everything up (uploads, algorithm searches); the second is recorded.
     if (r->runs == 2 && !r->unrecordable) {
@@ -220,14 +227,14 @@ ModelOutput Model::infer(const ModelInputs& inputs) const {
                               : "forward not recorded (a host round trip, or VF_CUDA_TRACE, which waits for each op)");
       if (r->graph) {
         r->graph->replay();
-        return download(r->output);
+        return hand_out(r->output, true);
       }
       r->unrecordable = true;
       r->output = ModelOutput();
     }
   }
   in.pixel_values = inputs.pixel_values.to(device);
-  return download(forward(in));
+  return hand_out(forward(in), false);
 }
 
 }  // namespace vf

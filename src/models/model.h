@@ -50,6 +50,10 @@ class Model {
   // forward() with pixel_values copied to `device` first and every output copied back to the host
   // after (masks, labels and head masks stay on the host: the models read them there).
   ModelOutput infer(const ModelInputs& inputs) const;
+  // infer() with the outputs left on `device` (post-processing that runs there, e.g. segmentation
+  // masks): each output is the caller's own tensor; a replayed recording's buffers, which the next
+  // replay overwrites, are handed out as copies on the device. On the CPU, forward().
+  ModelOutput infer_on_device(const ModelInputs& inputs) const;
   // Where the weighted layers were prepared (the LoadDeviceScope the model was built in).
   Device device;
   // What its convolutions and linear layers compute in (the LoadDeviceScope's): F32, BF16 or F16.
@@ -64,6 +68,7 @@ class Model {
   // On a GPU, the forward of an input shape seen before is replayed from a recorded graph when its
   // work can be recorded (no host round trip inside): one launch instead of hundreds.
   struct Replay;
+  ModelOutput infer_to(const ModelInputs& inputs, bool keep_on_device) const;
   mutable std::shared_ptr<std::map<std::string, std::shared_ptr<Replay>>> replays_;
 };
 

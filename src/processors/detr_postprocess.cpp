@@ -8,6 +8,7 @@
 #include <set>
 
 #include "core/boxes.h"
+#include "core/device_lock.h"
 #include "core/ops.h"
 
 namespace vf {
@@ -190,62 +191,43 @@ void require_segmentation_inputs(DetrPostKind kind, const Tensor& logits, const 
                 shape_str(logits.shape()));
 }
 
-// Index of the largest of `count` planes at each of `n` positions (planes `stride` apart); the
-// first plane wins ties, like torch.argmax.
-template <class Out>
-void argmax_planes(const float* planes, int64_t count, int64_t n, Out* out) {
-  // Blocks of positions, planes visited in order within a block: contiguous reads.
-  constexpr int64_t kBlock = 2048;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t p0 = blk * kBlock, len = std::min(kBlock, n - p0);
-    float best[kBlock];
-    int64_t arg[kBlock];
-    std::copy(planes + p0, planes + p0 + len, best);
-    std::fill(arg, arg + len, int64_t{0});
-    for (int64_t k = 1; k < count; ++k) {
-      const float* plane = planes + k * n + p0;
-      for (int64_t i = 0; i < len; ++i)
-        if (plane[i] > best[i]) {
-          best[i] = plane[i];
-          arg[i] = k;
-        }
-    }
-    for (int64_t i = 0; i < len; ++i) out[p0 + i] = static_cast<Out>(arg[i]);
-  }
+// Held while work on the outputs' device is enqueued (device_lock.h); nothing for host outputs.
+std::unique_lock<std::mutex> hold_device_of(const Tensor& logits, const Tensor& pred_masks) {
+  if (logits.is_cpu() && pred_masks.is_cpu()) return std::unique_lock<std::mutex>();
+  return std::unique_lock<std::mutex>(device_work_mutex());
 }
 
-// transformers' compute_segments: weigh each kept query's mask probabilities by its score, give
-// every pixel to the strongest query, keep a query's segment when it has pixels and at least
+// The kept queries' mask probabilities of image b, on pred_masks' device: the sigmoid of their mask
+// logits [k, mh, mw], resized to the target when there is one.
+Tensor kept_mask_probs(const Tensor& pred_masks, int64_t b, const std::vector<int64_t>& kept,
+                       const TargetSize* target) {
+  const int64_t queries = pred_masks.size(1), mh = pred_masks.size(2), mw = pred_masks.size(3);
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  Tensor probs = gather_rows(pred_masks[b].reshape({1, queries, mh * mw}),
+                             Tensor::from_vector<int64_t>({1, k_count}, kept));
+  act_inplace(probs, Act::Sigmoid);
+  probs = probs.reshape({1, k_count, mh, mw});
+  if (target) probs = interpolate_bilinear(probs, target->height, target->width);
+  return probs.reshape({k_count, probs.size(2), probs.size(3)});
+}
+
+// transformers' compute_segments: weigh each kept query's mask probabilities [k, H, W] by its score,
+// give every pixel to the strongest query, keep a query's segment when it has pixels and at least
 // overlap_mask_area_threshold of its own (score-weighted) mask >= mask_threshold; classes in
-// label_ids_to_fuse share one segment id.
-SegmentationResult compute_segments(Tensor mask_probs, const std::vector<float>& pred_scores,
+// label_ids_to_fuse share one segment id. The per-pixel work runs where mask_probs lives; only the
+// owner map and the per-query areas come to the host.
+SegmentationResult compute_segments(const Tensor& mask_probs, const std::vector<float>& pred_scores,
                                     const std::vector<int64_t>& pred_labels, const SegmentationOptions& opt,
-                                    const std::vector<int64_t>& label_ids_to_fuse, const TargetSize* target) {
-  const int64_t k_count = mask_probs.size(0);
-  if (target)
-    mask_probs = interpolate_bilinear(mask_probs.reshape({1, k_count, mask_probs.size(1), mask_probs.size(2)}),
-                                      target->height, target->width)
-                     .reshape({k_count, target->height, target->width});
-  const int64_t height = mask_probs.size(1), width = mask_probs.size(2), n = height * width;
-  float* mp = mask_probs.f32();
-#pragma omp parallel for
-  for (int64_t k = 0; k < k_count; ++k)
-    for (int64_t p = 0; p < n; ++p) mp[k * n + p] *= pred_scores[k];
-
-  std::vector<int64_t> owner(static_cast<size_t>(n));
-  argmax_planes(mp, k_count, n, owner.data());
-
-  std::vector<int64_t> area(static_cast<size_t>(k_count), 0), original_area(static_cast<size_t>(k_count), 0);
-  for (int64_t p = 0; p < n; ++p) ++area[owner[p]];
-  const float mask_threshold = static_cast<float>(opt.mask_threshold);
-#pragma omp parallel for
-  for (int64_t k = 0; k < k_count; ++k) {
-    int64_t c = 0;
-    for (int64_t p = 0; p < n; ++p) c += mp[k * n + p] >= mask_threshold;
-    original_area[k] = c;
-  }
+                                    const std::vector<int64_t>& label_ids_to_fuse) {
+  const int64_t k_count = mask_probs.size(0), height = mask_probs.size(1), width = mask_probs.size(2);
+  const Tensor scores = Tensor::from_vector<float>({k_count}, pred_scores);
+  const Tensor owner_here = argmax_planes(mask_probs, scores, DType::I32);
+  const Tensor area_t = bincount(owner_here, k_count).cpu();
+  const Tensor original_area_t =
+      count_at_least(mask_probs, scores, static_cast<float>(opt.mask_threshold)).cpu();
+  const Tensor owner = owner_here.cpu();
+  const int64_t* area = area_t.data<int64_t>();
+  const int64_t* original_area = original_area_t.data<int64_t>();
 
   SegmentationResult r;
   std::vector<int32_t> segment_of(static_cast<size_t>(k_count), 0);
@@ -272,17 +254,20 @@ SegmentationResult compute_segments(Tensor mask_probs, const std::vector<float>&
     if (should_fuse && fused == fused_ids.end()) fused_ids.emplace_back(label, current_id);
   }
 
-  r.segmentation = Tensor::zeros({height, width}, DType::I32);
+  r.segmentation = Tensor::empty({height, width}, DType::I32);
   int32_t* seg = r.segmentation.data<int32_t>();
-  for (int64_t p = 0; p < n; ++p) seg[p] = segment_of[owner[p]];
+  const int32_t* o = owner.data<int32_t>();
+  for (int64_t p = 0, n = height * width; p < n; ++p) seg[p] = segment_of[o[p]];
   return r;
 }
 
-std::vector<SegmentationResult> instance_or_panoptic(DetrPostKind kind, const Tensor& logits,
+std::vector<SegmentationResult> instance_or_panoptic(DetrPostKind kind, const Tensor& logits_in,
                                                      const Tensor& pred_masks, const SegmentationOptions& opt,
                                                      bool panoptic) {
+  const auto hold = hold_device_of(logits_in, pred_masks);
+  const Tensor logits = logits_in.cpu();  // small: the query scores are picked on the host
   const int64_t batch = logits.size(0), queries = logits.size(1), classes = logits.size(2);
-  const int64_t mh = pred_masks.size(2), mw = pred_masks.size(3), mn = mh * mw;
+  const int64_t mh = pred_masks.size(2), mw = pred_masks.size(3);
   require_target_sizes(opt.target_sizes, batch);
   // The last logit is "no object" here for Conditional DETR too (the reference reuses DETR's code).
   const int64_t no_object = classes - 1;
@@ -312,15 +297,8 @@ std::vector<SegmentationResult> instance_or_panoptic(DetrPostKind kind, const Te
       results.push_back(std::move(r));
       continue;
     }
-    const int64_t k_count = static_cast<int64_t>(kept.size());
-    Tensor mask_probs = Tensor::empty({k_count, mh, mw});
-    const float* masks = pred_masks.f32() + b * queries * mn;
-#pragma omp parallel for
-    for (int64_t k = 0; k < k_count; ++k)
-      for (int64_t p = 0; p < mn; ++p) mask_probs.f32()[k * mn + p] = sigmoid(masks[kept[k] * mn + p]);
-
-    SegmentationResult r = compute_segments(mask_probs, scores, labels, opt,
-                                            panoptic ? opt.label_ids_to_fuse : std::vector<int64_t>{}, target);
+    SegmentationResult r = compute_segments(kept_mask_probs(pred_masks, b, kept, target), scores, labels, opt,
+                                            panoptic ? opt.label_ids_to_fuse : std::vector<int64_t>{});
     if (!panoptic && opt.return_coco_annotation) {
       const int32_t* seg = r.segmentation.data<int32_t>();
       const int64_t n = r.segmentation.numel();
@@ -339,10 +317,12 @@ std::vector<SegmentationResult> instance_or_panoptic(DetrPostKind kind, const Te
 
 }  // namespace
 
-std::vector<Tensor> post_process_semantic_segmentation(DetrPostKind kind, const Tensor& logits,
+std::vector<Tensor> post_process_semantic_segmentation(DetrPostKind kind, const Tensor& logits_in,
                                                        const Tensor& pred_masks,
                                                        const std::vector<TargetSize>& target_sizes) {
-  require_segmentation_inputs(kind, logits, pred_masks, "post_process_semantic_segmentation");
+  require_segmentation_inputs(kind, logits_in, pred_masks, "post_process_semantic_segmentation");
+  const auto hold = hold_device_of(logits_in, pred_masks);
+  const Tensor logits = logits_in.cpu();  // small: the class weights are made on the host
   const int64_t batch = logits.size(0), queries = logits.size(1), classes = logits.size(2);
   const int64_t mh = pred_masks.size(2), mw = pred_masks.size(3), mn = mh * mw;
   require_target_sizes(target_sizes, batch);
@@ -356,21 +336,13 @@ std::vector<Tensor> post_process_semantic_segmentation(DetrPostKind kind, const 
     Tensor class_by_query = Tensor::empty({used, queries});  // [C, Q]
     for (int64_t c = 0; c < used; ++c)
       for (int64_t q = 0; q < queries; ++q) class_by_query.f32()[c * queries + q] = prob.f32()[q * classes + c];
-    Tensor mask_probs = Tensor::empty({queries, mn});
-    const float* masks = pred_masks.f32() + b * queries * mn;
-#pragma omp parallel for
-    for (int64_t i = 0; i < queries * mn; ++i) mask_probs.f32()[i] = sigmoid(masks[i]);
+    // The per-pixel work where the masks are.
+    Tensor mask_probs = pred_masks[b].reshape({queries, mn}).clone();
+    act_inplace(mask_probs, Act::Sigmoid);
     // einsum("qc,qhw->chw")
-    Tensor seg = matmul(class_by_query, mask_probs);
-    int64_t h = mh, w = mw;
-    if (!target_sizes.empty()) {
-      h = target_sizes[b].height;
-      w = target_sizes[b].width;
-      seg = interpolate_bilinear(seg.reshape({1, used, mh, mw}), h, w);
-    }
-    Tensor map = Tensor::empty({h, w}, DType::I64);
-    argmax_planes(seg.f32(), used, h * w, map.data<int64_t>());
-    results.push_back(map);
+    Tensor seg = matmul(class_by_query.to(pred_masks.device()), mask_probs).reshape({1, used, mh, mw});
+    if (!target_sizes.empty()) seg = interpolate_bilinear(seg, target_sizes[b].height, target_sizes[b].width);
+    results.push_back(argmax_planes(seg.reshape({used, seg.size(2), seg.size(3)})).cpu());
   }
   return results;
 }

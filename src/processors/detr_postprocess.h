@@ -51,6 +51,13 @@ std::vector<Detections> post_process_object_detection(DetrPostKind kind, const T
                                                       const ObjectDetectionOptions& opt = {});
 
 // ---- segmentation (DETR and Conditional DETR) ----------------------------------------------------
+// logits and pred_masks may live on a device (Model::infer_on_device): the per-pixel work (sigmoid,
+// bilinear resize, score weighting, argmax over queries, areas) then runs there through core ops
+// (argmax_planes, count_at_least, bincount), and only the [H, W] map and per-query counts come back;
+// query selection, segment ids and RLE stay on the host. Results are on the host either way. The
+// device ops compute the CPU's float expressions (first maximum wins), so the emulated device gives
+// the CPU's results exactly; on a GPU the sigmoid's expf may differ in the last bit and semantic's
+// einsum is a cuBLAS product summed in another order, which can move a pixel whose margin is that small.
 // Per image: int64 [H, W] class ids, at target_sizes[i] (bilinear resize of the class scores) or at
 // the masks' resolution when target_sizes is empty.
 std::vector<Tensor> post_process_semantic_segmentation(DetrPostKind kind, const Tensor& logits,

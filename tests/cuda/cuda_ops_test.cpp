@@ -27,6 +27,7 @@
 #include "core/ops.h"
 #include "core/position.h"
 #include "core/tensor.h"
+#include "processors/detr_postprocess.h"
 
 namespace vf {
 namespace {
@@ -583,6 +584,78 @@ TEST(CudaOps, ProposalSelectionRecordsAsGraph) {
     graph->replay();
     EXPECT_EQ(max_abs_diff(recorded.cpu(), eager), 0.0);
     EXPECT_EQ(max_abs_diff(recorded_top.cpu(), eager_top), 0.0);
+  }
+}
+
+// Values on a coarse grid, so that planes tie often (the first maximum must win on both sides).
+Tensor coarse(Shape shape, uint32_t seed) {
+  Tensor t = uniform(std::move(shape), seed, -2, 2);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = std::round(t.f32()[i] * 2) / 2;
+  return t;
+}
+
+TEST(CudaOps, PlaneReductions) {
+  const Tensor x = coarse({7, 33, 65}, 970);
+  const Tensor scales = Tensor::from<float>({7}, {1, 0.5f, 2, 1, 0.25f, 1, 0.75f});
+  for (const Tensor& s : {Tensor(), scales}) {
+    for (DType out : {DType::I32, DType::I64}) {
+      const Tensor want = argmax_planes(x, s, out), got = argmax_planes(x.to(kGpu), s, out);
+      ASSERT_EQ(got.device(), kGpu);
+      ASSERT_EQ(got.dtype(), out);
+      expect_close(got.to(DType::F32), want.to(DType::F32), 0, 0, "argmax_planes");
+    }
+    for (float threshold : {-0.5f, 0.0f, 0.75f})
+      expect_close(count_at_least(x.to(kGpu), s, threshold).to(DType::F32), count_at_least(x, s, threshold).to(DType::F32),
+                   0, 0, "count_at_least");
+  }
+  // bincount: a shared-memory histogram (few bins) and the global one (more bins than a block holds),
+  // values outside [0, bins) left out.
+  std::vector<int64_t> v;
+  for (int64_t i = 0; i < 50000; ++i) v.push_back((i * 7919) % 20011 - 5);
+  const Tensor idx = Tensor::from_vector<int64_t>({50000}, v);
+  for (int64_t bins : {int64_t{1}, int64_t{37}, int64_t{20000}})
+    for (DType t : {DType::I64, DType::I32})
+      expect_close(bincount(idx.to(t).to(kGpu), bins).to(DType::F32), bincount(idx.to(t), bins).to(DType::F32), 0, 0,
+                   "bincount " + std::to_string(bins));
+}
+
+// Segmentation post-processing with the outputs on the GPU against the CPU path: the same segments,
+// and the same map but for pixels whose winning margin is within the GPU sigmoid's last bit (its expf
+// is not glibc's) or, for semantic maps, cuBLAS's order of summation.
+TEST(CudaOps, SegmentationPostProcessing) {
+  const int64_t queries = 20, classes = 6;
+  Tensor logits = uniform({1, queries, classes}, 980, -1, 1);
+  for (int64_t q = 0; q < queries; ++q) logits.f32()[q * classes + q % classes] += 4;  // some pass 0.5
+  const Tensor masks = coarse({1, queries, 24, 36}, 981);
+  auto same_fraction = [](const Tensor& a, const Tensor& b) {
+    const Tensor x = a.to(DType::I64), y = b.to(DType::I64);
+    int64_t same = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) same += x.data<int64_t>()[i] == y.data<int64_t>()[i];
+    return double(same) / double(x.numel());
+  };
+  for (const std::vector<TargetSize>& targets : {std::vector<TargetSize>{}, std::vector<TargetSize>{{97, 143}}}) {
+    SegmentationOptions opt;
+    opt.target_sizes = targets;
+    opt.label_ids_to_fuse = {1};
+    for (bool panoptic : {true, false}) {
+      auto post = panoptic ? post_process_panoptic_segmentation : post_process_instance_segmentation;
+      const auto want = post(DetrPostKind::Detr, logits, masks, opt);
+      const auto got = post(DetrPostKind::Detr, logits.to(kGpu), masks.to(kGpu), opt);
+      ASSERT_EQ(got.size(), 1u);
+      ASSERT_EQ(got[0].segmentation.shape(), want[0].segmentation.shape());
+      EXPECT_GE(same_fraction(got[0].segmentation, want[0].segmentation), 0.999);
+      ASSERT_EQ(got[0].segments_info.size(), want[0].segments_info.size());
+      for (size_t i = 0; i < want[0].segments_info.size(); ++i) {
+        EXPECT_EQ(got[0].segments_info[i].id, want[0].segments_info[i].id);
+        EXPECT_EQ(got[0].segments_info[i].label_id, want[0].segments_info[i].label_id);
+        EXPECT_EQ(got[0].segments_info[i].score, want[0].segments_info[i].score);
+      }
+    }
+    const auto want = post_process_semantic_segmentation(DetrPostKind::Detr, logits, masks, targets);
+    const auto got = post_process_semantic_segmentation(DetrPostKind::Detr, logits.to(kGpu), masks.to(kGpu), targets);
+    ASSERT_EQ(got[0].shape(), want[0].shape());
+    EXPECT_TRUE(got[0].is_cpu());
+    EXPECT_GE(same_fraction(got[0], want[0]), 0.999);
   }
 }
 

@@ -719,6 +719,35 @@ class CudaBackend final : public DeviceBackend {
     return y;
   }
 
+  // The scales are a per-call vector (the kept queries' scores), copied as such, not mirrored as a
+  // parameter (Tensor::on) would be.
+  Tensor argmax_planes(const Tensor& x0, const Tensor& plane_scale, DType out) override {
+    Tensor x = here(x0), s = plane_scale.to(device());
+    const int64_t count = x.size(0), n = x.numel() / count;
+    Tensor y = empty(Shape(x.shape().begin() + 1, x.shape().end()), out);
+    cuda::argmax_planes(y.raw(), out == DType::I64, cf(x), s.defined() ? cf(s) : nullptr, count, n, stream_);
+    launched("argmax_planes");
+    return y;
+  }
+
+  Tensor count_at_least(const Tensor& x0, const Tensor& plane_scale, float threshold) override {
+    Tensor x = here(x0), s = plane_scale.to(device());
+    const int64_t count = x.size(0), n = x.numel() / count;
+    Tensor y = empty({count}, DType::I64);
+    cuda::count_at_least(static_cast<int64_t*>(y.raw()), cf(x), s.defined() ? cf(s) : nullptr, count, n, threshold,
+                         stream_);
+    launched("count_at_least");
+    return y;
+  }
+
+  Tensor bincount(const Tensor& idx, int64_t bins) override {
+    Tensor y = empty({bins}, DType::I64);
+    cuda::bincount(static_cast<int64_t*>(y.raw()), here(idx).raw(), idx.dtype() == DType::I64, idx.numel(), bins,
+                   stream_);
+    launched("bincount");
+    return y;
+  }
+
   // softmax(scale * Q K^T + biases) V per (batch, head); Q, K and V keep their [B, L, heads * d]
   // layout (a head is a column block).
   Tensor multi_head_attention(const Tensor& q0, const Tensor& k0, const Tensor& v0, int64_t H,

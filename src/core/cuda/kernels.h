@@ -183,6 +183,15 @@ void grn_nhwc(float* y, const float* x, int64_t n, int64_t hw, int64_t c, const 
 void interpolate(float* y, const float* x, int64_t nc, int64_t h, int64_t w, int64_t oh, int64_t ow, int mode,
                  cudaStream_t s);
 
+// ---- reductions over planes (planes.cu): x holds `count` planes of n floats; scale may be null (1) ----
+// y[i] = the index of the first largest x[k][i] * scale[k] (int64 when y64, else int32).
+void argmax_planes(void* y, bool y64, const float* x, const float* scale, int64_t count, int64_t n, cudaStream_t s);
+// counts[k] = how many x[k][i] * scale[k] >= threshold.
+void count_at_least(int64_t* counts, const float* x, const float* scale, int64_t count, int64_t n, float threshold,
+                    cudaStream_t s);
+// counts[b] = how many of the n indices (int64 when idx64, else int32) equal b, for b < bins.
+void bincount(int64_t* counts, const void* idx, bool idx64, int64_t n, int64_t bins, cudaStream_t s);
+
 // ---- multi-scale deformable sampling (deformable.cu) ----
 // value [B, S, heads, D]; locations [B, Q, heads, L, P, 2]; weights [B, Q, heads, L, P]; out [B, Q, heads*D].
 // level_hw_start: device array of 3*L int64 (height, width, start) per level.
