@@ -4,6 +4,8 @@
 #   bench/run.sh --threads 2 --pin     2 threads, every process pinned to the same 2 cores (taskset)
 #   bench/run.sh                       all cores
 #   bench/run.sh --help                the rest (--rounds, --models, --no-ort, --no-torch, ...)
+#   bench/run.sh --gpu                 the GPU columns instead: bench/run_gpu.sh (vf's CUDA backend beside
+#                                      transformers eager, torch.compile and autocast on the same GPU)
 # ONNX Runtime: onnxruntime's Python package where PYTHON has it (the device machine), else npm's onnxruntime-node,
 # installed with --ignore-scripts into .bench/node. The ONNX exports (bench/ort_bench.py, into .bench/onnx) need torch:
 # here `VF_BENCH_DEPS=1 scripts/install-deps.sh` (Debian's python3-torch), which also gives the PyTorch column.
@@ -11,6 +13,7 @@
 # binary to use as it is), PYTHON, RESULTS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --gpu ]; then shift; exec bench/run_gpu.sh "$@"; fi
 build=${BUILD_DIR:-build}
 bench=${VF_BENCH:-$build/bench/vf_bench}  # VF_BENCH: a prebuilt vf_bench (bench/run_device_cpu.sh), not built here
 [ "${SKIP_BUILD:-0}" = 1 ] || [ -n "${VF_BENCH:-}" ] || cmake --build "$build" -j"$(nproc)" --target vf_bench >/dev/null
