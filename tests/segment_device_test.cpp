@@ -226,9 +226,12 @@ TEST(SegmentOnDevice, InferOnDeviceKeepsOutputsThere) {
   for (auto& [k, t] : host.items()) EXPECT_TRUE(t.is_cpu()) << k;
 }
 
+// vf::segment on a device against the host post-processing of the same model's outputs. (Not against
+// a CPU model: a device's convolutions run their NHWC kernels where the CPU's ResNet runs blocked
+// ones, so the two forwards may differ in the last bits, e.g. a score 0.896089 against 0.89609 in the
+// sanitizer build.)
 TEST(SegmentOnDevice, SegmentOnTheDeviceEqualsCpu) {
   const std::string dir = test::golden_case("detr-tiny-seg");
-  const Pretrained cpu = Pretrained::from_pretrained(dir);
   const Pretrained dev = Pretrained::from_pretrained(dir, LoadOptions{"", kEmu, std::nullopt});
   const std::vector<Image> images = {load_image(test::images_dir() + "/chelsea.png", true),
                                      load_image(test::images_dir() + "/rocket.jpg", true)};
@@ -238,7 +241,9 @@ TEST(SegmentOnDevice, SegmentOnTheDeviceEqualsCpu) {
     params.task = task;
     params.threshold = 0.0;
     params.overlap_mask_area_threshold = 0.05;
-    const std::vector<SegmentedImage> want = segment(cpu, images, params, 1);
+    std::vector<SegmentedImage> want;
+    for (const Image& image : images)  // one image a forward, as segment(..., 1) runs them
+      want.push_back(std::move(segment_output(dev, dev.run({image}), {&image}, params)[0]));
     const int64_t before = device_to_host_copies();
     const std::vector<SegmentedImage> got = segment(dev, images, params, 1);
     // Per image, what comes back: the logits and the map (semantic), or the logits, the owner map
