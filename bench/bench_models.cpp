@@ -27,11 +27,14 @@
 #include <thread>
 #include <vector>
 
+#include "bench_device.h"
 #include "core/device.h"
 #include "core/ops.h"
 #include "models/model.h"
 
 namespace {
+
+using vf_bench::bench_device;
 
 // Deterministic values in [-scale, scale]; running variances positive (a folded batch norm needs them).
 vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
@@ -46,11 +49,6 @@ vf::Tensor fill(const std::string& name, const vf::Shape& shape) {
     p[i] = variance ? 1.0f + 0.5f * std::fabs(u) : 0.05f * u;
   }
   return t;
-}
-
-vf::Device bench_device() {
-  const char* d = std::getenv("VF_DEVICE");
-  return d && *d ? vf::Device::parse(d) : vf::Device::cpu();
 }
 
 vf::DType bench_dtype() {
@@ -106,7 +104,7 @@ void report_gpu_peak(benchmark::State& state) {
 void latency(benchmark::State& state, const Arch& a) {
   vf::set_num_threads(bench_threads());
   auto model = build(a.config);
-  if (bench_dtype() != vf::DType::F32) state.SetLabel(vf::dtype_name(bench_dtype()));
+  std::string label = bench_dtype() != vf::DType::F32 ? vf::dtype_name(bench_dtype()) : "";
   if (!bench_device().is_cpu()) {
     // What a caller gets: Model::infer uploads the image, replays the recorded forward where the
     // model allows (no pixel mask: all ones is the same as none), and downloads the outputs. With
@@ -117,15 +115,16 @@ void latency(benchmark::State& state, const Arch& a) {
     const char* source = std::getenv("VF_BENCH_INPUT");
     if (source && std::string(source) == "device") {
       in.pixel_values = in.pixel_values.to(bench_device());
-      state.SetLabel(std::string(bench_dtype() != vf::DType::F32 ? vf::dtype_name(bench_dtype()) : "") +
-                     " input on the GPU");
+      label += label.empty() ? "input on the GPU" : ", input on the GPU";
     }
+    state.SetLabel(label);
     for (int i = 0; i < 3; ++i) model->infer(in);  // set-up, recording, first replay
     reset_gpu_peak();
     for (auto _ : state) benchmark::DoNotOptimize(model->infer(in));
     report_gpu_peak(state);
     return;
   }
+  state.SetLabel(label);
   auto in = inputs(a, 1);
   model->forward(in);  // warm-up: primitive creation and weight reorders happen once
   for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));

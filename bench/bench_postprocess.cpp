@@ -7,9 +7,8 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
-#include <cstdlib>
 
-#include "core/device.h"
+#include "bench_device.h"
 #include "core/tensor.h"
 #include "processors/detr_postprocess.h"
 
@@ -26,8 +25,7 @@ void BM_DetrPanopticPost(benchmark::State& state) {
     h ^= h << 13, h ^= h >> 7, h ^= h << 17;
     masks.f32()[i] = float(h >> 40) / float(1 << 24) * 16.0f - 8.0f;
   }
-  const char* d = std::getenv("VF_DEVICE");
-  const vf::Device device = d && *d ? vf::Device::parse(d) : vf::Device::cpu();
+  const vf::Device device = vf_bench::bench_device();
   const vf::Tensor l = logits.to(device), m = masks.to(device);
   vf::SegmentationOptions opt;
   opt.threshold = 0.85;
