@@ -21,10 +21,12 @@ rm -rf "$out/bin" && mkdir -p "$out/bin"
 for b in vf tests/vf_cuda_tests bench/vf_bench bench/libvf_kernel_profile.so; do
   if [ -x "$build/$b" ]; then strip -o "$out/bin/$(basename "$b")" "$build/$b"; fi
 done
-# The CPU build's vf_bench too (bench/run_device_cpu.sh): the CUDA build's maps cuDNN and cuBLAS even
-# when it runs on the CPU, which adds ~150 MB to its peak RSS.
+# The CPU build's vf_bench and vf too (bench/run_device_cpu.sh, DEVICE=cpu scripts/device-agreement.sh):
+# the CUDA build's map cuDNN and cuBLAS even when they run on the CPU (~150 MB more peak RSS), and a
+# bundle made from a CPU build alone serves the CPU measurements.
 cpu_build=${CPU_BUILD_DIR:-build}
 if [ -x "$cpu_build/bench/vf_bench" ]; then strip -o "$out/bin/vf_bench_cpu" "$cpu_build/bench/vf_bench"; fi
+if [ -x "$cpu_build/vf" ]; then strip -o "$out/bin/vf_cpu" "$cpu_build/vf"; fi
 
 # Libraries: everything the binaries load except glibc, the C++ runtime and CUDA's own (the GPU
 # machine has newer ones of those).

@@ -26,13 +26,15 @@ Tensor synthesize_tensor(const std::string& name, const Shape& shape, double cen
   const int64_t n = t.numel();
   const uint64_t seed = fnv1a64(name);
   const float c = static_cast<float>(center);
-  const int e = exp - 23;
+  // k * 2^(exp-23) for an integer |k| <= 2^23, exact in double; its conversion to float rounds once,
+  // as ldexp on the float k would (the same value, without a libm call per element).
+  const double step = std::ldexp(1.0, exp - 23);
 #pragma omp parallel for if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) {
     uint64_t z = splitmix64(seed + static_cast<uint64_t>(i));
     int k = static_cast<int>(z >> 40) - 8388608;
-    // float32(k) is exact (|k| <= 2^23) and so is the ldexp: the only rounding is the one addition.
-    p[i] = c + std::ldexp(static_cast<float>(k), e);
+    // The only other rounding is the one addition.
+    p[i] = c + static_cast<float>(static_cast<double>(k) * step);
   }
   return t;
 }
