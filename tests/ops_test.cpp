@@ -90,6 +90,36 @@ TEST(Ops, Conv2dWinogradMatchesDefinition) {
   }
 }
 
+// One output channel runs vf's own kernel (a dot product per pixel): against the definition with
+// channel counts around its 16-float vector (a remainder, exact multiples, more than one vector a
+// tap), strides, padding on every side, a batch, and the residual then activation.
+TEST(Ops, Conv2dOneOutputChannelMatchesDefinition) {
+  struct Case { int c, k, stride, pad; };
+  for (Case cs : {Case{16, 3, 1, 1}, Case{5, 3, 1, 1}, Case{20, 3, 2, 1}, Case{32, 1, 1, 0}, Case{3, 5, 2, 2}}) {
+    SCOPED_TRACE("c=" + std::to_string(cs.c) + " k=" + std::to_string(cs.k) + " stride=" + std::to_string(cs.stride));
+    Tensor x = randn({2, cs.c, 13, 10}, 31);
+    Tensor w = randn({1, cs.c, cs.k, cs.k}, 32);
+    Tensor b = randn({1}, 33);
+    Conv2dOptions opt;
+    opt.stride_h = opt.stride_w = cs.stride;
+    opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = cs.pad;
+    Conv2d conv(w, b, opt);
+    Tensor ours = nhwc_to_nchw(conv.forward(nchw_to_nhwc(x)));
+    Tensor ref = conv_reference(x, w, b, cs.stride, cs.pad, 1, 1);
+    ASSERT_EQ(ours.shape(), ref.shape());
+    EXPECT_LT(max_abs_diff(ours, ref), 1e-4);
+
+    opt.act = Act::Relu;
+    Tensor r = randn(Shape{2, ref.size(2), ref.size(3), 1}, 34);
+    Tensor fused = Conv2d(w, b, opt).forward(nchw_to_nhwc(x), &r);
+    Tensor expect = act(add(nchw_to_nhwc(ref), r), Act::Relu);
+    EXPECT_LT(max_abs_diff(fused, expect), 1e-4);
+    int64_t zeros = 0;
+    for (int64_t i = 0; i < expect.numel(); ++i) zeros += expect.f32()[i] == 0.f;
+    EXPECT_GT(zeros, 0);  // the ReLU cut something
+  }
+}
+
 TEST(Ops, Conv2dFusesResidualThenActivation) {
   Tensor x = randn({1, 5, 5, 4}, 4), w = randn({4, 4, 1, 1}, 5), r = randn({1, 5, 5, 4}, 6);
   Conv2dOptions opt;

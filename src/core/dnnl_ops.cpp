@@ -206,6 +206,57 @@ Tensor forward_off_cpu(const RunOnCpu& run_on_cpu, const std::shared_ptr<DeviceL
 
 }  // namespace
 
+// A convolution with one output channel (DETR's mask head ends in one, 16 -> 1 at a quarter of the
+// image, for every query) is a dot product per output pixel: oneDNN's kernels, which vectorise over
+// output channels, run it at ~16 GFLOP/s. Here each output pixel sums, per kernel row, one contiguous
+// run of the NHWC input (the row's taps times the channels) against the weights laid out [kh][kw][C]
+// the same way: sixteen running sums (one vector register) over the whole window, then added in
+// halves, a remainder of fewer than sixteen after them; the same order at any thread count.
+// x [N, H, W, C] float32; y [N, OH, OW, 1].
+void conv2d_one_output_nhwc(const Tensor& x, const Tensor& w_hwc, float bias, int64_t kh, int64_t kw,
+                            const Conv2dOptions& opt, const ConvGeometry& g, float* y) {
+  typedef float f16v __attribute__((vector_size(64)));
+  typedef float f8v __attribute__((vector_size(32)));
+  typedef float f4v __attribute__((vector_size(16)));
+  constexpr int64_t kLanes = 16;
+  const auto load = [](const float* p) {
+    f16v v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  const auto sum_lanes = [](f16v v) {
+    f8v a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    f4v b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+  };
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  const int64_t oh = g.out_h, ow = g.out_w;
+  const float* xp = x.f32();
+  const float* wp = w_hwc.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < oh; ++oy) {
+      float* yrow = y + (b * oh + oy) * ow;
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        f16v acc = {};
+        float rest = 0.f;
+        const int64_t ix0 = ox * opt.stride_w - g.pad_left;
+        const int64_t kx0 = std::max<int64_t>(0, -ix0), kx1 = std::min<int64_t>(kw, w - ix0);
+        for (int64_t ky = 0; ky < kh; ++ky) {
+          const int64_t iy = oy * opt.stride_h - g.pad_top + ky;
+          if (iy < 0 || iy >= h || kx0 >= kx1) continue;
+          const float* a = xp + ((b * h + iy) * w + ix0 + kx0) * c;
+          const float* k = wp + (ky * kw + kx0) * c;
+          const int64_t len = (kx1 - kx0) * c;
+          int64_t j = 0;
+          for (; j + kLanes <= len; j += kLanes) acc += load(a + j) * load(k + j);
+          for (; j < len; ++j) rest += a[j] * k[j];
+        }
+        yrow[ox] = (sum_lanes(acc) + rest) + bias;
+      }
+    }
+}
+
 // ---- Conv2d --------------------------------------------------------------------------------------
 
 struct Conv2d::Impl {
@@ -222,6 +273,9 @@ struct Conv2d::Impl {
   // another Winograd one, and each map size may want its own); the deepest, widest layers (more
   // than 256 channels, small maps, the largest weights) gain nothing and stay direct.
   bool winograd = false;
+  // One output channel, float32, undilated, ungrouped: vf's own kernel (conv2d_one_output_nhwc) on
+  // these weights, [kh][kw][in]; no oneDNN primitive.
+  Tensor one_output_weights;
   dt compute = dt::f32;  // or bf16 (cpu_compute_type() at load)
   struct Prim {
     dnnl::convolution_forward prim;
@@ -400,6 +454,13 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
     return;
   }
   impl->compute = cpu_compute_type();
+  if (impl->out == 1 && opt.groups == 1 && opt.dilation_h == 1 && opt.dilation_w == 1 && impl->compute == dt::f32) {
+    // [1, in, kh, kw] -> [kh, kw, in]: the input's order along a kernel row
+    impl->one_output_weights = permute(weight, {0, 2, 3, 1}).reshape({impl->kh, impl->kw, impl->in});
+    release_file_pages(weight);
+    impl_ = std::move(impl);
+    return;
+  }
   auto plain_tag = opt.groups == 1 ? tag::oihw : tag::goihw;
   impl->prepared.init(weight, memory::desc(impl->weight_dims(), dt::f32, plain_tag));
   // Layout changes happen at load: a primitive for a nominal input (one image, a little larger than
@@ -446,6 +507,18 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, b
 
 Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_place, bool to_layer) const {
   int64_t n = x.size(0), h = x.size(1), w = x.size(2);
+  if (impl_->one_output_weights.defined()) {
+    const ConvGeometry g = conv_geometry(impl_->opt, impl_->kh, impl_->kw, h, w);
+    const Shape out_shape{n, g.out_h, g.out_w, 1};
+    if (residual && residual->shape() != out_shape)
+      throw Error("conv2d residual has shape " + shape_str(residual->shape()));
+    Tensor y = Tensor::empty(out_shape);
+    conv2d_one_output_nhwc(x, impl_->one_output_weights, impl_->bias.f32()[0], impl_->kh, impl_->kw, impl_->opt, g,
+                           y.f32());
+    if (residual) y = add(y, *residual);
+    act_inplace(y, impl_->opt.act);
+    return y;
+  }
   dnnl::post_ops fusable;
   const bool compute_dst = to_layer && impl_->compute != dt::f32 && append_act(fusable, impl_->opt.act);
   auto& p = impl_->prim_for(n, h, w, residual != nullptr, compute_dst);
@@ -543,7 +616,8 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape_));
   dnnl::post_ops fusable;
   const bool blocked = impl_->device.is_cpu() && x.data_.is_cpu() && x.data_.dtype() == DType::F32 &&
-                       impl_->compute == dt::f32 && append_act(fusable, impl_->opt.act) &&
+                       impl_->compute == dt::f32 && !impl_->one_output_weights.defined() &&
+                       append_act(fusable, impl_->opt.act) &&
                        (!residual || (residual->data_.is_cpu() && residual->data_.dtype() == DType::F32));
   if (!blocked) {  // the NHWC path, as it is
     if (!residual) return BlockedMap::from_nhwc(to_layer ? forward_to_layer(x.to_nhwc()) : forward(x.to_nhwc()));
