@@ -145,6 +145,66 @@ TEST(Bf16, Conv2dResidualAndActivationStayFloat32) {
   expect_within_accumulation(ours, ref, mag, "conv + residual + relu");
 }
 
+// forward_to_layer with a residual (the DETR family's ResNet blocks in bfloat16): the residual is
+// read rounded to bfloat16, joins the float32 sum, ReLU, and the result is rounded once to bfloat16.
+TEST(Bf16, Conv2dToLayerWithResidualRoundsTheSumOnce) {
+  SKIP_WITHOUT_CPU_BF16();
+  Tensor x = randn({1, 9, 8, 24}, 41);
+  Tensor w = randn({16, 24, 1, 1}, 42, 0.2f);
+  Tensor b = randn({16}, 43);
+  Tensor r = randn({1, 9, 8, 16}, 44);
+  Conv2dOptions opt;
+  opt.act = Act::Relu;
+  std::unique_ptr<Conv2d> conv;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    conv = std::make_unique<Conv2d>(w, b, opt);
+  }
+  ASSERT_EQ(conv->input_dtype(), DType::BF16);
+  Tensor ref, mag;
+  conv_definition(rounded(x), rounded(w), b, 1, 0, 1, ref, mag);
+  const Tensor rr = rounded(r);
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    ref.f32()[i] = std::max(0.0f, ref.f32()[i] + rr.f32()[i]);
+    mag.f32()[i] += std::fabs(rr.f32()[i]);
+  }
+  // A float32 residual (rounded on the way in) and a bfloat16 one (the previous block's output)
+  // give the same.
+  for (bool residual_bf16 : {false, true}) {
+    SCOPED_TRACE(residual_bf16 ? "bf16 residual" : "f32 residual");
+    Tensor ours = conv->forward_to_layer(x, residual_bf16 ? r.to(DType::BF16) : r.clone());
+    ASSERT_EQ(ours.dtype(), DType::BF16);
+    Tensor wide = ours.to(DType::F32);
+    int bad = 0;
+    for (int64_t i = 0; i < ref.numel(); ++i) {
+      // One bfloat16 rounding of a value within float32 accumulation error of the definition.
+      const float v = wide.f32()[i], want = ref.f32()[i];
+      const double tol = 1e-5 * mag.f32()[i] + 1e-6;
+      const bool ok = v == round_bf16(want) || v == round_bf16(float(want + tol)) || v == round_bf16(float(want - tol));
+      if (!ok && bad++ < 5) ADD_FAILURE() << "[" << i << "]: " << v << " vs " << want << " rounded " << round_bf16(want);
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+// Tensor::to between float32 and bfloat16: nearest even (ties to the even neighbour, carries into
+// the exponent), exact back.
+TEST(Bf16, TensorConversionRoundsToNearestEven) {
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: even is 1. 1 + 3 * 2^-8: halfway, even is 1 + 2^-6.
+  // Just below 2 rounds up into the exponent. -3.3 has an inexact tail.
+  const std::vector<float> v = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 2.0f - 0x1p-20f, -3.3f, 0.0f};
+  const std::vector<float> want = {1.0f, 1.0f + 0x1p-6f, 2.0f, -3.296875f, 0.0f};
+  Tensor t = Tensor::from<float>({5}, {v[0], v[1], v[2], v[3], v[4]});
+  Tensor back = t.to(DType::BF16).to(DType::F32);
+  for (size_t i = 0; i < v.size(); ++i) EXPECT_EQ(back.f32()[i], want[i]) << v[i];
+  // Large enough for the parallel blocks: every element as the scalar rounding gives it.
+  Tensor big = randn({300001}, 45);
+  Tensor big_back = big.to(DType::BF16).to(DType::F32);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < big.numel(); ++i) bad += big_back.f32()[i] != round_bf16(big.f32()[i]);
+  EXPECT_EQ(bad, 0);
+}
+
 TEST(Bf16, LinearComputesOnRoundedInputsAndWeights) {
   SKIP_WITHOUT_CPU_BF16();
   for (int64_t rows : {1, 7, 130}) {

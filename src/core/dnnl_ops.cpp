@@ -487,6 +487,12 @@ Tensor Conv2d::forward(const Tensor& x, Tensor&& residual) const {
   return forward(x, &y, /*in_place=*/true);
 }
 
+Tensor Conv2d::forward_to_layer(const Tensor& x, Tensor&& residual) const {
+  if (!residual.sole_owner() || residual.dtype() != input_dtype()) return forward(x, &residual, false, true);
+  Tensor y = std::move(residual);
+  return forward(x, &y, /*in_place=*/true, /*to_layer=*/true);
+}
+
 Tensor Conv2d::forward(const Tensor& x, const Tensor* residual) const { return forward(x, residual, false); }
 
 Tensor Conv2d::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, false, true); }
@@ -502,6 +508,10 @@ Tensor Conv2d::forward(const Tensor& x, const Tensor* residual, bool in_place, b
     return forward(x.to(DType::F32), residual, in_place, to_layer);  // from a bf16 layer of another kind
   if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, in_place, to_layer);
   auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false, false); };
+  if (residual && residual->dtype() != DType::F32) {
+    const Tensor r = residual->to(DType::F32);
+    return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, &r);
+  }
   return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual);
 }
 
@@ -515,7 +525,7 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
     Tensor y = Tensor::empty(out_shape);
     conv2d_one_output_nhwc(x, impl_->one_output_weights, impl_->bias.f32()[0], impl_->kh, impl_->kw, impl_->opt, g,
                            y.f32());
-    if (residual) y = add(y, *residual);
+    if (residual) y = add(y, residual->dtype() == DType::F32 ? *residual : residual->to(DType::F32));
     act_inplace(y, impl_->opt.act);
     return y;
   }
@@ -526,7 +536,11 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
   if (residual) {
     if (residual->shape() != Shape{n, p.oh, p.ow, out_})
       throw Error("conv2d residual has shape " + shape_str(residual->shape()));
-    y = in_place ? *residual : residual->clone();
+    // The sum accumulates in the output, which has the output's dtype (the compute dtype for
+    // forward_to_layer on a bfloat16 layer, else float32).
+    const DType out_dtype = compute_dst ? DType::BF16 : DType::F32;
+    if (residual->dtype() != out_dtype) y = residual->to(out_dtype);
+    else y = in_place ? *residual : residual->clone();
   }
   Tensor x_compute;
   memory src = p.to_compute.source(x, memory::desc({n, in_, h, w}, dt::f32, tag::nhwc), x_compute);
@@ -611,6 +625,10 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap&& residual) const { r
 
 BlockedMap Conv2d::forward_to_layer(const BlockedMap& x) const { return forward(x, nullptr, true); }
 
+BlockedMap Conv2d::forward_to_layer(const BlockedMap& x, BlockedMap&& residual) const {
+  return forward(x, &residual, true);
+}
+
 BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_layer) const {
   if (x.shape_.size() != 4 || x.shape_[3] != in_)
     throw Error("conv2d expects [N, H, W, " + std::to_string(in_) + "], got " + shape_str(x.shape_));
@@ -620,10 +638,13 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
                        append_act(fusable, impl_->opt.act) &&
                        (!residual || (residual->data_.is_cpu() && residual->data_.dtype() == DType::F32));
   if (!blocked) {  // the NHWC path, as it is
-    if (!residual) return BlockedMap::from_nhwc(to_layer ? forward_to_layer(x.to_nhwc()) : forward(x.to_nhwc()));
-    Tensor r = residual->to_nhwc();
+    // An NHWC map is read in its own dtype: a 16-bit map from a layer's forward_to_layer goes to the
+    // next layer as it is (widening it here would undo what forward_to_layer saved).
+    const Tensor xs = x.form_ == BlockedMap::Form::Nhwc ? x.data_ : x.to_nhwc();
+    if (!residual) return BlockedMap::from_nhwc(to_layer ? forward_to_layer(xs) : forward(xs));
+    Tensor r = residual->form_ == BlockedMap::Form::Nhwc ? residual->data_ : residual->to_nhwc();
     *residual = BlockedMap();  // the caller handed it over: the sum may accumulate in place
-    return BlockedMap::from_nhwc(forward(x.to_nhwc(), std::move(r)));
+    return BlockedMap::from_nhwc(to_layer ? forward_to_layer(xs, std::move(r)) : forward(xs, std::move(r)));
   }
   const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2];
   auto& p = impl_->prim_for(n, h, w, residual != nullptr, false, /*blocked=*/true);

@@ -99,13 +99,18 @@ class Conv2d {
   // the layer's compute dtype, so bfloat16 when it was built so (the next layer takes it without a
   // conversion, and half the bytes move); otherwise what forward() returns.
   Tensor forward_to_layer(const Tensor& x) const;
-  // The same three on blocked maps: a float32 CPU layer reads its input in the layout it prefers
+  // The same with a residual sum: on a bfloat16 CPU layer the sum (and activation) run in float32 on
+  // the accumulator and the result is rounded to bfloat16 (a residual stream held in bfloat16, as
+  // PyTorch's autocast holds it; the residual is read in bfloat16 too); otherwise forward(x, residual).
+  Tensor forward_to_layer(const Tensor& x, Tensor&& residual) const;
+  // The same four on blocked maps: a float32 CPU layer reads its input in the layout it prefers
   // (reordered once when it is another) and writes its output in the layout it picks; the sum
   // accumulates in the residual's storage when it already has the output's layout and nothing else
   // shares it. Elsewhere these run the NHWC forward()s above.
   BlockedMap forward(const BlockedMap& x) const;
   BlockedMap forward(const BlockedMap& x, BlockedMap&& residual) const;
   BlockedMap forward_to_layer(const BlockedMap& x) const;
+  BlockedMap forward_to_layer(const BlockedMap& x, BlockedMap&& residual) const;
   int64_t out_channels() const { return out_; }
   int64_t in_channels() const { return in_; }
   // What forward() reads without a conversion: BF16 for a CPU layer built to compute in bfloat16 (an op

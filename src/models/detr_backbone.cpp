@@ -145,12 +145,19 @@ struct ResidualBlock {
   Conv2d shortcut;  // undefined: identity
 
   // Takes the input by value: the sum then accumulates in place in the shortcut (or in the input
-  // itself when the caller hands over the only reference).
+  // itself when the caller hands over the only reference). With bfloat16 CPU layers the block's
+  // output, read only by the next block's convolutions (and converted where a level is kept), stays
+  // bfloat16, as does the shortcut's: no conversion of the residual stream between blocks.
   BlockedMap forward(BlockedMap x) const {
     BlockedMap h = x;
     for (size_t i = 0; i + 1 < convs.size(); ++i) h = convs[i].forward_to_layer(h);
-    if (shortcut.defined()) return convs.back().forward(h, shortcut.forward(x));
-    return convs.back().forward(h, std::move(x));
+    const Conv2d& last = convs.back();
+    if (last.input_dtype() == DType::F32) {
+      if (shortcut.defined()) return last.forward(h, shortcut.forward(x));
+      return last.forward(h, std::move(x));
+    }
+    if (shortcut.defined()) return last.forward_to_layer(h, shortcut.forward_to_layer(x));
+    return last.forward_to_layer(h, std::move(x));
   }
 };
 
