@@ -132,6 +132,9 @@ struct PreparedWeights {
   memory plain;        // `source` described in its plain layout; then the first reordered copy
   bool plain_in_use = false;  // a primitive runs on `source` itself: it stays
   std::vector<std::pair<memory::desc, memory>> by_desc;
+  // The reordered copies' storage: tensors (of the buffer pool, 2 MB huge pages where large), not
+  // oneDNN's own allocations, which fault in 4 KB pages: a ResNet-50's weights are ~40k faults.
+  std::vector<Tensor> storage;
 
   bool has(const memory::desc& want) const {
     for (auto& [d, m] : by_desc)
@@ -153,7 +156,8 @@ struct PreparedWeights {
         if (source.defined()) plain_in_use = true;
         return m;
       }
-    memory m(want, engine());
+    storage.push_back(storage_for(want));
+    memory m(want, engine(), storage.back().raw());
     memory src = plain;
     try {
       dnnl::reorder::primitive_desc direct(engine(), src.get_desc(), engine(), want);
@@ -164,9 +168,11 @@ struct PreparedWeights {
       dnnl::reorder(direct).execute(stream(), src, m);
     } catch (const dnnl::error&) {
       // oneDNN reorders into its Winograd layouts from the plain layout only: through a plain copy.
-      memory tmp(plain_desc, engine());
+      Tensor tmp_room = storage_for(plain_desc);
+      memory tmp(plain_desc, engine(), tmp_room.raw());
       dnnl::reorder(src, tmp).execute(stream(), src, tmp);
       dnnl::reorder(tmp, m).execute(stream(), tmp, m);
+      stream().wait();  // before tmp_room goes back to the pool
     }
     stream().wait();
     if (source.defined() && !plain_in_use) {
