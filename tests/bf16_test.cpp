@@ -387,3 +387,29 @@ TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
   EXPECT_THROW(group_norm_nhwc(randn({1, 2, 2, 8}, 66), 2, randn({8}, 67), randn({8}, 68), 1e-5f, Act::None, DType::F16),
                Error);
 }
+
+// layer_norm's bfloat16 output (ConvNeXt's and DeiT's norms before a linear layer): the float32
+// result rounded, and the linear layer gives the same from it as from the float32 result.
+TEST(Bf16, LayerNormWritesRoundedBf16ForABf16Linear) {
+  SKIP_WITHOUT_CPU_BF16();
+  std::unique_ptr<Linear> lin;
+  {
+    LoadDeviceScope on(Device::cpu(), DType::BF16);
+    lin = std::make_unique<Linear>(randn({24, 200}, 71, 0.1f), randn({24}, 72));
+  }
+  EXPECT_EQ(lin->input_dtype(), DType::BF16);
+  EXPECT_EQ(Linear(randn({24, 200}, 71, 0.1f), randn({24}, 72)).input_dtype(), DType::F32);
+  // 200 channels: three blocks of 64 and a tail.
+  Tensor x = randn({3, 7, 200}, 73, 3.0f), w = randn({200}, 74), b = randn({200}, 75);
+  Tensor f32 = layer_norm(x, w, b, 1e-6f);
+  Tensor bf = layer_norm(x, w, b, 1e-6f, DType::BF16);
+  ASSERT_EQ(bf.dtype(), DType::BF16);
+  ASSERT_EQ(bf.shape(), f32.shape());
+  Tensor back = bf.to(DType::F32);
+  int bad = 0;
+  for (int64_t i = 0; i < f32.numel(); ++i)
+    if (back.f32()[i] != round_bf16(f32.f32()[i]) && bad++ < 5)
+      ADD_FAILURE() << "[" << i << "] " << back.f32()[i] << " vs " << round_bf16(f32.f32()[i]);
+  EXPECT_EQ(max_abs_diff(lin->forward(bf), lin->forward(f32)), 0.0);
+  EXPECT_THROW(layer_norm(x, w, b, 1e-6f, DType::F16), Error);
+}

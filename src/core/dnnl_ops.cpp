@@ -817,6 +817,10 @@ Tensor Linear::forward(const Tensor& x, const Tensor* residual) const { return f
 
 Tensor Linear::forward_to_layer(const Tensor& x) const { return forward(x, nullptr, true); }
 
+DType Linear::input_dtype() const {
+  return impl_ && !impl_->device_layer && impl_->compute == dt::bf16 ? DType::BF16 : DType::F32;
+}
+
 Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, impl_->device_layer != nullptr); }
 
 Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {

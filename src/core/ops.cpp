@@ -100,20 +100,21 @@ Tensor act(const Tensor& x, Act a) {
 
 // ---- normalisation -------------------------------------------------------------------------------
 
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps) {
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, DType out_dtype) {
   if (!x.is_cpu()) return backend(x.device()).layer_norm(x, weight, bias, eps);
   require_f32(x, "layer_norm");
+  if (out_dtype != DType::F32 && out_dtype != DType::BF16)
+    throw Error(std::string("layer_norm: cannot write ") + dtype_name(out_dtype));
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   if (weight.numel() != c || bias.numel() != c) throw Error("layer_norm: weight/bias do not match " + shape_str(x.shape()));
-  Tensor y = Tensor::empty(x.shape());
+  const bool to_bf16 = out_dtype == DType::BF16;
+  Tensor y = Tensor::empty(x.shape(), out_dtype);
   const float* px = x.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
-  float* py = y.f32();
 #pragma omp parallel for
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = px + r * c;
-    float* out = py + r * c;
     float mean = 0.f;
 #pragma omp simd reduction(+ : mean)
     for (int64_t i = 0; i < c; ++i) mean += in[i];
@@ -123,8 +124,22 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
     for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
     var /= c;
     float inv = 1.0f / std::sqrt(var + eps);
+    if (!to_bf16) {
+      float* out = y.f32() + r * c;
 #pragma omp simd
-    for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
+      for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
+      continue;
+    }
+    // The same values, a block at a time, each rounded while it is in cache (no float32 row written).
+    constexpr int64_t kBlock = 64;
+    uint16_t* out = static_cast<uint16_t*>(y.raw()) + r * c;
+    for (int64_t k0 = 0; k0 < c; k0 += kBlock) {
+      const int64_t count = std::min(kBlock, c - k0);
+      float block[kBlock];
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) block[i] = (in[k0 + i] - mean) * inv * w[k0 + i] + b[k0 + i];
+      bf16_from_float(block, out + k0, count);
+    }
   }
   return y;
 }

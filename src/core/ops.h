@@ -142,6 +142,8 @@ class Linear {
   // layer's device, the compute dtype on a GPU (both products then run in it), float32 on the CPU
   // (whose attention kernels read float32).
   Tensor forward_to_attention(const Tensor& x) const;
+  // What forward() reads without a conversion (see Conv2d::input_dtype).
+  DType input_dtype() const;
   int64_t out_features() const { return out_; }
   int64_t in_features() const { return in_; }
   bool defined() const { return impl_ != nullptr; }
@@ -159,8 +161,10 @@ class Linear {
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_b = false, float alpha = 1.0f);
 
 // ---- normalisation ----------------------------------------------------------------------------
-// Over the last dimension (nn.LayerNorm, and ConvNeXt's channels_last on NHWC).
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps);
+// Over the last dimension (nn.LayerNorm, and ConvNeXt's channels_last on NHWC). On the CPU,
+// `out_dtype` BF16 writes the result rounded to bfloat16 for a layer that reads it as it is
+// (Linear::input_dtype), as group_norm_nhwc does; on a device the result is float32.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, DType out_dtype = DType::F32);
 // GroupNorm on NHWC: x [N, H, W, C], groups over C. Optional fused activation. On the CPU, `out_dtype`
 // BF16 writes the result rounded to bfloat16, for a layer that reads it as it is (see
 // Conv2d::input_dtype); on a device the result is float32.

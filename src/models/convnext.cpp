@@ -82,7 +82,7 @@ ConvNextLayer ConvNextLayer::load(const Weights& w, const ConvNextConfig& cfg, i
 }
 
 Tensor ConvNextLayer::operator()(const Tensor& features) const {
-  Tensor x = layernorm(dwconv.forward(features));
+  Tensor x = layernorm(dwconv.forward(features), pwconv1.input_dtype());
   x = act_fused && !grn_weight.defined() ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
   if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f);
@@ -104,7 +104,7 @@ ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, i
 }
 
 Tensor ConvNextStage::operator()(const Tensor& x) const {
-  Tensor h = has_downsampling ? downsampling_conv.forward(downsampling_norm(x)) : x;
+  Tensor h = has_downsampling ? downsampling_conv.forward(downsampling_norm(x, downsampling_conv.input_dtype())) : x;
   for (auto& layer : layers) h = layer(h);
   return h;
 }

@@ -30,7 +30,8 @@ struct ConvNextLayerNorm {
   Tensor weight, bias;
   float eps = 1e-6f;
   static ConvNextLayerNorm load(const Weights& w, int channels, float eps = 1e-6f);
-  Tensor operator()(const Tensor& x) const { return layer_norm(x, weight, bias, eps); }
+  // out_dtype: what the layer reading the result takes (Linear/Conv2d::input_dtype).
+  Tensor operator()(const Tensor& x, DType out_dtype = DType::F32) const { return layer_norm(x, weight, bias, eps, out_dtype); }
 };
 
 struct ConvNextEmbeddings {

@@ -236,6 +236,7 @@ struct DeiTAttention {
   DeiTSelfAttention attention;
   DeiTSelfOutput output;
   DeiTAttention(const DeiTConfig& c, const Weights& w) : attention(c, w.pp("attention")), output(c, w.pp("output")) {}
+  DType input_dtype() const { return attention.qkv.input_dtype(); }
   // Returns residual + attention output.
   Tensor forward(const Tensor& x, const Tensor& residual, const Tensor& head_mask, Tensor* probs) const {
     return output.forward(attention.forward(x, head_mask, probs), residual);
@@ -275,8 +276,10 @@ struct DeiTLayer {
   }
 
   Tensor forward(const Tensor& hidden_states, const Tensor& head_mask, Tensor* probs) const {
-    Tensor h = attention.forward(layer_norm(hidden_states, ln_before_w, ln_before_b, eps), hidden_states, head_mask, probs);
-    return output.forward(intermediate.forward(layer_norm(h, ln_after_w, ln_after_b, eps)), h);
+    // Each norm is read only by the next linear layer: written in the dtype that layer takes.
+    Tensor h = attention.forward(layer_norm(hidden_states, ln_before_w, ln_before_b, eps, attention.input_dtype()),
+                                 hidden_states, head_mask, probs);
+    return output.forward(intermediate.forward(layer_norm(h, ln_after_w, ln_after_b, eps, intermediate.dense.input_dtype())), h);
   }
 };
 
