@@ -130,6 +130,34 @@ TEST(Ops, Conv2dFusesResidualThenActivation) {
   EXPECT_LT(max_abs_diff(fused, expect), 1e-5);
 }
 
+// ConvNeXt V2's global response norm against its definition, on maps of one and of several of its
+// 256-row chunks.
+TEST(Ops, GrnMatchesDefinition) {
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{5, 7}, {30, 41}}) {
+    const int64_t n = 2, c = 24;
+    Tensor x = randn({n, h, w, c}, 51), gamma = randn({c}, 52), beta = randn({c}, 53);
+    Tensor y = grn_nhwc(x, gamma, beta, 1e-6f);
+    ASSERT_EQ(y.shape(), x.shape());
+    double worst = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<double> gx(c, 0.0);
+      double mean = 0;
+      for (int64_t k = 0; k < c; ++k) {
+        for (int64_t p = 0; p < h * w; ++p) gx[k] += std::pow(double(x.f32()[(i * h * w + p) * c + k]), 2);
+        gx[k] = std::sqrt(gx[k]);
+        mean += gx[k] / c;
+      }
+      for (int64_t p = 0; p < h * w; ++p)
+        for (int64_t k = 0; k < c; ++k) {
+          const int64_t at = (i * h * w + p) * c + k;
+          const double v = x.f32()[at], nx = gx[k] / (mean + 1e-6);
+          worst = std::max(worst, std::fabs(y.f32()[at] - (gamma.f32()[k] * v * nx + beta.f32()[k] + v)));
+        }
+    }
+    EXPECT_LT(worst, 1e-5) << h << "x" << w;
+  }
+}
+
 TEST(Ops, LinearAndMatmul) {
   Tensor x = randn({2, 3, 16}, 7), w = randn({10, 16}, 8), b = randn({10}, 9);
   Tensor y = Linear(w, b).forward(x);

@@ -293,11 +293,29 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
   float* py = y.f32();
   const float* g = gamma.f32();
   const float* b = beta.f32();
+  // The per-channel sums of squares in double, over fixed chunks of rows (one task each, the channel
+  // loop vectorised), then the chunks added in order: the same sums at any thread count.
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(n * chunks * c));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      double* acc = partial.data() + (i * chunks + ch) * c;
+      const float* xi = px + i * hw * c;
+      for (int64_t p = ch * kChunk; p < std::min(hw, (ch + 1) * kChunk); ++p) {
+        const float* row = xi + p * c;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) acc[k] += double(row[k]) * row[k];
+      }
+    }
   for (int64_t i = 0; i < n; ++i) {
     std::vector<double> sq(c, 0.0);
     const float* xi = px + i * hw * c;
-    for (int64_t p = 0; p < hw; ++p)
-      for (int64_t k = 0; k < c; ++k) sq[k] += double(xi[p * c + k]) * xi[p * c + k];
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const double* acc = partial.data() + (i * chunks + ch) * c;
+      for (int64_t k = 0; k < c; ++k) sq[k] += acc[k];
+    }
     std::vector<float> gx(c), nx(c);
     double mean = 0;
     for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
