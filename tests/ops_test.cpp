@@ -303,30 +303,34 @@ TEST(Ops, GroupNormNormalisesEachGroup) {
 }
 
 // Against the definition in double precision, over a map of several hundred positions (the sums run
-// in chunks of rows) with channels in groups of two, an affine and a fused ReLU.
+// in chunks of rows) with channels in groups of two, and of 25 over several slices of 64 channels
+// with a remainder of 8 (the sums also split by channels), an affine and a fused ReLU.
 TEST(Ops, GroupNormMatchesDefinition) {
-  const int64_t H = 23, W = 29, C = 64, G = 32, cg = C / G;
-  Tensor x = randn({1, H, W, C}, 31), w = randn({C}, 32), b = randn({C}, 33);
-  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = 3.0f + 2.0f * x.f32()[i];  // off-centre
-  for (Act a : {Act::None, Act::Relu}) {
-    Tensor y = group_norm_nhwc(x, int(G), w, b, 1e-5f, a);
-    double worst = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      double sum = 0, sq = 0;
-      for (int64_t p = 0; p < H * W; ++p)
-        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sum += x.f32()[p * C + k];
-      const double mean = sum / double(H * W * cg);
-      for (int64_t p = 0; p < H * W; ++p)
-        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sq += (x.f32()[p * C + k] - mean) * (x.f32()[p * C + k] - mean);
-      const double inv = 1.0 / std::sqrt(sq / double(H * W * cg) + 1e-5);
-      for (int64_t p = 0; p < H * W; ++p)
-        for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
-          double e = (x.f32()[p * C + k] - mean) * inv * w.f32()[k] + b.f32()[k];
-          if (a == Act::Relu) e = std::max(e, 0.0);
-          worst = std::max(worst, std::fabs(e - y.f32()[p * C + k]));
-        }
+  for (auto [C, G] : {std::pair<int64_t, int64_t>{64, 32}, {200, 8}}) {
+    SCOPED_TRACE("C=" + std::to_string(C));
+    const int64_t H = 23, W = 29, cg = C / G;
+    Tensor x = randn({1, H, W, C}, 31), w = randn({C}, 32), b = randn({C}, 33);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = 3.0f + 2.0f * x.f32()[i];  // off-centre
+    for (Act a : {Act::None, Act::Relu}) {
+      Tensor y = group_norm_nhwc(x, int(G), w, b, 1e-5f, a);
+      double worst = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        double sum = 0, sq = 0;
+        for (int64_t p = 0; p < H * W; ++p)
+          for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sum += x.f32()[p * C + k];
+        const double mean = sum / double(H * W * cg);
+        for (int64_t p = 0; p < H * W; ++p)
+          for (int64_t k = g * cg; k < (g + 1) * cg; ++k) sq += (x.f32()[p * C + k] - mean) * (x.f32()[p * C + k] - mean);
+        const double inv = 1.0 / std::sqrt(sq / double(H * W * cg) + 1e-5);
+        for (int64_t p = 0; p < H * W; ++p)
+          for (int64_t k = g * cg; k < (g + 1) * cg; ++k) {
+            double e = (x.f32()[p * C + k] - mean) * inv * w.f32()[k] + b.f32()[k];
+            if (a == Act::Relu) e = std::max(e, 0.0);
+            worst = std::max(worst, std::fabs(e - y.f32()[p * C + k]));
+          }
+      }
+      EXPECT_LT(worst, 1e-4);
     }
-    EXPECT_LT(worst, 1e-4);
   }
 }
 

@@ -161,37 +161,42 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
   // in float over 16 rows and in double beyond. The map is cut into fixed chunks of rows whose sums are
   // added in order, so the result does not depend on the thread count. The float sums of 16 channels
   // stay in registers over their 16 rows (kLanes is one AVX-512 vector).
-  constexpr int64_t kLanes = 16;
+  // Tasks also split the channels into slices of whole vectors (a small map, one chunk, still spreads
+  // over the threads); every channel's sums are the same whatever the slicing.
+  constexpr int64_t kLanes = 16, kSlice = 4 * kLanes;
   const int64_t chunk_rows = 256, chunks = (hw + chunk_rows - 1) / chunk_rows;
+  const int64_t slices = (c + kSlice - 1) / kSlice;
   std::vector<double> part(size_t(n * chunks) * 2 * c);
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(3)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < chunks; ++j) {
-      double* ds = part.data() + (i * chunks + j) * 2 * c;
-      double* dq = ds + c;
-      int64_t p0 = j * chunk_rows, p1 = std::min(hw, p0 + chunk_rows);
-      for (int64_t p = p0; p < p1; p += 16) {
-        const float* first = px + (i * hw + p) * c;
-        const int64_t rows = std::min(p1, p + 16) - p;
-        int64_t k0 = 0;
-        for (; k0 + kLanes <= c; k0 += kLanes) {
-          float s[kLanes] = {}, q[kLanes] = {};
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* row = first + r * c + k0;
+    for (int64_t j = 0; j < chunks; ++j)
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        double* ds = part.data() + (i * chunks + j) * 2 * c;
+        double* dq = ds + c;
+        const int64_t kb = sl * kSlice, ke = std::min(c, kb + kSlice);
+        int64_t p0 = j * chunk_rows, p1 = std::min(hw, p0 + chunk_rows);
+        for (int64_t p = p0; p < p1; p += 16) {
+          const float* first = px + (i * hw + p) * c;
+          const int64_t rows = std::min(p1, p + 16) - p;
+          int64_t k0 = kb;
+          for (; k0 + kLanes <= ke; k0 += kLanes) {
+            float s[kLanes] = {}, q[kLanes] = {};
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* row = first + r * c + k0;
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) { s[l] += row[l]; q[l] += row[l] * row[l]; }
+              for (int64_t l = 0; l < kLanes; ++l) { s[l] += row[l]; q[l] += row[l] * row[l]; }
+            }
+#pragma omp simd
+            for (int64_t l = 0; l < kLanes; ++l) { ds[k0 + l] += s[l]; dq[k0 + l] += q[l]; }
           }
-#pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) { ds[k0 + l] += s[l]; dq[k0 + l] += q[l]; }
-        }
-        for (int64_t k = k0; k < c; ++k) {
-          float s = 0.f, q = 0.f;
-          for (int64_t r = 0; r < rows; ++r) { s += first[r * c + k]; q += first[r * c + k] * first[r * c + k]; }
-          ds[k] += s;
-          dq[k] += q;
+          for (int64_t k = k0; k < ke; ++k) {
+            float s = 0.f, q = 0.f;
+            for (int64_t r = 0; r < rows; ++r) { s += first[r * c + k]; q += first[r * c + k] * first[r * c + k]; }
+            ds[k] += s;
+            dq[k] += q;
+          }
         }
       }
-    }
   std::vector<float> scale(n * c), shift(n * c);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t g = 0; g < groups; ++g) {
