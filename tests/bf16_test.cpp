@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <string>
 
 #include "core/device.h"
 #include "core/errors.h"
@@ -91,6 +92,35 @@ void conv_definition(const Tensor& x, const Tensor& w, const Tensor& b, int stri
         }
 }
 
+// conv(x, w) + b + residual, then ReLU, from the definition on bfloat16-rounded x and w (the residual
+// as given), with the sum of |terms| per output.
+void conv_residual_relu_definition(const Tensor& x, const Tensor& w, const Tensor& b, int pad, const Tensor& residual,
+                                   Tensor& ref, Tensor& mag) {
+  conv_definition(rounded(x), rounded(w), b, 1, pad, 1, ref, mag);
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    ref.f32()[i] = std::max(0.0f, ref.f32()[i] + residual.f32()[i]);
+    mag.f32()[i] += std::fabs(residual.f32()[i]);
+  }
+}
+
+// `bf` is `f32` rounded to bfloat16, element by element.
+void expect_rounded_copy(const Tensor& bf, const Tensor& f32, const std::string& what) {
+  ASSERT_EQ(bf.dtype(), DType::BF16) << what;
+  ASSERT_EQ(bf.shape(), f32.shape()) << what;
+  Tensor back = bf.to(DType::F32);
+  int bad = 0;
+  for (int64_t i = 0; i < f32.numel(); ++i)
+    if (back.f32()[i] != round_bf16(f32.f32()[i]) && bad++ < 5)
+      ADD_FAILURE() << what << " [" << i << "] " << back.f32()[i] << " vs " << round_bf16(f32.f32()[i]);
+}
+
+// A layer built as a bfloat16 model builds it (the load-time scope picks its compute dtype).
+template <class Layer, class... Args>
+std::unique_ptr<Layer> bf16_layer(Args&&... args) {
+  LoadDeviceScope on(Device::cpu(), DType::BF16);
+  return std::make_unique<Layer>(std::forward<Args>(args)...);
+}
+
 }  // namespace
 
 TEST(Bf16, Conv2dComputesOnRoundedInputsAndWeights) {
@@ -104,11 +134,7 @@ TEST(Bf16, Conv2dComputesOnRoundedInputsAndWeights) {
     opt.stride_h = opt.stride_w = cs.stride;
     opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = cs.pad;
     opt.groups = cs.groups;
-    std::unique_ptr<Conv2d> conv;
-    {
-      LoadDeviceScope on(Device::cpu(), DType::BF16);
-      conv = std::make_unique<Conv2d>(w, b, opt);
-    }
+    auto conv = bf16_layer<Conv2d>(w, b, opt);
     Tensor ours = conv->forward(x);
     Tensor ref, mag;
     conv_definition(rounded(x), rounded(w), b, cs.stride, cs.pad, cs.groups, ref, mag);
@@ -129,19 +155,11 @@ TEST(Bf16, Conv2dResidualAndActivationStayFloat32) {
   Conv2dOptions opt;
   opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
   opt.act = Act::Relu;
-  std::unique_ptr<Conv2d> conv;
-  {
-    LoadDeviceScope on(Device::cpu(), DType::BF16);
-    conv = std::make_unique<Conv2d>(w, b, opt);
-  }
+  auto conv = bf16_layer<Conv2d>(w, b, opt);
   Tensor ours = conv->forward(x, &r);
+  // The residual (not rounded) joins the float32 sum, then ReLU.
   Tensor ref, mag;
-  conv_definition(rounded(x), rounded(w), b, 1, 1, 1, ref, mag);
-  for (int64_t i = 0; i < ref.numel(); ++i) {
-    // The residual (not rounded) joins the float32 sum, then ReLU.
-    ref.f32()[i] = std::max(0.0f, ref.f32()[i] + r.f32()[i]);
-    mag.f32()[i] += std::fabs(r.f32()[i]);
-  }
+  conv_residual_relu_definition(x, w, b, 1, r, ref, mag);
   expect_within_accumulation(ours, ref, mag, "conv + residual + relu");
 }
 
@@ -149,25 +167,14 @@ TEST(Bf16, Conv2dResidualAndActivationStayFloat32) {
 // read rounded to bfloat16, joins the float32 sum, ReLU, and the result is rounded once to bfloat16.
 TEST(Bf16, Conv2dToLayerWithResidualRoundsTheSumOnce) {
   SKIP_WITHOUT_CPU_BF16();
-  Tensor x = randn({1, 9, 8, 24}, 41);
-  Tensor w = randn({16, 24, 1, 1}, 42, 0.2f);
-  Tensor b = randn({16}, 43);
+  Tensor x = randn({1, 9, 8, 24}, 41), w = randn({16, 24, 1, 1}, 42, 0.2f), b = randn({16}, 43);
   Tensor r = randn({1, 9, 8, 16}, 44);
   Conv2dOptions opt;
   opt.act = Act::Relu;
-  std::unique_ptr<Conv2d> conv;
-  {
-    LoadDeviceScope on(Device::cpu(), DType::BF16);
-    conv = std::make_unique<Conv2d>(w, b, opt);
-  }
+  auto conv = bf16_layer<Conv2d>(w, b, opt);
   ASSERT_EQ(conv->input_dtype(), DType::BF16);
   Tensor ref, mag;
-  conv_definition(rounded(x), rounded(w), b, 1, 0, 1, ref, mag);
-  const Tensor rr = rounded(r);
-  for (int64_t i = 0; i < ref.numel(); ++i) {
-    ref.f32()[i] = std::max(0.0f, ref.f32()[i] + rr.f32()[i]);
-    mag.f32()[i] += std::fabs(rr.f32()[i]);
-  }
+  conv_residual_relu_definition(x, w, b, 0, rounded(r), ref, mag);
   // A float32 residual (rounded on the way in) and a bfloat16 one (the previous block's output)
   // give the same.
   for (bool residual_bf16 : {false, true}) {
@@ -212,11 +219,7 @@ TEST(Bf16, LinearComputesOnRoundedInputsAndWeights) {
     Tensor w = randn({72, 200}, 32, 0.1f);
     Tensor b = randn({72}, 33);
     Tensor res = randn({rows, 72}, 34);
-    std::unique_ptr<Linear> lin;
-    {
-      LoadDeviceScope on(Device::cpu(), DType::BF16);
-      lin = std::make_unique<Linear>(w, b);
-    }
+    auto lin = bf16_layer<Linear>(w, b);
     Tensor plain = lin->forward(x), summed = lin->forward(x, &res);
     const Tensor xr = rounded(x), wr = rounded(w);
     Tensor ref = Tensor::empty({rows, 72}), mag = Tensor::empty({rows, 72});
@@ -361,11 +364,7 @@ TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
   SKIP_WITHOUT_CPU_BF16();
   Conv2dOptions opt;
   opt.pad_top = opt.pad_left = opt.pad_bottom = opt.pad_right = 1;
-  std::unique_ptr<Conv2d> conv;
-  {
-    LoadDeviceScope on(Device::cpu(), DType::BF16);
-    conv = std::make_unique<Conv2d>(randn({16, 64, 3, 3}, 61, 0.1f), randn({16}, 62), opt);
-  }
+  auto conv = bf16_layer<Conv2d>(randn({16, 64, 3, 3}, 61, 0.1f), randn({16}, 62), opt);
   EXPECT_EQ(conv->input_dtype(), DType::BF16);
   EXPECT_EQ(Conv2d(randn({16, 64, 3, 3}, 61, 0.1f), randn({16}, 62), opt).input_dtype(), DType::F32);
   // 2 x 300 rows: more than one chunk of the statistics; 64 channels: 4 full vectors; 40: a tail.
@@ -374,14 +373,7 @@ TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
       Tensor x = randn({2, 20, 15, c}, 63, 3.0f), w = randn({c}, 64), b = randn({c}, 65);
       Tensor f32 = group_norm_nhwc(x, 8, w, b, 1e-5f, a);
       Tensor bf = group_norm_nhwc(x, 8, w, b, 1e-5f, a, DType::BF16);
-      ASSERT_EQ(bf.dtype(), DType::BF16);
-      ASSERT_EQ(bf.shape(), f32.shape());
-      Tensor back = bf.to(DType::F32);
-      int bad = 0;
-      for (int64_t i = 0; i < f32.numel(); ++i)
-        if (back.f32()[i] != round_bf16(f32.f32()[i]) && bad++ < 5)
-          ADD_FAILURE() << "c=" << c << " act " << int(a) << " [" << i << "] " << back.f32()[i] << " vs "
-                        << round_bf16(f32.f32()[i]);
+      expect_rounded_copy(bf, f32, "c=" + std::to_string(c) + " act " + std::to_string(int(a)));
       if (c == 64) EXPECT_EQ(max_abs_diff(conv->forward(bf), conv->forward(f32)), 0.0) << "act " << int(a);
     }
   EXPECT_THROW(group_norm_nhwc(randn({1, 2, 2, 8}, 66), 2, randn({8}, 67), randn({8}, 68), 1e-5f, Act::None, DType::F16),
@@ -392,24 +384,14 @@ TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
 // result rounded, and the linear layer gives the same from it as from the float32 result.
 TEST(Bf16, LayerNormWritesRoundedBf16ForABf16Linear) {
   SKIP_WITHOUT_CPU_BF16();
-  std::unique_ptr<Linear> lin;
-  {
-    LoadDeviceScope on(Device::cpu(), DType::BF16);
-    lin = std::make_unique<Linear>(randn({24, 200}, 71, 0.1f), randn({24}, 72));
-  }
+  auto lin = bf16_layer<Linear>(randn({24, 200}, 71, 0.1f), randn({24}, 72));
   EXPECT_EQ(lin->input_dtype(), DType::BF16);
   EXPECT_EQ(Linear(randn({24, 200}, 71, 0.1f), randn({24}, 72)).input_dtype(), DType::F32);
   // 200 channels: three blocks of 64 and a tail.
   Tensor x = randn({3, 7, 200}, 73, 3.0f), w = randn({200}, 74), b = randn({200}, 75);
   Tensor f32 = layer_norm(x, w, b, 1e-6f);
   Tensor bf = layer_norm(x, w, b, 1e-6f, DType::BF16);
-  ASSERT_EQ(bf.dtype(), DType::BF16);
-  ASSERT_EQ(bf.shape(), f32.shape());
-  Tensor back = bf.to(DType::F32);
-  int bad = 0;
-  for (int64_t i = 0; i < f32.numel(); ++i)
-    if (back.f32()[i] != round_bf16(f32.f32()[i]) && bad++ < 5)
-      ADD_FAILURE() << "[" << i << "] " << back.f32()[i] << " vs " << round_bf16(f32.f32()[i]);
+  expect_rounded_copy(bf, f32, "layer norm");
   EXPECT_EQ(max_abs_diff(lin->forward(bf), lin->forward(f32)), 0.0);
   EXPECT_THROW(layer_norm(x, w, b, 1e-6f, DType::F16), Error);
 }
