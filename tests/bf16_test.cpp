@@ -395,3 +395,12 @@ TEST(Bf16, LayerNormWritesRoundedBf16ForABf16Linear) {
   EXPECT_EQ(max_abs_diff(lin->forward(bf), lin->forward(f32)), 0.0);
   EXPECT_THROW(layer_norm(x, w, b, 1e-6f, DType::F16), Error);
 }
+
+// grn_nhwc's bfloat16 output (ConvNeXt V2's response norm before pwconv2): the float32 result rounded.
+TEST(Bf16, GrnWritesRoundedBf16) {
+  // 24 x 30 positions, 200 channels: three blocks of 64 and a tail.
+  Tensor x = randn({2, 24, 30, 200}, 81), gamma = randn({200}, 82), beta = randn({200}, 83);
+  Tensor f32 = grn_nhwc(x, gamma, beta, 1e-6f);
+  expect_rounded_copy(grn_nhwc(x, gamma, beta, 1e-6f, DType::BF16), f32, "grn");
+  EXPECT_THROW(grn_nhwc(x, gamma, beta, 1e-6f, DType::F16), Error);
+}

@@ -287,15 +287,16 @@ Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift,
   return y;
 }
 
-Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps) {
+Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps, DType out_dtype) {
   if (!x.is_cpu()) return backend(x.device()).grn_nhwc(x, gamma, beta, eps);
   // ConvNeXt V2: Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_c Gx + eps);
   // y = gamma * (x * Nx) + beta + x.
   require_f32(x, "grn");
+  if (out_dtype != DType::F32 && out_dtype != DType::BF16)
+    throw Error(std::string("grn: cannot write ") + dtype_name(out_dtype));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
-  Tensor y = Tensor::empty(x.shape());
+  Tensor y = Tensor::empty(x.shape(), out_dtype);
   const float* px = x.f32();
-  float* py = y.f32();
   const float* g = gamma.f32();
   const float* b = beta.f32();
   // The per-channel sums of squares in double, over fixed chunks of rows (one task each, the channel
@@ -326,12 +327,20 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
     for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
     mean /= c;
     for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
-    float* yi = py + i * hw * c;
+    // A row's values, a block at a time (the same expression either way), as float32 or rounded to
+    // bfloat16 while in cache.
+    constexpr int64_t kBlock = 64;
 #pragma omp parallel for
     for (int64_t p = 0; p < hw; ++p)
-      for (int64_t k = 0; k < c; ++k) {
-        float v = xi[p * c + k];
-        yi[p * c + k] = g[k] * (v * nx[k]) + b[k] + v;
+      for (int64_t k0 = 0; k0 < c; k0 += kBlock) {
+        const int64_t count = std::min(kBlock, c - k0);
+        const float* in = xi + p * c + k0;
+        float block[kBlock];
+        float* out = out_dtype == DType::F32 ? y.f32() + (i * hw + p) * c + k0 : block;
+#pragma omp simd
+        for (int64_t k = 0; k < count; ++k) out[k] = g[k0 + k] * (in[k] * nx[k0 + k]) + b[k0 + k] + in[k];
+        if (out_dtype == DType::BF16)
+          bf16_from_float(block, static_cast<uint16_t*>(y.raw()) + (i * hw + p) * c + k0, count);
       }
   }
   return y;

@@ -85,7 +85,7 @@ Tensor ConvNextLayer::operator()(const Tensor& features) const {
   Tensor x = layernorm(dwconv.forward(features), pwconv1.input_dtype());
   x = act_fused && !grn_weight.defined() ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
-  if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f);
+  if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f, pwconv2.input_dtype());
   return pwconv2.forward(x, &features);
 }
 
