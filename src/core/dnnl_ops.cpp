@@ -210,8 +210,6 @@ Tensor forward_off_cpu(const RunOnCpu& run_on_cpu, const std::shared_ptr<DeviceL
   return y.retagged(x.device());
 }
 
-}  // namespace
-
 // A convolution with one output channel (DETR's mask head ends in one, 16 -> 1 at a quarter of the
 // image, for every query) is a dot product per output pixel: oneDNN's kernels, which vectorise over
 // output channels, run it at ~16 GFLOP/s. Here each output pixel sums, per kernel row, one contiguous
@@ -262,6 +260,8 @@ void conv2d_one_output_nhwc(const Tensor& x, const Tensor& w_hwc, float bias, in
       }
     }
 }
+
+}  // namespace
 
 // ---- Conv2d --------------------------------------------------------------------------------------
 

@@ -28,6 +28,28 @@ inline float gelu_tanh(float x) {
 }
 // F.softplus with its default threshold: the identity above 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// Writes value(k), k in [0, count), at element `at` of y: float32 as it is, or (a norm writing the
+// input of a bfloat16 layer) rounded to bfloat16 a block at a time while the block is in cache, no
+// float32 row written. One expression for both, so both dtypes hold the same values.
+template <class Value>
+void write_row(Tensor& y, int64_t at, int64_t count, const Value& value) {
+  if (y.dtype() == DType::F32) {
+    float* out = y.f32() + at;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) out[k] = value(k);
+    return;
+  }
+  constexpr int64_t kBlock = 64;
+  uint16_t* out = static_cast<uint16_t*>(y.raw()) + at;
+  for (int64_t k0 = 0; k0 < count; k0 += kBlock) {
+    const int64_t m = std::min(kBlock, count - k0);
+    float block[kBlock];
+#pragma omp simd
+    for (int64_t k = 0; k < m; ++k) block[k] = value(k0 + k);
+    bf16_from_float(block, out + k0, m);
+  }
+}
 }  // namespace
 
 // ---- activations ---------------------------------------------------------------------------------
@@ -107,7 +129,6 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
     throw Error(std::string("layer_norm: cannot write ") + dtype_name(out_dtype));
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   if (weight.numel() != c || bias.numel() != c) throw Error("layer_norm: weight/bias do not match " + shape_str(x.shape()));
-  const bool to_bf16 = out_dtype == DType::BF16;
   Tensor y = Tensor::empty(x.shape(), out_dtype);
   const float* px = x.f32();
   const float* w = weight.f32();
@@ -124,22 +145,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
     for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
     var /= c;
     float inv = 1.0f / std::sqrt(var + eps);
-    if (!to_bf16) {
-      float* out = y.f32() + r * c;
-#pragma omp simd
-      for (int64_t i = 0; i < c; ++i) out[i] = (in[i] - mean) * inv * w[i] + b[i];
-      continue;
-    }
-    // The same values, a block at a time, each rounded while it is in cache (no float32 row written).
-    constexpr int64_t kBlock = 64;
-    uint16_t* out = static_cast<uint16_t*>(y.raw()) + r * c;
-    for (int64_t k0 = 0; k0 < c; k0 += kBlock) {
-      const int64_t count = std::min(kBlock, c - k0);
-      float block[kBlock];
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) block[i] = (in[k0 + i] - mean) * inv * w[k0 + i] + b[k0 + i];
-      bf16_from_float(block, out + k0, count);
-    }
+    write_row(y, r * c, c, [&](int64_t i) { return (in[i] - mean) * inv * w[i] + b[i]; });
   }
   return y;
 }
@@ -327,21 +333,11 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
     for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
     mean /= c;
     for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
-    // A row's values, a block at a time (the same expression either way), as float32 or rounded to
-    // bfloat16 while in cache.
-    constexpr int64_t kBlock = 64;
 #pragma omp parallel for
-    for (int64_t p = 0; p < hw; ++p)
-      for (int64_t k0 = 0; k0 < c; k0 += kBlock) {
-        const int64_t count = std::min(kBlock, c - k0);
-        const float* in = xi + p * c + k0;
-        float block[kBlock];
-        float* out = out_dtype == DType::F32 ? y.f32() + (i * hw + p) * c + k0 : block;
-#pragma omp simd
-        for (int64_t k = 0; k < count; ++k) out[k] = g[k0 + k] * (in[k] * nx[k0 + k]) + b[k0 + k] + in[k];
-        if (out_dtype == DType::BF16)
-          bf16_from_float(block, static_cast<uint16_t*>(y.raw()) + (i * hw + p) * c + k0, count);
-      }
+    for (int64_t p = 0; p < hw; ++p) {
+      const float* in = xi + p * c;
+      write_row(y, (i * hw + p) * c, c, [&](int64_t k) { return g[k] * (in[k] * nx[k]) + b[k] + in[k]; });
+    }
   }
   return y;
 }
