@@ -188,6 +188,27 @@ TEST(VitAttention, HeadMaskScalesProbabilities) {
   EXPECT_THROW(multi_head_attention(q, k, v, H, AttentionOptions{0.5f, Tensor::zeros({2}), nullptr}), Error);
 }
 
+// The softmax subtracts each row's maximum before the exponentials: with scores up to 100 apart, any
+// other subtrahend overflows (exp(100 - x) for x < 12 is inf) and the row turns to NaN. The largest
+// score is put at every key position in turn (within the 16-wide blocks and the tail of 37 keys), so
+// each one must get all the weight: the context is that key's value row. A NaN score makes the row
+// NaN, as in PyTorch.
+TEST(VitAttention, SoftmaxSubtractsTheRowMaximumWherever) {
+  const int64_t Lk = 37;
+  Tensor q = Tensor::from<float>({1, 1, 1}, {1.0f});
+  Tensor v = Tensor::empty({1, Lk, 1});
+  for (int64_t j = 0; j < Lk; ++j) v.f32()[j] = float(j + 1);
+  for (int64_t top = 0; top < Lk; ++top) {
+    Tensor k = Tensor::empty({1, Lk, 1});
+    for (int64_t j = 0; j < Lk; ++j) k.f32()[j] = j == top ? 100.0f : float(j) - 60.0f;
+    Tensor ctx = multi_head_attention(q, k, v, 1, {});
+    EXPECT_EQ(ctx.f32()[0], float(top + 1)) << "largest score at key " << top;
+  }
+  Tensor k = Tensor::zeros({1, Lk, 1});
+  k.f32()[20] = std::nanf("");
+  EXPECT_TRUE(std::isnan(multi_head_attention(q, k, v, 1, {}).f32()[0]));
+}
+
 // DETR's key padding mask: a padded key gets no weight, so a batch element equals plain attention
 // over its unpadded keys alone; a batch element with every key padded averages all values.
 TEST(VitAttention, KeyMaskDropsPaddedKeys) {

@@ -42,13 +42,28 @@ inline float exp_nonpositive(float in) {
   return in < -87.0f ? 0.0f : p * std::bit_cast<float>(bits);
 }
 
+// The largest of n floats (a NaN is skipped; the exponentials turn it into NaN anyway). Sixteen
+// running maxima: GCC does not vectorise a float max reduction without -ffinite-math-only (it ran
+// as a chain of scalar vmaxss, ~4 cycles a score), but it does vectorise this lane-wise form.
+float row_max(const float* row, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float lane[kLanes];
+  for (float& m : lane) m = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], row[j + l]);
+  float mx = -INFINITY;
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  for (float m : lane) mx = std::max(mx, m);
+  return mx;
+}
+
 // Softmax over each of `rows` rows of length n (leading dimension ld), then the head-mask factor.
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
+    const float mx = row_max(row, n);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
