@@ -99,7 +99,11 @@ constexpr float kBatchNormEps = 1e-5f;
 struct LayerNorm {
   Tensor weight, bias;
   LayerNorm(int64_t dim, const Weights& w) : weight(w.get("weight", {dim})), bias(w.get("bias", {dim})) {}
-  Tensor forward(const Tensor& x) const { return layer_norm(x, weight, bias, kLayerNormEps); }
+  // out_dtype: what the layers that read the result take without a conversion (bfloat16 for a
+  // bfloat16 projection), else float32.
+  Tensor forward(const Tensor& x, DType out_dtype = DType::F32) const {
+    return layer_norm(x, weight, bias, kLayerNormEps, out_dtype);
+  }
 };
 
 // ---- CvtConvEmbeddings: conv (patch_size, stride, padding), then LayerNorm over channels.
@@ -156,7 +160,8 @@ struct CvtSelfAttentionConvProjection {
     opt.groups = static_cast<int>(C);
     convolution = Conv2d(weight, bias, opt);
   }
-  Tensor forward(const Tensor& x) const { return convolution.forward(x); }
+  // Read only by the linear projection after it: in the layer's compute dtype (forward_to_layer).
+  Tensor forward(const Tensor& x) const { return convolution.forward_to_layer(x); }
 };
 
 // ---- CvtSelfAttentionProjection: the conv projection ("dw_bn"), then the linear projection
@@ -171,6 +176,11 @@ struct CvtSelfAttentionProjection {
                              const std::string& projection_method, const Weights& w) {
     if (projection_method == "dw_bn")
       convolution_projection.emplace(embed_dim, kernel_size, padding, stride, w.pp("convolution_projection"));
+  }
+  // What forward() reads without a conversion: the conv's input dtype, or `linear`'s where there is
+  // no conv.
+  DType input_dtype(const Linear& linear) const {
+    return convolution_projection ? convolution_projection->convolution.input_dtype() : linear.input_dtype();
   }
   // [B, h, w, C] -> [B, h'*w', C]
   Tensor forward(const Tensor& x) const {
@@ -206,6 +216,14 @@ struct CvtSelfAttention {
         projection_key(linear(embed_dim, c.qkv_bias[s], w.pp("projection_key"))),
         projection_value(linear(embed_dim, c.qkv_bias[s], w.pp("projection_value"))) {}
 
+  // What forward() reads without a conversion: bfloat16 where all three projections compute in it.
+  DType input_dtype() const {
+    const DType q = convolution_projection_query.input_dtype(projection_query);
+    const bool same = convolution_projection_key.input_dtype(projection_key) == q &&
+                      convolution_projection_value.input_dtype(projection_value) == q;
+    return same ? q : DType::F32;
+  }
+
   // hidden_state [B, (1 +) h*w, C] -> context [B, (1 +) h'*w', C]
   Tensor forward(const Tensor& hidden_state, int64_t height, int64_t width) const {
     const int64_t B = hidden_state.size(0), C = hidden_state.size(2), hw = height * width;
@@ -219,9 +237,14 @@ struct CvtSelfAttention {
     Tensor query = convolution_projection_query.forward(map);
     Tensor value = convolution_projection_value.forward(map);
     if (with_cls_token) {
-      query = cat({cls_token, query}, 1);
-      key = cat({cls_token, key}, 1);
-      value = cat({cls_token, value}, 1);
+      // The projections' maps come in their compute dtype (on a GPU a 16-bit layer's output is 16-bit
+      // whatever it read); the token joins them in it.
+      auto with_cls = [&](const Tensor& t) {
+        return cat({cls_token.dtype() == t.dtype() ? cls_token : cls_token.to(t.dtype()), t}, 1);
+      };
+      query = with_cls(query);
+      key = with_cls(key);
+      value = with_cls(value);
     }
     AttentionOptions opt;
     opt.scale = scale;
@@ -282,8 +305,9 @@ struct CvtLayer {
         layernorm_after(c.embed_dim[s], w.pp("layernorm_after")) {}
 
   Tensor forward(const Tensor& hidden_state, int64_t height, int64_t width) const {
-    Tensor h = attention.forward(layernorm_before.forward(hidden_state), height, width, hidden_state);
-    return output.forward(intermediate.forward(layernorm_after.forward(h)), h);
+    const DType attention_input = attention.attention.input_dtype();
+    Tensor h = attention.forward(layernorm_before.forward(hidden_state, attention_input), height, width, hidden_state);
+    return output.forward(intermediate.forward(layernorm_after.forward(h, intermediate.dense.input_dtype())), h);
   }
 };
 
