@@ -9,6 +9,7 @@
 #include <random>
 #include <string>
 
+#include "core/attention.h"
 #include "core/device.h"
 #include "core/errors.h"
 #include "core/ops.h"
@@ -403,4 +404,68 @@ TEST(Bf16, GrnWritesRoundedBf16) {
   Tensor f32 = grn_nhwc(x, gamma, beta, 1e-6f);
   expect_rounded_copy(grn_nhwc(x, gamma, beta, 1e-6f, DType::BF16), f32, "grn");
   EXPECT_THROW(grn_nhwc(x, gamma, beta, 1e-6f, DType::F16), Error);
+}
+
+// Attention on bfloat16 Q, K and V (a bfloat16 layer's forward_to_attention): both products in
+// bfloat16 with float32 accumulation. Against the definition in double on the same (exact) bfloat16
+// values, with the probabilities rounded to bfloat16 before the second product: the scores and the
+// probabilities handed back agree to float32 accuracy; the context to one bfloat16 rounding of each
+// probability either way (a probability at a rounding boundary may round to the other neighbour).
+// 70 query rows make a full block of 64 and a last one of 6; separate and packed operands agree.
+TEST(Bf16, AttentionComputesBothProductsOnRoundedOperands) {
+  SKIP_WITHOUT_CPU_BF16();
+  const int64_t B = 2, Lq = 70, Lk = 37, H = 3, d = 16, C = H * d;
+  const float scale = 0.25f;
+  Tensor qf = rounded(randn({B, Lq, C}, 31)), kf = rounded(randn({B, Lk, C}, 32)), vf = rounded(randn({B, Lk, C}, 33));
+  Tensor probs;
+  AttentionOptions opt;
+  opt.scale = scale;
+  opt.probs = &probs;
+  Tensor ctx = multi_head_attention(qf.to(DType::BF16), kf.to(DType::BF16), vf.to(DType::BF16), H, opt);
+  ASSERT_EQ(ctx.dtype(), DType::F32);
+  ASSERT_EQ(ctx.shape(), (Shape{B, Lq, C}));
+  ASSERT_EQ(probs.shape(), (Shape{B, H, Lq, Lk}));
+  int bad = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Lq; ++i) {
+        std::vector<double> p(Lk);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < d; ++c) dot += double(qf.f32()[(b * Lq + i) * C + h * d + c]) * kf.f32()[(b * Lk + j) * C + h * d + c];
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        for (double& x : p) sum += (x = std::exp(x - mx));
+        for (int64_t j = 0; j < Lk; ++j) {
+          p[j] /= sum;
+          const float got = probs.f32()[((b * H + h) * Lq + i) * Lk + j];
+          if (!(std::fabs(got - p[j]) <= 1e-6) && bad++ < 5)
+            ADD_FAILURE() << "probability " << b << "," << h << "," << i << "," << j << ": " << got << " vs " << p[j];
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          double ref = 0, tol = 1e-6;
+          for (int64_t j = 0; j < Lk; ++j) {
+            const double vj = vf.f32()[(b * Lk + j) * C + h * d + c];
+            ref += double(round_bf16(float(p[j]))) * vj;
+            tol += std::ldexp(std::fabs(p[j] * vj), -8);  // one bfloat16 rounding of p[j]
+          }
+          const float got = ctx.f32()[(b * Lq + i) * C + h * d + c];
+          if (!(std::fabs(got - ref) <= tol) && bad++ < 5)
+            ADD_FAILURE() << "context " << b << "," << i << "," << h * d + c << ": " << got << " vs " << ref << " (tol " << tol << ")";
+        }
+      }
+  EXPECT_EQ(bad, 0);
+
+  // Packed Q | K | V (DeiT's) reads the same products in place.
+  const int64_t L = 41;
+  Tensor qkv = rounded(randn({B, L, 3 * C}, 34));
+  AttentionOptions plain;
+  plain.scale = scale;
+  Tensor a = multi_head_attention_packed(qkv.to(DType::BF16), H, plain);
+  Tensor sep = multi_head_attention(narrow(qkv, 2, 0, C).to(DType::BF16), narrow(qkv, 2, C, C).to(DType::BF16),
+                                    narrow(qkv, 2, 2 * C, C).to(DType::BF16), H, plain);
+  EXPECT_EQ(max_abs_diff(a, sep), 0.0);
+  EXPECT_GT(max_abs(a), 0.1);
 }

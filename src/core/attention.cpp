@@ -13,7 +13,15 @@
 #include <limits>
 #include <string>
 
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include <dnnl.hpp>
 #include <oneapi/dnnl/dnnl.h>
+
+#include "core/bfloat16.h"
 
 namespace vf {
 
@@ -92,16 +100,84 @@ void mask_rows(float* s, int64_t rows, int64_t n, const uint8_t* keep) {
 }
 
 // One operand: element (b, t, h*d + c) lives at p[b*batch_stride + t*row_stride + h*d + c].
+// Float32, or bfloat16 where all three operands are (Operand::bf16 says which).
 struct Operand {
-  const float* p;
+  const void* p;
   int64_t batch_stride;
   int64_t row_stride;
+  bool bf16 = false;
+  template <typename T>
+  const T* at(int64_t b, int64_t row, int64_t col) const {
+    return static_cast<const T*>(p) + b * batch_stride + row * row_stride + col;
+  }
 };
 
 void sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc) {
   dnnl_status_t st = dnnl_sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, 0.0f, c, ldc);
   if (st != dnnl_success) throw Error("attention: oneDNN sgemm failed (status " + std::to_string(st) + ")");
+}
+
+// ---- bfloat16 products ----------------------------------------------------------------------------
+// oneDNN has no public bfloat16 gemm; its matmul primitive, made once per shape and kept, computes a
+// query block's two products on bfloat16 operands with float32 accumulation, read in place through
+// strides as the float32 path's sgemm reads them.
+struct Bf16Products {
+  dnnl::matmul scores;   // Q [rows, dk] x K^T [dk, Lk] -> scale * S [rows, Lk], float32
+  dnnl::matmul context;  // P [rows, Lk] x V [Lk, dv] -> O [rows, dv], float32, in the output's rows
+  dnnl::memory::desc q, k, s, p, v, o, scores_scratch, context_scratch;
+};
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+// The products for `rows` query rows, or null where oneDNN offers only its reference kernels for
+// them (no bfloat16 instructions): the caller then computes in float32.
+const Bf16Products* bf16_products(int64_t rows, int64_t Lk, int64_t dk, int64_t dv, int64_t q_ld, int64_t k_ld,
+                                  int64_t v_ld, int64_t o_ld, float scale) {
+  using dnnl::memory;
+  using dt = memory::data_type;
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 9>, std::unique_ptr<Bf16Products>> made;
+  const std::array<int64_t, 9> key{rows, Lk, dk, dv, q_ld, k_ld, v_ld, o_ld, int64_t(std::bit_cast<uint32_t>(scale))};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = made.find(key); it != made.end()) return it->second.get();
+  if (made.size() >= 256) made.clear();  // shapes follow the image sizes: bounded, not a leak
+  std::unique_ptr<Bf16Products> pr;
+  try {
+    auto md = [](int64_t r, int64_t c, dt t, int64_t row_stride, int64_t col_stride) {
+      return memory::desc({r, c}, t, memory::dims{row_stride, col_stride});
+    };
+    auto made_pr = std::make_unique<Bf16Products>();
+    Bf16Products& b = *made_pr;
+    b.q = md(rows, dk, dt::bf16, q_ld, 1);
+    b.k = md(dk, Lk, dt::bf16, 1, k_ld);  // K^T: element (c, j) is key j's component c
+    b.s = md(rows, Lk, dt::f32, Lk, 1);
+    b.p = md(rows, Lk, dt::bf16, Lk, 1);
+    b.v = md(Lk, dv, dt::bf16, v_ld, 1);
+    b.o = md(rows, dv, dt::f32, o_ld, 1);
+    dnnl::primitive_attr scaled, plain;
+    scaled.set_output_scales(0, {scale});
+    scaled.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    plain.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc spd(dnnl::matmul::desc(b.q, b.k, b.s), scaled, cpu_engine());
+    dnnl::matmul::primitive_desc cpd(dnnl::matmul::desc(b.p, b.v, b.o), plain, cpu_engine());
+    const std::string si = spd.impl_info_str(), ci = cpd.impl_info_str();
+    if (si.rfind("ref", 0) != 0 && ci.rfind("ref", 0) != 0) {
+      b.scores = dnnl::matmul(spd);
+      b.context = dnnl::matmul(cpd);
+      b.scores_scratch = spd.scratchpad_desc();
+      b.context_scratch = cpd.scratchpad_desc();
+      pr = std::move(made_pr);
+    }
+  } catch (const dnnl::error&) {
+    pr.reset();  // not offered for these operands: float32
+  }
+  const Bf16Products* out = pr.get();
+  made.emplace(key, std::move(pr));
+  return out;
 }
 
 Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, int64_t Lk, int64_t H,
@@ -158,16 +234,42 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     probs = opt.probs->f32();
   }
 
-  // Blocks of query rows: enough tasks to keep every thread busy, blocks large enough for sgemm.
+  // Blocks of query rows: enough tasks to keep every thread busy, blocks large enough for a product.
   const int threads = omp_get_max_threads();
   int64_t qb = 64;
   while (qb > 16 && B * H * ((Lq + qb - 1) / qb) < 2 * threads) qb /= 2;
   const int64_t nqb = (Lq + qb - 1) / qb;
   const int64_t tasks = B * H * nqb;
 
+  // bfloat16 operands: the products for a full block and for the last one.
+  const Bf16Products* full = nullptr;
+  const Bf16Products* last = nullptr;
+  if (q.bf16) {
+    full = bf16_products(std::min(qb, Lq), Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
+    last = Lq % qb == 0 ? full
+                        : bf16_products(Lq % qb, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
+    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens
+  }
+  size_t scratch_bytes = 0;
+  for (const Bf16Products* pr : {full, last})
+    if (pr) scratch_bytes = std::max({scratch_bytes, pr->scores_scratch.get_size(), pr->context_scratch.get_size()});
+  // Per thread: the block's scores (unless they go to probs), its bfloat16 probabilities and the
+  // products' scratchpad.
+  // Each part starts on a 64-byte boundary.
+  auto lines = [](int64_t bytes) { return (bytes + 63) / 64 * 16; };
+  const int64_t score_floats = probs ? 0 : lines(qb * Lk * 4);
+  const int64_t prob_floats = q.bf16 ? lines(qb * Lk * 2) : 0;
+  const int64_t per_thread = score_floats + prob_floats + lines(int64_t(scratch_bytes));
   Tensor scratch;
-  if (!probs) scratch = Tensor::empty({static_cast<int64_t>(threads), qb * Lk});
+  if (per_thread > 0) scratch = Tensor::empty({static_cast<int64_t>(threads), per_thread});
   float* out_p = out.f32();
+  // Bias, padding mask and softmax on a block's scaled scores (and the head mask's factor).
+  auto finish_scores = [&](float* s, int64_t rows, int64_t b, int64_t h, int64_t i0) {
+    if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
+    if (batch_bias) add_rows(s, batch_bias + ((b % batch_bias_count) * Lq + i0) * Lk, rows * Lk);
+    if (key_mask) mask_rows(s, rows, Lk, key_mask + b * Lk);
+    softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
+  };
 
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
@@ -175,28 +277,43 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     const int64_t h = (t / nqb) % H;
     const int64_t i0 = (t % nqb) * qb;
     const int64_t rows = std::min(qb, Lq - i0);
+    float* mine = per_thread > 0 ? scratch.f32() + static_cast<int64_t>(omp_get_thread_num()) * per_thread : nullptr;
+    float* s = probs ? probs + ((b * H + h) * Lq + i0) * Lk : mine;
+    float* o = out_p + (b * Lq + i0) * H * dv + h * dv;
 
-    const float* qp = q.p + b * q.batch_stride + i0 * q.row_stride + h * dk;
-    const float* kp = k.p + b * k.batch_stride + h * dk;
-    const float* vp = v.p + b * v.batch_stride + h * dv;
-    float* s;
-    if (probs)
-      s = probs + ((b * H + h) * Lq + i0) * Lk;
-    else
-      s = scratch.f32() + static_cast<int64_t>(omp_get_thread_num()) * qb * Lk;
-
-    sgemm('N', 'T', rows, Lk, dk, opt.scale, qp, q.row_stride, kp, k.row_stride, s, Lk);
-    if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
-    if (batch_bias) add_rows(s, batch_bias + ((b % batch_bias_count) * Lq + i0) * Lk, rows * Lk);
-    if (key_mask) mask_rows(s, rows, Lk, key_mask + b * Lk);
-    softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
-    sgemm('N', 'N', rows, dv, Lk, 1.0f, s, Lk, vp, v.row_stride, out_p + (b * Lq + i0) * H * dv + h * dv, H * dv);
+    const Bf16Products* pr = !q.bf16 ? nullptr : rows == std::min(qb, Lq) ? full : last;
+    if (pr) {
+      using dnnl::memory;
+      static thread_local dnnl::stream stream(cpu_engine());
+      uint16_t* p = reinterpret_cast<uint16_t*>(mine + score_floats);
+      memory scratchpad(pr->scores_scratch.get_size() > 0 || pr->context_scratch.get_size() > 0
+                            ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8, memory::format_tag::x)
+                            : memory::desc(),
+                        cpu_engine(), mine + score_floats + prob_floats);
+      auto mem = [](const memory::desc& md, const void* ptr) { return memory(md, cpu_engine(), const_cast<void*>(ptr)); };
+      pr->scores.execute(stream, {{DNNL_ARG_SRC, mem(pr->q, q.at<uint16_t>(b, i0, h * dk))},
+                                  {DNNL_ARG_WEIGHTS, mem(pr->k, k.at<uint16_t>(b, 0, h * dk))},
+                                  {DNNL_ARG_DST, mem(pr->s, s)},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      finish_scores(s, rows, b, h, i0);
+      bf16_from_float(s, p, rows * Lk);  // the probabilities rounded, as the GPU's 16-bit path does
+      pr->context.execute(stream, {{DNNL_ARG_SRC, mem(pr->p, p)},
+                                   {DNNL_ARG_WEIGHTS, mem(pr->v, v.at<uint16_t>(b, 0, h * dv))},
+                                   {DNNL_ARG_DST, mem(pr->o, o)},
+                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      stream.wait();
+    } else {
+      sgemm('N', 'T', rows, Lk, dk, opt.scale, q.at<float>(b, i0, h * dk), q.row_stride, k.at<float>(b, 0, h * dk),
+            k.row_stride, s, Lk);
+      finish_scores(s, rows, b, h, i0);
+      sgemm('N', 'N', rows, dv, Lk, 1.0f, s, Lk, v.at<float>(b, 0, h * dv), v.row_stride, o, H * dv);
+    }
   }
   return out;
 }
 
-// Float32, or a 16-bit layer's output (forward_to_layer), which the GPU reads as it is and the CPU
-// widens.
+// Float32, or a 16-bit layer's output (forward_to_attention), which the GPU reads as it is, and the
+// CPU too where it is bfloat16 (other 16-bit operands are widened).
 void check_3d(const Tensor& t, const char* what) {
   const bool dtype_ok = t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16;
   if (t.dim() != 3 || !dtype_ok)
@@ -219,11 +336,19 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, i
     throw Error("attention: query " + shape_str(q.shape()) + ", key " + shape_str(k.shape()) + " and value " +
                 shape_str(v.shape()) + " do not match");
   if (Device d = op_device({&q, &k, &v}); !d.is_cpu()) return backend(d).multi_head_attention(q, k, v, num_heads, opt);
-  if (q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32)  // a 16-bit layer's output
-    return multi_head_attention(q.to(DType::F32), k.to(DType::F32), v.to(DType::F32), num_heads, opt);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
-  return attention_kernel({q.f32(), Lq * q.size(2), q.size(2)}, {k.f32(), Lk * k.size(2), k.size(2)},
-                          {v.f32(), Lk * v.size(2), v.size(2)}, B, Lq, Lk, num_heads, dk, dv, opt);
+  // bfloat16 products where all three are bfloat16 (a bfloat16 layer's forward_to_attention) and the
+  // CPU has kernels for them; any other 16-bit operand is widened.
+  const bool bf16 = q.dtype() == DType::BF16 && k.dtype() == DType::BF16 && v.dtype() == DType::BF16;
+  if (bf16) {
+    Tensor out = attention_kernel({q.raw(), Lq * q.size(2), q.size(2), true}, {k.raw(), Lk * k.size(2), k.size(2), true},
+                                  {v.raw(), Lk * v.size(2), v.size(2), true}, B, Lq, Lk, num_heads, dk, dv, opt);
+    if (out.defined()) return out;
+  }
+  if (q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32)
+    return multi_head_attention(q.to(DType::F32), k.to(DType::F32), v.to(DType::F32), num_heads, opt);
+  return attention_kernel({q.raw(), Lq * q.size(2), q.size(2)}, {k.raw(), Lk * k.size(2), k.size(2)},
+                          {v.raw(), Lk * v.size(2), v.size(2)}, B, Lq, Lk, num_heads, dk, dv, opt);
 }
 
 Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const AttentionOptions& opt) {
@@ -234,6 +359,12 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
   if (!qkv.is_cpu()) return backend(qkv.device()).multi_head_attention_packed(qkv, num_heads, opt);
+  if (qkv.dtype() == DType::BF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(qkv.raw());
+    Tensor out = attention_kernel({p, L * W, W, true}, {p + C, L * W, W, true}, {p + 2 * C, L * W, W, true}, B, L, L,
+                                  num_heads, d, d, opt);
+    if (out.defined()) return out;
+  }
   if (qkv.dtype() != DType::F32) return multi_head_attention_packed(qkv.to(DType::F32), num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);

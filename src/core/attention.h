@@ -6,7 +6,10 @@
 //
 // The work is split over (batch, head, block of query rows) and each block does its two matrix
 // products with oneDNN's sgemm (strided, no packing copies) and the softmax in between, so the full
-// [Lq, Lk] score matrix of a head only exists when the caller asks for the probabilities.
+// [Lq, Lk] score matrix of a head only exists when the caller asks for the probabilities. Bfloat16
+// Q, K and V (a bfloat16 layer's forward_to_attention) have both products in bfloat16 (oneDNN's
+// matmul; float32 accumulation, the float32 probabilities rounded for the second); the context is
+// float32 either way.
 #pragma once
 
 #include <cstdint>

@@ -821,7 +821,7 @@ DType Linear::input_dtype() const {
   return impl_ && !impl_->device_layer && impl_->compute == dt::bf16 ? DType::BF16 : DType::F32;
 }
 
-Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, impl_->device_layer != nullptr); }
+Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, true); }
 
 Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
   if (x.dim() < 1 || x.size(-1) != in_)

@@ -138,9 +138,9 @@ class Linear {
   // For an output that only another Linear or Conv2d reads (an MLP's hidden layer): in the layer's
   // compute dtype (see Conv2d::forward_to_layer).
   Tensor forward_to_layer(const Tensor& x) const;
-  // For an output that only attention reads (packed Q|K|V): in the dtype attention computes in on the
-  // layer's device, the compute dtype on a GPU (both products then run in it), float32 on the CPU
-  // (whose attention kernels read float32).
+  // For an output that only attention reads (Q, K, V or packed Q|K|V): in the layer's compute dtype,
+  // which attention's two products then run in (float32 accumulation; the probabilities rounded to
+  // it after a float32 softmax).
   Tensor forward_to_attention(const Tensor& x) const;
   // What forward() reads without a conversion (see Conv2d::input_dtype).
   DType input_dtype() const;

@@ -248,8 +248,8 @@ struct CvtSelfAttention {
     }
     AttentionOptions opt;
     opt.scale = scale;
-    return multi_head_attention(projection_query.forward(query), projection_key.forward(key),
-                                projection_value.forward(value), num_heads, opt);
+    return multi_head_attention(projection_query.forward_to_attention(query), projection_key.forward_to_attention(key),
+                                projection_value.forward_to_attention(value), num_heads, opt);
   }
 };
 

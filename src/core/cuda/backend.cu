@@ -749,13 +749,20 @@ class CudaBackend final : public DeviceBackend {
   }
 
   // softmax(scale * Q K^T + biases) V per (batch, head); Q, K and V keep their [B, L, heads * d]
-  // layout (a head is a column block).
+  // layout (a head is a column block). Three 16-bit operands of one type (16-bit layers'
+  // forward_to_attention) are read as they are; a mix is widened.
   Tensor multi_head_attention(const Tensor& q0, const Tensor& k0, const Tensor& v0, int64_t H,
                               const AttentionOptions& opt) override {
     Tensor q = here(q0), k = here(k0), v = here(v0);
-    for (const Tensor* x : {&q, &k, &v}) require_f32(*x, "attention");
-    return attention({cf(q), q.size(2)}, {cf(k), k.size(2)}, {cf(v), v.size(2)}, DType::F32, q.size(0), q.size(1),
-                     k.size(1), H, q.size(2) / H, v.size(2) / H, opt);
+    const DType t = q.dtype();
+    const bool half = (t == DType::BF16 || t == DType::F16) && k.dtype() == t && v.dtype() == t;
+    if (!half) {
+      for (Tensor* x : {&q, &k, &v})
+        if (x->dtype() == DType::BF16 || x->dtype() == DType::F16) *x = x->to(DType::F32);
+      for (const Tensor* x : {&q, &k, &v}) require_f32(*x, "attention");
+    }
+    return attention({q.raw(), q.size(2)}, {k.raw(), k.size(2)}, {v.raw(), v.size(2)}, q.dtype(), q.size(0),
+                     q.size(1), k.size(1), H, q.size(2) / H, v.size(2) / H, opt);
   }
 
   // Q | K | V side by side in the rows of one tensor: read in place, rows 3 * C apart. A 16-bit qkv
