@@ -398,12 +398,18 @@ TEST(Bf16, LayerNormWritesRoundedBf16ForABf16Linear) {
 }
 
 // grn_nhwc's bfloat16 output (ConvNeXt V2's response norm before pwconv2): the float32 result rounded.
+// Its bfloat16 input (pwconv1's forward_to_layer) is read as the float32 values it holds: the result
+// is that of the same values in float32, bit for bit.
 TEST(Bf16, GrnWritesRoundedBf16) {
   // 24 x 30 positions, 200 channels: three blocks of 64 and a tail.
   Tensor x = randn({2, 24, 30, 200}, 81), gamma = randn({200}, 82), beta = randn({200}, 83);
   Tensor f32 = grn_nhwc(x, gamma, beta, 1e-6f);
   expect_rounded_copy(grn_nhwc(x, gamma, beta, 1e-6f, DType::BF16), f32, "grn");
   EXPECT_THROW(grn_nhwc(x, gamma, beta, 1e-6f, DType::F16), Error);
+  Tensor xr = rounded(x);
+  Tensor from_bf16 = grn_nhwc(xr.to(DType::BF16), gamma, beta, 1e-6f);
+  EXPECT_EQ(max_abs_diff(from_bf16, grn_nhwc(xr, gamma, beta, 1e-6f)), 0.0);
+  EXPECT_GT(max_abs_diff(from_bf16, f32), 0.0);  // the input was rounded: not the float32 input's result
 }
 
 // Attention on bfloat16 Q, K and V (a bfloat16 layer's forward_to_attention): both products in

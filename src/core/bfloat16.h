@@ -2,6 +2,7 @@
 // float32 map that the layer's reorder rounds in a pass of its own).
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -10,6 +11,10 @@
 #endif
 
 namespace vf {
+
+// A bfloat16 (its bits) widened to float32, exactly; a float32 as it is (for code over either).
+inline float as_float(uint16_t v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+inline float as_float(float v) { return v; }
 
 // Rounded to nearest even, NaN kept a (quiet) NaN: what oneDNN's float32 -> bfloat16 reorder gives.
 inline uint16_t bf16_from_float(float v) {

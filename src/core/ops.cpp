@@ -7,6 +7,8 @@
 #include "core/errors.h"
 #include "core/shapes.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -297,48 +299,66 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
   if (!x.is_cpu()) return backend(x.device()).grn_nhwc(x, gamma, beta, eps);
   // ConvNeXt V2: Gx = ||x||_2 over (H, W) per channel; Nx = Gx / (mean_c Gx + eps);
   // y = gamma * (x * Nx) + beta + x.
-  require_f32(x, "grn");
+  if (x.dtype() != DType::BF16) require_f32(x, "grn");
   if (out_dtype != DType::F32 && out_dtype != DType::BF16)
     throw Error(std::string("grn: cannot write ") + dtype_name(out_dtype));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   Tensor y = Tensor::empty(x.shape(), out_dtype);
-  const float* px = x.f32();
   const float* g = gamma.f32();
   const float* b = beta.f32();
-  // The per-channel sums of squares in double, over fixed chunks of rows (one task each, the channel
-  // loop vectorised), then the chunks added in order: the same sums at any thread count.
-  constexpr int64_t kChunk = 256;
-  const int64_t chunks = (hw + kChunk - 1) / kChunk;
-  std::vector<double> partial(static_cast<size_t>(n * chunks * c));
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      double* acc = partial.data() + (i * chunks + ch) * c;
-      const float* xi = px + i * hw * c;
-      for (int64_t p = ch * kChunk; p < std::min(hw, (ch + 1) * kChunk); ++p) {
-        const float* row = xi + p * c;
+  // x in float32, or in bfloat16 (a bfloat16 pwconv1's forward_to_layer), read as float32.
+  auto run = [&](const auto* px) {
+    // The per-channel sums of squares in double, over fixed chunks of rows, then the chunks added in
+    // order: the same sums at any thread count. A task is a chunk of rows and a slice of channels (the
+    // channel loop vectorised): whole rows where the chunks alone keep every thread busy, narrower
+    // slices (multiples of 16 channels) where they do not, as in the late stages' few rows of many
+    // channels (196 x 1536 in ConvNeXt V2-T's third: one chunk).
+    constexpr int64_t kChunk = 256;
+    const int64_t chunks = (hw + kChunk - 1) / kChunk;
+    const int64_t wanted = (2 * omp_get_max_threads() + n * chunks - 1) / (n * chunks);
+    const int64_t kSlice = std::max<int64_t>(16, (c / std::max<int64_t>(wanted, 1) + 15) / 16 * 16);
+    const int64_t slices = (c + kSlice - 1) / kSlice;
+    std::vector<double> partial(static_cast<size_t>(n * chunks * c));
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t ch = 0; ch < chunks; ++ch)
+        for (int64_t sl = 0; sl < slices; ++sl) {
+          const int64_t k0 = sl * kSlice, k1 = std::min(c, k0 + kSlice);
+          double* acc = partial.data() + (i * chunks + ch) * c;
+          for (int64_t p = ch * kChunk; p < std::min(hw, (ch + 1) * kChunk); ++p) {
+            const auto* row = px + (i * hw + p) * c;
 #pragma omp simd
-        for (int64_t k = 0; k < c; ++k) acc[k] += double(row[k]) * row[k];
+            for (int64_t k = k0; k < k1; ++k) {
+              const double v = as_float(row[k]);
+              acc[k] += v * v;
+            }
+          }
+        }
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<double> sq(c, 0.0);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const double* acc = partial.data() + (i * chunks + ch) * c;
+        for (int64_t k = 0; k < c; ++k) sq[k] += acc[k];
+      }
+      std::vector<float> gx(c), nx(c);
+      double mean = 0;
+      for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
+      mean /= c;
+      for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
+#pragma omp parallel for
+      for (int64_t p = 0; p < hw; ++p) {
+        const auto* in = px + (i * hw + p) * c;
+        write_row(y, (i * hw + p) * c, c, [&](int64_t k) {
+          const float v = as_float(in[k]);
+          return g[k] * (v * nx[k]) + b[k] + v;
+        });
       }
     }
-  for (int64_t i = 0; i < n; ++i) {
-    std::vector<double> sq(c, 0.0);
-    const float* xi = px + i * hw * c;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const double* acc = partial.data() + (i * chunks + ch) * c;
-      for (int64_t k = 0; k < c; ++k) sq[k] += acc[k];
-    }
-    std::vector<float> gx(c), nx(c);
-    double mean = 0;
-    for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
-    mean /= c;
-    for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
-#pragma omp parallel for
-    for (int64_t p = 0; p < hw; ++p) {
-      const float* in = xi + p * c;
-      write_row(y, (i * hw + p) * c, c, [&](int64_t k) { return g[k] * (in[k] * nx[k]) + b[k] + in[k]; });
-    }
-  }
+  };
+  if (x.dtype() == DType::BF16)
+    run(static_cast<const uint16_t*>(x.raw()));
+  else
+    run(x.f32());
   return y;
 }
 

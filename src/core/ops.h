@@ -172,9 +172,9 @@ Tensor group_norm_nhwc(const Tensor& x, int groups, const Tensor& weight, const 
                        Act act = Act::None, DType out_dtype = DType::F32);
 // y = x * scale[c] + shift[c] (a folded batch norm) over the last dim, optional activation.
 Tensor channel_affine(const Tensor& x, const Tensor& scale, const Tensor& shift, Act act = Act::None);
-// ConvNeXt V2's global response norm on NHWC.
-// On the CPU, `out_dtype` BF16 writes the result rounded to bfloat16 for the layer that reads it (see
-// layer_norm); on a device the result is float32.
+// ConvNeXt V2's global response norm on NHWC. On the CPU x may be bfloat16 (a bfloat16 layer's
+// forward_to_layer), and `out_dtype` BF16 writes the result rounded to bfloat16 for the layer that
+// reads it (see layer_norm); on a device the result is float32.
 Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps = 1e-6f,
                 DType out_dtype = DType::F32);
 // Softmax over the last dimension, in place.

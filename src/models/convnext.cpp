@@ -83,7 +83,10 @@ ConvNextLayer ConvNextLayer::load(const Weights& w, const ConvNextConfig& cfg, i
 
 Tensor ConvNextLayer::operator()(const Tensor& features) const {
   Tensor x = layernorm(dwconv.forward(features), pwconv1.input_dtype());
-  x = act_fused && !grn_weight.defined() ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
+  // The hidden layer in pwconv1's compute dtype where only pwconv2 reads it, or V2's response norm
+  // on the CPU (which reads bfloat16; on a device it reads float32, and so does act_inplace).
+  const bool grn_reads_it = grn_weight.defined() && pwconv1.input_dtype() == DType::BF16;
+  x = act_fused && (!grn_weight.defined() || grn_reads_it) ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
   if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f, pwconv2.input_dtype());
   return pwconv2.forward(x, &features);
