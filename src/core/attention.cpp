@@ -234,20 +234,29 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     probs = opt.probs->f32();
   }
 
-  // Blocks of query rows: enough tasks to keep every thread busy, blocks large enough for a product.
+  // Blocks of query rows: enough tasks to keep every thread busy, blocks large enough for a product,
+  // and then as many tasks as the rounds of threads they take (CvT-13's first stage: 49 blocks of 64
+  // rows on 16 threads were 4 rounds, the last of one block; 64 blocks of 49 rows are 4 full ones).
   const int threads = omp_get_max_threads();
   int64_t qb = 64;
   while (qb > 16 && B * H * ((Lq + qb - 1) / qb) < 2 * threads) qb /= 2;
+  {
+    const int64_t rounds = (B * H * ((Lq + qb - 1) / qb) + threads - 1) / threads;
+    const int64_t blocks = (rounds * threads + B * H - 1) / (B * H);  // per (batch, head)
+    qb = std::max<int64_t>(std::min<int64_t>(8, Lq), (Lq + blocks - 1) / blocks);
+  }
   const int64_t nqb = (Lq + qb - 1) / qb;
   const int64_t tasks = B * H * nqb;
+  const int64_t last_rows = Lq - (nqb - 1) * qb;
 
   // bfloat16 operands: the products for a full block and for the last one.
   const Bf16Products* full = nullptr;
   const Bf16Products* last = nullptr;
   if (q.bf16) {
     full = bf16_products(std::min(qb, Lq), Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    last = Lq % qb == 0 ? full
-                        : bf16_products(Lq % qb, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
+    last = last_rows == std::min(qb, Lq)
+               ? full
+               : bf16_products(last_rows, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
     if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens
   }
   size_t scratch_bytes = 0;
