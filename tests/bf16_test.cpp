@@ -417,10 +417,12 @@ TEST(Bf16, GrnWritesRoundedBf16) {
 // values, with the probabilities rounded to bfloat16 before the second product: the scores and the
 // probabilities handed back agree to float32 accuracy; the context to one bfloat16 rounding of each
 // probability either way (a probability at a rounding boundary may round to the other neighbour).
-// 70 query rows make a full block of 64 and a last one of 6; separate and packed operands agree.
+// 71 query rows make blocks of two sizes (at 1, 2 and 16 threads); 4096 keys of 64 components make
+// products large enough for bfloat16 (smaller ones are widened to float32: the same result as
+// float32 operands, bit for bit). Separate and packed operands agree.
 TEST(Bf16, AttentionComputesBothProductsOnRoundedOperands) {
   SKIP_WITHOUT_CPU_BF16();
-  const int64_t B = 2, Lq = 70, Lk = 37, H = 3, d = 16, C = H * d;
+  const int64_t B = 2, Lq = 71, Lk = 4096, H = 3, d = 64, C = H * d;
   const float scale = 0.25f;
   Tensor qf = rounded(randn({B, Lq, C}, 31)), kf = rounded(randn({B, Lk, C}, 32)), vf = rounded(randn({B, Lk, C}, 33));
   Tensor probs;
@@ -463,15 +465,23 @@ TEST(Bf16, AttentionComputesBothProductsOnRoundedOperands) {
         }
       }
   EXPECT_EQ(bad, 0);
-
-  // Packed Q | K | V (DeiT's) reads the same products in place.
-  const int64_t L = 41;
-  Tensor qkv = rounded(randn({B, L, 3 * C}, 34));
+  // Not the float32 computation: the probabilities were rounded.
   AttentionOptions plain;
   plain.scale = scale;
+  EXPECT_GT(max_abs_diff(ctx, multi_head_attention(qf, kf, vf, H, plain)), 0.0);
+
+  // Small products (DeiT's size class) are widened: float32's result exactly.
+  Tensor qs = narrow(qf, 1, 0, 20), ks = narrow(kf, 1, 0, 30), vs = narrow(vf, 1, 0, 30);
+  EXPECT_EQ(max_abs_diff(multi_head_attention(qs.to(DType::BF16), ks.to(DType::BF16), vs.to(DType::BF16), H, plain),
+                         multi_head_attention(qs, ks, vs, H, plain)),
+            0.0);
+
+  // Packed Q | K | V (DeiT's layout) reads the same products in place.
+  const int64_t L = 2048;
+  Tensor qkv = rounded(randn({B, L, 3 * C}, 34));
   Tensor a = multi_head_attention_packed(qkv.to(DType::BF16), H, plain);
   Tensor sep = multi_head_attention(narrow(qkv, 2, 0, C).to(DType::BF16), narrow(qkv, 2, C, C).to(DType::BF16),
                                     narrow(qkv, 2, 2 * C, C).to(DType::BF16), H, plain);
   EXPECT_EQ(max_abs_diff(a, sep), 0.0);
-  EXPECT_GT(max_abs(a), 0.1);
+  EXPECT_GT(max_abs_diff(a, multi_head_attention_packed(qkv, H, plain)), 0.0);  // in bfloat16
 }

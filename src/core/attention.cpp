@@ -118,6 +118,29 @@ void sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const
   if (st != dnnl_success) throw Error("attention: oneDNN sgemm failed (status " + std::to_string(st) + ")");
 }
 
+// Rows of a query block: enough (batch, head, block) tasks to keep every thread busy, blocks large
+// enough for a product, and then as many tasks as the rounds of threads they take (CvT-13's first
+// stage: 49 blocks of 64 rows on 16 threads were 4 rounds, the last of one block; 64 blocks of 49
+// rows are 4 full ones).
+int64_t query_block(int64_t B, int64_t Lq, int64_t H) {
+  const int64_t threads = omp_get_max_threads();
+  int64_t qb = 64;
+  while (qb > 16 && B * H * ((Lq + qb - 1) / qb) < 2 * threads) qb /= 2;
+  const int64_t rounds = (B * H * ((Lq + qb - 1) / qb) + threads - 1) / threads;
+  const int64_t blocks = (rounds * threads + B * H - 1) / (B * H);  // per (batch, head)
+  return std::max<int64_t>(std::min<int64_t>(8, Lq), (Lq + blocks - 1) / blocks);
+}
+
+// oneDNN's bfloat16 matmul costs ~20 us a call beyond its arithmetic on the AMX CPU of the GPU
+// machine (brgemm's tile set-up and packing of the strided K or V), which float32 sgemm does not:
+// DeiT-B's ~50 x 197 x 64 products were 24% slower in bfloat16 there (2 pinned threads), while
+// CvT-13's first stage, 49 x 784 x 64, gained. Blocks under 2^21 multiply-adds a product compute in
+// float32.
+bool bf16_pays(int64_t rows, int64_t Lk, int64_t dk, int64_t dv) {
+  constexpr int64_t kMinBf16Macs = int64_t(1) << 21;
+  return rows * Lk * std::max(dk, dv) >= kMinBf16Macs;
+}
+
 // ---- bfloat16 products ----------------------------------------------------------------------------
 // oneDNN has no public bfloat16 gemm; its matmul primitive, made once per shape and kept, computes a
 // query block's two products on bfloat16 operands with float32 accumulation, read in place through
@@ -234,17 +257,8 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     probs = opt.probs->f32();
   }
 
-  // Blocks of query rows: enough tasks to keep every thread busy, blocks large enough for a product,
-  // and then as many tasks as the rounds of threads they take (CvT-13's first stage: 49 blocks of 64
-  // rows on 16 threads were 4 rounds, the last of one block; 64 blocks of 49 rows are 4 full ones).
   const int threads = omp_get_max_threads();
-  int64_t qb = 64;
-  while (qb > 16 && B * H * ((Lq + qb - 1) / qb) < 2 * threads) qb /= 2;
-  {
-    const int64_t rounds = (B * H * ((Lq + qb - 1) / qb) + threads - 1) / threads;
-    const int64_t blocks = (rounds * threads + B * H - 1) / (B * H);  // per (batch, head)
-    qb = std::max<int64_t>(std::min<int64_t>(8, Lq), (Lq + blocks - 1) / blocks);
-  }
+  const int64_t qb = query_block(B, Lq, H);
   const int64_t nqb = (Lq + qb - 1) / qb;
   const int64_t tasks = B * H * nqb;
   const int64_t last_rows = Lq - (nqb - 1) * qb;
@@ -252,12 +266,13 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   // bfloat16 operands: the products for a full block and for the last one.
   const Bf16Products* full = nullptr;
   const Bf16Products* last = nullptr;
+  if (q.bf16 && !bf16_pays(qb, Lk, dk, dv)) return Tensor();
   if (q.bf16) {
     full = bf16_products(std::min(qb, Lq), Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
     last = last_rows == std::min(qb, Lq)
                ? full
                : bf16_products(last_rows, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens
+    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens too
   }
   size_t scratch_bytes = 0;
   for (const Bf16Products* pr : {full, last})
@@ -377,6 +392,12 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
   if (qkv.dtype() != DType::F32) return multi_head_attention_packed(qkv.to(DType::F32), num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);
+}
+
+bool attention_reads_16bit(Device device, int64_t B, int64_t Lq, int64_t Lk, int64_t num_heads, int64_t head_dim) {
+  if (!device.is_cpu()) return true;
+  if (B <= 0 || Lq <= 0 || num_heads <= 0) return false;
+  return bf16_pays(std::min(query_block(B, Lq, num_heads), Lq), Lk, head_dim, head_dim);
 }
 
 }  // namespace vf
