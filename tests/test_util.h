@@ -3,11 +3,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"  // vf::Error
 
@@ -20,6 +23,36 @@ inline Tensor randn(Shape shape, uint32_t seed, float stddev = 1.0f) {
   Tensor t = Tensor::empty(std::move(shape));
   for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = d(g);
   return t;
+}
+
+// Plain multi-head attention, one element at a time, in double: context and probabilities.
+inline void plain_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, float scale, const float* head_mask,
+                     Tensor* context, Tensor* probs) {
+  const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), dk = q.size(2) / H, dv = v.size(2) / H;
+  *context = Tensor::zeros({B, Lq, H * dv});
+  *probs = Tensor::zeros({B, H, Lq, Lk});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Lq; ++i) {
+        std::vector<double> s(Lk);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < dk; ++c)
+            dot += double(q.f32()[(b * Lq + i) * H * dk + h * dk + c]) * k.f32()[(b * Lk + j) * H * dk + h * dk + c];
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        const double f = head_mask ? head_mask[h] : 1.0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const double p = s[j] / sum * f;
+          probs->f32()[((b * H + h) * Lq + i) * Lk + j] = static_cast<float>(p);
+          for (int64_t c = 0; c < dv; ++c)
+            context->f32()[(b * Lq + i) * H * dv + h * dv + c] +=
+                static_cast<float>(p * v.f32()[(b * Lk + j) * H * dv + h * dv + c]);
+        }
+      }
 }
 
 // The message of the exception of type E that `f` throws ("" and a test failure otherwise); an

@@ -17,6 +17,8 @@ using namespace vf;
 
 namespace {
 
+using test::plain_attention;
+
 Tensor random_tensor(const Shape& shape, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
   std::mt19937 gen(seed);
   std::uniform_real_distribution<float> dist(lo, hi);
@@ -25,35 +27,6 @@ Tensor random_tensor(const Shape& shape, uint32_t seed, float lo = -1.0f, float 
   return t;
 }
 
-// Plain multi-head attention, one element at a time, in double: context and probabilities.
-void plain_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, float scale, const float* head_mask,
-                     Tensor* context, Tensor* probs) {
-  const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), dk = q.size(2) / H, dv = v.size(2) / H;
-  *context = Tensor::zeros({B, Lq, H * dv});
-  *probs = Tensor::zeros({B, H, Lq, Lk});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t i = 0; i < Lq; ++i) {
-        std::vector<double> s(Lk);
-        double mx = -INFINITY, sum = 0;
-        for (int64_t j = 0; j < Lk; ++j) {
-          double dot = 0;
-          for (int64_t c = 0; c < dk; ++c)
-            dot += double(q.f32()[(b * Lq + i) * H * dk + h * dk + c]) * k.f32()[(b * Lk + j) * H * dk + h * dk + c];
-          s[j] = dot * scale;
-          mx = std::max(mx, s[j]);
-        }
-        for (auto& x : s) sum += (x = std::exp(x - mx));
-        const double f = head_mask ? head_mask[h] : 1.0;
-        for (int64_t j = 0; j < Lk; ++j) {
-          const double p = s[j] / sum * f;
-          probs->f32()[((b * H + h) * Lq + i) * Lk + j] = static_cast<float>(p);
-          for (int64_t c = 0; c < dv; ++c)
-            context->f32()[(b * Lq + i) * H * dv + h * dv + c] +=
-                static_cast<float>(p * v.f32()[(b * Lk + j) * H * dv + h * dv + c]);
-        }
-      }
-}
 
 std::map<std::string, Tensor> read_expected(const std::string& case_dir) {
   std::map<std::string, Tensor> m;
