@@ -85,6 +85,12 @@ vf::ModelInputs inputs(const Arch& a, int64_t batch) {
   return in;
 }
 
+long minor_faults() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
 double peak_rss_mb() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -127,7 +133,12 @@ void latency(benchmark::State& state, const Arch& a) {
   state.SetLabel(label);
   auto in = inputs(a, 1);
   model->forward(in);  // warm-up: primitive creation and weight reorders happen once
+  const long faults_before = minor_faults();
   for (auto _ : state) benchmark::DoNotOptimize(model->forward(in));
+  // Page faults of a warm forward: memory taken from the system anew each time (the buffer pool
+  // should hand every buffer back: 0 or near it).
+  state.counters["faults_per_forward"] =
+      double(minor_faults() - faults_before) / double(std::max<int64_t>(1, state.iterations()));
   state.counters["threads"] = vf::num_threads();
   state.counters["peak_rss_mb"] = peak_rss_mb();
   // Where the memory is: the most the buffer pool had handed out at once (weights included), and
