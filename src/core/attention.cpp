@@ -135,10 +135,11 @@ int64_t query_block(int64_t B, int64_t Lq, int64_t H) {
 // machine (brgemm's tile set-up and packing of the strided K or V), which float32 sgemm does not:
 // DeiT-B's ~50 x 197 x 64 products were 24% slower in bfloat16 there (2 pinned threads), while
 // CvT-13's first stage, 49 x 784 x 64, gained. Blocks under 2^21 multiply-adds a product compute in
-// float32.
-bool bf16_pays(int64_t rows, int64_t Lk, int64_t dk, int64_t dv) {
+// float32: the one place this is decided, for the kernel's callers and attention_reads_16bit alike.
+bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t dv) {
   constexpr int64_t kMinBf16Macs = int64_t(1) << 21;
-  return rows * Lk * std::max(dk, dv) >= kMinBf16Macs;
+  if (B <= 0 || Lq <= 0 || H <= 0) return false;
+  return query_block(B, Lq, H) * Lk * std::max(dk, dv) >= kMinBf16Macs;
 }
 
 // ---- bfloat16 products ----------------------------------------------------------------------------
@@ -266,13 +267,12 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   // bfloat16 operands: the products for a full block and for the last one.
   const Bf16Products* full = nullptr;
   const Bf16Products* last = nullptr;
-  if (q.bf16 && !bf16_pays(qb, Lk, dk, dv)) return Tensor();
   if (q.bf16) {
-    full = bf16_products(std::min(qb, Lq), Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    last = last_rows == std::min(qb, Lq)
+    full = bf16_products(qb, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
+    last = last_rows == qb
                ? full
                : bf16_products(last_rows, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens too
+    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens
   }
   size_t scratch_bytes = 0;
   for (const Bf16Products* pr : {full, last})
@@ -305,14 +305,13 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     float* s = probs ? probs + ((b * H + h) * Lq + i0) * Lk : mine;
     float* o = out_p + (b * Lq + i0) * H * dv + h * dv;
 
-    const Bf16Products* pr = !q.bf16 ? nullptr : rows == std::min(qb, Lq) ? full : last;
+    const Bf16Products* pr = !q.bf16 ? nullptr : rows == qb ? full : last;
     if (pr) {
       using dnnl::memory;
       static thread_local dnnl::stream stream(cpu_engine());
       uint16_t* p = reinterpret_cast<uint16_t*>(mine + score_floats);
-      memory scratchpad(pr->scores_scratch.get_size() > 0 || pr->context_scratch.get_size() > 0
-                            ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8, memory::format_tag::x)
-                            : memory::desc(),
+      memory scratchpad(scratch_bytes > 0 ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8, memory::format_tag::x)
+                                          : memory::desc(),
                         cpu_engine(), mine + score_floats + prob_floats);
       auto mem = [](const memory::desc& md, const void* ptr) { return memory(md, cpu_engine(), const_cast<void*>(ptr)); };
       pr->scores.execute(stream, {{DNNL_ARG_SRC, mem(pr->q, q.at<uint16_t>(b, i0, h * dk))},
@@ -361,10 +360,10 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, i
                 shape_str(v.shape()) + " do not match");
   if (Device d = op_device({&q, &k, &v}); !d.is_cpu()) return backend(d).multi_head_attention(q, k, v, num_heads, opt);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
-  // bfloat16 products where all three are bfloat16 (a bfloat16 layer's forward_to_attention) and the
-  // CPU has kernels for them; any other 16-bit operand is widened.
+  // bfloat16 products where all three are bfloat16 (a bfloat16 layer's forward_to_attention), the
+  // products are large enough to gain and the CPU has kernels for them; otherwise widened.
   const bool bf16 = q.dtype() == DType::BF16 && k.dtype() == DType::BF16 && v.dtype() == DType::BF16;
-  if (bf16) {
+  if (bf16 && bf16_pays(B, Lq, Lk, num_heads, dk, dv)) {
     Tensor out = attention_kernel({q.raw(), Lq * q.size(2), q.size(2), true}, {k.raw(), Lk * k.size(2), k.size(2), true},
                                   {v.raw(), Lk * v.size(2), v.size(2), true}, B, Lq, Lk, num_heads, dk, dv, opt);
     if (out.defined()) return out;
@@ -383,7 +382,7 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
   if (!qkv.is_cpu()) return backend(qkv.device()).multi_head_attention_packed(qkv, num_heads, opt);
-  if (qkv.dtype() == DType::BF16) {
+  if (qkv.dtype() == DType::BF16 && bf16_pays(B, L, L, num_heads, d, d)) {
     const uint16_t* p = static_cast<const uint16_t*>(qkv.raw());
     Tensor out = attention_kernel({p, L * W, W, true}, {p + C, L * W, W, true}, {p + 2 * C, L * W, W, true}, B, L, L,
                                   num_heads, d, d, opt);
@@ -395,9 +394,7 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
 }
 
 bool attention_reads_16bit(Device device, int64_t B, int64_t Lq, int64_t Lk, int64_t num_heads, int64_t head_dim) {
-  if (!device.is_cpu()) return true;
-  if (B <= 0 || Lq <= 0 || num_heads <= 0) return false;
-  return bf16_pays(std::min(query_block(B, Lq, num_heads), Lq), Lk, head_dim, head_dim);
+  return !device.is_cpu() || bf16_pays(B, Lq, Lk, num_heads, head_dim, head_dim);
 }
 
 }  // namespace vf

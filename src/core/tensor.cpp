@@ -349,12 +349,6 @@ float half_to_float(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-float bf16_to_float(uint16_t h) {
-  uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 template <class F>
 void visit_read(const Tensor& t, F&& f) {
@@ -364,7 +358,7 @@ void visit_read(const Tensor& t, F&& f) {
     case DType::F32: for (int64_t i = 0; i < n; ++i) f(i, double(static_cast<const float*>(p)[i])); break;
     case DType::F64: for (int64_t i = 0; i < n; ++i) f(i, static_cast<const double*>(p)[i]); break;
     case DType::F16: for (int64_t i = 0; i < n; ++i) f(i, double(half_to_float(static_cast<const uint16_t*>(p)[i]))); break;
-    case DType::BF16: for (int64_t i = 0; i < n; ++i) f(i, double(bf16_to_float(static_cast<const uint16_t*>(p)[i]))); break;
+    case DType::BF16: for (int64_t i = 0; i < n; ++i) f(i, double(as_float(static_cast<const uint16_t*>(p)[i]))); break;
     case DType::I64: for (int64_t i = 0; i < n; ++i) f(i, double(static_cast<const int64_t*>(p)[i])); break;
     case DType::I32: for (int64_t i = 0; i < n; ++i) f(i, double(static_cast<const int32_t*>(p)[i])); break;
     case DType::I16: for (int64_t i = 0; i < n; ++i) f(i, double(static_cast<const int16_t*>(p)[i])); break;
