@@ -1,10 +1,17 @@
 // Vision transformers: the fused attention kernel, DeiT and CvT against their golden cases.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <map>
 #include <random>
+#include <vector>
+
+#include <signal.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core/attention.h"
 #include "core/ops.h"
@@ -93,30 +100,38 @@ void check_golden(const std::string& name) {
 
 }  // namespace
 
+// Several heads read in place through strides (3 x 8 / 5), and one head of 32 (CvT's first stage):
+// the products get the operands packed or as they are.
 TEST(VitAttention, MatchesPlainComputation) {
-  const int64_t B = 2, Lq = 37, Lk = 29, H = 3, dk = 8, dv = 5;
-  Tensor q = random_tensor({B, Lq, H * dk}, 1), k = random_tensor({B, Lk, H * dk}, 2),
-         v = random_tensor({B, Lk, H * dv}, 3);
-  const float scale = 0.7f;
-  Tensor ref_ctx, ref_probs;
-  plain_attention(q, k, v, H, scale, nullptr, &ref_ctx, &ref_probs);
+  struct Shape_ {
+    int64_t B, Lq, Lk, H, dk, dv;
+  };
+  for (const Shape_& sh : {Shape_{2, 37, 29, 3, 8, 5}, Shape_{1, 100, 70, 1, 32, 32}}) {
+    const int64_t B = sh.B, Lq = sh.Lq, Lk = sh.Lk, H = sh.H, dk = sh.dk, dv = sh.dv;
+    SCOPED_TRACE(H);
+    Tensor q = random_tensor({B, Lq, H * dk}, 1), k = random_tensor({B, Lk, H * dk}, 2),
+           v = random_tensor({B, Lk, H * dv}, 3);
+    const float scale = 0.7f;
+    Tensor ref_ctx, ref_probs;
+    plain_attention(q, k, v, H, scale, nullptr, &ref_ctx, &ref_probs);
 
-  AttentionOptions opt;
-  opt.scale = scale;
-  Tensor ctx = multi_head_attention(q, k, v, H, opt);
-  EXPECT_EQ(ctx.shape(), (Shape{B, Lq, H * dv}));
-  EXPECT_LT(max_abs_diff(ctx, ref_ctx), 1e-5);
+    AttentionOptions opt;
+    opt.scale = scale;
+    Tensor ctx = multi_head_attention(q, k, v, H, opt);
+    EXPECT_EQ(ctx.shape(), (Shape{B, Lq, H * dv}));
+    EXPECT_LT(max_abs_diff(ctx, ref_ctx), 1e-5);
 
-  Tensor probs;
-  opt.probs = &probs;
-  Tensor ctx2 = multi_head_attention(q, k, v, H, opt);
-  EXPECT_EQ(max_abs_diff(ctx, ctx2), 0.0);
-  ASSERT_EQ(probs.shape(), (Shape{B, H, Lq, Lk}));
-  EXPECT_LT(max_abs_diff(probs, ref_probs), 1e-6);
-  for (int64_t r = 0; r < B * H * Lq; ++r) {
-    double s = 0;
-    for (int64_t j = 0; j < Lk; ++j) s += probs.f32()[r * Lk + j];
-    EXPECT_NEAR(s, 1.0, 1e-5);
+    Tensor probs;
+    opt.probs = &probs;
+    Tensor ctx2 = multi_head_attention(q, k, v, H, opt);
+    EXPECT_EQ(max_abs_diff(ctx, ctx2), 0.0);
+    ASSERT_EQ(probs.shape(), (Shape{B, H, Lq, Lk}));
+    EXPECT_LT(max_abs_diff(probs, ref_probs), 1e-6);
+    for (int64_t r = 0; r < B * H * Lq; ++r) {
+      double s = 0;
+      for (int64_t j = 0; j < Lk; ++j) s += probs.f32()[r * Lk + j];
+      EXPECT_NEAR(s, 1.0, 1e-5);
+    }
   }
 }
 
@@ -221,6 +236,54 @@ TEST(VitAttention, KeyMaskDropsPaddedKeys) {
   }
   opt.key_mask = Tensor::zeros({B, Lk});  // float, not uint8
   EXPECT_THROW(multi_head_attention(q, k, v, H, opt), Error);
+}
+
+// A signal may arrive while the kernel runs (a profiler's SIGPROF, Ctrl-C in Python, a child's
+// SIGCHLD): the kernel then writes the signal frame just below the interrupted code's stack pointer.
+// oneDNN 2.6's JIT sgemm points the stack pointer into its heap workspace, so every such signal
+// corrupted the heap (oneDNN issue 4845; found by a sampling profiler that aborted in malloc). Here a
+// timer interrupts this thread every 20 us of its attention calls, which must neither corrupt the heap
+// nor change the result.
+namespace {
+std::atomic<int64_t> signals_seen{0};
+void count_signal(int) { signals_seen.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace
+
+TEST(VitAttention, SignalsDuringTheKernelAreHarmless) {
+  const int64_t B = 1, L = 256, H = 4, d = 32;
+  Tensor q = random_tensor({B, L, H * d}, 21), k = random_tensor({B, L, H * d}, 22), v = random_tensor({B, L, H * d}, 23);
+  Tensor ref_ctx, ref_probs;
+  plain_attention(q, k, v, H, 0.2f, nullptr, &ref_ctx, &ref_probs);
+
+  struct sigaction sa {}, old {};
+  sa.sa_handler = count_signal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  ASSERT_EQ(sigaction(SIGPROF, &sa, &old), 0);
+  sigevent ev{};
+  ev.sigev_notify = SIGEV_THREAD_ID;
+  ev.sigev_signo = SIGPROF;
+  ev._sigev_un._tid = static_cast<pid_t>(syscall(SYS_gettid));
+  timer_t timer;
+  ASSERT_EQ(timer_create(CLOCK_MONOTONIC, &ev, &timer), 0);
+  itimerspec every{{0, 20000}, {0, 20000}};
+  ASSERT_EQ(timer_settime(timer, 0, &every, nullptr), 0);
+
+  AttentionOptions opt;
+  opt.scale = 0.2f;
+  double worst = 0;
+  for (int i = 0; i < 400 && signals_seen.load() < 2000; ++i) {
+    Tensor ctx = multi_head_attention(q, k, v, H, opt);
+    worst = std::max(worst, max_abs_diff(ctx, ref_ctx));
+    std::vector<std::vector<char>> churn(64);  // heap traffic for malloc's checks to run into
+    for (size_t j = 0; j < churn.size(); ++j) churn[j].resize(64 + 32 * j);
+  }
+  itimerspec off{};
+  timer_settime(timer, 0, &off, nullptr);
+  timer_delete(timer);
+  sigaction(SIGPROF, &old, nullptr);
+  EXPECT_GT(signals_seen.load(), 100) << "the timer hardly interrupted the kernel: nothing was tested";
+  EXPECT_LT(worst, 1e-5);
 }
 
 TEST(VitDeiT, GoldenTinyModel) { check_golden("deit-tiny-model"); }

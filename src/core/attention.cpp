@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -112,12 +113,6 @@ struct Operand {
   }
 };
 
-void sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-           const float* b, int64_t ldb, float* c, int64_t ldc) {
-  dnnl_status_t st = dnnl_sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, 0.0f, c, ldc);
-  if (st != dnnl_success) throw Error("attention: oneDNN sgemm failed (status " + std::to_string(st) + ")");
-}
-
 // Rows of a query block: enough (batch, head, block) tasks to keep every thread busy, blocks large
 // enough for a product, and then as many tasks as the rounds of threads they take (CvT-13's first
 // stage: 49 blocks of 64 rows on 16 threads were 4 rounds, the last of one block; 64 blocks of 49
@@ -142,14 +137,18 @@ bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t
   return query_block(B, Lq, H) * Lk * std::max(dk, dv) >= kMinBf16Macs;
 }
 
-// ---- bfloat16 products ----------------------------------------------------------------------------
-// oneDNN has no public bfloat16 gemm; its matmul primitive, made once per shape and kept, computes a
-// query block's two products on bfloat16 operands with float32 accumulation, read in place through
-// strides as the float32 path's sgemm reads them.
-struct Bf16Products {
+// ---- the two products of a query block -----------------------------------------------------------
+// oneDNN's matmul primitive, made once per shape and kept, computes a block's scores and context in
+// float32, or on bfloat16 operands with float32 accumulation. Its brgemm kernels take dense operands
+// only (on strided ones oneDNN 2.6 falls back to its JIT gemm), so the kernel hands it each head's keys
+// and values packed [Lk, d] and the query block and its context in dense scratch. Not dnnl_sgemm nor
+// that JIT gemm: they point the stack pointer into their heap workspace, so a signal arriving during
+// them (a profiler, Ctrl-C, a child's exit) writes its frame into the heap (oneDNN issue 4845).
+struct Products {
   dnnl::matmul scores;   // Q [rows, dk] x K^T [dk, Lk] -> scale * S [rows, Lk], float32
-  dnnl::matmul context;  // P [rows, Lk] x V [Lk, dv] -> O [rows, dv], float32, in the output's rows
-  dnnl::memory::desc q, k, s, p, v, o, scores_scratch, context_scratch;
+  dnnl::matmul context;  // P [rows, Lk] x V [Lk, dv] -> O [rows, dv], float32
+  dnnl::memory::desc q, k, s, p, v, o;
+  size_t scratch_bytes = 0;  // the larger of the two scratchpads
 };
 
 dnnl::engine& cpu_engine() {
@@ -157,51 +156,97 @@ dnnl::engine& cpu_engine() {
   return e;
 }
 
-// The products for `rows` query rows, or null where oneDNN offers only its reference kernels for
-// them (no bfloat16 instructions): the caller then computes in float32.
-const Bf16Products* bf16_products(int64_t rows, int64_t Lk, int64_t dk, int64_t dv, int64_t q_ld, int64_t k_ld,
-                                  int64_t v_ld, int64_t o_ld, float scale) {
+// The first implementation oneDNN offers that is neither its reference code nor its JIT gemm (see
+// Products); false where there is none.
+bool skip_to_fast_kernel(dnnl::matmul::primitive_desc& pd) {
+  for (;;) {
+    const std::string impl = pd.impl_info_str();
+    if (impl.rfind("ref", 0) != 0 && impl.find("gemm") == std::string::npos) return true;
+    if (!pd.next_impl()) return false;
+  }
+}
+
+// The products for `rows` query rows on dense float32 or bfloat16 operands (P, the probabilities, in
+// the same type), or null where oneDNN has only its reference code or its JIT gemm for them: a CPU
+// without AVX-512 (bfloat16 operands: without bfloat16 instructions). The caller then widens bfloat16
+// operands; float32 ones take `portable_scores` and `portable_context`.
+const Products* block_products(bool bf16, int64_t rows, int64_t Lk, int64_t dk, int64_t dv, float scale) {
   using dnnl::memory;
   using dt = memory::data_type;
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 9>, std::unique_ptr<Bf16Products>> made;
-  const std::array<int64_t, 9> key{rows, Lk, dk, dv, q_ld, k_ld, v_ld, o_ld, int64_t(std::bit_cast<uint32_t>(scale))};
+  static std::map<std::array<int64_t, 6>, std::unique_ptr<Products>> made;
+  const std::array<int64_t, 6> key{bf16, rows, Lk, dk, dv, int64_t(std::bit_cast<uint32_t>(scale))};
   std::lock_guard<std::mutex> lock(mutex);
   if (auto it = made.find(key); it != made.end()) return it->second.get();
   if (made.size() >= 256) made.clear();  // shapes follow the image sizes: bounded, not a leak
-  std::unique_ptr<Bf16Products> pr;
+  std::unique_ptr<Products> pr;
   try {
+    const dt in = bf16 ? dt::bf16 : dt::f32;
     auto md = [](int64_t r, int64_t c, dt t, int64_t row_stride, int64_t col_stride) {
       return memory::desc({r, c}, t, memory::dims{row_stride, col_stride});
     };
-    auto made_pr = std::make_unique<Bf16Products>();
-    Bf16Products& b = *made_pr;
-    b.q = md(rows, dk, dt::bf16, q_ld, 1);
-    b.k = md(dk, Lk, dt::bf16, 1, k_ld);  // K^T: element (c, j) is key j's component c
+    auto made_pr = std::make_unique<Products>();
+    Products& b = *made_pr;
+    b.q = md(rows, dk, in, dk, 1);
+    b.k = md(dk, Lk, in, 1, dk);  // K^T of the packed keys [Lk, dk]
     b.s = md(rows, Lk, dt::f32, Lk, 1);
-    b.p = md(rows, Lk, dt::bf16, Lk, 1);
-    b.v = md(Lk, dv, dt::bf16, v_ld, 1);
-    b.o = md(rows, dv, dt::f32, o_ld, 1);
+    b.p = md(rows, Lk, in, Lk, 1);
+    b.v = md(Lk, dv, in, dv, 1);
+    b.o = md(rows, dv, dt::f32, dv, 1);
     dnnl::primitive_attr scaled, plain;
     scaled.set_output_scales(0, {scale});
     scaled.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     plain.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     dnnl::matmul::primitive_desc spd(dnnl::matmul::desc(b.q, b.k, b.s), scaled, cpu_engine());
     dnnl::matmul::primitive_desc cpd(dnnl::matmul::desc(b.p, b.v, b.o), plain, cpu_engine());
-    const std::string si = spd.impl_info_str(), ci = cpd.impl_info_str();
-    if (si.rfind("ref", 0) != 0 && ci.rfind("ref", 0) != 0) {
+    if (skip_to_fast_kernel(spd) && skip_to_fast_kernel(cpd)) {
       b.scores = dnnl::matmul(spd);
       b.context = dnnl::matmul(cpd);
-      b.scores_scratch = spd.scratchpad_desc();
-      b.context_scratch = cpd.scratchpad_desc();
+      b.scratch_bytes = std::max(spd.scratchpad_desc().get_size(), cpd.scratchpad_desc().get_size());
       pr = std::move(made_pr);
     }
   } catch (const dnnl::error&) {
-    pr.reset();  // not offered for these operands: float32
+    pr.reset();  // not offered for these operands
   }
-  const Bf16Products* out = pr.get();
+  const Products* out = pr.get();
   made.emplace(key, std::move(pr));
   return out;
+}
+
+// Float32 products where oneDNN has no kernel for them but its JIT gemm (see Products), on the
+// operands in place: scale * Q K^T into s [rows, Lk], then P V into o (leading dimension o_ld).
+// Vectorised along the contiguous head dimension; slower than a blocked gemm, but only CPUs without
+// AVX-512 take it.
+void portable_scores(int64_t rows, int64_t Lk, int64_t dk, float scale, const float* q, int64_t q_ld, const float* k,
+                     int64_t k_ld, float* s) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < Lk; ++j) {
+      const float* qi = q + i * q_ld;
+      const float* kj = k + j * k_ld;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < dk; ++c) dot += qi[c] * kj[c];
+      s[i * Lk + j] = scale * dot;
+    }
+}
+
+void portable_context(int64_t rows, int64_t Lk, int64_t dv, const float* p, const float* v, int64_t v_ld, float* o,
+                      int64_t o_ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* oi = o + i * o_ld;
+    std::fill(oi, oi + dv, 0.0f);
+    for (int64_t j = 0; j < Lk; ++j) {
+      const float pij = p[i * Lk + j];
+      const float* vj = v + j * v_ld;
+#pragma omp simd
+      for (int64_t c = 0; c < dv; ++c) oi[c] += pij * vj[c];
+    }
+  }
+}
+
+// Copies `rows` rows of `width` elements (es bytes each) from a strided source to a dense target.
+void pack_rows(const char* src, int64_t src_ld, char* dst, int64_t rows, int64_t width, size_t es) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * width * es, src + r * src_ld * es, width * es);
 }
 
 Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, int64_t Lk, int64_t H,
@@ -264,26 +309,43 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   const int64_t tasks = B * H * nqb;
   const int64_t last_rows = Lq - (nqb - 1) * qb;
 
-  // bfloat16 operands: the products for a full block and for the last one.
-  const Bf16Products* full = nullptr;
-  const Bf16Products* last = nullptr;
-  if (q.bf16) {
-    full = bf16_products(qb, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    last = last_rows == qb
-               ? full
-               : bf16_products(last_rows, Lk, dk, dv, q.row_stride, k.row_stride, v.row_stride, H * dv, opt.scale);
-    if (!full || !last) return Tensor();  // no bfloat16 kernels here: the caller widens
+  // The products for a full block and for the last one (null: no fast kernel for them).
+  const Products* full = block_products(q.bf16, qb, Lk, dk, dv, opt.scale);
+  const Products* last = last_rows == qb ? full : block_products(q.bf16, last_rows, Lk, dk, dv, opt.scale);
+  if (q.bf16 && (!full || !last)) return Tensor();  // no bfloat16 kernels here: the caller widens
+  const bool fast = full && last;                    // else float32 on the portable products
+  const size_t es = q.bf16 ? 2 : 4;                  // bytes of an operand element
+  auto operand = [es](const Operand& x, int64_t b, int64_t row, int64_t col) {
+    return static_cast<const char*>(x.p) + (b * x.batch_stride + row * x.row_stride + col) * es;
+  };
+  // Each head's keys and values packed [Lk, d] for the products, unless they already are (one head).
+  const bool pack_kv = fast && (H > 1 || k.row_stride != dk || v.row_stride != dv);
+  const bool pack_q = fast && (H > 1 || q.row_stride != dk);
+  const bool dense_o = !fast || H == 1;  // the context written in place
+  Tensor packed_k, packed_v;
+  if (pack_kv) {
+    const DType t = q.bf16 ? DType::BF16 : DType::F32;
+    packed_k = Tensor::empty({B * H, Lk, dk}, t);
+    packed_v = Tensor::empty({B * H, Lk, dv}, t);
+    char* pk = static_cast<char*>(packed_k.raw());
+    char* pv = static_cast<char*>(packed_v.raw());
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        pack_rows(operand(k, b, 0, h * dk), k.row_stride, pk + (b * H + h) * Lk * dk * es, Lk, dk, es);
+        pack_rows(operand(v, b, 0, h * dv), v.row_stride, pv + (b * H + h) * Lk * dv * es, Lk, dv, es);
+      }
   }
-  size_t scratch_bytes = 0;
-  for (const Bf16Products* pr : {full, last})
-    if (pr) scratch_bytes = std::max({scratch_bytes, pr->scores_scratch.get_size(), pr->context_scratch.get_size()});
-  // Per thread: the block's scores (unless they go to probs), its bfloat16 probabilities and the
-  // products' scratchpad.
-  // Each part starts on a 64-byte boundary.
+  const size_t scratch_bytes = fast ? std::max(full->scratch_bytes, last->scratch_bytes) : 0;
+  // Per thread, each part on a 64-byte boundary: the block's scores (unless they go to probs), its
+  // bfloat16 probabilities, its packed queries and dense context, and the products' scratchpad.
   auto lines = [](int64_t bytes) { return (bytes + 63) / 64 * 16; };
   const int64_t score_floats = probs ? 0 : lines(qb * Lk * 4);
   const int64_t prob_floats = q.bf16 ? lines(qb * Lk * 2) : 0;
-  const int64_t per_thread = score_floats + prob_floats + lines(int64_t(scratch_bytes));
+  const int64_t query_floats = pack_q ? lines(qb * dk * int64_t(es)) : 0;
+  const int64_t context_floats = dense_o ? 0 : lines(qb * dv * 4);
+  const int64_t per_thread =
+      score_floats + prob_floats + query_floats + context_floats + lines(int64_t(scratch_bytes));
   Tensor scratch;
   if (per_thread > 0) scratch = Tensor::empty({static_cast<int64_t>(threads), per_thread});
   float* out_p = out.f32();
@@ -295,41 +357,80 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
   };
 
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t b = t / (H * nqb);
-    const int64_t h = (t / nqb) % H;
-    const int64_t i0 = (t % nqb) * qb;
-    const int64_t rows = std::min(qb, Lq - i0);
+#pragma omp parallel
+  {
     float* mine = per_thread > 0 ? scratch.f32() + static_cast<int64_t>(omp_get_thread_num()) * per_thread : nullptr;
-    float* s = probs ? probs + ((b * H + h) * Lq + i0) * Lk : mine;
-    float* o = out_p + (b * Lq + i0) * H * dv + h * dv;
-
-    const Bf16Products* pr = !q.bf16 ? nullptr : rows == qb ? full : last;
-    if (pr) {
+    float* my_probs = mine + score_floats;
+    float* my_queries = my_probs + prob_floats;
+    float* my_context = my_queries + query_floats;
+    float* my_scratchpad = my_context + context_floats;
+    // This thread's views of the operands, made once and pointed at each task's block.
+    struct Views {
+      dnnl::memory q, k, s, p, v, o, scratchpad;
+    };
+    auto views_of = [&](const Products* pr) {
       using dnnl::memory;
-      static thread_local dnnl::stream stream(cpu_engine());
-      uint16_t* p = reinterpret_cast<uint16_t*>(mine + score_floats);
-      memory scratchpad(scratch_bytes > 0 ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8, memory::format_tag::x)
-                                          : memory::desc(),
-                        cpu_engine(), mine + score_floats + prob_floats);
-      auto mem = [](const memory::desc& md, const void* ptr) { return memory(md, cpu_engine(), const_cast<void*>(ptr)); };
-      pr->scores.execute(stream, {{DNNL_ARG_SRC, mem(pr->q, q.at<uint16_t>(b, i0, h * dk))},
-                                  {DNNL_ARG_WEIGHTS, mem(pr->k, k.at<uint16_t>(b, 0, h * dk))},
-                                  {DNNL_ARG_DST, mem(pr->s, s)},
-                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      Views w;
+      const dnnl::engine& e = cpu_engine();
+      w.q = memory(pr->q, e, nullptr);
+      w.k = memory(pr->k, e, nullptr);
+      w.s = memory(pr->s, e, nullptr);
+      w.p = memory(pr->p, e, nullptr);
+      w.v = memory(pr->v, e, nullptr);
+      w.o = memory(pr->o, e, nullptr);
+      w.scratchpad = memory(scratch_bytes > 0 ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8,
+                                                             memory::format_tag::x)
+                                              : memory::desc(),
+                            e, my_scratchpad);
+      return w;
+    };
+    Views full_views, last_views;
+    if (fast) full_views = views_of(full);
+    if (fast && last != full) last_views = views_of(last);
+    static thread_local dnnl::stream stream(cpu_engine());
+
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / (H * nqb);
+      const int64_t h = (t / nqb) % H;
+      const int64_t i0 = (t % nqb) * qb;
+      const int64_t rows = std::min(qb, Lq - i0);
+      float* s = probs ? probs + ((b * H + h) * Lq + i0) * Lk : mine;
+      float* o = out_p + (b * Lq + i0) * H * dv + h * dv;
+
+      if (!fast) {
+        portable_scores(rows, Lk, dk, opt.scale, q.at<float>(b, i0, h * dk), q.row_stride, k.at<float>(b, 0, h * dk),
+                        k.row_stride, s);
+        finish_scores(s, rows, b, h, i0);
+        portable_context(rows, Lk, dv, s, v.at<float>(b, 0, h * dv), v.row_stride, o, H * dv);
+        continue;
+      }
+      const Products& pr = rows == qb ? *full : *last;
+      Views& w = rows == qb ? full_views : last_views;
+      const char* queries = operand(q, b, i0, h * dk);
+      if (pack_q) {
+        pack_rows(queries, q.row_stride, reinterpret_cast<char*>(my_queries), rows, dk, es);
+        queries = reinterpret_cast<const char*>(my_queries);
+      }
+      const int64_t head = b * H + h;
+      w.q.set_data_handle(const_cast<char*>(queries));
+      w.k.set_data_handle(pack_kv ? static_cast<char*>(packed_k.raw()) + head * Lk * dk * es
+                                  : const_cast<char*>(operand(k, b, 0, 0)));
+      w.s.set_data_handle(s);
+      // bfloat16: the probabilities are rounded after the float32 softmax, as on the GPU.
+      w.p.set_data_handle(q.bf16 ? static_cast<void*>(my_probs) : static_cast<void*>(s));
+      w.v.set_data_handle(pack_kv ? static_cast<char*>(packed_v.raw()) + head * Lk * dv * es
+                                  : const_cast<char*>(operand(v, b, 0, 0)));
+      w.o.set_data_handle(dense_o ? o : my_context);
+      pr.scores.execute(stream, {{DNNL_ARG_SRC, w.q}, {DNNL_ARG_WEIGHTS, w.k}, {DNNL_ARG_DST, w.s},
+                                 {DNNL_ARG_SCRATCHPAD, w.scratchpad}});
       finish_scores(s, rows, b, h, i0);
-      bf16_from_float(s, p, rows * Lk);  // the probabilities rounded, as the GPU's 16-bit path does
-      pr->context.execute(stream, {{DNNL_ARG_SRC, mem(pr->p, p)},
-                                   {DNNL_ARG_WEIGHTS, mem(pr->v, v.at<uint16_t>(b, 0, h * dv))},
-                                   {DNNL_ARG_DST, mem(pr->o, o)},
-                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (q.bf16) bf16_from_float(s, reinterpret_cast<uint16_t*>(my_probs), rows * Lk);
+      pr.context.execute(stream, {{DNNL_ARG_SRC, w.p}, {DNNL_ARG_WEIGHTS, w.v}, {DNNL_ARG_DST, w.o},
+                                  {DNNL_ARG_SCRATCHPAD, w.scratchpad}});
       stream.wait();
-    } else {
-      sgemm('N', 'T', rows, Lk, dk, opt.scale, q.at<float>(b, i0, h * dk), q.row_stride, k.at<float>(b, 0, h * dk),
-            k.row_stride, s, Lk);
-      finish_scores(s, rows, b, h, i0);
-      sgemm('N', 'N', rows, dv, Lk, 1.0f, s, Lk, v.at<float>(b, 0, h * dv), v.row_stride, o, H * dv);
+      if (!dense_o)
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * H * dv, my_context + r * dv, dv * sizeof(float));
     }
   }
   return out;
