@@ -186,6 +186,35 @@ TEST(Ops, LinearAndMatmul) {
   EXPECT_NEAR(m.f32()[(3 + 1) * 10 + 4], 0.5 * acc, 1e-4);
 }
 
+// A residual handed over (moved) with no other owner takes the sum in its own storage; one that
+// another tensor still shares is copied first and left as it was. Both against the definition.
+TEST(Ops, LinearResidualAccumulatesInPlaceOnlyWhenHandedOver) {
+  Tensor x = randn({5, 16}, 12), w = randn({8, 16}, 13), b = randn({8}, 14);
+  Linear linear(w, b);
+  Tensor r = randn({5, 8}, 15);
+  const Tensor r_copy = r.clone();
+  auto expected = [&](int row, int o) {
+    double acc = b.f32()[o] + double(r_copy.f32()[row * 8 + o]);
+    for (int k = 0; k < 16; ++k) acc += double(x.f32()[row * 16 + k]) * w.f32()[o * 16 + k];
+    return acc;
+  };
+  Tensor y1;
+  {
+    Tensor shared = r;  // r still holds the storage: copied, r unchanged
+    y1 = linear.forward(x, std::move(shared));
+  }
+  EXPECT_NE(y1.raw(), r.raw());
+  EXPECT_EQ(max_abs_diff(r, r_copy), 0.0);
+  const void* storage = r.raw();
+  Tensor y2 = linear.forward(x, std::move(r));  // sole owner: in place
+  EXPECT_EQ(y2.raw(), storage);
+  for (int row = 0; row < 5; ++row)
+    for (int o = 0; o < 8; ++o) {
+      EXPECT_NEAR(y1.f32()[row * 8 + o], expected(row, o), 1e-4);
+      EXPECT_NEAR(y2.f32()[row * 8 + o], expected(row, o), 1e-4);
+    }
+}
+
 TEST(Ops, LayerNormAndSoftmax) {
   Tensor x = randn({4, 32}, 11);
   Tensor y = layer_norm(x, Tensor::full({32}, 2.0f), Tensor::full({32}, 1.0f), 1e-6f);

@@ -823,20 +823,27 @@ DType Linear::input_dtype() const {
 
 Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, true); }
 
-Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer) const {
+Tensor Linear::forward(const Tensor& x, Tensor&& residual) const {
+  if (!residual.sole_owner() || residual.dtype() != DType::F32 || !residual.is_cpu() || residual.raw() == x.raw())
+    return forward(x, &residual);
+  Tensor y = std::move(residual);
+  return forward(x, &y, /*to_layer=*/false, /*in_place=*/true);
+}
+
+Tensor Linear::forward(const Tensor& x, const Tensor* residual, bool to_layer, bool in_place) const {
   if (x.dim() < 1 || x.size(-1) != in_)
     throw Error("linear expects [..., " + std::to_string(in_) + "], got " + shape_str(x.shape()));
   // A 16-bit x from a layer of another kind is widened; from one of the same kind it is read as it is.
   const bool as_is = x.dtype() == DType::F32 ||
                      (impl_->device_layer ? !x.is_cpu() && x.dtype() == impl_->device_layer->input_dtype()
                                           : x.is_cpu() && x.dtype() == DType::BF16 && impl_->compute == dt::bf16);
-  if (!as_is) return forward(x.to(DType::F32), residual, to_layer);
-  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, to_layer);
-  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false); };
+  if (!as_is) return forward(x.to(DType::F32), residual, to_layer, in_place);
+  if (x.is_cpu() && impl_->device.is_cpu()) return forward_cpu(x, residual, to_layer, in_place);
+  auto on_cpu = [this](const Tensor& xc, const Tensor* rc) { return forward_cpu(xc, rc, false, false); };
   return forward_off_cpu(on_cpu, impl_->device_layer, impl_->device, x, residual, to_layer && !x.is_cpu());
 }
 
-Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer) const {
+Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer, bool in_place) const {
   int64_t m = x.numel() / in_;
   Shape out_shape = x.shape();
   out_shape.back() = out_;
@@ -844,7 +851,7 @@ Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_laye
   Tensor y;
   if (residual) {
     if (residual->numel() != m * out_) throw Error("linear residual has shape " + shape_str(residual->shape()));
-    y = residual->clone().reshape(out_shape);
+    y = (in_place ? *residual : residual->clone()).reshape(out_shape);  // oneDNN's sum post-op adds into it
   } else {
     y = Tensor::empty(out_shape, compute_dst ? DType::BF16 : DType::F32);
   }

@@ -135,6 +135,9 @@ class Linear {
   Linear(const Tensor& weight, const Tensor& bias, Act act = Act::None);
   // x: [..., in] -> [..., out]: y = act(x W^T + b) + residual (the order of a residual branch).
   Tensor forward(const Tensor& x, const Tensor* residual = nullptr) const;
+  // The same, the sum accumulating in the residual's own storage when it is float32 on the host and
+  // no other tensor shares it (a transformer layer's residual stream, dead after the sum): no copy.
+  Tensor forward(const Tensor& x, Tensor&& residual) const;
   // For an output that only another Linear or Conv2d reads (an MLP's hidden layer): in the layer's
   // compute dtype (see Conv2d::forward_to_layer).
   Tensor forward_to_layer(const Tensor& x) const;
@@ -150,8 +153,9 @@ class Linear {
   struct Impl;
 
  private:
-  Tensor forward(const Tensor& x, const Tensor* residual, bool to_layer) const;
-  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer) const;  // oneDNN, host tensors
+  Tensor forward(const Tensor& x, const Tensor* residual, bool to_layer, bool in_place = false) const;
+  // oneDNN, host tensors
+  Tensor forward_cpu(const Tensor& x, const Tensor* residual, bool to_layer, bool in_place) const;
   std::shared_ptr<Impl> impl_;
   int64_t out_ = 0, in_ = 0;
 };

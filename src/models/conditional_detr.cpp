@@ -94,7 +94,7 @@ Tensor ConditionalDetrDecoderLayer::forward(const Tensor& hidden, const Tensor& 
   Tensor cross = multihead_attention(cat_per_head(query, sine, num_heads_), cat_per_head(key, key_pos, num_heads_),
                                      value, num_heads_, scaling, encoder_key_mask, cross_attn_weights);
   Tensor c = encoder_attn_layer_norm_.forward(encoder_attn_out_proj_.forward(cross, &h));
-  return final_layer_norm_.forward(mlp_.forward(c));
+  return final_layer_norm_.forward(mlp_.forward(std::move(c)));
 }
 
 ConditionalDetrDecoder::ConditionalDetrDecoder(const Weights& w, const ConditionalDetrConfig& cfg)

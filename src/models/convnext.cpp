@@ -81,7 +81,7 @@ ConvNextLayer ConvNextLayer::load(const Weights& w, const ConvNextConfig& cfg, i
   return l;
 }
 
-Tensor ConvNextLayer::operator()(const Tensor& features) const {
+Tensor ConvNextLayer::operator()(Tensor features) const {
   Tensor x = layernorm(dwconv.forward(features), pwconv1.input_dtype());
   // The hidden layer in pwconv1's compute dtype where only pwconv2 reads it, or V2's response norm
   // on the CPU (which reads bfloat16; on a device it reads float32, and so does act_inplace).
@@ -89,7 +89,7 @@ Tensor ConvNextLayer::operator()(const Tensor& features) const {
   x = act_fused && (!grn_weight.defined() || grn_reads_it) ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
   if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f, pwconv2.input_dtype());
-  return pwconv2.forward(x, &features);
+  return pwconv2.forward(x, std::move(features));  // in place unless the caller keeps the input
 }
 
 ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, int in, int out, int stride, int depth) {
@@ -108,7 +108,7 @@ ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, i
 
 Tensor ConvNextStage::operator()(const Tensor& x) const {
   Tensor h = has_downsampling ? downsampling_conv.forward(downsampling_norm(x, downsampling_conv.input_dtype())) : x;
-  for (auto& layer : layers) h = layer(h);
+  for (auto& layer : layers) h = layer(std::move(h));
   return h;
 }
 

@@ -50,7 +50,8 @@ struct ConvNextLayer {
   Tensor grn_weight, grn_bias;  // V2
   Tensor layer_scale_parameter; // V1 (folded into pwconv2 at load)
   static ConvNextLayer load(const Weights& w, const ConvNextConfig& cfg, int dim);
-  Tensor operator()(const Tensor& x) const;
+  // The block's output accumulates in its input's storage when the caller hands that over (moves it).
+  Tensor operator()(Tensor x) const;
 };
 
 struct ConvNextStage {

@@ -262,7 +262,7 @@ struct CvtSelfAttention {
 struct CvtSelfOutput {
   Linear dense;
   CvtSelfOutput(int64_t dim, const Weights& w) : dense(w.pp("dense").get("weight", {dim, dim}), w.pp("dense").get("bias", {dim})) {}
-  Tensor forward(const Tensor& x, const Tensor& residual) const { return dense.forward(x, &residual); }
+  Tensor forward(const Tensor& x, Tensor residual) const { return dense.forward(x, std::move(residual)); }
 };
 
 struct CvtAttention {
@@ -270,9 +270,9 @@ struct CvtAttention {
   CvtSelfOutput output;
   CvtAttention(const CvtConfig& c, int64_t s, const Weights& w)
       : attention(c, s, w.pp("attention")), output(c.embed_dim[s], w.pp("output")) {}
-  // residual + attention(x)
-  Tensor forward(const Tensor& x, int64_t height, int64_t width, const Tensor& residual) const {
-    return output.forward(attention.forward(x, height, width), residual);
+  // residual + attention(x), in the residual's storage when it is handed over
+  Tensor forward(const Tensor& x, int64_t height, int64_t width, Tensor residual) const {
+    return output.forward(attention.forward(x, height, width), std::move(residual));
   }
 };
 
@@ -287,7 +287,7 @@ struct CvtOutput {
   Linear dense;
   CvtOutput(int64_t dim, int64_t hidden, const Weights& w)
       : dense(w.pp("dense").get("weight", {dim, hidden}), w.pp("dense").get("bias", {dim})) {}
-  Tensor forward(const Tensor& x, const Tensor& input_tensor) const { return dense.forward(x, &input_tensor); }
+  Tensor forward(const Tensor& x, Tensor input_tensor) const { return dense.forward(x, std::move(input_tensor)); }
 };
 
 // ---- CvtLayer: layernorm -> attention -> residual, layernorm -> MLP -> residual (drop path is the
@@ -309,10 +309,12 @@ struct CvtLayer {
         layernorm_before(c.embed_dim[s], w.pp("layernorm_before")),
         layernorm_after(c.embed_dim[s], w.pp("layernorm_after")) {}
 
-  Tensor forward(const Tensor& hidden_state, int64_t height, int64_t width) const {
-    const DType attention_input = attention.attention.input_dtype();
-    Tensor h = attention.forward(layernorm_before.forward(hidden_state, attention_input), height, width, hidden_state);
-    return output.forward(intermediate.forward(layernorm_after.forward(h, intermediate.dense.input_dtype())), h);
+  // The residual sums accumulate in the residual stream's storage where the caller hands it over.
+  Tensor forward(Tensor hidden_state, int64_t height, int64_t width) const {
+    const Tensor normed = layernorm_before.forward(hidden_state, attention.attention.input_dtype());
+    Tensor h = attention.forward(normed, height, width, std::move(hidden_state));
+    const Tensor hidden = intermediate.forward(layernorm_after.forward(h, intermediate.dense.input_dtype()));
+    return output.forward(hidden, std::move(h));
   }
 };
 
@@ -347,7 +349,7 @@ struct CvtStage {
       std::vector<Tensor> tokens(static_cast<size_t>(B), cls_token);  // the token, once per image
       hidden = cat({cat(tokens, 0), hidden}, 1);
     }
-    for (const auto& layer : layers) hidden = layer.forward(hidden, height, width);
+    for (const auto& layer : layers) hidden = layer.forward(std::move(hidden), height, width);
     Tensor cls_out;
     if (with_cls_token) {
       cls_out = narrow(hidden, 1, 0, 1);

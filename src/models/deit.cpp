@@ -232,7 +232,7 @@ struct DeiTSelfOutput {
   Linear dense;
   DeiTSelfOutput(const DeiTConfig& c, const Weights& w)
       : dense(w.pp("dense").get("weight", {c.hidden_size, c.hidden_size}), w.pp("dense").get("bias", {c.hidden_size})) {}
-  Tensor forward(const Tensor& x, const Tensor& residual) const { return dense.forward(x, &residual); }
+  Tensor forward(const Tensor& x, Tensor residual) const { return dense.forward(x, std::move(residual)); }
 };
 
 struct DeiTAttention {
@@ -240,9 +240,9 @@ struct DeiTAttention {
   DeiTSelfOutput output;
   DeiTAttention(const DeiTConfig& c, const Weights& w) : attention(c, w.pp("attention")), output(c, w.pp("output")) {}
   DType input_dtype() const { return attention.qkv.input_dtype(); }
-  // Returns residual + attention output.
-  Tensor forward(const Tensor& x, const Tensor& residual, const Tensor& head_mask, Tensor* probs) const {
-    return output.forward(attention.forward(x, head_mask, probs), residual);
+  // Returns residual + attention output (in the residual's storage when it is handed over).
+  Tensor forward(const Tensor& x, Tensor residual, const Tensor& head_mask, Tensor* probs) const {
+    return output.forward(attention.forward(x, head_mask, probs), std::move(residual));
   }
 };
 
@@ -258,7 +258,7 @@ struct DeiTOutput {
   Linear dense;
   DeiTOutput(const DeiTConfig& c, const Weights& w)
       : dense(w.pp("dense").get("weight", {c.hidden_size, c.intermediate_size}), w.pp("dense").get("bias", {c.hidden_size})) {}
-  Tensor forward(const Tensor& x, const Tensor& residual) const { return dense.forward(x, &residual); }
+  Tensor forward(const Tensor& x, Tensor residual) const { return dense.forward(x, std::move(residual)); }
 };
 
 // ---- DeiTLayer: pre-norm attention and MLP blocks, each with its residual.
@@ -278,11 +278,13 @@ struct DeiTLayer {
     ln_after_b = w.pp("layernorm_after").get("bias", {c.hidden_size});
   }
 
-  Tensor forward(const Tensor& hidden_states, const Tensor& head_mask, Tensor* probs) const {
+  // The residual sums accumulate in the residual stream's storage where the caller hands it over.
+  Tensor forward(Tensor hidden_states, const Tensor& head_mask, Tensor* probs) const {
     // Each norm is read only by the next linear layer: written in the dtype that layer takes.
-    Tensor h = attention.forward(layer_norm(hidden_states, ln_before_w, ln_before_b, eps, attention.input_dtype()),
-                                 hidden_states, head_mask, probs);
-    return output.forward(intermediate.forward(layer_norm(h, ln_after_w, ln_after_b, eps, intermediate.dense.input_dtype())), h);
+    const Tensor normed = layer_norm(hidden_states, ln_before_w, ln_before_b, eps, attention.input_dtype());
+    Tensor h = attention.forward(normed, std::move(hidden_states), head_mask, probs);
+    const Tensor hidden = intermediate.forward(layer_norm(h, ln_after_w, ln_after_b, eps, intermediate.dense.input_dtype()));
+    return output.forward(hidden, std::move(h));
   }
 };
 
@@ -305,7 +307,7 @@ struct DeiTEncoder {
     for (size_t i = 0; i < layer.size(); ++i) {
       if (output_hidden_states) r.hidden_states.push_back(h);
       Tensor probs;
-      h = layer[i].forward(h, masks[i], output_attentions ? &probs : nullptr);
+      h = layer[i].forward(std::move(h), masks[i], output_attentions ? &probs : nullptr);
       if (output_attentions) r.attentions.push_back(probs);
     }
     if (output_hidden_states) r.hidden_states.push_back(h);

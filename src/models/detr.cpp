@@ -116,7 +116,10 @@ DetrFeedForward::DetrFeedForward(const Weights& w, int64_t d_model, int64_t ffn_
     : fc1(w.get("fc1.weight", {ffn_dim, d_model}), w.get("fc1.bias", {ffn_dim}), act),
       fc2(w.get("fc2.weight", {d_model, ffn_dim}), w.get("fc2.bias", {d_model})) {}
 
-Tensor DetrFeedForward::forward(const Tensor& x) const { return fc2.forward(fc1.forward_to_layer(x), &x); }
+Tensor DetrFeedForward::forward(Tensor x) const {
+  const Tensor hidden = fc1.forward_to_layer(x);
+  return fc2.forward(hidden, std::move(x));
+}
 
 LayerNorm::LayerNorm(const Weights& w, int64_t dim) : weight(w.get("weight", {dim})), bias(w.get("bias", {dim})) {}
 
@@ -133,7 +136,7 @@ Tensor DetrEncoderLayer::forward(const Tensor& hidden, const Tensor& key_mask,
   Tensor h = self_attn_.forward(hidden, spatial_position_embeddings, Tensor(), Tensor(), key_mask, &hidden,
                                 attn_weights);
   h = self_attn_layer_norm_.forward(h);
-  return final_layer_norm_.forward(mlp_.forward(h));
+  return final_layer_norm_.forward(mlp_.forward(std::move(h)));
 }
 
 DetrEncoder::DetrEncoder(const Weights& w, const DetrConfig& cfg) {
@@ -176,7 +179,7 @@ Tensor DetrDecoderLayer::forward(const Tensor& hidden, const Tensor& spatial_pos
   Tensor c = encoder_attn_.forward(h, object_queries_position_embeddings, encoder_hidden_states,
                                    spatial_position_embeddings, encoder_key_mask, &h, cross_attn_weights);
   c = encoder_attn_layer_norm_.forward(c);
-  return final_layer_norm_.forward(mlp_.forward(c));
+  return final_layer_norm_.forward(mlp_.forward(std::move(c)));
 }
 
 DetrDecoder::DetrDecoder(const Weights& w, const DetrConfig& cfg)

@@ -85,7 +85,7 @@ struct DetrFeedForward {
   Linear fc1, fc2;
   DetrFeedForward() = default;
   DetrFeedForward(const Weights& w, int64_t d_model, int64_t ffn_dim, Act act);
-  Tensor forward(const Tensor& x) const;  // x + fc2(act(fc1(x)))
+  Tensor forward(Tensor x) const;  // x + fc2(act(fc1(x))), in x's storage when the caller hands it over
 };
 
 struct LayerNorm {
