@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "core/attention.h"
+#include "core/bfloat16.h"
 #include "core/ops.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -133,6 +134,33 @@ TEST(VitAttention, MatchesPlainComputation) {
       EXPECT_NEAR(s, 1.0, 1e-5);
     }
   }
+}
+
+// A bfloat16 context (for a bfloat16 output projection) is the float32 context rounded to nearest
+// even, value for value: several heads and one head, separate and packed operands.
+TEST(VitAttention, Bfloat16ContextIsTheFloat32OneRounded) {
+  for (int64_t H : {3, 1}) {
+    SCOPED_TRACE(H);
+    const int64_t B = 2, L = 45, d = 32, C = H * d;
+    Tensor qkv = random_tensor({B, L, 3 * C}, 30);
+    Tensor q = narrow(qkv, 2, 0, C), k = narrow(qkv, 2, C, C), v = narrow(qkv, 2, 2 * C, C);
+    AttentionOptions opt;
+    opt.scale = 0.3f;
+    const Tensor ref = multi_head_attention(q, k, v, H, opt);
+    opt.out_dtype = DType::BF16;
+    for (const Tensor& ctx : {multi_head_attention(q, k, v, H, opt), multi_head_attention_packed(qkv, H, opt)}) {
+      ASSERT_EQ(ctx.dtype(), DType::BF16);
+      ASSERT_EQ(ctx.shape(), ref.shape());
+      const uint16_t* got = static_cast<const uint16_t*>(ctx.raw());
+      int64_t differ = 0;
+      for (int64_t i = 0; i < ref.numel(); ++i) differ += got[i] != bf16_from_float(ref.f32()[i]);
+      EXPECT_EQ(differ, 0);
+    }
+  }
+  AttentionOptions bad;
+  bad.out_dtype = DType::I64;
+  Tensor t = random_tensor({1, 4, 8}, 31);
+  EXPECT_THROW(multi_head_attention(t, t, t, 1, bad), Error);
 }
 
 TEST(VitAttention, PackedEqualsSeparate) {

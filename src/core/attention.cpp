@@ -290,7 +290,10 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
                      std::to_string(H) + " heads, batch " + std::to_string(B) + ") needs " +
                      std::to_string(uint64_t(score_bytes)) + " bytes of scores, more than the limit of " +
                      std::to_string(max_forward_bytes()) + " (VF_MAX_FORWARD_BYTES): the image size is too large");
-  Tensor out = Tensor::empty({B, Lq, H * dv});
+  if (opt.out_dtype != DType::F32 && opt.out_dtype != DType::BF16)
+    throw Error(std::string("attention: cannot write the context in ") + dtype_name(opt.out_dtype));
+  const bool bf16_out = opt.out_dtype == DType::BF16;
+  Tensor out = Tensor::empty({B, Lq, H * dv}, opt.out_dtype);
   if (B == 0 || Lq == 0) {
     if (opt.probs) *opt.probs = Tensor::zeros({B, H, Lq, Lk});
     return out;
@@ -321,7 +324,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   // Each head's keys and values packed [Lk, d] for the products, unless they already are (one head).
   const bool pack_kv = fast && (H > 1 || k.row_stride != dk || v.row_stride != dv);
   const bool pack_q = fast && (H > 1 || q.row_stride != dk);
-  const bool dense_o = !fast || H == 1;  // the context written in place
+  const bool dense_o = !fast || (H == 1 && !bf16_out);  // the float32 context written in place
   Tensor packed_k, packed_v;
   if (pack_kv) {
     const DType t = q.bf16 ? DType::BF16 : DType::F32;
@@ -348,7 +351,10 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       score_floats + prob_floats + query_floats + context_floats + lines(int64_t(scratch_bytes));
   Tensor scratch;
   if (per_thread > 0) scratch = Tensor::empty({static_cast<int64_t>(threads), per_thread});
-  float* out_p = out.f32();
+  // The portable products write float32: a bfloat16 context is rounded from it at the end.
+  Tensor out32 = bf16_out && !fast ? Tensor::empty({B, Lq, H * dv}) : Tensor();
+  float* out_p = bf16_out ? (fast ? nullptr : out32.f32()) : out.f32();
+  uint16_t* out_bf16 = bf16_out ? static_cast<uint16_t*>(out.raw()) : nullptr;
   // Bias, padding mask and softmax on a block's scaled scores (and the head mask's factor).
   auto finish_scores = [&](float* s, int64_t rows, int64_t b, int64_t h, int64_t i0) {
     if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
@@ -396,7 +402,8 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       const int64_t i0 = (t % nqb) * qb;
       const int64_t rows = std::min(qb, Lq - i0);
       float* s = probs ? probs + ((b * H + h) * Lq + i0) * Lk : mine;
-      float* o = out_p + (b * Lq + i0) * H * dv + h * dv;
+      const int64_t o_at = (b * Lq + i0) * H * dv + h * dv;  // the block's first context element
+      float* o = out_p ? out_p + o_at : nullptr;
 
       if (!fast) {
         portable_scores(rows, Lk, dk, opt.scale, q.at<float>(b, i0, h * dk), q.row_stride, k.at<float>(b, 0, h * dk),
@@ -429,10 +436,13 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       pr.context.execute(stream, {{DNNL_ARG_SRC, w.p}, {DNNL_ARG_WEIGHTS, w.v}, {DNNL_ARG_DST, w.o},
                                   {DNNL_ARG_SCRATCHPAD, w.scratchpad}});
       stream.wait();
-      if (!dense_o)
+      if (bf16_out)
+        for (int64_t r = 0; r < rows; ++r) bf16_from_float(my_context + r * dv, out_bf16 + o_at + r * H * dv, dv);
+      else if (!dense_o)
         for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * H * dv, my_context + r * dv, dv * sizeof(float));
     }
   }
+  if (out32.defined()) bf16_from_float(out32.f32(), out_bf16, out32.numel());
   return out;
 }
 

@@ -5,11 +5,11 @@
 // and the context comes back as [B, Lq, heads * head_dim], ready for the output projection.
 //
 // The work is split over (batch, head, block of query rows) and each block does its two matrix
-// products with oneDNN's sgemm (strided, no packing copies) and the softmax in between, so the full
-// [Lq, Lk] score matrix of a head only exists when the caller asks for the probabilities. Bfloat16
-// Q, K and V (a bfloat16 layer's forward_to_attention) have both products in bfloat16 (oneDNN's
-// matmul; float32 accumulation, the float32 probabilities rounded for the second); the context is
-// float32 either way.
+// products with oneDNN's matmul (each head's keys and values packed once a call) and the softmax in
+// between, so the full [Lq, Lk] score matrix of a head only exists when the caller asks for the
+// probabilities. Bfloat16 Q, K and V (a bfloat16 layer's forward_to_attention) have both products
+// in bfloat16 (float32 accumulation, the float32 probabilities rounded for the second); the context
+// is float32, or bfloat16 where the caller asks (AttentionOptions::out_dtype).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,10 @@ struct AttentionOptions {
   // softmax (what DETR's additive finfo.min mask amounts to), so it gets no weight unless every key
   // of the row is padded (then all get the same).
   Tensor key_mask;
+  // The context's dtype on the CPU: float32, or bfloat16 for a bfloat16 layer that reads it (its
+  // input_dtype()), rounded as that layer's own conversion would round it. A GPU returns its
+  // compute dtype whatever this says.
+  DType out_dtype = DType::F32;
 };
 
 // Whether attention over these sizes on `device` reads 16-bit Q, K and V as they are (a 16-bit

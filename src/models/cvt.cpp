@@ -224,8 +224,9 @@ struct CvtSelfAttention {
     return same ? q : DType::F32;
   }
 
-  // hidden_state [B, (1 +) h*w, C] -> context [B, (1 +) h'*w', C]
-  Tensor forward(const Tensor& hidden_state, int64_t height, int64_t width) const {
+  // hidden_state [B, (1 +) h*w, C] -> context [B, (1 +) h'*w', C] in `out_dtype` (what the output
+  // projection reads without a conversion)
+  Tensor forward(const Tensor& hidden_state, int64_t height, int64_t width, DType out_dtype) const {
     const int64_t B = hidden_state.size(0), C = hidden_state.size(2), hw = height * width;
     Tensor cls_token, x = hidden_state;
     if (with_cls_token) {
@@ -248,6 +249,7 @@ struct CvtSelfAttention {
     }
     AttentionOptions opt;
     opt.scale = scale;
+    opt.out_dtype = out_dtype;
     const bool to_attention =
         attention_reads_16bit(query.device(), B, query.size(1), key.size(1), num_heads, embed_dim / num_heads);
     auto project = [to_attention](const Linear& linear, const Tensor& t) {
@@ -272,7 +274,7 @@ struct CvtAttention {
       : attention(c, s, w.pp("attention")), output(c.embed_dim[s], w.pp("output")) {}
   // residual + attention(x), in the residual's storage when it is handed over
   Tensor forward(const Tensor& x, int64_t height, int64_t width, Tensor residual) const {
-    return output.forward(attention.forward(x, height, width), std::move(residual));
+    return output.forward(attention.forward(x, height, width, output.dense.input_dtype()), std::move(residual));
   }
 };
 

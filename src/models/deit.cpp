@@ -215,11 +215,13 @@ struct DeiTSelfAttention {
     qkv = Linear(cat(ws, 0), c.qkv_bias ? cat(bs, 0) : Tensor());
   }
 
-  Tensor forward(const Tensor& x, const Tensor& head_mask, Tensor* probs) const {
+  // The context in `out_dtype`: what the output projection reads without a conversion.
+  Tensor forward(const Tensor& x, const Tensor& head_mask, Tensor* probs, DType out_dtype) const {
     AttentionOptions opt;
     opt.scale = scale;
     opt.head_mask = head_mask;
     opt.probs = probs;
+    opt.out_dtype = out_dtype;
     // x: [B, L, hidden]. Q|K|V in the layer's compute dtype where attention reads it as it is.
     const int64_t B = x.size(0), L = x.size(1);
     const bool to_attention = attention_reads_16bit(x.device(), B, L, L, num_heads, qkv.out_features() / 3 / num_heads);
@@ -242,7 +244,7 @@ struct DeiTAttention {
   DType input_dtype() const { return attention.qkv.input_dtype(); }
   // Returns residual + attention output (in the residual's storage when it is handed over).
   Tensor forward(const Tensor& x, Tensor residual, const Tensor& head_mask, Tensor* probs) const {
-    return output.forward(attention.forward(x, head_mask, probs), std::move(residual));
+    return output.forward(attention.forward(x, head_mask, probs, output.dense.input_dtype()), std::move(residual));
   }
 };
 
