@@ -252,6 +252,68 @@ TEST(Bf16, LinearComputesOnRoundedInputsAndWeights) {
   }
 }
 
+// A bfloat16 Linear's residual sum for a bfloat16 residual stream (ConvNeXt's pwconv2): x W^T + b +
+// residual accumulated in float32 and rounded to bfloat16 once, from the definition on rounded x, W
+// and residual. A float32 residual gives the same (rounded on the way in); a bfloat16 one that
+// nothing else holds takes the sum in its own storage.
+TEST(Bf16, LinearToLayerWithResidualRoundsTheSumOnce) {
+  SKIP_WITHOUT_CPU_BF16();
+  const int64_t rows = 37, in = 96, out = 40;
+  Tensor x = randn({rows, in}, 51), w = randn({out, in}, 52, 0.1f), b = randn({out}, 53), r = randn({rows, out}, 54);
+  auto lin = bf16_layer<Linear>(w, b);
+  ASSERT_EQ(lin->input_dtype(), DType::BF16);
+  const Tensor xr = rounded(x), wr = rounded(w), rr = rounded(r);
+  Tensor ref = Tensor::empty({rows, out}), mag = Tensor::empty({rows, out});
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = double(b.f32()[o]) + rr.f32()[i * out + o], m = std::fabs(acc);
+      for (int64_t k = 0; k < in; ++k) {
+        const double t = double(xr.f32()[i * in + k]) * wr.f32()[o * in + k];
+        acc += t;
+        m += std::fabs(t);
+      }
+      ref.f32()[i * out + o] = float(acc);
+      mag.f32()[i * out + o] = float(m);
+    }
+  for (bool residual_bf16 : {false, true}) {
+    SCOPED_TRACE(residual_bf16 ? "bf16 residual" : "f32 residual");
+    Tensor residual = residual_bf16 ? r.to(DType::BF16) : r.clone();
+    const void* storage = residual.raw();
+    Tensor ours = lin->forward_to_layer(x, std::move(residual));
+    ASSERT_EQ(ours.dtype(), DType::BF16);
+    if (residual_bf16) EXPECT_EQ(ours.raw(), storage);
+    Tensor wide = ours.to(DType::F32);
+    int bad = 0;
+    for (int64_t i = 0; i < ref.numel(); ++i) {
+      const float v = wide.f32()[i], want = ref.f32()[i];
+      const double tol = 1e-5 * mag.f32()[i] + 1e-6;
+      const bool ok = v == round_bf16(want) || v == round_bf16(float(want + tol)) || v == round_bf16(float(want - tol));
+      if (!ok && bad++ < 5) ADD_FAILURE() << "[" << i << "]: " << v << " vs " << want << " rounded " << round_bf16(want);
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+// layer_norm reads a bfloat16 residual stream as the float32 values it holds: the definition in
+// double on those values, to float32 accuracy.
+TEST(Bf16, LayerNormReadsBf16AsItsValues) {
+  const int64_t rows = 13, c = 96;
+  Tensor x = rounded(randn({rows, c}, 55)), g = randn({c}, 56), b = randn({c}, 57);
+  Tensor ours = layer_norm(x.to(DType::BF16), g, b, 1e-6f);
+  ASSERT_EQ(ours.dtype(), DType::F32);
+  double worst = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < c; ++i) mean += x.f32()[r * c + i] / double(c);
+    for (int64_t i = 0; i < c; ++i) var += (x.f32()[r * c + i] - mean) * (x.f32()[r * c + i] - mean) / double(c);
+    for (int64_t i = 0; i < c; ++i) {
+      const double want = (x.f32()[r * c + i] - mean) / std::sqrt(var + 1e-6) * g.f32()[i] + b.f32()[i];
+      worst = std::max(worst, std::fabs(ours.f32()[r * c + i] - want));
+    }
+  }
+  EXPECT_LT(worst, 2e-5);
+}
+
 TEST(Bf16, CpuRefusesFloat16AndUnknownDtypes) {
   EXPECT_THROW(check_compute_dtype(Device::cpu(), DType::F16), Error);
   EXPECT_THROW(check_compute_dtype(Device::emulated(), DType::F16), Error);

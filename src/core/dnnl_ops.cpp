@@ -823,6 +823,14 @@ DType Linear::input_dtype() const {
 
 Tensor Linear::forward_to_attention(const Tensor& x) const { return forward(x, nullptr, true); }
 
+Tensor Linear::forward_to_layer(const Tensor& x, Tensor&& residual) const {
+  if (input_dtype() != DType::BF16) return forward(x, std::move(residual));
+  if (!residual.sole_owner() || residual.dtype() != DType::BF16 || residual.raw() == x.raw())
+    return forward(x, &residual, /*to_layer=*/true);
+  Tensor y = std::move(residual);
+  return forward(x, &y, /*to_layer=*/true, /*in_place=*/true);
+}
+
 Tensor Linear::forward(const Tensor& x, Tensor&& residual) const {
   if (!residual.sole_owner() || residual.dtype() != DType::F32 || !residual.is_cpu() || residual.raw() == x.raw())
     return forward(x, &residual);
@@ -851,7 +859,13 @@ Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_laye
   Tensor y;
   if (residual) {
     if (residual->numel() != m * out_) throw Error("linear residual has shape " + shape_str(residual->shape()));
-    y = (in_place ? *residual : residual->clone()).reshape(out_shape);  // oneDNN's sum post-op adds into it
+    // oneDNN's sum post-op adds into it; it has the output's dtype (the compute dtype for
+    // forward_to_layer on a bfloat16 layer, else float32).
+    const DType out_dtype = compute_dst ? DType::BF16 : DType::F32;
+    if (residual->dtype() != out_dtype)
+      y = residual->to(out_dtype).reshape(out_shape);
+    else
+      y = (in_place ? *residual : residual->clone()).reshape(out_shape);
   } else {
     y = Tensor::empty(out_shape, compute_dst ? DType::BF16 : DType::F32);
   }

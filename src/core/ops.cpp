@@ -126,29 +126,35 @@ Tensor act(const Tensor& x, Act a) {
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, DType out_dtype) {
   if (!x.is_cpu()) return backend(x.device()).layer_norm(x, weight, bias, eps);
-  require_f32(x, "layer_norm");
+  if (x.dtype() != DType::BF16) require_f32(x, "layer_norm");
   if (out_dtype != DType::F32 && out_dtype != DType::BF16)
     throw Error(std::string("layer_norm: cannot write ") + dtype_name(out_dtype));
   int64_t c = x.size(-1), rows = x.numel() / std::max<int64_t>(c, 1);
   if (weight.numel() != c || bias.numel() != c) throw Error("layer_norm: weight/bias do not match " + shape_str(x.shape()));
   Tensor y = Tensor::empty(x.shape(), out_dtype);
-  const float* px = x.f32();
   const float* w = weight.f32();
   const float* b = bias.f32();
+  // x in float32, or in bfloat16 (a residual stream a bfloat16 layer wrote), read as float32.
+  auto run = [&](const auto* px) {
 #pragma omp parallel for
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* in = px + r * c;
-    float mean = 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto* in = px + r * c;
+      float mean = 0.f;
 #pragma omp simd reduction(+ : mean)
-    for (int64_t i = 0; i < c; ++i) mean += in[i];
-    mean /= c;
-    float var = 0.f;
+      for (int64_t i = 0; i < c; ++i) mean += as_float(in[i]);
+      mean /= c;
+      float var = 0.f;
 #pragma omp simd reduction(+ : var)
-    for (int64_t i = 0; i < c; ++i) { float d = in[i] - mean; var += d * d; }
-    var /= c;
-    float inv = 1.0f / std::sqrt(var + eps);
-    write_row(y, r * c, c, [&](int64_t i) { return (in[i] - mean) * inv * w[i] + b[i]; });
-  }
+      for (int64_t i = 0; i < c; ++i) { float d = as_float(in[i]) - mean; var += d * d; }
+      var /= c;
+      float inv = 1.0f / std::sqrt(var + eps);
+      write_row(y, r * c, c, [&](int64_t i) { return (as_float(in[i]) - mean) * inv * w[i] + b[i]; });
+    }
+  };
+  if (x.dtype() == DType::BF16)
+    run(static_cast<const uint16_t*>(x.raw()));
+  else
+    run(x.f32());
   return y;
 }
 

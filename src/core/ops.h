@@ -141,6 +141,11 @@ class Linear {
   // For an output that only another Linear or Conv2d reads (an MLP's hidden layer): in the layer's
   // compute dtype (see Conv2d::forward_to_layer).
   Tensor forward_to_layer(const Tensor& x) const;
+  // The same with a residual sum, for a residual stream that layers of this compute dtype (and norms)
+  // read: on a bfloat16 CPU layer the sum runs in float32 on the accumulator and the result is
+  // rounded to bfloat16, the residual read in bfloat16 (in its own storage when nothing else shares
+  // it); otherwise forward(x, std::move(residual)).
+  Tensor forward_to_layer(const Tensor& x, Tensor&& residual) const;
   // For an output that only attention reads (Q, K, V or packed Q|K|V): in the layer's compute dtype,
   // which attention's two products then run in (float32 accumulation; the probabilities rounded to
   // it after a float32 softmax).

@@ -89,7 +89,12 @@ Tensor ConvNextLayer::operator()(Tensor features) const {
   x = act_fused && (!grn_weight.defined() || grn_reads_it) ? pwconv1.forward_to_layer(x) : pwconv1.forward(x);
   if (!act_fused) act_inplace(x, act);
   if (grn_weight.defined()) x = grn_nhwc(x, grn_weight, grn_bias, 1e-6f, pwconv2.input_dtype());
-  return pwconv2.forward(x, std::move(features));  // in place unless the caller keeps the input
+  // The sum in the residual stream's dtype, as PyTorch's autocast promotes it: float32 after the
+  // embeddings' float32 norm, bfloat16 after a bfloat16 downsampling convolution (a bfloat16 CPU
+  // model), which the next layer's depthwise convolution then reads without a conversion. In place
+  // unless the caller keeps the input.
+  if (features.dtype() == DType::F32) return pwconv2.forward(x, std::move(features));
+  return pwconv2.forward_to_layer(x, std::move(features));
 }
 
 ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, int in, int out, int stride, int depth) {
@@ -106,8 +111,9 @@ ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, i
   return s;
 }
 
-Tensor ConvNextStage::operator()(const Tensor& x) const {
-  Tensor h = has_downsampling ? downsampling_conv.forward(downsampling_norm(x, downsampling_conv.input_dtype())) : x;
+Tensor ConvNextStage::operator()(Tensor x) const {
+  Tensor h = has_downsampling ? downsampling_conv.forward_to_layer(downsampling_norm(x, downsampling_conv.input_dtype()))
+                              : std::move(x);
   for (auto& layer : layers) h = layer(std::move(h));
   return h;
 }
@@ -141,12 +147,16 @@ ModelOutput ConvNextModel::forward(const Tensor& pixel_values, bool output_hidde
                 shape_str(pixel_values.shape()));
   ModelOutput out;
   std::vector<Tensor> hidden_states;
+  // The stages' outputs are bfloat16 on a bfloat16 CPU model (the residual stream): float32 where
+  // they are returned.
+  auto returned = [](const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); };
   Tensor h = embeddings(nchw_to_nhwc(pixel_values));
   if (output_hidden_states) hidden_states.push_back(h);
   for (auto& stage : encoder.stages) {
-    h = stage(h);
-    if (output_hidden_states) hidden_states.push_back(h);
+    h = stage(std::move(h));
+    if (output_hidden_states) hidden_states.push_back(returned(h));
   }
+  h = returned(h);
   out.set("last_hidden_state", nhwc_to_nchw(h));
   if (has_layernorm)
     out.set("pooler_output", layer_norm(global_avg_pool_nhwc(h), layernorm_weight, layernorm_bias, float(config.layer_norm_eps)));

@@ -60,7 +60,8 @@ struct ConvNextStage {
   Conv2d downsampling_conv;
   std::vector<ConvNextLayer> layers;
   static ConvNextStage load(const Weights& w, const ConvNextConfig& cfg, int in, int out, int stride, int depth);
-  Tensor operator()(const Tensor& x) const;
+  // In the layers' compute dtype (see ConvNextLayer::operator()).
+  Tensor operator()(Tensor x) const;
 };
 
 struct ConvNextEncoder {
