@@ -112,8 +112,13 @@ ConvNextStage ConvNextStage::load(const Weights& w, const ConvNextConfig& cfg, i
 }
 
 Tensor ConvNextStage::operator()(Tensor x) const {
-  Tensor h = has_downsampling ? downsampling_conv.forward_to_layer(downsampling_norm(x, downsampling_conv.input_dtype()))
-                              : std::move(x);
+  Tensor h = std::move(x);
+  if (has_downsampling) {
+    const Tensor normed = downsampling_norm(h, downsampling_conv.input_dtype());
+    // A bfloat16 residual stream where the layers compute in bfloat16 on the CPU (ConvNextLayer).
+    h = downsampling_conv.input_dtype() == DType::BF16 ? downsampling_conv.forward_to_layer(normed)
+                                                       : downsampling_conv.forward(normed);
+  }
   for (auto& layer : layers) h = layer(std::move(h));
   return h;
 }
