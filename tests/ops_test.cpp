@@ -215,6 +215,30 @@ TEST(Ops, LinearResidualAccumulatesInPlaceOnlyWhenHandedOver) {
     }
 }
 
+// cat, narrow and clone of tensors large enough to be copied across threads (in 64 KB pieces, the
+// last one short): every element lands where the definition puts it.
+TEST(Ops, LargeCatNarrowAndCloneCopyEveryElement) {
+  const int64_t B = 3, L = 40007, C = 3;  // 1.4 MB
+  Tensor x = randn({B, L, C}, 60), cls = randn({B, 1, C}, 61);
+  Tensor joined = cat({cls, x}, 1);
+  ASSERT_EQ(joined.shape(), (Shape{B, L + 1, C}));
+  Tensor tail = narrow(joined, 1, 1, L), head = narrow(joined, 1, 0, 1), copy = joined.clone();
+  int64_t wrong = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      wrong += joined.f32()[(b * (L + 1)) * C + c] != cls.f32()[b * C + c];
+      wrong += head.f32()[b * C + c] != cls.f32()[b * C + c];
+      for (int64_t t = 0; t < L; ++t) {
+        const float want = x.f32()[(b * L + t) * C + c];
+        wrong += joined.f32()[(b * (L + 1) + 1 + t) * C + c] != want;
+        wrong += tail.f32()[(b * L + t) * C + c] != want;
+        wrong += copy.f32()[(b * (L + 1) + 1 + t) * C + c] != want;
+      }
+    }
+  EXPECT_EQ(wrong, 0);
+  EXPECT_NE(copy.raw(), joined.raw());
+}
+
 TEST(Ops, LayerNormAndSoftmax) {
   Tensor x = randn({4, 32}, 11);
   Tensor y = layer_norm(x, Tensor::full({32}, 2.0f), Tensor::full({32}, 1.0f), 1e-6f);

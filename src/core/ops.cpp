@@ -723,8 +723,7 @@ Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
   int64_t offset = 0;
   for (auto& t : xs) {
     int64_t chunk = t.size(dim) * inner * es;
-    const char* src = static_cast<const char*>(t.raw());
-    for (int64_t o = 0; o < outer; ++o) std::memcpy(dst + o * row + offset, src + o * chunk, chunk);
+    copy_blocks(dst + offset, row, t.raw(), chunk, chunk, outer);
     offset += chunk;
   }
   return y;
@@ -743,9 +742,8 @@ Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
   for (int64_t i = 0; i < dim; ++i) outer *= x.size(i);
   for (int64_t i = dim + 1; i < d; ++i) inner *= x.size(i);
   const char* src = static_cast<const char*>(x.raw());
-  char* dst = static_cast<char*>(y.raw());
-  for (int64_t o = 0; o < outer; ++o)
-    std::memcpy(dst + o * length * inner * es, src + (o * x.size(dim) + begin) * inner * es, length * inner * es);
+  copy_blocks(y.raw(), length * inner * es, src + begin * inner * es, x.size(dim) * inner * es, length * inner * es,
+              outer);
   return y;
 }
 

@@ -12,6 +12,8 @@
 #include <mutex>
 #include <unistd.h>
 
+#include <omp.h>
+
 #include <malloc.h>
 #include <sys/mman.h>
 
@@ -301,7 +303,25 @@ void Tensor::copy_from(const Tensor& src) {
   } else if (from_cuda) {
     backend(src.device_).copy_to_host(data_, src.data_, nbytes());
   } else {
-    std::memcpy(data_, src.data_, nbytes());
+    copy_blocks(data_, 0, src.data_, 0, int64_t(nbytes()), 1);
+  }
+}
+
+void copy_blocks(void* dst, int64_t dst_stride, const void* src, int64_t src_stride, int64_t bytes, int64_t count) {
+  if (bytes <= 0 || count <= 0) return;
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  // Below ~128 KB a parallel region costs more than it saves; pieces of at least 64 KB.
+  constexpr int64_t kParallelBytes = int64_t(1) << 17, kPiece = int64_t(1) << 16;
+  if (bytes * count < kParallelBytes || omp_get_max_threads() == 1 || omp_in_parallel()) {
+    for (int64_t i = 0; i < count; ++i) std::memcpy(d + i * dst_stride, s + i * src_stride, size_t(bytes));
+    return;
+  }
+  const int64_t pieces = (bytes + kPiece - 1) / kPiece;  // per block
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < count * pieces; ++t) {
+    const int64_t i = t / pieces, at = (t % pieces) * kPiece;
+    std::memcpy(d + i * dst_stride + at, s + i * src_stride + at, size_t(std::min(kPiece, bytes - at)));
   }
 }
 

@@ -135,4 +135,10 @@ struct PoolStats {
 PoolStats pool_stats();
 void pool_release_cached();
 
+// Host memory: `count` blocks of `bytes` each, block i from src + i * src_stride to
+// dst + i * dst_stride (strides in bytes). Across threads where there is enough to move, a large
+// block split in pieces: the copies of clone, cat and narrow (a transformer's residual stream, a
+// token dropped or joined) would otherwise leave all threads but one waiting.
+void copy_blocks(void* dst, int64_t dst_stride, const void* src, int64_t src_stride, int64_t bytes, int64_t count);
+
 }  // namespace vf
