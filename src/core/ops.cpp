@@ -314,12 +314,13 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
   const float* b = beta.f32();
   // x in float32, or in bfloat16 (a bfloat16 pwconv1's forward_to_layer), read as float32.
   auto run = [&](const auto* px) {
-    // The per-channel sums of squares in double, over fixed chunks of rows, then the chunks added in
-    // order: the same sums at any thread count. A task is a chunk of rows and a slice of channels (the
-    // channel loop vectorised): whole rows where the chunks alone keep every thread busy, narrower
-    // slices (multiples of 16 channels) where they do not, as in the late stages' few rows of many
-    // channels (196 x 1536 in ConvNeXt V2-T's third: one chunk).
-    constexpr int64_t kChunk = 256;
+    // The per-channel sums of squares: in float over blocks of 16 rows (sixteen channels' sums in one
+    // vector register), those added in double over fixed chunks of rows, then the chunks added in
+    // order: the same sums at any thread count. A task is a chunk of rows and a slice of channels:
+    // whole rows where the chunks alone keep every thread busy, narrower slices (multiples of 16
+    // channels) where they do not, as in the late stages' few rows of many channels (196 x 1536 in
+    // ConvNeXt V2-T's third: one chunk).
+    constexpr int64_t kChunk = 256, kRows = 16, kLanes = 16;
     const int64_t chunks = (hw + kChunk - 1) / kChunk;
     const int64_t wanted = (2 * omp_get_max_threads() + n * chunks - 1) / (n * chunks);
     const int64_t kSlice = std::max<int64_t>(16, (c / std::max<int64_t>(wanted, 1) + 15) / 16 * 16);
@@ -331,12 +332,25 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
         for (int64_t sl = 0; sl < slices; ++sl) {
           const int64_t k0 = sl * kSlice, k1 = std::min(c, k0 + kSlice);
           double* acc = partial.data() + (i * chunks + ch) * c;
-          for (int64_t p = ch * kChunk; p < std::min(hw, (ch + 1) * kChunk); ++p) {
-            const auto* row = px + (i * hw + p) * c;
+          const int64_t p1 = std::min(hw, (ch + 1) * kChunk);
+          for (int64_t p = ch * kChunk; p < p1; p += kRows) {
+            const auto* first = px + (i * hw + p) * c;
+            const int64_t rows = std::min(kRows, p1 - p);
+            int64_t k = k0;
+            for (; k + kLanes <= k1; k += kLanes) {
+              float sq[kLanes] = {};
+              for (int64_t r = 0; r < rows; ++r) {
+                const auto* row = first + r * c + k;
 #pragma omp simd
-            for (int64_t k = k0; k < k1; ++k) {
-              const double v = as_float(row[k]);
-              acc[k] += v * v;
+                for (int64_t l = 0; l < kLanes; ++l) sq[l] += as_float(row[l]) * as_float(row[l]);
+              }
+#pragma omp simd
+              for (int64_t l = 0; l < kLanes; ++l) acc[k + l] += sq[l];
+            }
+            for (; k < k1; ++k) {  // the channels past the last whole vector, in the same order
+              float sq = 0.0f;
+              for (int64_t r = 0; r < rows; ++r) sq += as_float(first[r * c + k]) * as_float(first[r * c + k]);
+              acc[k] += sq;
             }
           }
         }
@@ -351,14 +365,20 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
       for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
       mean /= c;
       for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
-#pragma omp parallel for
-      for (int64_t p = 0; p < hw; ++p) {
-        const auto* in = px + (i * hw + p) * c;
-        write_row(y, (i * hw + p) * c, c, [&](int64_t k) {
-          const float v = as_float(in[k]);
-          return g[k] * (v * nx[k]) + b[k] + v;
-        });
-      }
+      // Rows cut into runs of at most 512 channels: ConvNeXt V2-T's last stage has 49 rows of 3072
+      // (whole rows on 16 threads would be four rounds, the last a quarter full).
+      constexpr int64_t kRun = 512;
+      const int64_t runs = (c + kRun - 1) / kRun;
+#pragma omp parallel for collapse(2) schedule(static)
+      for (int64_t p = 0; p < hw; ++p)
+        for (int64_t r = 0; r < runs; ++r) {
+          const int64_t k0 = r * kRun, at = (i * hw + p) * c + k0;
+          const auto* in = px + at;
+          write_row(y, at, std::min(kRun, c - k0), [&](int64_t k) {
+            const float v = as_float(in[k]);
+            return g[k0 + k] * (v * nx[k0 + k]) + b[k0 + k] + v;
+          });
+        }
     }
   };
   if (x.dtype() == DType::BF16)
