@@ -104,6 +104,21 @@ void conv_residual_relu_definition(const Tensor& x, const Tensor& w, const Tenso
   }
 }
 
+// A bfloat16 result, element by element one bfloat16 rounding of a value within float32
+// accumulation error (1e-5 of the sum of magnitudes `mag`) of the definition `ref`.
+void expect_one_rounding(const Tensor& ours, const Tensor& ref, const Tensor& mag) {
+  ASSERT_EQ(ours.numel(), ref.numel());
+  Tensor wide = ours.to(DType::F32);
+  int bad = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const float v = wide.f32()[i], want = ref.f32()[i];
+    const double tol = 1e-5 * mag.f32()[i] + 1e-6;
+    const bool ok = v == round_bf16(want) || v == round_bf16(float(want + tol)) || v == round_bf16(float(want - tol));
+    if (!ok && bad++ < 5) ADD_FAILURE() << "[" << i << "]: " << v << " vs " << want << " rounded " << round_bf16(want);
+  }
+  EXPECT_EQ(bad, 0);
+}
+
 // `bf` is `f32` rounded to bfloat16, element by element.
 void expect_rounded_copy(const Tensor& bf, const Tensor& f32, const std::string& what) {
   ASSERT_EQ(bf.dtype(), DType::BF16) << what;
@@ -182,16 +197,7 @@ TEST(Bf16, Conv2dToLayerWithResidualRoundsTheSumOnce) {
     SCOPED_TRACE(residual_bf16 ? "bf16 residual" : "f32 residual");
     Tensor ours = conv->forward_to_layer(x, residual_bf16 ? r.to(DType::BF16) : r.clone());
     ASSERT_EQ(ours.dtype(), DType::BF16);
-    Tensor wide = ours.to(DType::F32);
-    int bad = 0;
-    for (int64_t i = 0; i < ref.numel(); ++i) {
-      // One bfloat16 rounding of a value within float32 accumulation error of the definition.
-      const float v = wide.f32()[i], want = ref.f32()[i];
-      const double tol = 1e-5 * mag.f32()[i] + 1e-6;
-      const bool ok = v == round_bf16(want) || v == round_bf16(float(want + tol)) || v == round_bf16(float(want - tol));
-      if (!ok && bad++ < 5) ADD_FAILURE() << "[" << i << "]: " << v << " vs " << want << " rounded " << round_bf16(want);
-    }
-    EXPECT_EQ(bad, 0);
+    expect_one_rounding(ours, ref, mag);
   }
 }
 
@@ -282,15 +288,7 @@ TEST(Bf16, LinearToLayerWithResidualRoundsTheSumOnce) {
     Tensor ours = lin->forward_to_layer(x, std::move(residual));
     ASSERT_EQ(ours.dtype(), DType::BF16);
     if (residual_bf16) EXPECT_EQ(ours.raw(), storage);
-    Tensor wide = ours.to(DType::F32);
-    int bad = 0;
-    for (int64_t i = 0; i < ref.numel(); ++i) {
-      const float v = wide.f32()[i], want = ref.f32()[i];
-      const double tol = 1e-5 * mag.f32()[i] + 1e-6;
-      const bool ok = v == round_bf16(want) || v == round_bf16(float(want + tol)) || v == round_bf16(float(want - tol));
-      if (!ok && bad++ < 5) ADD_FAILURE() << "[" << i << "]: " << v << " vs " << want << " rounded " << round_bf16(want);
-    }
-    EXPECT_EQ(bad, 0);
+    expect_one_rounding(ours, ref, mag);
   }
 }
 
