@@ -128,11 +128,13 @@ int64_t query_block(int64_t B, int64_t Lq, int64_t H) {
   return std::max<int64_t>(std::min<int64_t>(8, Lq), (Lq + blocks - 1) / blocks);
 }
 
-// oneDNN's bfloat16 matmul costs ~20 us a call beyond its arithmetic on the AMX CPU of the GPU
-// machine (brgemm's tile set-up and packing of the strided K or V), which float32 sgemm does not:
-// DeiT-B's ~50 x 197 x 64 products were 24% slower in bfloat16 there (2 pinned threads), while
-// CvT-13's first stage, 49 x 784 x 64, gained. Blocks under 2^21 multiply-adds a product compute in
-// float32: the one place this is decided, for the kernel's callers and attention_reads_16bit alike.
+// Blocks under 2^21 multiply-adds a product compute in float32: the one place this is decided, for
+// the kernel's callers and attention_reads_16bit alike. Measured on the AMX CPU of the GPU machine when
+// the bfloat16 products read Q, K and V through strides (oneDNN 2.6 then runs its JIT gemm, ~20 us a
+// call beyond the arithmetic): DeiT-B's ~50 x 197 x 64 products were 24% slower in bfloat16 (2 pinned
+// threads), CvT-13's first stage, 49 x 784 x 64, gained. On the packed operands brgemm now reads,
+// smaller bfloat16 products are faster than float32 ones on the development VM; AMX has not been
+// measured on them, so the threshold stays.
 bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t dv) {
   constexpr int64_t kMinBf16Macs = int64_t(1) << 21;
   if (B <= 0 || Lq <= 0 || H <= 0) return false;
@@ -247,11 +249,6 @@ void portable_context(int64_t rows, int64_t Lk, int64_t dv, const float* p, cons
       for (int64_t c = 0; c < dv; ++c) oi[c] += pij * vj[c];
     }
   }
-}
-
-// Copies `rows` rows of `width` elements (es bytes each) from a strided source to a dense target.
-void pack_rows(const char* src, int64_t src_ld, char* dst, int64_t rows, int64_t width, size_t es) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * width * es, src + r * src_ld * es, width * es);
 }
 
 // A thread's oneDNN memory objects for one Products and its execute() arguments, made on the thread's
@@ -374,8 +371,8 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h) {
-        pack_rows(operand(k, b, 0, h * dk), k.row_stride, pk + (b * H + h) * Lk * dk * es, Lk, dk, es);
-        pack_rows(operand(v, b, 0, h * dv), v.row_stride, pv + (b * H + h) * Lk * dv * es, Lk, dv, es);
+        copy_blocks(pk + (b * H + h) * Lk * dk * es, dk * es, operand(k, b, 0, h * dk), k.row_stride * es, dk * es, Lk);
+        copy_blocks(pv + (b * H + h) * Lk * dv * es, dv * es, operand(v, b, 0, h * dv), v.row_stride * es, dv * es, Lk);
       }
   }
   const size_t scratch_bytes = fast ? std::max(full->scratch_bytes, last->scratch_bytes) : 0;
@@ -439,7 +436,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       Views& w = rows == qb ? *full_views : *last_views;
       const char* queries = operand(q, b, i0, h * dk);
       if (pack_q) {
-        pack_rows(queries, q.row_stride, reinterpret_cast<char*>(my_queries), rows, dk, es);
+        copy_blocks(my_queries, dk * es, queries, q.row_stride * es, dk * es, rows);
         queries = reinterpret_cast<const char*>(my_queries);
       }
       const int64_t head = b * H + h;
@@ -460,7 +457,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
       if (bf16_out)
         for (int64_t r = 0; r < rows; ++r) bf16_from_float(my_context + r * dv, out_bf16 + o_at + r * H * dv, dv);
       else if (!dense_o)
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(o + r * H * dv, my_context + r * dv, dv * sizeof(float));
+        copy_blocks(o, H * dv * 4, my_context, dv * 4, dv * 4, rows);
     }
   }
   if (out32.defined()) bf16_from_float(out32.f32(), out_bf16, out32.numel());

@@ -153,15 +153,14 @@ ModelOutput ConvNextModel::forward(const Tensor& pixel_values, bool output_hidde
   ModelOutput out;
   std::vector<Tensor> hidden_states;
   // The stages' outputs are bfloat16 on a bfloat16 CPU model (the residual stream): float32 where
-  // they are returned.
-  auto returned = [](const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); };
+  // they are returned (to() hands a float32 tensor back as it is).
   Tensor h = embeddings(nchw_to_nhwc(pixel_values));
   if (output_hidden_states) hidden_states.push_back(h);
   for (auto& stage : encoder.stages) {
     h = stage(std::move(h));
-    if (output_hidden_states) hidden_states.push_back(returned(h));
+    if (output_hidden_states) hidden_states.push_back(h.to(DType::F32));
   }
-  h = returned(h);
+  h = h.to(DType::F32);
   out.set("last_hidden_state", nhwc_to_nchw(h));
   if (has_layernorm)
     out.set("pooler_output", layer_norm(global_avg_pool_nhwc(h), layernorm_weight, layernorm_bias, float(config.layer_norm_eps)));
