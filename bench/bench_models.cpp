@@ -230,12 +230,15 @@ std::vector<Arch> architectures() {
 int main(int argc, char** argv) {
   const int threads = bench_threads();
   const int workers = std::clamp(env_int("VF_BENCH_WORKERS", threads), 1, threads);
+  const char* min_env = std::getenv("VF_BENCH_MIN_SECONDS");
+  const double min_seconds = min_env && std::atof(min_env) > 0 ? std::atof(min_env) : 3.0;
   for (const Arch& a : architectures()) {
     bool swin = std::string(a.name) == "BM_DetaSwinLarge";
     auto* l = benchmark::RegisterBenchmark(a.name, [a](benchmark::State& s) { latency(s, a); });
     l->Unit(benchmark::kMillisecond)->UseRealTime();
     // Detection models take seconds per image on the CPU; a GPU gets 20 for a steadier mean.
-    if (a.detection) l->Iterations(swin ? 1 : (bench_device().is_cpu() ? 3 : 20)); else l->MinTime(3.0);
+    // VF_BENCH_MIN_SECONDS: the classifiers' minimum time each (default 3 s), shorter for A/B rounds.
+    if (a.detection) l->Iterations(swin ? 1 : (bench_device().is_cpu() ? 3 : 20)); else l->MinTime(min_seconds);
 
     int64_t batch = env_int("VF_BENCH_BATCH", a.detection ? 2 : 8);
     // VF_BENCH_ROUNDS: forwards per worker (a GPU wants more than the CPU's default for a steady number).

@@ -239,6 +239,32 @@ TEST(Ops, LargeCatNarrowAndCloneCopyEveryElement) {
   EXPECT_NE(copy.raw(), joined.raw());
 }
 
+// Every element against the definition in double, at widths with and without a part past the last
+// whole 16-lane vector.
+TEST(Ops, LayerNormMatchesDefinition) {
+  for (int64_t c : {5, 16, 40, 200}) {
+    const int64_t rows = 7;
+    Tensor x = randn({rows, c}, 61), w = randn({c}, 62), b = randn({c}, 63);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = 3.0f + 2.0f * x.f32()[i];  // a mean far from 0
+    Tensor y = layer_norm(x, w, b, 1e-5f);
+    ASSERT_EQ(y.shape(), x.shape());
+    double worst = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* in = x.f32() + r * c;
+      double mean = 0, var = 0;
+      for (int64_t k = 0; k < c; ++k) mean += in[k];
+      mean /= double(c);
+      for (int64_t k = 0; k < c; ++k) var += (in[k] - mean) * (in[k] - mean);
+      var /= double(c);
+      for (int64_t k = 0; k < c; ++k) {
+        const double want = (in[k] - mean) / std::sqrt(var + 1e-5) * w.f32()[k] + b.f32()[k];
+        worst = std::max(worst, std::fabs(y.f32()[r * c + k] - want));
+      }
+    }
+    EXPECT_LT(worst, 1e-5) << c;
+  }
+}
+
 TEST(Ops, LayerNormAndSoftmax) {
   Tensor x = randn({4, 32}, 11);
   Tensor y = layer_norm(x, Tensor::full({32}, 2.0f), Tensor::full({32}, 1.0f), 1e-6f);

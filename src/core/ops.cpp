@@ -6,6 +6,7 @@
 #include "core/bfloat16.h"
 #include "core/errors.h"
 #include "core/shapes.h"
+#include "core/simd.h"
 
 #include <omp.h>
 
@@ -31,27 +32,6 @@ inline float gelu_tanh(float x) {
 // F.softplus with its default threshold: the identity above 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
-// Writes value(k), k in [0, count), at element `at` of y: float32 as it is, or (a norm writing the
-// input of a bfloat16 layer) rounded to bfloat16 a block at a time while the block is in cache, no
-// float32 row written. One expression for both, so both dtypes hold the same values.
-template <class Value>
-void write_row(Tensor& y, int64_t at, int64_t count, const Value& value) {
-  if (y.dtype() == DType::F32) {
-    float* out = y.f32() + at;
-#pragma omp simd
-    for (int64_t k = 0; k < count; ++k) out[k] = value(k);
-    return;
-  }
-  constexpr int64_t kBlock = 64;
-  uint16_t* out = static_cast<uint16_t*>(y.raw()) + at;
-  for (int64_t k0 = 0; k0 < count; k0 += kBlock) {
-    const int64_t m = std::min(kBlock, count - k0);
-    float block[kBlock];
-#pragma omp simd
-    for (int64_t k = 0; k < m; ++k) block[k] = value(k0 + k);
-    bf16_from_float(block, out + k0, m);
-  }
-}
 }  // namespace
 
 // ---- activations ---------------------------------------------------------------------------------
@@ -134,27 +114,47 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
   Tensor y = Tensor::empty(x.shape(), out_dtype);
   const float* w = weight.f32();
   const float* b = bias.f32();
-  // x in float32, or in bfloat16 (a residual stream a bfloat16 layer wrote), read as float32.
-  auto run = [&](const auto* px) {
+  // x in float32, or in bfloat16 (a residual stream a bfloat16 layer wrote), read as float32; y in
+  // float32 or in bfloat16 for the layer that reads it. Each row's mean and variance are summed in
+  // sixteen lanes over its whole vectors, the rest of the row after them.
+  auto run = [&](const auto* px, auto* py) {
+    using simd::F16, simd::kLanes;
+    const int64_t whole = c - c % kLanes;
 #pragma omp parallel for
     for (int64_t r = 0; r < rows; ++r) {
       const auto* in = px + r * c;
-      float mean = 0.f;
-#pragma omp simd reduction(+ : mean)
-      for (int64_t i = 0; i < c; ++i) mean += as_float(in[i]);
+      auto* out = py + r * c;
+      F16 s{};
+      for (int64_t i = 0; i < whole; i += kLanes) s += simd::load(in + i);
+      float mean = simd::sum(s);
+      for (int64_t i = whole; i < c; ++i) mean += as_float(in[i]);
       mean /= c;
-      float var = 0.f;
-#pragma omp simd reduction(+ : var)
-      for (int64_t i = 0; i < c; ++i) { float d = as_float(in[i]) - mean; var += d * d; }
+      const F16 m = simd::splat(mean);
+      F16 q{};
+      for (int64_t i = 0; i < whole; i += kLanes) {
+        const F16 d = simd::load(in + i) - m;
+        q += d * d;
+      }
+      float var = simd::sum(q);
+      for (int64_t i = whole; i < c; ++i) { float d = as_float(in[i]) - mean; var += d * d; }
       var /= c;
-      float inv = 1.0f / std::sqrt(var + eps);
-      write_row(y, r * c, c, [&](int64_t i) { return (as_float(in[i]) - mean) * inv * w[i] + b[i]; });
+      const float inv = 1.0f / std::sqrt(var + eps);
+      const F16 vi = simd::splat(inv);
+      for (int64_t i = 0; i < whole; i += kLanes)
+        simd::store(out + i, (simd::load(in + i) - m) * vi * simd::load(w + i) + simd::load(b + i));
+      for (int64_t i = whole; i < c; ++i) simd::put(out + i, (as_float(in[i]) - mean) * inv * w[i] + b[i]);
     }
   };
+  auto to = [&](const auto* px) {
+    if (out_dtype == DType::BF16)
+      run(px, static_cast<uint16_t*>(y.raw()));
+    else
+      run(px, y.f32());
+  };
   if (x.dtype() == DType::BF16)
-    run(static_cast<const uint16_t*>(x.raw()));
+    to(static_cast<const uint16_t*>(x.raw()));
   else
-    run(x.f32());
+    to(x.f32());
   return y;
 }
 
@@ -310,81 +310,113 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
     throw Error(std::string("grn: cannot write ") + dtype_name(out_dtype));
   int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   Tensor y = Tensor::empty(x.shape(), out_dtype);
+  if (y.numel() == 0) return y;
   const float* g = gamma.f32();
   const float* b = beta.f32();
-  // x in float32, or in bfloat16 (a bfloat16 pwconv1's forward_to_layer), read as float32.
-  auto run = [&](const auto* px) {
-    // The per-channel sums of squares: in float over blocks of 16 rows (sixteen channels' sums in one
-    // vector register), those added in double over fixed chunks of rows, then the chunks added in
-    // order: the same sums at any thread count. A task is a chunk of rows and a slice of channels:
-    // whole rows where the chunks alone keep every thread busy, narrower slices (multiples of 16
-    // channels) where they do not, as in the late stages' few rows of many channels (196 x 1536 in
-    // ConvNeXt V2-T's third: one chunk).
-    constexpr int64_t kChunk = 256, kRows = 16, kLanes = 16;
-    const int64_t chunks = (hw + kChunk - 1) / kChunk;
-    const int64_t wanted = (2 * omp_get_max_threads() + n * chunks - 1) / (n * chunks);
-    const int64_t kSlice = std::max<int64_t>(16, (c / std::max<int64_t>(wanted, 1) + 15) / 16 * 16);
-    const int64_t slices = (c + kSlice - 1) / kSlice;
-    std::vector<double> partial(static_cast<size_t>(n * chunks * c));
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t ch = 0; ch < chunks; ++ch)
-        for (int64_t sl = 0; sl < slices; ++sl) {
-          const int64_t k0 = sl * kSlice, k1 = std::min(c, k0 + kSlice);
-          double* acc = partial.data() + (i * chunks + ch) * c;
-          const int64_t p1 = std::min(hw, (ch + 1) * kChunk);
-          for (int64_t p = ch * kChunk; p < p1; p += kRows) {
-            const auto* first = px + (i * hw + p) * c;
-            const int64_t rows = std::min(kRows, p1 - p);
-            int64_t k = k0;
-            for (; k + kLanes <= k1; k += kLanes) {
-              float sq[kLanes] = {};
-              for (int64_t r = 0; r < rows; ++r) {
-                const auto* row = first + r * c + k;
-#pragma omp simd
-                for (int64_t l = 0; l < kLanes; ++l) sq[l] += as_float(row[l]) * as_float(row[l]);
+  // The per-channel sums of squares: in float over blocks of 16 rows (sixteen channels' sums in one
+  // vector), those added in double over fixed chunks of rows, then the chunks added in order: the same
+  // sums at any thread count. A task is a chunk of rows and a slice of channels: whole rows where the
+  // chunks alone keep every thread busy, narrower slices (multiples of 16 channels) where they do not,
+  // as in the late stages' few rows of many channels (196 x 1536 in ConvNeXt V2-T's third: one chunk).
+  constexpr int64_t kChunk = 256, kRows = 16;
+  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  const int threads = omp_get_max_threads();
+  const int64_t wanted = (2 * threads + n * chunks - 1) / (n * chunks);
+  const int64_t kSlice = std::max<int64_t>(16, (c / std::max<int64_t>(wanted, 1) + 15) / 16 * 16);
+  const int64_t slices = (c + kSlice - 1) / kSlice;
+  // Gx's square roots are taken over blocks of channels across the threads too (3072 of them in the
+  // last stage, a few microseconds on one thread while fifteen wait).
+  constexpr int64_t kRootBlock = 64;
+  const int64_t root_blocks = (c + kRootBlock - 1) / kRootBlock;
+  // The output pass cuts rows into runs of at most 512 channels: ConvNeXt V2-T's last stage has 49
+  // rows of 3072 (whole rows on 16 threads would be four rounds, the last a quarter full).
+  constexpr int64_t kRun = 512;
+  const int64_t runs = (c + kRun - 1) / kRun;
+  // Scratch from the buffer pool: the chunks' sums, Gx, and each thread's own copy of Nx.
+  Tensor partial_room = Tensor::empty({n * chunks * c}, DType::F64);
+  Tensor gx_room = Tensor::empty({n * c}), nx_room = Tensor::empty({int64_t(threads) * n * c});
+  double* partial = static_cast<double*>(partial_room.raw());
+  float* gx = gx_room.f32();
+  float* nx_all = nx_room.f32();
+  // x in float32, or in bfloat16 (a bfloat16 pwconv1's forward_to_layer), read as float32; y in
+  // float32 or in bfloat16 for pwconv2. The steps share one parallel region; Nx needs the mean of all
+  // of Gx, so after one barrier every thread computes it (the same sums in the same order) and Nx
+  // for itself, rather than one thread while the others wait at two more.
+  auto run = [&](const auto* px, auto* py) {
+    using simd::F16, simd::kLanes;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for collapse(3) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ch = 0; ch < chunks; ++ch)
+          for (int64_t sl = 0; sl < slices; ++sl) {
+            const int64_t k0 = sl * kSlice, k1 = std::min(c, k0 + kSlice);
+            double* acc = partial + (i * chunks + ch) * c;
+            std::fill(acc + k0, acc + k1, 0.0);
+            const int64_t p1 = std::min(hw, (ch + 1) * kChunk);
+            for (int64_t p = ch * kChunk; p < p1; p += kRows) {
+              const auto* first = px + (i * hw + p) * c;
+              const int64_t rows = std::min(kRows, p1 - p);
+              int64_t k = k0;
+              for (; k + kLanes <= k1; k += kLanes) {
+                F16 sq{};
+                for (int64_t r = 0; r < rows; ++r) {
+                  const F16 v = simd::load(first + r * c + k);
+                  sq += v * v;
+                }
+                simd::add_to(acc + k, sq);
               }
-#pragma omp simd
-              for (int64_t l = 0; l < kLanes; ++l) acc[k + l] += sq[l];
-            }
-            for (; k < k1; ++k) {  // the channels past the last whole vector, in the same order
-              float sq = 0.0f;
-              for (int64_t r = 0; r < rows; ++r) sq += as_float(first[r * c + k]) * as_float(first[r * c + k]);
-              acc[k] += sq;
+              for (; k < k1; ++k) {  // the channels past the last whole vector, in the same order
+                float sq = 0.0f;
+                for (int64_t r = 0; r < rows; ++r) sq += as_float(first[r * c + k]) * as_float(first[r * c + k]);
+                acc[k] += sq;
+              }
             }
           }
-        }
-    for (int64_t i = 0; i < n; ++i) {
-      std::vector<double> sq(c, 0.0);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const double* acc = partial.data() + (i * chunks + ch) * c;
-        for (int64_t k = 0; k < c; ++k) sq[k] += acc[k];
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t rb = 0; rb < root_blocks; ++rb)
+          for (int64_t k = rb * kRootBlock; k < std::min(c, (rb + 1) * kRootBlock); ++k) {
+            double sq = 0;
+            for (int64_t ch = 0; ch < chunks; ++ch) sq += partial[(i * chunks + ch) * c + k];
+            gx[i * c + k] = float(std::sqrt(sq));
+          }
+      float* nx = nx_all + int64_t(omp_get_thread_num()) * n * c;
+      for (int64_t i = 0; i < n; ++i) {
+        const float denominator = float(simd::sum_in_double(gx + i * c, c) / double(c)) + eps;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) nx[i * c + k] = gx[i * c + k] / denominator;
       }
-      std::vector<float> gx(c), nx(c);
-      double mean = 0;
-      for (int64_t k = 0; k < c; ++k) { gx[k] = float(std::sqrt(sq[k])); mean += gx[k]; }
-      mean /= c;
-      for (int64_t k = 0; k < c; ++k) nx[k] = gx[k] / (float(mean) + eps);
-      // Rows cut into runs of at most 512 channels: ConvNeXt V2-T's last stage has 49 rows of 3072
-      // (whole rows on 16 threads would be four rounds, the last a quarter full).
-      constexpr int64_t kRun = 512;
-      const int64_t runs = (c + kRun - 1) / kRun;
-#pragma omp parallel for collapse(2) schedule(static)
-      for (int64_t p = 0; p < hw; ++p)
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t k0 = r * kRun, at = (i * hw + p) * c + k0;
-          const auto* in = px + at;
-          write_row(y, at, std::min(kRun, c - k0), [&](int64_t k) {
-            const float v = as_float(in[k]);
-            return g[k0 + k] * (v * nx[k0 + k]) + b[k0 + k] + v;
-          });
-        }
+#pragma omp for collapse(3) schedule(static) nowait
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t p = 0; p < hw; ++p)
+          for (int64_t r = 0; r < runs; ++r) {
+            const int64_t k0 = r * kRun, count = std::min(kRun, c - k0), whole = count - count % kLanes;
+            const int64_t at = (i * hw + p) * c + k0;
+            const auto* in = px + at;
+            auto* out = py + at;
+            const float *gk = g + k0, *bk = b + k0, *nk = nx + i * c + k0;
+            for (int64_t k = 0; k < whole; k += kLanes) {
+              const F16 v = simd::load(in + k);
+              simd::store(out + k, simd::load(gk + k) * (v * simd::load(nk + k)) + simd::load(bk + k) + v);
+            }
+            for (int64_t k = whole; k < count; ++k) {
+              const float v = as_float(in[k]);
+              simd::put(out + k, gk[k] * (v * nk[k]) + bk[k] + v);
+            }
+          }
     }
   };
+  auto to = [&](const auto* px) {
+    if (out_dtype == DType::BF16)
+      run(px, static_cast<uint16_t*>(y.raw()));
+    else
+      run(px, y.f32());
+  };
   if (x.dtype() == DType::BF16)
-    run(static_cast<const uint16_t*>(x.raw()));
+    to(static_cast<const uint16_t*>(x.raw()));
   else
-    run(x.f32());
+    to(x.f32());
   return y;
 }
 

@@ -1,0 +1,89 @@
+// Single ops at the shapes of ConvNeXt V2-T's four stages (224x224 input: maps of 56, 28, 14 and 7
+// pixels a side, 96 to 768 channels), on VF_THREADS threads: the per-call costs that the whole-model
+// benchmarks hide (a region's fork and join, an op's own set-up), beside the work at each size.
+// Arguments: the stage (0-3) and the dtype (0 float32, 1 bfloat16: the op reads and writes bfloat16,
+// as between the layers of a bfloat16 forward).
+//
+//   VF_THREADS=16 vf_bench --benchmark_filter='BM_Op'
+//
+//   BM_OpGrn        grn_nhwc on the pwconv1 output [1, s, s, 4 * dim]
+//   BM_OpLayerNorm  layer_norm on the depthwise conv's output [1, s, s, dim]
+//   BM_OpLinear     pwconv1, [s * s, dim] -> [s * s, 4 * dim] with GELU (a layer built in the dtype)
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+
+#include "core/device.h"
+#include "core/ops.h"
+
+namespace {
+
+constexpr int64_t kSide[4] = {56, 28, 14, 7};
+constexpr int64_t kDim[4] = {96, 192, 384, 768};
+
+int threads_from_env() {
+  const char* v = std::getenv("VF_THREADS");
+  return v && std::atoi(v) > 0 ? std::atoi(v) : int(std::thread::hardware_concurrency());
+}
+
+// Values in [-1, 1), deterministic, in the benchmark's dtype.
+vf::Tensor values(const vf::Shape& shape, bool bf16) {
+  vf::Tensor t = vf::Tensor::empty(shape);
+  float* p = t.f32();
+  uint64_t h = 88172645463325252ull;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    h ^= h << 13, h ^= h >> 7, h ^= h << 17;
+    p[i] = float(h >> 40) / float(1 << 24) * 2.0f - 1.0f;
+  }
+  return bf16 ? t.to(vf::DType::BF16) : t;
+}
+
+void label(benchmark::State& state, int64_t elements) {
+  state.counters["threads"] = vf::num_threads();
+  state.counters["elements"] = double(elements);
+  state.SetLabel(state.range(1) ? "bfloat16" : "float32");
+}
+
+void BM_OpGrn(benchmark::State& state) {
+  vf::set_num_threads(threads_from_env());
+  const int64_t s = kSide[state.range(0)], c = 4 * kDim[state.range(0)];
+  const bool bf16 = state.range(1) != 0;
+  const vf::Tensor x = values({1, s, s, c}, bf16), gamma = values({c}, false), beta = values({c}, false);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(vf::grn_nhwc(x, gamma, beta, 1e-6f, bf16 ? vf::DType::BF16 : vf::DType::F32));
+  label(state, x.numel());
+}
+
+void BM_OpLayerNorm(benchmark::State& state) {
+  vf::set_num_threads(threads_from_env());
+  const int64_t s = kSide[state.range(0)], c = kDim[state.range(0)];
+  const bool bf16 = state.range(1) != 0;
+  const vf::Tensor x = values({1, s, s, c}, bf16), w = values({c}, false), b = values({c}, false);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(vf::layer_norm(x, w, b, 1e-6f, bf16 ? vf::DType::BF16 : vf::DType::F32));
+  label(state, x.numel());
+}
+
+void BM_OpLinear(benchmark::State& state) {
+  vf::set_num_threads(threads_from_env());
+  const int64_t s = kSide[state.range(0)], c = kDim[state.range(0)];
+  const bool bf16 = state.range(1) != 0;
+  vf::LoadDeviceScope scope(vf::Device::cpu(), bf16 ? vf::DType::BF16 : vf::DType::F32);
+  const vf::Linear fc(values({4 * c, c}, false), values({4 * c}, false), vf::Act::Gelu);
+  const vf::Tensor x = values({s * s, c}, bf16);
+  fc.forward_to_layer(x);  // the primitive made and the weights reordered once, as a model's warm-up
+  for (auto _ : state) benchmark::DoNotOptimize(fc.forward_to_layer(x));
+  label(state, x.numel());
+}
+
+void stages(benchmark::internal::Benchmark* b) {
+  b->ArgsProduct({{0, 1, 2, 3}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_OpGrn)->Apply(stages);
+BENCHMARK(BM_OpLayerNorm)->Apply(stages);
+BENCHMARK(BM_OpLinear)->Apply(stages);
