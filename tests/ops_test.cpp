@@ -281,6 +281,22 @@ TEST(Ops, LargeCatNarrowAndCloneCopyEveryElement) {
   EXPECT_NE(copy.raw(), joined.raw());
 }
 
+// narrow of a batch of one is a view (its range is contiguous): the same values, no copy, and the
+// source stays shared, so ops that write in place do not write into it. Of a batch of two, a copy.
+TEST(Ops, NarrowOfOneImageIsAViewOfItsRange) {
+  Tensor x = randn({1, 5, 4}, 70);
+  Tensor tail = narrow(x, 1, 2, 3);
+  ASSERT_EQ(tail.shape(), (Shape{1, 3, 4}));
+  EXPECT_EQ(tail.raw(), static_cast<const void*>(x.f32() + 2 * 4));
+  for (int64_t i = 0; i < 12; ++i) EXPECT_EQ(tail.f32()[i], x.f32()[8 + i]);
+  EXPECT_FALSE(tail.sole_owner());
+  Tensor pair = randn({2, 5, 4}, 71);
+  Tensor second = narrow(pair, 1, 2, 3);
+  EXPECT_TRUE(second.sole_owner());
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t i = 0; i < 12; ++i) EXPECT_EQ(second.f32()[b * 12 + i], pair.f32()[b * 20 + 8 + i]);
+}
+
 // Every element against the definition in double, at widths with and without a part past the last
 // whole 16-lane vector.
 TEST(Ops, LayerNormMatchesDefinition) {

@@ -788,11 +788,12 @@ Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length) {
   if (begin < 0 || length < 0 || begin + length > x.size(dim)) throw Error("narrow: out of range");
   Shape out_shape = x.shape();
   out_shape[dim] = length;
-  Tensor y = Tensor::empty(out_shape, x.dtype());
-  size_t es = dtype_size(x.dtype());
   int64_t outer = 1, inner = 1;
   for (int64_t i = 0; i < dim; ++i) outer *= x.size(i);
   for (int64_t i = dim + 1; i < d; ++i) inner *= x.size(i);
+  if (outer == 1) return x.reshape({x.numel()}).slice0(begin * inner, (begin + length) * inner).reshape(out_shape);
+  Tensor y = Tensor::empty(out_shape, x.dtype());
+  size_t es = dtype_size(x.dtype());
   const char* src = static_cast<const char*>(x.raw());
   copy_blocks(y.raw(), length * inner * es, src + begin * inner * es, x.size(dim) * inner * es, length * inner * es,
               outer);

@@ -220,7 +220,9 @@ Tensor window_reverse(const Tensor& windows, int64_t window, int64_t H, int64_t 
                       int64_t out_w);
 // Concatenate along `dim` (all other dims equal, same dtype).
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
-// Sub-range along any dim: [begin, end).
+// Sub-range along any dim: [begin, begin + length). On the host, where the range is contiguous (every
+// dim before `dim` of size 1: a batch of one), a view of x's memory, like reshape (ops that write in
+// place check sole_owner(), which a view is not); else a copy.
 Tensor narrow(const Tensor& x, int64_t dim, int64_t begin, int64_t length);
 // Rows of each batch entry: x [B, S, C] (float32) and idx [B, K] (int64) -> y [B, K, C] with
 // y[b, k] = x[b, idx[b, k]] (torch.gather of whole rows), on x's device. idx is on the host or on x's
