@@ -185,6 +185,26 @@ void execute(const dnnl::primitive& prim, const memory::desc& scratchpad, ArgSet
   stream().wait();
 }
 
+// A weighted layer's primitive (Linear, NHWC Conv2d) run from x into y (dst_md), with its weights and
+// bias (bias_md at `bias`), on a set of arguments kept by the primitive (`sets`); x reaches it through
+// `to_compute`. The descriptors are used only when a new set is made.
+void run_weighted(const dnnl::primitive& prim, const memory::desc& scratchpad, ArgSets& sets,
+                  const SourceConversion& to_compute, const memory& weights, const memory::desc& bias_md,
+                  const void* bias, const memory::desc& dst_md, const Tensor& x, Tensor& y) {
+  ArgSets::Lease args = sets.take([&] {
+    ArgSets::Args a{{DNNL_ARG_SRC, unbound(to_compute.md)},
+                    {DNNL_ARG_WEIGHTS, weights},
+                    {DNNL_ARG_BIAS, memory(bias_md, engine(), const_cast<void*>(bias))},
+                    {DNNL_ARG_DST, unbound(dst_md)}};
+    if (scratchpad.get_size() > 0) a.emplace(DNNL_ARG_SCRATCHPAD, unbound(scratchpad));
+    return a;
+  });
+  Tensor x_compute;
+  to_compute.bind(args, x, x_compute);
+  args.bind(DNNL_ARG_DST, y.raw());
+  execute(prim, scratchpad, args);
+}
+
 std::mutex& dnnl_mutex() {
   static std::mutex m;
   return m;
@@ -633,19 +653,9 @@ Tensor Conv2d::forward_cpu(const Tensor& x, const Tensor* residual, bool in_plac
     p.from_blocked.execute(stream(), dst_b, dst);
   } else {
     if (!residual) y = Tensor::empty({n, p.oh, p.ow, out_}, compute_dst ? DType::BF16 : DType::F32);
-    ArgSets::Lease args = p.args->take([&] {
-      ArgSets::Args a{{DNNL_ARG_SRC, unbound(p.to_compute.md)},
-                      {DNNL_ARG_WEIGHTS, p.weights},
-                      {DNNL_ARG_BIAS, memory(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw())},
-                      {DNNL_ARG_DST, unbound(memory::desc({n, out_, p.oh, p.ow}, compute_dst ? impl_->compute : dt::f32,
-                                                          tag::nhwc))}};
-      if (p.scratchpad.get_size() > 0) a.emplace(DNNL_ARG_SCRATCHPAD, unbound(p.scratchpad));
-      return a;
-    });
-    Tensor x_compute;
-    p.to_compute.bind(args, x, x_compute);
-    args.bind(DNNL_ARG_DST, y.raw());
-    execute(p.prim, p.scratchpad, args);
+    run_weighted(p.prim, p.scratchpad, *p.args, p.to_compute, p.weights, memory::desc({out_}, dt::f32, tag::x),
+                 impl_->bias.raw(), memory::desc({n, out_, p.oh, p.ow}, compute_dst ? impl_->compute : dt::f32, tag::nhwc),
+                 x, y);
   }
   stream().wait();
   Act a = impl_->opt.act;
@@ -947,18 +957,8 @@ Tensor Linear::forward_cpu(const Tensor& x, const Tensor* residual, bool to_laye
   }
   if (m == 0) return y;
   auto& p = impl_->prim_for(m, residual != nullptr, compute_dst);
-  ArgSets::Lease args = p.args->take([&] {
-    ArgSets::Args a{{DNNL_ARG_SRC, unbound(p.to_compute.md)},
-                    {DNNL_ARG_WEIGHTS, p.weights},
-                    {DNNL_ARG_BIAS, memory(memory::desc({1, out_}, dt::f32, tag::ab), engine(), impl_->bias.raw())},
-                    {DNNL_ARG_DST, unbound(memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab))}};
-    if (p.scratchpad.get_size() > 0) a.emplace(DNNL_ARG_SCRATCHPAD, unbound(p.scratchpad));
-    return a;
-  });
-  Tensor x_compute;
-  p.to_compute.bind(args, x, x_compute);
-  args.bind(DNNL_ARG_DST, y.raw());
-  execute(p.prim, p.scratchpad, args);
+  run_weighted(p.prim, p.scratchpad, *p.args, p.to_compute, p.weights, memory::desc({1, out_}, dt::f32, tag::ab),
+               impl_->bias.raw(), memory::desc({m, out_}, compute_dst ? impl_->compute : dt::f32, tag::ab), x, y);
   return y;
 }
 
