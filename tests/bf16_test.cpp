@@ -514,6 +514,22 @@ TEST(Bf16, AttentionComputesBothProductsOnRoundedOperands) {
         }
       }
   EXPECT_EQ(bad, 0);
+  // Without the probabilities handed back the softmax rounds them as it scales them (no float32 pass
+  // of its own): the same context, also for rows whose length is not a whole number of vectors.
+  AttentionOptions no_probs;
+  no_probs.scale = scale;
+  EXPECT_EQ(max_abs_diff(multi_head_attention(qf.to(DType::BF16), kf.to(DType::BF16), vf.to(DType::BF16), H, no_probs),
+                         ctx),
+            0.0);
+  {
+    const Tensor q16 = qf.to(DType::BF16), k16 = narrow(kf, 1, 0, Lk - 3).to(DType::BF16),
+                 v16 = narrow(vf, 1, 0, Lk - 3).to(DType::BF16);
+    Tensor tail_probs;
+    AttentionOptions with_probs = no_probs;
+    with_probs.probs = &tail_probs;
+    EXPECT_EQ(max_abs_diff(multi_head_attention(q16, k16, v16, H, no_probs), multi_head_attention(q16, k16, v16, H, with_probs)),
+              0.0);
+  }
   // Not the float32 computation: the probabilities were rounded.
   AttentionOptions plain;
   plain.scale = scale;

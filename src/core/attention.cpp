@@ -4,6 +4,7 @@
 
 #include "core/errors.h"
 #include "core/limits.h"
+#include "core/simd.h"
 
 #include <omp.h>
 
@@ -71,7 +72,10 @@ float row_max(const float* row, int64_t n) {
 }
 
 // Softmax over each of `rows` rows of length n (leading dimension ld), then the head-mask factor.
-void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor) {
+// With `rounded`, the probabilities go there instead, rounded to bfloat16 ([rows, n]; the bfloat16
+// second product reads them), in the pass that scales them: the same values as rounding the float32
+// rows afterwards, without that pass over them.
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor, uint16_t* rounded = nullptr) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     const float mx = row_max(row, n);
@@ -83,6 +87,15 @@ void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float factor) {
       sum += e;
     }
     const float mul = factor / sum;
+    if (rounded) {
+      uint16_t* out = rounded + i * n;
+      int64_t j = 0;
+      for (; j + simd::kLanes <= n; j += simd::kLanes) simd::store(out + j, simd::load(row + j) * mul);
+      float tail[simd::kLanes];
+      for (int64_t t = 0; t < n - j; ++t) tail[t] = row[j + t] * mul;
+      bf16_from_float(tail, out + j, n - j);  // as the whole vectors round (subnormals included)
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) row[j] *= mul;
   }
@@ -392,11 +405,11 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   float* out_p = bf16_out ? (fast ? nullptr : out32.f32()) : out.f32();
   uint16_t* out_bf16 = bf16_out ? static_cast<uint16_t*>(out.raw()) : nullptr;
   // Bias, padding mask and softmax on a block's scaled scores (and the head mask's factor).
-  auto finish_scores = [&](float* s, int64_t rows, int64_t b, int64_t h, int64_t i0) {
+  auto finish_scores = [&](float* s, int64_t rows, int64_t b, int64_t h, int64_t i0, uint16_t* rounded = nullptr) {
     if (bias) add_rows(s, bias + (h * Lq + i0) * Lk, rows * Lk);
     if (batch_bias) add_rows(s, batch_bias + ((b % batch_bias_count) * Lq + i0) * Lk, rows * Lk);
     if (key_mask) mask_rows(s, rows, Lk, key_mask + b * Lk);
-    softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f);
+    softmax_rows(s, rows, Lk, Lk, head_mask ? head_mask[h] : 1.0f, rounded);
   };
 
 #pragma omp parallel
@@ -450,8 +463,11 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
                                   : const_cast<char*>(operand(v, b, 0, 0)));
       w.o.set_data_handle(dense_o ? o : my_context);
       pr.scores.execute(stream, w.scores_args);
-      finish_scores(s, rows, b, h, i0);
-      if (q.bf16) bf16_from_float(s, reinterpret_cast<uint16_t*>(my_probs), rows * Lk);
+      // bfloat16: the float32 softmax's probabilities rounded for the second product (and kept in
+      // float32 too where the caller asked for them).
+      uint16_t* probs16 = q.bf16 ? reinterpret_cast<uint16_t*>(my_probs) : nullptr;
+      finish_scores(s, rows, b, h, i0, probs ? nullptr : probs16);
+      if (probs16 && probs) bf16_from_float(s, probs16, rows * Lk);
       pr.context.execute(stream, w.context_args);
       stream.wait();
       if (bf16_out)
