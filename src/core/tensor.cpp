@@ -396,9 +396,10 @@ Tensor Tensor::to(DType dtype) const {
   Tensor out = empty(shape_, dtype);
   void* q = out.data_;
   const int64_t n = numel();
-  // Between float32 and bfloat16, in blocks across threads: a residual stream or a feature map of
-  // a bfloat16 model (tens of MB) goes through here. Rounded to nearest even, as oneDNN's reorder.
-  constexpr int64_t kBlock = 1 << 16;
+  // Between float32 and bfloat16, in blocks of 128 KB of float32 across threads: a residual stream, a
+  // feature map or the image entering a bfloat16 model goes through here. Rounded to nearest even, as
+  // oneDNN's reorder.
+  constexpr int64_t kBlock = 1 << 15;
   if (dtype_ == DType::F32 && dtype == DType::BF16) {
     const float* x = static_cast<const float*>(data_);
 #pragma omp parallel for schedule(static) if (n > kBlock)
