@@ -7,30 +7,17 @@ bfloat16 speed-up of each build from the medians. For noisy machines (the device
     bench/ab.py build-old/bench/vf_bench build/bench/vf_bench --models BM_ConvNextV2Tiny,BM_Cvt13 \\
         --dtypes float32,bfloat16 --threads 16 --rounds 5 --seconds 0.5
 
---pin runs every process on cores 0..threads-1 (taskset). VF_BENCH_MIN_SECONDS is --seconds (builds
-before commit 9be7ec2 ignore it and take 3 s). Raw rows go to --csv when given.
+--pin runs every process on the first THREADS allowed cores (taskset), as bench/run.sh --pin does.
+VF_BENCH_MIN_SECONDS is --seconds (builds before commit 9be7ec2 ignore it and take 3 s). Raw rows go
+to --csv when given.
 """
 import argparse
 import csv
 import os
 import statistics
-import subprocess
 import sys
 
-
-def run_once(binary, model, dtype, threads, seconds, pin):
-    env = dict(os.environ, VF_THREADS=str(threads), VF_DTYPE=dtype, VF_BENCH_MIN_SECONDS=str(seconds))
-    cmd = [binary, f"--benchmark_filter=^{model}/min", "--benchmark_format=csv"]
-    if pin:
-        cmd = ["taskset", "-c", f"0-{threads - 1}"] + cmd
-    try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600).stdout
-    except subprocess.TimeoutExpired:
-        return None
-    for row in csv.reader(out.splitlines()):
-        if row and row[0].startswith(model + "/"):
-            return float(row[2])  # real_time, ms
-    return None
+from bench_table import vf_run  # one vf_bench benchmark in a fresh process, as bench/run.sh runs it
 
 
 def main():
@@ -45,13 +32,16 @@ def main():
     ap.add_argument("--csv", help="write every measurement here")
     a = ap.parse_args()
     models, dtypes = a.models.split(","), a.dtypes.split(",")
+    prefix = ["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0))[:a.threads]))] if a.pin else []
     times = {}
     rows = []
     for r in range(a.rounds):
         for m in models:
             for d in dtypes:
                 for b in a.builds:
-                    t = run_once(b, m, d, a.threads, a.seconds, a.pin)
+                    env = dict(os.environ, VF_THREADS=str(a.threads), VF_DTYPE=d, VF_BENCH_MIN_SECONDS=str(a.seconds))
+                    v = vf_run(os.path.abspath(b), m, "latency", prefix, env, 600)
+                    t = v["ms"] if v else None
                     rows.append((r, m, d, b, t))
                     if t is not None:
                         times.setdefault((m, d, b), []).append(t)
