@@ -32,6 +32,21 @@ inline float gelu_tanh(float x) {
 // F.softplus with its default threshold: the identity above 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
+// run(px, py) with x's and y's elements as float32 or bfloat16 pointers, whichever each holds: the
+// norms read a float32 or a bfloat16 map and write either for the layer after them.
+template <class Run>
+void with_rows(const Tensor& x, Tensor& y, const Run& run) {
+  auto to = [&](const auto* px) {
+    if (y.dtype() == DType::BF16)
+      run(px, static_cast<uint16_t*>(y.raw()));
+    else
+      run(px, y.f32());
+  };
+  if (x.dtype() == DType::BF16)
+    to(static_cast<const uint16_t*>(x.raw()));
+  else
+    to(x.f32());
+}
 }  // namespace
 
 // ---- activations ---------------------------------------------------------------------------------
@@ -145,16 +160,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
       for (int64_t i = whole; i < c; ++i) simd::put(out + i, (as_float(in[i]) - mean) * inv * w[i] + b[i]);
     }
   };
-  auto to = [&](const auto* px) {
-    if (out_dtype == DType::BF16)
-      run(px, static_cast<uint16_t*>(y.raw()));
-    else
-      run(px, y.f32());
-  };
-  if (x.dtype() == DType::BF16)
-    to(static_cast<const uint16_t*>(x.raw()));
-  else
-    to(x.f32());
+  with_rows(x, y, run);
   return y;
 }
 
@@ -407,16 +413,7 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
           }
     }
   };
-  auto to = [&](const auto* px) {
-    if (out_dtype == DType::BF16)
-      run(px, static_cast<uint16_t*>(y.raw()));
-    else
-      run(px, y.f32());
-  };
-  if (x.dtype() == DType::BF16)
-    to(static_cast<const uint16_t*>(x.raw()));
-  else
-    to(x.f32());
+  with_rows(x, y, run);
   return y;
 }
 
