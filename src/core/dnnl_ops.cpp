@@ -124,17 +124,15 @@ memory unbound(const memory::desc& md) { return memory(md, engine(), DNNL_MEMORY
 // also runs, where the build targets it); oneDNN's reorder took 42 us at 16 threads on the device for
 // the 224x224 image entering ConvNeXt's stem.
 struct SourceConversion {
-  memory::desc md;  // the primitive's source (bfloat16 for a bfloat16 layer)
-  bool rounds = false;
+  memory::desc md;  // the primitive's source, in the layer's compute dtype (the layout of x)
 
   SourceConversion() = default;
-  SourceConversion(const memory::desc& f32_md, const memory::desc& compute_md)
-      : md(compute_md), rounds(compute_md != f32_md) {}
+  explicit SourceConversion(const memory::desc& compute_md) : md(compute_md) {}
   // The primitive's source (argument DNNL_ARG_SRC of `prim_args`, described by `md`) pointed at x:
   // a bfloat16 x (a bfloat16 layer's forward_to_layer output) as it is; a float32 x rounded into
   // `holder`, or as it is for a float32 layer.
   void bind(ArgSets::Lease& prim_args, const Tensor& x, Tensor& holder) const {
-    if (x.dtype() == DType::BF16 || !rounds) {
+    if (x.dtype() == DType::BF16 || md.data_type() == dt::f32) {
       prim_args.bind(DNNL_ARG_SRC, x.raw());
       return;
     }
@@ -511,7 +509,7 @@ struct Conv2d::Impl {
       p.src_blocked = pd.src_desc();
       p.dst_blocked = pd.dst_desc();
     } else {
-      p.to_compute = SourceConversion(memory::desc({n, in, h, w}, dt::f32, tag::nhwc), src_md);
+      p.to_compute = SourceConversion(src_md);
     }
     return cache.emplace(key, std::move(p)).first->second;
   }
@@ -862,7 +860,7 @@ struct Linear::Impl {
     dnnl::matmul::desc d(src_md, w_md, b_md, dst_md);
     dnnl::matmul::primitive_desc pd(d, user_scratchpad(attr), engine());
     Prim p{dnnl::matmul(pd), pd.scratchpad_desc(), prepared.get(pd.weights_desc()),
-           SourceConversion(memory::desc({m, in}, dt::f32, tag::ab), src_md)};
+           SourceConversion(src_md)};
     return cache.emplace(key, std::move(p)).first->second;
   }
 };
