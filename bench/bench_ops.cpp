@@ -9,11 +9,22 @@
 //   BM_OpGrn        grn_nhwc on the pwconv1 output [1, s, s, 4 * dim]
 //   BM_OpLayerNorm  layer_norm on the depthwise conv's output [1, s, s, dim]
 //   BM_OpLinear     pwconv1, [s * s, dim] -> [s * s, 4 * dim] with GELU (a layer built in the dtype)
+//
+// And the machine's float32 peak, the yardstick for every layer and model ("% of peak"):
+//
+//   BM_PeakF32      GFLOP/s of fused multiply-adds from registers on VF_THREADS threads at once
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "core/device.h"
 #include "core/ops.h"
@@ -78,6 +89,63 @@ void BM_OpLinear(benchmark::State& state) {
   label(state, x.numel());
 }
 
+// One thread's share of BM_PeakF32: kChains independent chains acc = acc * m + a in registers (enough
+// to cover the FMA units' latency times their count), no loads or stores; kRounds rounds. Returns the
+// chains' sum so that nothing is optimised away.
+#if defined(__AVX512F__)
+using PeakVector = __m512;
+inline PeakVector peak_fma(PeakVector x, PeakVector m, PeakVector a) { return _mm512_fmadd_ps(x, m, a); }
+#elif defined(__FMA__)
+using PeakVector = __m256;
+inline PeakVector peak_fma(PeakVector x, PeakVector m, PeakVector a) { return _mm256_fmadd_ps(x, m, a); }
+#else
+using PeakVector = float;
+inline PeakVector peak_fma(PeakVector x, PeakVector m, PeakVector a) { return x * m + a; }
+#endif
+constexpr int kPeakChains = 16;
+constexpr int64_t kPeakRounds = int64_t(1) << 24;
+constexpr double kPeakFlopsPerThread = 2.0 * kPeakChains * (sizeof(PeakVector) / sizeof(float)) * kPeakRounds;
+
+float fma_chains(float start) {
+  const auto splat = [](float v) {
+    PeakVector x;
+    float f[sizeof(PeakVector) / sizeof(float)];
+    for (float& e : f) e = v;
+    std::memcpy(&x, f, sizeof x);
+    return x;
+  };
+  PeakVector acc[kPeakChains];
+  for (int j = 0; j < kPeakChains; ++j) acc[j] = splat(start * float(j));
+  const PeakVector m = splat(1.0f - start), a = splat(start);
+  for (int64_t r = 0; r < kPeakRounds; ++r)
+    for (int j = 0; j < kPeakChains; ++j) acc[j] = peak_fma(acc[j], m, a);
+  float s = 0, f[sizeof(PeakVector) / sizeof(float)];
+  for (int j = 0; j < kPeakChains; ++j) {
+    std::memcpy(f, &acc[j], sizeof f);
+    for (float v : f) s += v;
+  }
+  return s;
+}
+
+// float32 GFLOP/s (a multiply-add is two) of VF_THREADS threads running fma_chains at once, each on its
+// own std::thread, on whatever cores the process may use (as the models' threads).
+void BM_PeakF32(benchmark::State& state) {
+  const int threads = threads_from_env();
+  static volatile float seed = 1e-6f;  // a start the compiler cannot know, so it cannot fold the chains
+  for (auto _ : state) {
+    std::vector<float> sums(threads);
+    std::vector<std::thread> team;
+    const auto start = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t) team.emplace_back([&sums, t, s = float(seed)] { sums[t] = fma_chains(s); });
+    for (auto& t : team) t.join();
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    benchmark::DoNotOptimize(sums.data());
+  }
+  state.counters["threads"] = threads;
+  state.counters["GFLOPs"] = benchmark::Counter(kPeakFlopsPerThread * threads * double(state.iterations()) / 1e9,
+                                                benchmark::Counter::kIsRate);
+}
+
 void stages(benchmark::internal::Benchmark* b) {
   b->ArgsProduct({{0, 1, 2, 3}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
@@ -87,3 +155,4 @@ void stages(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_OpGrn)->Apply(stages);
 BENCHMARK(BM_OpLayerNorm)->Apply(stages);
 BENCHMARK(BM_OpLinear)->Apply(stages);
+BENCHMARK(BM_PeakF32)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
