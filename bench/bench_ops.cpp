@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "core/attention.h"
 #include "core/device.h"
 #include "core/ops.h"
 
@@ -146,6 +147,22 @@ void BM_PeakF32(benchmark::State& state) {
                                                 benchmark::Counter::kIsRate);
 }
 
+// Attention at the shapes of DeiT-B (198 tokens, 12 heads of 64; packed Q | K | V) and of CvT-13's
+// three stages (3136 queries over 784 keys, 1 head; 784 over 196, 3 heads; 197 over 50, 6 heads).
+void BM_OpAttention(benchmark::State& state) {
+  vf::set_num_threads(threads_from_env());
+  struct Shape { int64_t lq, lk, heads; };
+  constexpr Shape kShapes[4] = {{198, 198, 12}, {3136, 784, 1}, {784, 196, 3}, {197, 50, 6}};
+  const Shape sh = kShapes[state.range(0)];
+  const bool bf16 = state.range(1) != 0;
+  const vf::Tensor q = values({1, sh.lq, 64 * sh.heads}, bf16), k = values({1, sh.lk, 64 * sh.heads}, bf16),
+                   v = values({1, sh.lk, 64 * sh.heads}, bf16);
+  vf::AttentionOptions opt;
+  opt.scale = 0.125f;
+  for (auto _ : state) benchmark::DoNotOptimize(vf::multi_head_attention(q, k, v, sh.heads, opt));
+  label(state, q.numel());
+}
+
 void stages(benchmark::internal::Benchmark* b) {
   b->ArgsProduct({{0, 1, 2, 3}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
@@ -155,4 +172,5 @@ void stages(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_OpGrn)->Apply(stages);
 BENCHMARK(BM_OpLayerNorm)->Apply(stages);
 BENCHMARK(BM_OpLinear)->Apply(stages);
+BENCHMARK(BM_OpAttention)->Apply(stages);
 BENCHMARK(BM_PeakF32)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);

@@ -102,14 +102,22 @@ void check_golden(const std::string& name) {
 }  // namespace
 
 // Several heads read in place through strides (3 x 8 / 5), and one head of 32 (CvT's first stage):
-// the products get the operands packed or as they are.
+// the products get the operands packed or as they are. On 1 and 3 threads, 300 queries over 90 keys
+// are one block a head, or blocks of 100 rows (float32 blocks grow past 64 rows where their scores fit).
 TEST(VitAttention, MatchesPlainComputation) {
   struct Shape_ {
-    int64_t B, Lq, Lk, H, dk, dv;
+    int64_t B, Lq, Lk, H, dk, dv, threads;
   };
-  for (const Shape_& sh : {Shape_{2, 37, 29, 3, 8, 5}, Shape_{1, 100, 70, 1, 32, 32}}) {
+  const int threads_before = num_threads();
+  struct Restore {
+    int n;
+    ~Restore() { set_num_threads(n); }
+  } restore{threads_before};
+  for (const Shape_& sh : {Shape_{2, 37, 29, 3, 8, 5, threads_before}, Shape_{1, 100, 70, 1, 32, 32, threads_before},
+                           Shape_{1, 300, 90, 2, 16, 16, 1}, Shape_{1, 300, 90, 2, 16, 16, 3}}) {
     const int64_t B = sh.B, Lq = sh.Lq, Lk = sh.Lk, H = sh.H, dk = sh.dk, dv = sh.dv;
-    SCOPED_TRACE(H);
+    SCOPED_TRACE(testing::Message() << "Lq " << Lq << ", " << H << " heads, " << sh.threads << " threads");
+    set_num_threads(int(sh.threads));
     Tensor q = random_tensor({B, Lq, H * dk}, 1), k = random_tensor({B, Lk, H * dk}, 2),
            v = random_tensor({B, Lk, H * dv}, 3);
     const float scale = 0.7f;

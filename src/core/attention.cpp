@@ -131,10 +131,17 @@ struct Operand {
 // Rows of a query block: enough (batch, head, block) tasks to keep every thread busy, blocks large
 // enough for a product, and then as many tasks as the rounds of threads they take (CvT-13's first
 // stage: 49 blocks of 64 rows on 16 threads were 4 rounds, the last of one block; 64 blocks of 49
-// rows are 4 full ones).
-int64_t query_block(int64_t B, int64_t Lq, int64_t H) {
+// rows are 4 full ones). Float32 blocks start as large as their scores fit in kScoreBytes, fewer and
+// larger products (each call costs microseconds beyond its arithmetic): at 2 threads DeiT-B's 198
+// queries are one block a head, no longer four, and its attention takes ~9% less time on the
+// development VM, CvT-13's ~8-20% (bench_ops' BM_OpAttention). bfloat16 blocks start at 64 rows, the
+// size bf16_pays' threshold was measured at.
+int64_t query_block(int64_t B, int64_t Lq, int64_t Lk, int64_t H, bool bf16) {
+  constexpr int64_t kScoreBytes = int64_t(512) << 10;  // with a head's keys and values, within a 1 MiB L2
   const int64_t threads = omp_get_max_threads();
   int64_t qb = 64;
+  if (!bf16)
+    while (qb < Lq && 2 * qb * Lk * int64_t(sizeof(float)) <= kScoreBytes) qb *= 2;
   while (qb > 16 && B * H * ((Lq + qb - 1) / qb) < 2 * threads) qb /= 2;
   const int64_t rounds = (B * H * ((Lq + qb - 1) / qb) + threads - 1) / threads;
   const int64_t blocks = (rounds * threads + B * H - 1) / (B * H);  // per (batch, head)
@@ -151,7 +158,7 @@ int64_t query_block(int64_t B, int64_t Lq, int64_t H) {
 bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t dv) {
   constexpr int64_t kMinBf16Macs = int64_t(1) << 21;
   if (B <= 0 || Lq <= 0 || H <= 0) return false;
-  return query_block(B, Lq, H) * Lk * std::max(dk, dv) >= kMinBf16Macs;
+  return query_block(B, Lq, Lk, H, /*bf16=*/true) * Lk * std::max(dk, dv) >= kMinBf16Macs;
 }
 
 // ---- the two products of a query block -----------------------------------------------------------
@@ -356,7 +363,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   }
 
   const int threads = omp_get_max_threads();
-  const int64_t qb = query_block(B, Lq, H);
+  const int64_t qb = query_block(B, Lq, Lk, H, q.bf16);
   const int64_t nqb = (Lq + qb - 1) / qb;
   const int64_t tasks = B * H * nqb;
   const int64_t last_rows = Lq - (nqb - 1) * qb;
