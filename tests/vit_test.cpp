@@ -6,6 +6,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include <signal.h>
@@ -142,6 +143,36 @@ TEST(VitAttention, MatchesPlainComputation) {
       EXPECT_NEAR(s, 1.0, 1e-5);
     }
   }
+}
+
+// Attention called from several threads at once (a server's workers), each call with its own small
+// team: the products of one shape are shared, each thread running blocks takes its own argument set.
+// Every call gives its own inputs' result (against the plain computation), none another's.
+TEST(VitAttention, CallsFromSeveralThreadsAtOnceGiveEachCallItsResult) {
+  constexpr int kWorkers = 4;
+  const int64_t B = 1, L = 90, H = 3, d = 16;
+  std::vector<Tensor> qs, ks, vs, want;
+  for (int t = 0; t < kWorkers; ++t) {
+    qs.push_back(random_tensor({B, L, H * d}, 40 + t));
+    ks.push_back(random_tensor({B, L, H * d}, 50 + t));
+    vs.push_back(random_tensor({B, L, H * d}, 60 + t));
+    Tensor ctx, probs;
+    plain_attention(qs[t], ks[t], vs[t], H, 0.25f, nullptr, &ctx, &probs);
+    want.push_back(ctx);
+  }
+  std::vector<double> worst(kWorkers, 0.0);
+  std::vector<std::thread> workers;
+  for (int t = 0; t < kWorkers; ++t)
+    workers.emplace_back([&, t] {
+      set_num_threads(2);
+      AttentionOptions opt;
+      opt.scale = 0.25f;
+      for (int i = 0; i < 100; ++i)
+        worst[t] = std::max(worst[t], max_abs_diff(multi_head_attention(qs[t], ks[t], vs[t], H, opt), want[t]));
+    });
+  for (auto& w : workers) w.join();
+  for (int t = 0; t < kWorkers; ++t) EXPECT_LT(worst[t], 1e-5) << "worker " << t;
+  EXPECT_GT(max_abs_diff(want[0], want[1]), 0.1);  // the workers' results differ: a mix-up would show
 }
 
 // A bfloat16 context (for a bfloat16 output projection) is the float32 context rounded to nearest

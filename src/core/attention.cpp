@@ -4,6 +4,7 @@
 
 #include "core/errors.h"
 #include "core/limits.h"
+#include "core/onednn.h"
 #include "core/simd.h"
 
 #include <omp.h>
@@ -16,11 +17,10 @@
 #include <string>
 
 #include <array>
-#include <unordered_map>
-#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include <dnnl.hpp>
 #include <oneapi/dnnl/dnnl.h>
@@ -171,15 +171,11 @@ bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t
 struct Products {
   dnnl::matmul scores;   // Q [rows, dk] x K^T [dk, Lk] -> scale * S [rows, Lk], float32
   dnnl::matmul context;  // P [rows, Lk] x V [Lk, dv] -> O [rows, dv], float32
-  dnnl::memory::desc q, k, s, p, v, o;
+  dnnl::memory::desc q, k, s, p, v, o, scores_scratchpad, context_scratchpad;
   size_t scratch_bytes = 0;  // the larger of the two scratchpads
-  uint64_t serial = 0;       // unique over the process: names these products in per-thread caches
+  // Each product's arguments, a set per thread running blocks at once (BlockArgs).
+  mutable onednn::ArgSets scores_args, context_args;
 };
-
-dnnl::engine& cpu_engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
-  return e;
-}
 
 // The first implementation oneDNN offers that is neither its reference code nor its JIT gemm (see
 // Products); false where there is none.
@@ -194,26 +190,25 @@ bool skip_to_fast_kernel(dnnl::matmul::primitive_desc& pd) {
 // The products for `rows` query rows on dense float32 or bfloat16 operands (P, the probabilities, in
 // the same type), or null where oneDNN has only its reference code or its JIT gemm for them: a CPU
 // without AVX-512 (bfloat16 operands: without bfloat16 instructions). The caller then widens bfloat16
-// operands; float32 ones take `portable_scores` and `portable_context`.
-const Products* block_products(bool bf16, int64_t rows, int64_t Lk, int64_t dk, int64_t dv, float scale) {
+// operands; float32 ones take `portable_scores` and `portable_context`. Shared: a call keeps the
+// products it runs alive while another, making those of a new shape, drops them from the cache.
+std::shared_ptr<const Products> block_products(bool bf16, int64_t rows, int64_t Lk, int64_t dk, int64_t dv, float scale) {
   using dnnl::memory;
   using dt = memory::data_type;
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 6>, std::unique_ptr<Products>> made;
+  static std::map<std::array<int64_t, 6>, std::shared_ptr<const Products>> made;
   const std::array<int64_t, 6> key{bf16, rows, Lk, dk, dv, int64_t(std::bit_cast<uint32_t>(scale))};
   std::lock_guard<std::mutex> lock(mutex);
-  if (auto it = made.find(key); it != made.end()) return it->second.get();
+  if (auto it = made.find(key); it != made.end()) return it->second;
   if (made.size() >= 256) made.clear();  // shapes follow the image sizes: bounded, not a leak
-  std::unique_ptr<Products> pr;
+  std::shared_ptr<const Products> pr;
   try {
     const dt in = bf16 ? dt::bf16 : dt::f32;
     auto md = [](int64_t r, int64_t c, dt t, int64_t row_stride, int64_t col_stride) {
       return memory::desc({r, c}, t, memory::dims{row_stride, col_stride});
     };
-    static std::atomic<uint64_t> serials{0};
-    auto made_pr = std::make_unique<Products>();
+    auto made_pr = std::make_shared<Products>();
     Products& b = *made_pr;
-    b.serial = ++serials;
     b.q = md(rows, dk, in, dk, 1);
     b.k = md(dk, Lk, in, 1, dk);  // K^T of the packed keys [Lk, dk]
     b.s = md(rows, Lk, dt::f32, Lk, 1);
@@ -224,20 +219,21 @@ const Products* block_products(bool bf16, int64_t rows, int64_t Lk, int64_t dk, 
     scaled.set_output_scales(0, {scale});
     scaled.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     plain.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::primitive_desc spd(dnnl::matmul::desc(b.q, b.k, b.s), scaled, cpu_engine());
-    dnnl::matmul::primitive_desc cpd(dnnl::matmul::desc(b.p, b.v, b.o), plain, cpu_engine());
+    dnnl::matmul::primitive_desc spd(dnnl::matmul::desc(b.q, b.k, b.s), scaled, onednn::cpu_engine());
+    dnnl::matmul::primitive_desc cpd(dnnl::matmul::desc(b.p, b.v, b.o), plain, onednn::cpu_engine());
     if (skip_to_fast_kernel(spd) && skip_to_fast_kernel(cpd)) {
       b.scores = dnnl::matmul(spd);
       b.context = dnnl::matmul(cpd);
-      b.scratch_bytes = std::max(spd.scratchpad_desc().get_size(), cpd.scratchpad_desc().get_size());
+      b.scores_scratchpad = spd.scratchpad_desc();
+      b.context_scratchpad = cpd.scratchpad_desc();
+      b.scratch_bytes = std::max(b.scores_scratchpad.get_size(), b.context_scratchpad.get_size());
       pr = std::move(made_pr);
     }
   } catch (const dnnl::error&) {
     pr.reset();  // not offered for these operands
   }
-  const Products* out = pr.get();
-  made.emplace(key, std::move(pr));
-  return out;
+  made.emplace(key, pr);
+  return pr;
 }
 
 // Float32 products where oneDNN has no kernel for them but its JIT gemm (see Products), on the
@@ -271,39 +267,27 @@ void portable_context(int64_t rows, int64_t Lk, int64_t dv, const float* p, cons
   }
 }
 
-// A thread's oneDNN memory objects for one Products and its execute() arguments, made on the thread's
-// first use and re-pointed at each block with set_data_handle: making them per call cost ~5% of
-// CvT-13's forward at 16 threads (seven objects per thread per call, and a map per execute).
-struct Views {
-  dnnl::memory q, k, s, p, v, o, scratchpad;
-  std::unordered_map<int, dnnl::memory> scores_args, context_args;
-  size_t scratch_bytes = 0;
-};
+// A thread's argument sets of one Products (ArgSets: taken when the thread starts on its blocks,
+// given back when it is done), pointed at each block's operands; both products share the thread's
+// scratchpad.
+struct BlockArgs {
+  onednn::ArgSets::Lease scores, context;
 
-Views& views_for(const Products& pr, size_t scratch_bytes) {
-  using dnnl::memory;
-  thread_local std::map<uint64_t, Views> cache;
-  if (cache.size() >= 64 && !cache.count(pr.serial)) cache.clear();  // bounded, as the products are
-  auto [it, fresh] = cache.try_emplace(pr.serial);
-  Views& w = it->second;
-  if (fresh || w.scratch_bytes != scratch_bytes) {
-    const dnnl::engine& e = cpu_engine();
-    w.q = memory(pr.q, e, nullptr);
-    w.k = memory(pr.k, e, nullptr);
-    w.s = memory(pr.s, e, nullptr);
-    w.p = memory(pr.p, e, nullptr);
-    w.v = memory(pr.v, e, nullptr);
-    w.o = memory(pr.o, e, nullptr);
-    w.scratchpad = memory(scratch_bytes > 0 ? memory::desc({int64_t(scratch_bytes)}, memory::data_type::u8,
-                                                           memory::format_tag::x)
-                                            : memory::desc(),
-                          e, nullptr);
-    w.scores_args = {{DNNL_ARG_SRC, w.q}, {DNNL_ARG_WEIGHTS, w.k}, {DNNL_ARG_DST, w.s}, {DNNL_ARG_SCRATCHPAD, w.scratchpad}};
-    w.context_args = {{DNNL_ARG_SRC, w.p}, {DNNL_ARG_WEIGHTS, w.v}, {DNNL_ARG_DST, w.o}, {DNNL_ARG_SCRATCHPAD, w.scratchpad}};
-    w.scratch_bytes = scratch_bytes;
+  BlockArgs(const Products& pr, void* scratchpad)
+      : scores(pr.scores_args.take([&] { return args(pr.q, pr.k, pr.s, pr.scores_scratchpad); })),
+        context(pr.context_args.take([&] { return args(pr.p, pr.v, pr.o, pr.context_scratchpad); })) {
+    if (pr.scores_scratchpad.get_size() > 0) scores.bind(DNNL_ARG_SCRATCHPAD, scratchpad);
+    if (pr.context_scratchpad.get_size() > 0) context.bind(DNNL_ARG_SCRATCHPAD, scratchpad);
   }
-  return w;
-}
+  static onednn::ArgSets::Args args(const dnnl::memory::desc& src, const dnnl::memory::desc& weights,
+                                    const dnnl::memory::desc& dst, const dnnl::memory::desc& scratchpad) {
+    onednn::ArgSets::Args a{{DNNL_ARG_SRC, onednn::unbound(src)},
+                            {DNNL_ARG_WEIGHTS, onednn::unbound(weights)},
+                            {DNNL_ARG_DST, onednn::unbound(dst)}};
+    if (scratchpad.get_size() > 0) a.emplace(DNNL_ARG_SCRATCHPAD, onednn::unbound(scratchpad));
+    return a;
+  }
+};
 
 Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, int64_t Lk, int64_t H,
                         int64_t dk, int64_t dv, const AttentionOptions& opt) {
@@ -369,8 +353,9 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
   const int64_t last_rows = Lq - (nqb - 1) * qb;
 
   // The products for a full block and for the last one (null: no fast kernel for them).
-  const Products* full = block_products(q.bf16, qb, Lk, dk, dv, opt.scale);
-  const Products* last = last_rows == qb ? full : block_products(q.bf16, last_rows, Lk, dk, dv, opt.scale);
+  const std::shared_ptr<const Products> full = block_products(q.bf16, qb, Lk, dk, dv, opt.scale);
+  const std::shared_ptr<const Products> last =
+      last_rows == qb ? full : block_products(q.bf16, last_rows, Lk, dk, dv, opt.scale);
   if (q.bf16 && (!full || !last)) return Tensor();  // no bfloat16 kernels here: the caller widens
   const bool fast = full && last;                    // else float32 on the portable products
   const size_t es = q.bf16 ? 2 : 4;                  // bytes of an operand element
@@ -426,14 +411,11 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
     float* my_queries = my_probs + prob_floats;
     float* my_context = my_queries + query_floats;
     float* my_scratchpad = my_context + context_floats;
-    // This thread's views of the operands, pointed at each task's block.
-    Views* full_views = fast ? &views_for(*full, scratch_bytes) : nullptr;
-    Views* last_views = fast && last != full ? &views_for(*last, scratch_bytes) : full_views;
-    if (fast && scratch_bytes > 0) {
-      full_views->scratchpad.set_data_handle(my_scratchpad);
-      last_views->scratchpad.set_data_handle(my_scratchpad);
-    }
-    static thread_local dnnl::stream stream(cpu_engine());
+    // This thread's arguments of the products, pointed at each task's block.
+    std::optional<BlockArgs> full_args, last_args;
+    if (fast) full_args.emplace(*full, my_scratchpad);
+    if (fast && last != full) last_args.emplace(*last, my_scratchpad);
+    static thread_local dnnl::stream stream(onednn::cpu_engine());
 
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -453,29 +435,29 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
         continue;
       }
       const Products& pr = rows == qb ? *full : *last;
-      Views& w = rows == qb ? *full_views : *last_views;
+      BlockArgs& w = rows == qb || !last_args ? *full_args : *last_args;
       const char* queries = operand(q, b, i0, h * dk);
       if (pack_q) {
         copy_blocks(my_queries, dk * es, queries, q.row_stride * es, dk * es, rows);
         queries = reinterpret_cast<const char*>(my_queries);
       }
       const int64_t head = b * H + h;
-      w.q.set_data_handle(const_cast<char*>(queries));
-      w.k.set_data_handle(pack_kv ? static_cast<char*>(packed_k.raw()) + head * Lk * dk * es
-                                  : const_cast<char*>(operand(k, b, 0, 0)));
-      w.s.set_data_handle(s);
+      w.scores.bind(DNNL_ARG_SRC, queries);
+      w.scores.bind(DNNL_ARG_WEIGHTS, pack_kv ? static_cast<const char*>(packed_k.raw()) + head * Lk * dk * es
+                                              : operand(k, b, 0, 0));
+      w.scores.bind(DNNL_ARG_DST, s);
       // bfloat16: the probabilities are rounded after the float32 softmax, as on the GPU.
-      w.p.set_data_handle(q.bf16 ? static_cast<void*>(my_probs) : static_cast<void*>(s));
-      w.v.set_data_handle(pack_kv ? static_cast<char*>(packed_v.raw()) + head * Lk * dv * es
-                                  : const_cast<char*>(operand(v, b, 0, 0)));
-      w.o.set_data_handle(dense_o ? o : my_context);
-      pr.scores.execute(stream, w.scores_args);
+      w.context.bind(DNNL_ARG_SRC, q.bf16 ? static_cast<const void*>(my_probs) : s);
+      w.context.bind(DNNL_ARG_WEIGHTS, pack_kv ? static_cast<const char*>(packed_v.raw()) + head * Lk * dv * es
+                                               : operand(v, b, 0, 0));
+      w.context.bind(DNNL_ARG_DST, dense_o ? o : my_context);
+      pr.scores.execute(stream, w.scores.args());
       // bfloat16: the float32 softmax's probabilities rounded for the second product (and kept in
       // float32 too where the caller asked for them).
       uint16_t* probs16 = q.bf16 ? reinterpret_cast<uint16_t*>(my_probs) : nullptr;
       finish_scores(s, rows, b, h, i0, probs ? nullptr : probs16);
       if (probs16 && probs) bf16_from_float(s, probs16, rows * Lk);
-      pr.context.execute(stream, w.context_args);
+      pr.context.execute(stream, w.context.args());
       stream.wait();
       if (bf16_out)
         for (int64_t r = 0; r < rows; ++r) bf16_from_float(my_context + r * dv, out_bf16 + o_at + r * H * dv, dv);

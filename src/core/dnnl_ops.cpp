@@ -21,6 +21,7 @@
 
 #include "core/backend.h"
 #include "core/file_pages.h"
+#include "core/onednn.h"
 #include "core/shapes.h"
 #include "core/ops.h"
 
@@ -32,10 +33,10 @@ using dt = dnnl::memory::data_type;
 
 namespace {
 
-dnnl::engine& engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
-  return e;
-}
+using onednn::ArgSets;
+using onednn::unbound;
+
+dnnl::engine& engine() { return onednn::cpu_engine(); }
 
 // oneDNN executes on the calling thread's OpenMP team; one stream serves every call.
 dnnl::stream& stream() {
@@ -69,54 +70,6 @@ int64_t channel_block(tag t) { return t == tag::nChw16c ? 16 : 8; }
 
 // What the weighted layers built now compute in on the CPU (check_compute_dtype let only these through).
 dt cpu_compute_type() { return load_compute_dtype() == DType::BF16 ? dt::bf16 : dt::f32; }
-
-// A primitive's execute() arguments with their memory objects, made once and pointed at each call's
-// buffers (set_data_handle; the layouts they are used for are plain, so it has no padding to zero).
-// Made per call, the objects and the map were most of a small layer's own time (malloc and
-// descriptor set-up: ~1 of the 2 us of a 4 x 16 x 16 Linear on the VM), spent by the calling thread
-// while the rest of the team waits. A call takes a set and gives it back when done: there are as
-// many as calls have run on the primitive at once.
-class ArgSets {
- public:
-  using Args = std::unordered_map<int, memory>;
-  class Lease {
-   public:
-    Lease(ArgSets& owner, std::unique_ptr<Args> args) : owner_(owner), args_(std::move(args)) {}
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-    ~Lease() { owner_.give_back(std::move(args_)); }
-    void bind(int arg, const void* data) { args_->at(arg).set_data_handle(const_cast<void*>(data)); }
-    const Args& args() const { return *args_; }
-
-   private:
-    ArgSets& owner_;
-    std::unique_ptr<Args> args_;
-  };
-  // A set: an idle one, or make() (the arguments with their descriptors) when none is idle.
-  template <class Make>
-  Lease take(const Make& make) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!idle_.empty()) {
-        std::unique_ptr<Args> args = std::move(idle_.back());
-        idle_.pop_back();
-        return Lease(*this, std::move(args));
-      }
-    }
-    return Lease(*this, std::make_unique<Args>(make()));
-  }
-
- private:
-  void give_back(std::unique_ptr<Args> args) {
-    std::lock_guard<std::mutex> lock(mu_);
-    idle_.push_back(std::move(args));
-  }
-  std::mutex mu_;
-  std::vector<std::unique_ptr<Args>> idle_;
-};
-
-// A memory object for `md` without a buffer yet (ArgSets points it at one per call).
-memory unbound(const memory::desc& md) { return memory(md, engine(), DNNL_MEMORY_NONE); }
 
 // The input of a bfloat16 layer, rounded (nearest even) into a pooled bfloat16 buffer; a float32
 // layer runs on `src` itself. The layouts are plain and the same on both sides, so the rounding is
