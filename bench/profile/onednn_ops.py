@@ -47,10 +47,18 @@ def main():
 
     calls = collections.defaultdict(list)
     for line in open(args.log):
-        if not line.startswith("onednn_verbose,exec,cpu,"):
+        # oneDNN 2.x: onednn_verbose,exec,cpu,PRIMITIVE,KERNEL,...,PROBLEM,MS; 3.x puts more fields
+        # (a version, "primitive", a timestamp) before "exec".
+        if not line.startswith("onednn_verbose,"):
             continue
         f = line.rstrip("\n").split(",")
-        calls[(f[3], f[4], f[-2])].append(float(f[-1]))
+        try:
+            at = f.index("exec")
+        except ValueError:
+            continue
+        if len(f) < at + 5 or f[at + 1] != "cpu":
+            continue
+        calls[(f[at + 2], f[at + 3], f[-2])].append(float(f[-1]))
     if not calls:
         sys.exit(f"{args.log}: no oneDNN exec lines (was ONEDNN_VERBOSE=1 set?)")
     work = {k: flops(k[0], k[2]) for k in calls}
