@@ -47,7 +47,9 @@ struct Pretrained {
   // folder, or a Hub id "org/name[@revision]" fetched into huggingface_hub's cache (src/hub/hub.h).
   static Pretrained from_pretrained(const std::string& dir_or_id, const LoadOptions& options);
   static Pretrained from_pretrained(const std::string& dir_or_id, const std::string& architecture = "") {
-    return from_pretrained(dir_or_id, LoadOptions{architecture, std::nullopt});
+    LoadOptions options;
+    options.architecture = architecture;
+    return from_pretrained(dir_or_id, options);
   }
 
   // The processor, then the model.
