@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -147,18 +148,21 @@ void BM_PeakF32(benchmark::State& state) {
                                                 benchmark::Counter::kIsRate);
 }
 
-// Attention at the shapes of DeiT-B (198 tokens, 12 heads of 64; packed Q | K | V) and of CvT-13's
-// three stages (3136 queries over 784 keys, 1 head; 784 over 196, 3 heads; 197 over 50, 6 heads).
+// Attention at the shapes of DeiT-B (198 tokens, 12 heads of 64), of CvT-13's three stages (3136
+// queries over 784 keys, 1 head; 784 over 196, 3 heads; 197 over 50, 6 heads) and of DETR-R50's
+// encoder at 800x1066 (850 tokens, 8 heads of 32). Arguments: the shape (0-4) and the dtype.
 void BM_OpAttention(benchmark::State& state) {
   vf::set_num_threads(threads_from_env());
-  struct Shape { int64_t lq, lk, heads; };
-  constexpr Shape kShapes[4] = {{198, 198, 12}, {3136, 784, 1}, {784, 196, 3}, {197, 50, 6}};
+  struct Shape { int64_t lq, lk, heads, d; };
+  constexpr Shape kShapes[5] = {{198, 198, 12, 64}, {3136, 784, 1, 64}, {784, 196, 3, 64}, {197, 50, 6, 64},
+                                {850, 850, 8, 32}};
   const Shape sh = kShapes[state.range(0)];
   const bool bf16 = state.range(1) != 0;
-  const vf::Tensor q = values({1, sh.lq, 64 * sh.heads}, bf16), k = values({1, sh.lk, 64 * sh.heads}, bf16),
-                   v = values({1, sh.lk, 64 * sh.heads}, bf16);
+  const int64_t width = sh.d * sh.heads;
+  const vf::Tensor q = values({1, sh.lq, width}, bf16), k = values({1, sh.lk, width}, bf16),
+                   v = values({1, sh.lk, width}, bf16);
   vf::AttentionOptions opt;
-  opt.scale = 0.125f;
+  opt.scale = 1.0f / std::sqrt(float(sh.d));
   for (auto _ : state) benchmark::DoNotOptimize(vf::multi_head_attention(q, k, v, sh.heads, opt));
   label(state, q.numel());
 }
@@ -172,5 +176,5 @@ void stages(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_OpGrn)->Apply(stages);
 BENCHMARK(BM_OpLayerNorm)->Apply(stages);
 BENCHMARK(BM_OpLinear)->Apply(stages);
-BENCHMARK(BM_OpAttention)->Apply(stages);
+BENCHMARK(BM_OpAttention)->ArgsProduct({{0, 1, 2, 3, 4}, {0, 1}})->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_PeakF32)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);

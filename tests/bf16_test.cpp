@@ -287,7 +287,9 @@ TEST(Bf16, LinearToLayerWithResidualRoundsTheSumOnce) {
     const void* storage = residual.raw();
     Tensor ours = lin->forward_to_layer(x, std::move(residual));
     ASSERT_EQ(ours.dtype(), DType::BF16);
-    if (residual_bf16) EXPECT_EQ(ours.raw(), storage);
+    if (residual_bf16) {
+      EXPECT_EQ(ours.raw(), storage);
+    }
     expect_one_rounding(ours, ref, mag);
   }
 }
@@ -435,7 +437,9 @@ TEST(Bf16, GroupNormWritesRoundedBf16ForABf16Conv) {
       Tensor f32 = group_norm_nhwc(x, 8, w, b, 1e-5f, a);
       Tensor bf = group_norm_nhwc(x, 8, w, b, 1e-5f, a, DType::BF16);
       expect_rounded_copy(bf, f32, "c=" + std::to_string(c) + " act " + std::to_string(int(a)));
-      if (c == 64) EXPECT_EQ(max_abs_diff(conv->forward(bf), conv->forward(f32)), 0.0) << "act " << int(a);
+      if (c == 64) {
+        EXPECT_EQ(max_abs_diff(conv->forward(bf), conv->forward(f32)), 0.0) << "act " << int(a);
+      }
     }
   EXPECT_THROW(group_norm_nhwc(randn({1, 2, 2, 8}, 66), 2, randn({8}, 67), randn({8}, 68), 1e-5f, Act::None, DType::F16),
                Error);

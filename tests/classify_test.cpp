@@ -34,7 +34,9 @@ TEST(Classify, LibraryTopKIsSortedSoftmax) {
   double sum = 0;
   for (size_t i = 0; i < all[0].size(); ++i) {
     sum += all[0][i].score;
-    if (i) EXPECT_GE(all[0][i - 1].score, all[0][i].score);
+    if (i) {
+      EXPECT_GE(all[0][i - 1].score, all[0][i].score);
+    }
     EXPECT_EQ(all[0][i].label, all[1][i].label);  // same image, same answer
     EXPECT_FLOAT_EQ(all[0][i].score, all[1][i].score);
   }

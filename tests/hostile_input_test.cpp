@@ -134,7 +134,9 @@ TEST(HostilePickle, RefusesEveryGlobalOutsideTheAllowList) {
       write_bytes(zpath, make_zip({{"archive/data.pkl", pkl}, {"archive/version", "3\n"}}));
       std::string msg = error_of<InputError>([&] { read_torch_checkpoint(zpath); });
       EXPECT_HAS(msg, zpath);
-      if (how != "inst") EXPECT_HAS(msg, "'" + full + "' is not allowed");
+      if (how != "inst") {
+        EXPECT_HAS(msg, "'" + full + "' is not allowed");
+      }
       // As a legacy stream: magic number pickle first, then the hostile one.
       std::string lpath = dir + "/" + module + "_" + name + "_" + how + "_legacy.bin";
       write_bytes(lpath, pkl);

@@ -158,8 +158,12 @@ TEST_F(Serve, HealthAndMetadata) {
   // DETR's processor keeps the aspect ratio: the hidden states' length varies with the image.
   json det = json::parse(c.Get("/v2/models/det")->body);
   for (auto& o : det["outputs"]) {
-    if (o["name"] == "pred_boxes") EXPECT_EQ(o["shape"][2], 4);
-    if (o["name"] == "encoder_last_hidden_state") EXPECT_EQ(o["shape"][1], -1);
+    if (o["name"] == "pred_boxes") {
+      EXPECT_EQ(o["shape"][2], 4);
+    }
+    if (o["name"] == "encoder_last_hidden_state") {
+      EXPECT_EQ(o["shape"][1], -1);
+    }
   }
   // A backbone has no pipeline: no results output.
   json bb = json::parse(c.Get("/v2/models/backbone")->body);

@@ -74,7 +74,9 @@ void expect_close(const std::string& name, const ModelOutput& out, const Tensor&
   ASSERT_TRUE(out.has(name)) << "no output " << name;
   const Tensor& ours = out.get(name);
   ASSERT_EQ(ours.numel(), ref.numel()) << name << ": " << shape_str(ours.shape()) << " vs " << shape_str(ref.shape());
-  if (ref.dim() > 0) EXPECT_EQ(ours.shape(), ref.shape()) << name;
+  if (ref.dim() > 0) {
+    EXPECT_EQ(ours.shape(), ref.shape()) << name;
+  }
   const double tol = 1e-4 * std::max(1.0, max_abs(ref));
   EXPECT_LE(max_abs_diff(ours.reshape(ref.shape()), ref), tol) << name;
 }
@@ -240,7 +242,10 @@ TEST(VitAttention, HeadMaskScalesProbabilities) {
   EXPECT_EQ(s1, 0.0);
   EXPECT_EQ(c1, 0.0);
   EXPECT_NEAR(s2, 0.5, 1e-5);
-  EXPECT_THROW(multi_head_attention(q, k, v, H, AttentionOptions{0.5f, Tensor::zeros({2}), nullptr}), Error);
+  AttentionOptions wrong_mask;
+  wrong_mask.scale = 0.5f;
+  wrong_mask.head_mask = Tensor::zeros({2});
+  EXPECT_THROW(multi_head_attention(q, k, v, H, wrong_mask), Error);
 }
 
 // The softmax subtracts each row's maximum before the exponentials: with scores up to 100 apart, any
@@ -440,7 +445,9 @@ TEST(VitDeiT, HeadMask) {
   in.head_mask = Tensor::full({layers, H}, 1.0f);
   ModelOutput ones = c.model->forward(in);
   expect_close("last_hidden_state", ones, c.expected.at("last_hidden_state"));
-  EXPECT_EQ(max_abs_diff(ones.get("last_hidden_state"), c.model->forward(ModelInputs{in.pixel_values}).get("last_hidden_state")), 0.0);
+  ModelInputs plain;
+  plain.pixel_values = in.pixel_values;
+  EXPECT_EQ(max_abs_diff(ones.get("last_hidden_state"), c.model->forward(plain).get("last_hidden_state")), 0.0);
 
   // Head 2 of layer 0 off: its probabilities are zero, the others untouched, the output changes.
   Tensor mask = Tensor::full({layers, H}, 1.0f);
