@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """bench/run.sh's driver: vf (vf_bench), ONNX Runtime (bench/ort_bench.py / .mjs) and PyTorch (bench/torch_bench.py)
 on the same machine, thread count and cores, in interleaved rounds (model by model, each side in a fresh process),
-then one table of the best round of each: batch-1 latency (min), ratios, vf's peak RSS, vf's images/s.
+then one table of the best round of each: batch-1 latency (min), ratios, vf's share of the machine's float32
+peak (vf_bench's BM_PeakF32 at the same threads and cores), vf's peak RSS, vf's images/s.
 
 Every process gets VF_THREADS; --pin runs them all under `taskset -c` on the first THREADS allowed cores.
 Writes the raw results as JSON next to the table (--results, default .bench/results/).
@@ -31,6 +32,14 @@ MODELS = [
     ("BM_DeformableDetr", "Deformable DETR 800×1066", "hf_deformable_detr", "deformable_detr"),
     ("BM_DetaResnet50", "DETA-R50 800×1066", None, "deta_resnet50"),
 ]
+# GFLOP of a batch-1 forward: oneDNN's convolutions and matmuls (attention's products among them; Winograd
+# counted as the direct convolution; DETR-family's deformable sampling, vf's own code, not counted), from
+# bench/profile/onednn_ops.py on ONEDNN_VERBOSE=1 logs of vf_bench, 2026-12-03.
+GFLOP = {
+    "BM_ConvNextTiny": 8.91, "BM_ConvNextV2Tiny": 8.91, "BM_DeiTBase": 35.31, "BM_Bit50": 8.18, "BM_Cvt13": 9.13,
+    "BM_DetrResnet50": 162.3, "BM_ConditionalDetrResnet50": 170.0, "BM_DeformableDetr": 327.5,
+    "BM_DetaResnet50": 454.6,
+}
 # transformers eager (DETA: bench/torch_deta.py) on the device machine's CPU (Intel Xeon, 16 vCPU), ms at 2 / 16
 # threads, from issue 14: shown, marked †, only where this machine has no PyTorch side for the model.
 DEVICE_ANCHORS = {
@@ -80,6 +89,17 @@ def vf_run(bench, name, kind, prefix, env, timeout):
     b = runs[0]
     return {"ms": b["real_time"], "peak_rss_mb": b.get("peak_rss_mb"), "images_per_s": b.get("items_per_second"),
             "workers": b.get("workers"), "batch": b.get("batch"), "threads_each": b.get("threads_each")}
+
+
+def peak_gflops(bench, prefix, env, timeout):
+    """The float32 peak at VF_THREADS threads on these cores (vf_bench BM_PeakF32), or None."""
+    cmd = prefix + [bench, "--benchmark_filter=^BM_PeakF32", "--benchmark_format=json"]
+    try:
+        p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=ROOT)
+        return json.loads(p.stdout)["benchmarks"][0]["GFLOPs"]
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError) as e:
+        log(f"  vf_bench BM_PeakF32: {type(e).__name__}")
+        return None
 
 
 def has_module(python, module):
@@ -169,6 +189,7 @@ def main():
 
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
+    peak = peak_gflops(a.bench, prefix, env, a.timeout)
     res = {n: {"vf": [], "ort": [], "torch": [], "batch": [], "inflight": [], "rss": []} for n in names}
     torch_source, ort_source = {}, {}
     for r in range(a.rounds):
@@ -208,11 +229,12 @@ def main():
     pinned = f", pinned to cores {prefix[2]}" if prefix else ""
     print(f"{started:%Y-%m-%d %H:%M} UTC · {cpu} · {len(allowed)} cores allowed · {threads} threads{pinned} · "
           f"vf {commit} · load average {load_before[0]:.1f} before, {load_after[0]:.1f} after · "
-          f"best of {a.rounds} interleaved rounds, batch 1, float32")
+          f"best of {a.rounds} interleaved rounds, batch 1, float32 · "
+          f"float32 peak {fmt(peak, 0)} GFLOP/s (BM_PeakF32)")
     print()
-    print("| model | threads | vf ms | ORT ms | ORT/vf | PyTorch ms | PyTorch/vf | vf peak RSS MB "
+    print("| model | threads | vf ms | vf % of peak | ORT ms | ORT/vf | PyTorch ms | PyTorch/vf | vf peak RSS MB "
           "| vf img/s, batch | vf img/s, in flight |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     notes = set()
     for n in names:
         _, title, hf_name, plain_name = known[n]
@@ -232,7 +254,8 @@ def main():
         tp = {k: (f"{best[k]['images_per_s']:.2f} (b{int(best[k]['batch'])})" if k == "batch" else
                   f"{best[k]['images_per_s']:.2f} ({int(best[k]['workers'])}×{int(best[k]['threads_each'])} thr)")
               if best[k] else "—" for k in best}
-        print(f"| {title} | {threads} | {fmt(vf)} | {fmt(ort)} | {f'{ort / vf:.2f}' if ort and vf else '—'} "
+        share = f"{100 * GFLOP[n] * 1e3 / vf / peak:.0f}%" if vf and peak and n in GFLOP else "—"
+        print(f"| {title} | {threads} | {fmt(vf)} | {share} | {fmt(ort)} | {f'{ort / vf:.2f}' if ort and vf else '—'} "
               f"| {pt_cell} | {pt_ratio} | {fmt(rss, 0)} | {tp['batch']} | {tp['inflight']} |")
     print()
     for note in sorted(notes):
@@ -244,13 +267,16 @@ def main():
     else:
         print(f"ORT: {ort_what}")
     print("PyTorch: " + (", ".join(f"{n} {s}" for n, s in torch_source.items()) or "none here"))
+    print("vf % of peak: the model's GFLOP (bench_table.py's GFLOP, oneDNN's products) over vf ms, against "
+          "BM_PeakF32; ORT and PyTorch run the same FLOPs, so their share is vf's times their ratio's inverse")
     print("vf img/s: batch = one model, bN images per forward on all threads; in flight = W models × T threads, "
           "one image each, all at once (vf_bench /batch, /inflight)")
 
     os.makedirs(a.results, exist_ok=True)
     path = os.path.join(a.results, f"{started:%Y%m%d-%H%M}-t{threads}{'-pinned' if prefix else ''}.json")
     json.dump({"started": started.isoformat(), "cpu": cpu, "threads": threads, "pinned": prefix[2] if prefix else None,
-               "load_before": load_before, "load_after": load_after, "commit": commit, "results": res,
+               "load_before": load_before, "load_after": load_after, "commit": commit, "peak_gflops": peak,
+               "results": res,
                "ort_source": ort_source, "torch_source": torch_source}, open(path, "w"), indent=1)
     log(f"raw results: {path}")
 
