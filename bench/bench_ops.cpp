@@ -91,9 +91,7 @@ void BM_OpLinear(benchmark::State& state) {
   label(state, x.numel());
 }
 
-// One thread's share of BM_PeakF32: kChains independent chains acc = acc * m + a in registers (enough
-// to cover the FMA units' latency times their count), no loads or stores; kRounds rounds. Returns the
-// chains' sum so that nothing is optimised away.
+// The widest FMA the build targets, for BM_PeakF32.
 #if defined(__AVX512F__)
 using PeakVector = __m512;
 inline PeakVector peak_fma(PeakVector x, PeakVector m, PeakVector a) { return _mm512_fmadd_ps(x, m, a); }
@@ -108,6 +106,9 @@ constexpr int kPeakChains = 16;
 constexpr int64_t kPeakRounds = int64_t(1) << 24;
 constexpr double kPeakFlopsPerThread = 2.0 * kPeakChains * (sizeof(PeakVector) / sizeof(float)) * kPeakRounds;
 
+// One thread's share of BM_PeakF32: kPeakChains independent chains acc = acc * m + a in registers
+// (enough to cover the FMA units' latency times their count), no loads or stores, kPeakRounds rounds.
+// Returns the chains' sum so that nothing is optimised away.
 float fma_chains(float start) {
   const auto splat = [](float v) {
     PeakVector x;

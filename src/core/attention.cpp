@@ -172,7 +172,8 @@ struct Products {
   dnnl::matmul scores;   // Q [rows, dk] x K^T [dk, Lk] -> scale * S [rows, Lk], float32
   dnnl::matmul context;  // P [rows, Lk] x V [Lk, dv] -> O [rows, dv], float32
   dnnl::memory::desc q, k, s, p, v, o, scores_scratchpad, context_scratchpad;
-  size_t scratch_bytes = 0;  // the larger of the two scratchpads
+  // The larger of the two scratchpads: a thread's room for both (its blocks run them in turn).
+  size_t scratch_bytes() const { return std::max(scores_scratchpad.get_size(), context_scratchpad.get_size()); }
   // Each product's arguments, a set per thread running blocks at once (BlockArgs).
   mutable onednn::ArgSets scores_args, context_args;
 };
@@ -226,7 +227,6 @@ std::shared_ptr<const Products> block_products(bool bf16, int64_t rows, int64_t 
       b.context = dnnl::matmul(cpd);
       b.scores_scratchpad = spd.scratchpad_desc();
       b.context_scratchpad = cpd.scratchpad_desc();
-      b.scratch_bytes = std::max(b.scores_scratchpad.get_size(), b.context_scratchpad.get_size());
       pr = std::move(made_pr);
     }
   } catch (const dnnl::error&) {
@@ -380,7 +380,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
         copy_blocks(pv + (b * H + h) * Lk * dv * es, dv * es, operand(v, b, 0, h * dv), v.row_stride * es, dv * es, Lk);
       }
   }
-  const size_t scratch_bytes = fast ? std::max(full->scratch_bytes, last->scratch_bytes) : 0;
+  const size_t scratch_bytes = fast ? std::max(full->scratch_bytes(), last->scratch_bytes()) : 0;
   // Per thread, each part on a 64-byte boundary: the block's scores (unless they go to probs), its
   // bfloat16 probabilities, its packed queries and dense context, and the products' scratchpad.
   auto lines = [](int64_t bytes) { return (bytes + 63) / 64 * 16; };
@@ -435,7 +435,7 @@ Tensor attention_kernel(Operand q, Operand k, Operand v, int64_t B, int64_t Lq, 
         continue;
       }
       const Products& pr = rows == qb ? *full : *last;
-      BlockArgs& w = rows == qb || !last_args ? *full_args : *last_args;
+      BlockArgs& w = rows == qb ? *full_args : *last_args;  // a short block has its own products
       const char* queries = operand(q, b, i0, h * dk);
       if (pack_q) {
         copy_blocks(my_queries, dk * es, queries, q.row_stride * es, dk * es, rows);

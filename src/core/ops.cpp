@@ -47,6 +47,7 @@ void with_rows(const Tensor& x, Tensor& y, const Run& run) {
   else
     to(x.f32());
 }
+
 }  // namespace
 
 // ---- activations ---------------------------------------------------------------------------------
