@@ -328,8 +328,15 @@ struct Conv2d::Impl {
     SourceConversion to_compute;  // float32 NHWC -> what a bfloat16 primitive reads
     std::shared_ptr<ArgSets> args = std::make_shared<ArgSets>();  // of the NHWC (not Winograd) primitive
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>, Prim> cache;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, bool, bool>, Prim> cache;
   std::mutex mu;
+
+  // A strided 1x1 convolution with no padding: on blocked maps it runs with a stride of 1 on its input
+  // subsampled (Conv2d::forward on BlockedMaps).
+  static bool subsamples(const Conv2dOptions& o, int64_t kh, int64_t kw) {
+    return kh == 1 && kw == 1 && (o.stride_h > 1 || o.stride_w > 1) && !o.dynamic_same && o.pad_top == 0 &&
+           o.pad_left == 0 && o.pad_bottom == 0 && o.pad_right == 0;
+  }
 
   static bool winograd_applies(const Conv2dOptions& o, int64_t out, int64_t in, int64_t kh, int64_t kw) {
     return o.groups == 1 && kh == 3 && kw == 3 && o.stride_h == 1 && o.stride_w == 1 && o.dilation_h == 1 &&
@@ -381,13 +388,19 @@ struct Conv2d::Impl {
 
   // compute_dst: the output in the compute dtype (forward_to_layer) rather than float32.
   // blocked: source and output in the layouts the primitive picks (BlockedMap), float32 layers only.
-  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false, bool blocked = false) {
+  // subsampled: a strided 1x1 convolution run with a stride of 1 on its input already subsampled
+  // (h and w are then that input's).
+  Prim& prim_for(int64_t n, int64_t h, int64_t w, bool residual, bool compute_dst = false, bool blocked = false,
+                 bool subsampled = false) {
     std::lock_guard<std::mutex> lock(mu);
-    auto key = std::make_tuple(n, h, w, residual, compute_dst, blocked);
+    auto key = std::make_tuple(n, h, w, residual, compute_dst, blocked, subsampled);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
 
-    const ConvGeometry g = conv_geometry(opt, kh, kw, h, w);
+    Conv2dOptions unit_stride = opt;
+    unit_stride.stride_h = unit_stride.stride_w = 1;
+    const Conv2dOptions& o = subsampled ? unit_stride : opt;
+    const ConvGeometry g = conv_geometry(o, kh, kw, h, w);
     const int pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom, pr = g.pad_right;
     const int64_t oh = g.out_h, ow = g.out_w;
 
@@ -417,7 +430,7 @@ struct Conv2d::Impl {
     auto direct_desc = [&](const memory::desc& src, const memory::desc& dst) {
       return dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
                                              dnnl::algorithm::convolution_direct, src, w_md, b_md, dst,
-                                             {opt.stride_h, opt.stride_w}, {opt.dilation_h - 1, opt.dilation_w - 1},
+                                             {o.stride_h, o.stride_w}, {o.dilation_h - 1, o.dilation_w - 1},
                                              {pt, pl}, {pb, pr});
     };
     auto direct = [&](const memory::desc& src, const memory::desc& dst) {
@@ -430,7 +443,19 @@ struct Conv2d::Impl {
       if (!blocked) throw;
       pd = direct(memory::desc({n, in, h, w}, compute, tag::any), memory::desc({n, out, oh, ow}, dt::f32, tag::any));
     }
-    // A strided 1x1 convolution: oneDNN's 1x1 kernels copy the subsampled input into their
+    // A kernel wider than 1x1 that has only oneDNN's general direct kernel ("jit:") on channel blocks
+    // (not Winograd: a stride of 2, more than 256 channels) runs faster on NHWC maps with its brgemm
+    // kernel: such a layer reads and writes NHWC, the maps reordered around it.
+    const auto starts = [](const char* impl, const char* prefix) { return std::string(impl).rfind(prefix, 0) == 0; };
+    if (blocked && src_tag == blocked_tag && kh * kw > 1 && starts(pd.impl_info_str(), "jit:")) {
+      try {
+        auto nhwc = direct(memory::desc({n, in, h, w}, compute, tag::nhwc), memory::desc({n, out, oh, ow}, dt::f32, tag::nhwc));
+        if (starts(nhwc.impl_info_str(), "brg")) pd = nhwc;
+      } catch (const dnnl::error&) {
+      }
+    }
+    // A strided 1x1 convolution (on blocked maps, one with padding; the others subsample their input
+    // first): oneDNN's 1x1 kernels copy the subsampled input into their
     // scratchpad, once per thread (110 MB at 16 threads for ResNet-50's third-stage shortcut at
     // 800x1066), where its general direct kernels read the strided input in place, as fast (about
     // 10 ms for each of ResNet-50's three strided shortcuts at 2 threads on the development VM). The
@@ -438,7 +463,7 @@ struct Conv2d::Impl {
     // reference kernel, far slower, never). The rule is by kind, not by the scratchpad's size, so
     // that every batch size gets the same kernel: a batch gives each image what it alone gives.
     const auto is_1x1 = [](const char* impl) { return std::string(impl).find("1x1") != std::string::npos; };
-    if (kh == 1 && kw == 1 && (opt.stride_h > 1 || opt.stride_w > 1) && is_1x1(pd.impl_info_str())) {
+    if (kh == 1 && kw == 1 && (o.stride_h > 1 || o.stride_w > 1) && is_1x1(pd.impl_info_str())) {
       // A fresh one (next_impl() moves it), of a description that outlives the search.
       const auto d = direct_desc(pd.src_desc(), pd.dst_desc());
       dnnl::convolution_forward::primitive_desc next(d, user_scratchpad(attr), engine());
@@ -506,8 +531,9 @@ Conv2d::Conv2d(const Tensor& weight, const Tensor& bias, const Conv2dOptions& op
   // the kernel) picks the weights' layout, in practice the one every input size gets; a size that
   // wants another one gets its own copy at its first run. (Winograd's layouts depend on the map's
   // size: they are made at the first run of each, from the direct layout chosen here.)
+  const bool blocked = opt.blocked_maps && impl->compute == dt::f32;
   impl->prim_for(1, (impl->kh - 1) * opt.dilation_h + 1 + 8, (impl->kw - 1) * opt.dilation_w + 1 + 8, false, false,
-                 opt.blocked_maps && impl->compute == dt::f32);
+                 blocked, blocked && Impl::subsamples(opt, impl->kh, impl->kw));
   // VF_CONV_WINOGRAD=0: direct convolutions only (to compare; Winograd's gain depends on the CPU).
   static const bool winograd_allowed = [] {
     const char* e = std::getenv("VF_CONV_WINOGRAD");
@@ -655,6 +681,53 @@ Tensor BlockedMap::to_nhwc() const {
   return y;
 }
 
+namespace {
+
+// The channel block of a map's layout when its bytes are [N][C/B][H][W][B] (oneDNN's nChwBc; nhwc
+// is that with one block of all C channels, nchw with blocks of one), read from the descriptor; 0
+// for any other layout. The tag that describes it goes to `t`.
+int64_t channel_block_of(const memory::desc& md, tag& t) {
+  const auto& d = md.data;
+  if (d.ndims != 4 || d.data_type != dnnl_f32 || d.format_kind != dnnl_blocked) return 0;
+  const auto& b = d.format_desc.blocking;
+  const memory::dims dims = md.dims();
+  int64_t block = 0;
+  if (b.inner_nblks == 0) {
+    block = b.strides[1] == 1 ? dims[1] : 1;
+    t = block == 1 ? tag::nchw : tag::nhwc;
+  } else if (b.inner_nblks == 1 && b.inner_idxs[0] == 1) {
+    block = b.inner_blks[0];
+    t = block == 16 ? tag::nChw16c : block == 8 ? tag::nChw8c : block == 4 ? tag::nChw4c : tag::undef;
+  }
+  // Dense and in that order (not merely the same blocks): the descriptor the tag makes is this one.
+  if (block == 0 || t == tag::undef || memory::desc(dims, dt::f32, t) != md) return 0;
+  return block;
+}
+
+// Every (sh, sw)-th pixel of a channel-blocked map `full` ([N][C/B][H][W][B], the layout of `want` at the
+// full size) into a map of `want`'s size and layout: pixel (y, x) from (y * sh, x * sw). `holder` keeps
+// `full` alive while it is read and then the copy.
+memory subsampled(const memory& full, const memory::desc& want, int64_t sh, int64_t sw, Tensor& holder) {
+  tag t = tag::undef;
+  const int64_t block = channel_block_of(want, t);
+  const memory::dims fd = full.get_desc().dims(), wd = want.dims();
+  const int64_t maps = wd[0] * (want.data.padded_dims[1] / block), h = fd[2], w = fd[3], oh = wd[2], ow = wd[3];
+  Tensor copy = storage_for(want);
+  const float* in = static_cast<const float*>(full.get_data_handle());
+  float* out = copy.f32();
+#pragma omp parallel for collapse(2)
+  for (int64_t m = 0; m < maps; ++m)
+    for (int64_t y = 0; y < oh; ++y) {
+      const float* in_row = in + (m * h + y * sh) * w * block;
+      float* out_row = out + (m * oh + y) * ow * block;
+      for (int64_t x = 0; x < ow; ++x) std::memcpy(out_row + x * block, in_row + x * sw * block, block * sizeof(float));
+    }
+  holder = std::move(copy);
+  return memory(want, engine(), holder.raw());
+}
+
+}  // namespace
+
 BlockedMap Conv2d::forward(const BlockedMap& x) const { return forward(x, nullptr, false); }
 
 BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap&& residual) const { return forward(x, &residual, false); }
@@ -683,7 +756,19 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
     return BlockedMap::from_nhwc(to_layer ? forward_to_layer(xs, std::move(r)) : forward(xs, std::move(r)));
   }
   const int64_t n = x.shape_[0], h = x.shape_[1], w = x.shape_[2];
-  auto& p = impl_->prim_for(n, h, w, residual != nullptr, false, /*blocked=*/true);
+  // A strided 1x1 convolution with no padding reads every stride-th pixel: it runs with a stride of 1
+  // (oneDNN's 1x1 kernel) on those pixels, copied once (a quarter of the map at a stride of 2). oneDNN's
+  // own strided 1x1 kernels copy them once per thread; its general ones, reading in place, are up to
+  // twice as slow on ResNet's shortcuts.
+  const Conv2dOptions& o = impl_->opt;
+  tag sub_tag = tag::undef;
+  const Impl::Prim* sub = nullptr;
+  if (Impl::subsamples(o, impl_->kh, impl_->kw)) {
+    const ConvGeometry g = conv_geometry(o, impl_->kh, impl_->kw, h, w);
+    sub = &impl_->prim_for(n, g.out_h, g.out_w, residual != nullptr, false, /*blocked=*/true, /*subsampled=*/true);
+    if (channel_block_of(sub->src_blocked, sub_tag) == 0) sub = nullptr;  // a layout this copy does not know
+  }
+  auto& p = sub ? *sub : impl_->prim_for(n, h, w, residual != nullptr, false, /*blocked=*/true);
   const Shape out_shape{n, p.oh, p.ow, out_};
 
   // The source in the primitive's layout: the map itself when it has it, else a reordered copy.
@@ -721,38 +806,15 @@ BlockedMap Conv2d::forward(const BlockedMap& x, BlockedMap* residual, bool to_la
     y.data_ = storage_for(p.dst_blocked);
   }
   Tensor x_holder;
-  memory src = in_layout(x, p.src_blocked, x_holder);
+  memory src = sub ? subsampled(in_layout(x, memory::desc({n, in_, h, w}, dt::f32, sub_tag), x_holder), p.src_blocked,
+                                o.stride_h, o.stride_w, x_holder)
+                   : in_layout(x, p.src_blocked, x_holder);
   memory bias(memory::desc({out_}, dt::f32, tag::x), engine(), impl_->bias.raw());
   memory dst(p.dst_blocked, engine(), y.data_.raw());
   execute(p.prim, p.scratchpad,
           {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, p.weights}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
   return y;
 }
-
-namespace {
-
-// The channel block of a map's layout when its bytes are [N][C/B][H][W][B] (oneDNN's nChwBc; nhwc
-// is that with one block of all C channels, nchw with blocks of one), read from the descriptor; 0
-// for any other layout. The tag that describes it goes to `t`.
-int64_t channel_block_of(const memory::desc& md, tag& t) {
-  const auto& d = md.data;
-  if (d.ndims != 4 || d.data_type != dnnl_f32 || d.format_kind != dnnl_blocked) return 0;
-  const auto& b = d.format_desc.blocking;
-  const memory::dims dims = md.dims();
-  int64_t block = 0;
-  if (b.inner_nblks == 0) {
-    block = b.strides[1] == 1 ? dims[1] : 1;
-    t = block == 1 ? tag::nchw : tag::nhwc;
-  } else if (b.inner_nblks == 1 && b.inner_idxs[0] == 1) {
-    block = b.inner_blks[0];
-    t = block == 16 ? tag::nChw16c : block == 8 ? tag::nChw8c : block == 4 ? tag::nChw4c : tag::undef;
-  }
-  // Dense and in that order (not merely the same blocks): the descriptor the tag makes is this one.
-  if (block == 0 || t == tag::undef || memory::desc(dims, dt::f32, t) != md) return 0;
-  return block;
-}
-
-}  // namespace
 
 BlockedMap max_pool2d(const BlockedMap& x, int kernel, int stride, int pad) {
   tag t = tag::undef;
