@@ -31,6 +31,7 @@
 #include "core/device.h"
 #include "core/ops.h"
 #include "models/model.h"
+#include "vf_build_commit.h"  // generated at build time (bench/CMakeLists.txt)
 
 namespace {
 
@@ -255,6 +256,7 @@ int main(int argc, char** argv) {
                                  })
         ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(1);
   }
+  benchmark::AddCustomContext("vf_commit", VF_BUILD_COMMIT);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

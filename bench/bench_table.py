@@ -92,14 +92,16 @@ def vf_run(bench, name, kind, prefix, env, timeout):
 
 
 def peak_gflops(bench, prefix, env, timeout):
-    """The float32 peak at VF_THREADS threads on these cores (vf_bench BM_PeakF32), or None."""
+    """The float32 peak at VF_THREADS threads on these cores (vf_bench BM_PeakF32), or None; and the
+    commit vf_bench was built from (its "vf_commit" context), or None where it does not say."""
     cmd = prefix + [bench, "--benchmark_filter=^BM_PeakF32", "--benchmark_format=json"]
     try:
         p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=ROOT)
-        return json.loads(p.stdout)["benchmarks"][0]["GFLOPs"]
+        out = json.loads(p.stdout)
+        return out["benchmarks"][0]["GFLOPs"], out.get("context", {}).get("vf_commit")
     except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError) as e:
         log(f"  vf_bench BM_PeakF32: {type(e).__name__}")
-        return None
+        return None, None
 
 
 def has_module(python, module):
@@ -189,7 +191,7 @@ def main():
 
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
-    peak = peak_gflops(a.bench, prefix, env, a.timeout)
+    peak, built_from = peak_gflops(a.bench, prefix, env, a.timeout)
     res = {n: {"vf": [], "ort": [], "torch": [], "batch": [], "inflight": [], "rss": []} for n in names}
     torch_source, ort_source = {}, {}
     for r in range(a.rounds):
@@ -224,8 +226,10 @@ def main():
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True).stdout.strip()
+    # The binary's own commit: vf_bench may have been built elsewhere (a bundle carried to a device
+    # machine) from another tree than the one this runs in.
+    commit = built_from or (subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, text=True).stdout.strip() + " (tree)")
     pinned = f", pinned to cores {prefix[2]}" if prefix else ""
     print(f"{started:%Y-%m-%d %H:%M} UTC · {cpu} · {len(allowed)} cores allowed · {threads} threads{pinned} · "
           f"vf {commit} · load average {load_before[0]:.1f} before, {load_after[0]:.1f} after · "
