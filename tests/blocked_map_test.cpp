@@ -190,6 +190,54 @@ TEST(BlockedMap, SharedResidualIsNotOverwritten) {
   EXPECT_LT(relative_error(y.to_nhwc(), conv_direct(m, l.w, l.b, 1, 0, false, &m)), 1e-5);
 }
 
+TEST(BlockedMap, StridedGroupedAndDilatedConvolutionsMatchTheirDefinition) {
+  // 3x3 layers on a channel-blocked map of 64 channels that Winograd does not take (a stride of 2,
+  // groups, a dilation): those with only oneDNN's general or reference kernel on channel blocks run
+  // on NHWC maps.
+  const int64_t H = 9, W = 11, C = 64, O = 48;
+  Tensor input = randn({1, H, W, C}, 800);
+  Layer first = make_layer(C, C, 1, 1, false, 801);  // makes the map a blocked one
+  BlockedMap x = first.conv.forward(BlockedMap::from_nhwc(input));
+  const Tensor xs = x.to_nhwc();
+  struct Case { int stride, groups, dilation; };
+  // groups of 16, 4 and 32 input channels (ResNeXt's are 4 wide): the last two are not whole blocks.
+  for (const Case k : {Case{2, 1, 1}, Case{2, 4, 1}, Case{1, 16, 1}, Case{1, 1, 2}, Case{1, 2, 2}}) {
+    const int pad = k.dilation;
+    Tensor w = randn({O, C / k.groups, 3, 3}, 810 + k.stride * 7 + k.groups * 3 + k.dilation, 0.05f);
+    Tensor b = randn({O}, 820, 0.1f);
+    Conv2dOptions o;
+    o.stride_h = o.stride_w = k.stride;
+    o.pad_top = o.pad_left = o.pad_bottom = o.pad_right = pad;
+    o.dilation_h = o.dilation_w = k.dilation;
+    o.groups = k.groups;
+    o.blocked_maps = true;
+    const Tensor y = Conv2d(w, b, o).forward(x).to_nhwc();
+    // y[i, j, oc] = b[oc] + sum over the group's input channels and the 3x3 taps (zero outside).
+    Map ref;
+    ref.c = O;
+    ref.h = (H + 2 * pad - 2 * k.dilation - 1) / k.stride + 1;
+    ref.w = (W + 2 * pad - 2 * k.dilation - 1) / k.stride + 1;
+    ref.v.assign(ref.c * ref.h * ref.w, 0.0);
+    const int64_t in_per_group = C / k.groups, out_per_group = O / k.groups;
+    for (int64_t oc = 0; oc < O; ++oc)
+      for (int64_t i = 0; i < ref.h; ++i)
+        for (int64_t j = 0; j < ref.w; ++j) {
+          double acc = b.f32()[oc];
+          for (int64_t ic = 0; ic < in_per_group; ++ic)
+            for (int64_t ky = 0; ky < 3; ++ky)
+              for (int64_t kx = 0; kx < 3; ++kx) {
+                const int64_t yy = i * k.stride - pad + ky * k.dilation, xx = j * k.stride - pad + kx * k.dilation;
+                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                const int64_t c = (oc / out_per_group) * in_per_group + ic;
+                acc += double(w.f32()[((oc * in_per_group + ic) * 3 + ky) * 3 + kx]) * xs.f32()[(yy * W + xx) * C + c];
+              }
+          ref.at(oc, i, j) = acc;
+        }
+    EXPECT_LT(relative_error(y, ref), 1e-5) << "stride " << k.stride << ", groups " << k.groups << ", dilation "
+                                            << k.dilation;
+  }
+}
+
 TEST(BlockedMap, NhwcRoundTripAndShapeChecks) {
   Tensor t = randn({2, 3, 4, 5}, 600);
   EXPECT_EQ(max_abs_diff(BlockedMap::from_nhwc(t).to_nhwc(), t), 0.0);

@@ -445,12 +445,15 @@ struct Conv2d::Impl {
     }
     // A kernel wider than 1x1 that has only oneDNN's general direct kernel ("jit:") on channel blocks
     // (not Winograd: a stride of 2, more than 256 channels) runs faster on NHWC maps with its brgemm
-    // kernel: such a layer reads and writes NHWC, the maps reordered around it.
+    // kernel; and one with only the reference kernel there (groups of channels that are not whole
+    // blocks: ResNeXt's 3x3s) runs whatever NHWC kernel is not the reference. Such a layer reads and
+    // writes NHWC, the maps reordered around it.
     const auto starts = [](const char* impl, const char* prefix) { return std::string(impl).rfind(prefix, 0) == 0; };
-    if (blocked && src_tag == blocked_tag && kh * kw > 1 && starts(pd.impl_info_str(), "jit:")) {
+    const bool general = kh * kw > 1 && starts(pd.impl_info_str(), "jit:"), reference = starts(pd.impl_info_str(), "ref");
+    if (blocked && src_tag == blocked_tag && (general || reference)) {
       try {
         auto nhwc = direct(memory::desc({n, in, h, w}, compute, tag::nhwc), memory::desc({n, out, oh, ow}, dt::f32, tag::nhwc));
-        if (starts(nhwc.impl_info_str(), "brg")) pd = nhwc;
+        if (starts(nhwc.impl_info_str(), "brg") || (reference && !starts(nhwc.impl_info_str(), "ref"))) pd = nhwc;
       } catch (const dnnl::error&) {
       }
     }
