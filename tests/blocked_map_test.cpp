@@ -29,31 +29,42 @@ struct Map {
 
 using test::randn;
 
-// y[o, i, j] = b[o] + sum_{c, ky, kx} w[o, c, ky, kx] x[c, i s - p + ky, j s - p + kx] (zero outside),
-// then + residual, then ReLU when asked.
+// y[o, i, j] = b[o] + sum over o's group of input channels c and the taps (ky, kx) of
+// w[o, c, ky, kx] x[c, i s - p + ky d, j s - p + kx d] (zero outside), then + residual, then ReLU when
+// asked (d: the dilation).
 Map conv_direct(const Map& x, const Tensor& w, const Tensor& b, int stride, int pad, bool relu,
-                const Map* residual = nullptr) {
-  const int64_t o = w.size(0), k = w.size(2);
+                const Map* residual = nullptr, int groups = 1, int dilation = 1) {
+  const int64_t o = w.size(0), k = w.size(2), in_per_group = x.c / groups, out_per_group = o / groups;
   Map y;
   y.c = o;
-  y.h = (x.h + 2 * pad - k) / stride + 1;
-  y.w = (x.w + 2 * pad - k) / stride + 1;
+  y.h = (x.h + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
+  y.w = (x.w + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
   y.v.assign(y.c * y.h * y.w, 0.0);
   for (int64_t oc = 0; oc < o; ++oc)
     for (int64_t i = 0; i < y.h; ++i)
       for (int64_t j = 0; j < y.w; ++j) {
         double acc = b.f32()[oc];
-        for (int64_t ic = 0; ic < x.c; ++ic)
+        for (int64_t ic = 0; ic < in_per_group; ++ic)
           for (int64_t ky = 0; ky < k; ++ky)
             for (int64_t kx = 0; kx < k; ++kx) {
-              const int64_t yy = i * stride - pad + ky, xx = j * stride - pad + kx;
+              const int64_t yy = i * stride - pad + ky * dilation, xx = j * stride - pad + kx * dilation;
               if (yy < 0 || yy >= x.h || xx < 0 || xx >= x.w) continue;
-              acc += double(w.f32()[((oc * x.c + ic) * k + ky) * k + kx]) * x.at(ic, yy, xx);
+              const int64_t c = (oc / out_per_group) * in_per_group + ic;
+              acc += double(w.f32()[((oc * in_per_group + ic) * k + ky) * k + kx]) * x.at(c, yy, xx);
             }
         if (residual) acc += residual->at(oc, i, j);
         y.at(oc, i, j) = relu ? std::max(acc, 0.0) : acc;
       }
   return y;
+}
+
+// A [1, H, W, C] tensor as the reference's map.
+Map map_of(const Tensor& nhwc) {
+  Map m{nhwc.size(3), nhwc.size(1), nhwc.size(2), std::vector<double>(nhwc.numel())};
+  for (int64_t c = 0; c < m.c; ++c)
+    for (int64_t i = 0; i < m.h; ++i)
+      for (int64_t j = 0; j < m.w; ++j) m.at(c, i, j) = nhwc.f32()[(i * m.w + j) * m.c + c];
+  return m;
 }
 
 // Max over each k x k window, positions outside the map left out.
@@ -183,10 +194,7 @@ TEST(BlockedMap, SharedResidualIsNotOverwritten) {
   BlockedMap y = l.conv.forward(kept, std::move(x));
   EXPECT_EQ(max_abs_diff(kept.to_nhwc(), before), 0.0);
   // y = conv(kept) + kept, against the definition.
-  Map m{16, 6, 5, std::vector<double>(16 * 30)};
-  for (int64_t c = 0; c < 16; ++c)
-    for (int64_t i = 0; i < 6; ++i)
-      for (int64_t j = 0; j < 5; ++j) m.at(c, i, j) = before.f32()[(i * 5 + j) * 16 + c];
+  const Map m = map_of(before);
   EXPECT_LT(relative_error(y.to_nhwc(), conv_direct(m, l.w, l.b, 1, 0, false, &m)), 1e-5);
 }
 
@@ -198,7 +206,7 @@ TEST(BlockedMap, StridedGroupedAndDilatedConvolutionsMatchTheirDefinition) {
   Tensor input = randn({1, H, W, C}, 800);
   Layer first = make_layer(C, C, 1, 1, false, 801);  // makes the map a blocked one
   BlockedMap x = first.conv.forward(BlockedMap::from_nhwc(input));
-  const Tensor xs = x.to_nhwc();
+  const Map xs = map_of(x.to_nhwc());
   struct Case { int stride, groups, dilation; };
   // groups of 16, 4 and 32 input channels (ResNeXt's are 4 wide): the last two are not whole blocks.
   for (const Case k : {Case{2, 1, 1}, Case{2, 4, 1}, Case{1, 16, 1}, Case{1, 1, 2}, Case{1, 2, 2}}) {
@@ -212,27 +220,7 @@ TEST(BlockedMap, StridedGroupedAndDilatedConvolutionsMatchTheirDefinition) {
     o.groups = k.groups;
     o.blocked_maps = true;
     const Tensor y = Conv2d(w, b, o).forward(x).to_nhwc();
-    // y[i, j, oc] = b[oc] + sum over the group's input channels and the 3x3 taps (zero outside).
-    Map ref;
-    ref.c = O;
-    ref.h = (H + 2 * pad - 2 * k.dilation - 1) / k.stride + 1;
-    ref.w = (W + 2 * pad - 2 * k.dilation - 1) / k.stride + 1;
-    ref.v.assign(ref.c * ref.h * ref.w, 0.0);
-    const int64_t in_per_group = C / k.groups, out_per_group = O / k.groups;
-    for (int64_t oc = 0; oc < O; ++oc)
-      for (int64_t i = 0; i < ref.h; ++i)
-        for (int64_t j = 0; j < ref.w; ++j) {
-          double acc = b.f32()[oc];
-          for (int64_t ic = 0; ic < in_per_group; ++ic)
-            for (int64_t ky = 0; ky < 3; ++ky)
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t yy = i * k.stride - pad + ky * k.dilation, xx = j * k.stride - pad + kx * k.dilation;
-                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                const int64_t c = (oc / out_per_group) * in_per_group + ic;
-                acc += double(w.f32()[((oc * in_per_group + ic) * 3 + ky) * 3 + kx]) * xs.f32()[(yy * W + xx) * C + c];
-              }
-          ref.at(oc, i, j) = acc;
-        }
+    const Map ref = conv_direct(xs, w, b, k.stride, pad, false, nullptr, k.groups, k.dilation);
     EXPECT_LT(relative_error(y, ref), 1e-5) << "stride " << k.stride << ", groups " << k.groups << ", dilation "
                                             << k.dilation;
   }
