@@ -156,6 +156,19 @@ def export(names, out_dir):
     json.dump(manifest, open(manifest_path, "w"), indent=1)
 
 
+def session_options(threads):
+    """How every export is timed: `threads` intra-op threads, one sequential inter-op, all graph optimisations
+    (bench/profile/ort_ops.py profiles with the same)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 def time_onnx(names, onnx_dir, min_seconds):
     import numpy as np
     import onnxruntime as ort
@@ -166,12 +179,8 @@ def time_onnx(names, onnx_dir, min_seconds):
         if name not in manifest:
             continue
         m = manifest[name]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(os.path.join(onnx_dir, name + ".onnx"), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(os.path.join(onnx_dir, name + ".onnx"), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
         feeds = {n: (np.ones(s, np.int64) if m["dtypes"][n] == "int64" else rng.standard_normal(s, np.float32))
                  for n, s in m["inputs"].items()}

@@ -18,6 +18,9 @@ import statistics
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ort_bench import session_options  # noqa: E402  (the settings bench/ort_bench.py times with)
+
 
 def shapes(entries):
     """[shape, ...] of a profiler event's input_type_shape / output_type_shape list."""
@@ -72,11 +75,7 @@ def main():
 
     threads = int(os.environ.get("VF_THREADS", os.cpu_count()))
     tmp = tempfile.mkdtemp(prefix="ort_ops_")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = session_options(threads)
     so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tmp, "profile")
