@@ -190,7 +190,9 @@ Tensor grn_nhwc(const Tensor& x, const Tensor& gamma, const Tensor& beta, float 
 void softmax_lastdim_inplace(Tensor& x);
 
 // ---- pooling (NHWC) -----------------------------------------------------------------------------
-// Padding is symmetric; `pad_value` lets TF-SAME max pooling pad with -inf or 0 as the reference.
+// Max pooling: the padding of each side is left out of every window (PyTorch's -inf padding) and a
+// NaN in a window gives NaN, as PyTorch; a model whose reference pads with zeros (BiT's dynamic
+// padding) pads with pad_nhwc first. ceil_mode as PyTorch's (no window starts in the end padding).
 Tensor max_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad_top, int pad_left, int pad_bottom,
                        int pad_right, bool ceil_mode = false);
 Tensor avg_pool2d_nhwc(const Tensor& x, int kernel, int stride, int pad, bool count_include_pad = true);
