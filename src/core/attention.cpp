@@ -134,8 +134,7 @@ struct Operand {
 // rows are 4 full ones). Float32 blocks start as large as their scores fit in kScoreBytes, fewer and
 // larger products (each call costs microseconds beyond its arithmetic): at 2 threads DeiT-B's 198
 // queries are one block a head, no longer four, and its attention takes ~9% less time on the
-// development VM, CvT-13's ~8-20% (bench_ops' BM_OpAttention). bfloat16 blocks start at 64 rows, the
-// size bf16_pays' threshold was measured at.
+// development VM, CvT-13's ~8-20% (bench_ops' BM_OpAttention). bfloat16 blocks start at 64 rows.
 int64_t query_block(int64_t B, int64_t Lq, int64_t Lk, int64_t H, bool bf16) {
   constexpr int64_t kScoreBytes = int64_t(512) << 10;  // with a head's keys and values, within a 1 MiB L2
   const int64_t threads = omp_get_max_threads();
@@ -146,19 +145,6 @@ int64_t query_block(int64_t B, int64_t Lq, int64_t Lk, int64_t H, bool bf16) {
   const int64_t rounds = (B * H * ((Lq + qb - 1) / qb) + threads - 1) / threads;
   const int64_t blocks = (rounds * threads + B * H - 1) / (B * H);  // per (batch, head)
   return std::max<int64_t>(std::min<int64_t>(8, Lq), (Lq + blocks - 1) / blocks);
-}
-
-// Blocks under 2^21 multiply-adds a product compute in float32: the one place this is decided, for
-// the kernel's callers and attention_reads_16bit alike. Measured on the AMX CPU of the GPU machine when
-// the bfloat16 products read Q, K and V through strides (oneDNN 2.6 then runs its JIT gemm, ~20 us a
-// call beyond the arithmetic): DeiT-B's ~50 x 197 x 64 products were 24% slower in bfloat16 (2 pinned
-// threads), CvT-13's first stage, 49 x 784 x 64, gained. On the packed operands brgemm now reads,
-// smaller bfloat16 products are faster than float32 ones on the development VM; AMX has not been
-// measured on them, so the threshold stays.
-bool bf16_pays(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t dk, int64_t dv) {
-  constexpr int64_t kMinBf16Macs = int64_t(1) << 21;
-  if (B <= 0 || Lq <= 0 || H <= 0) return false;
-  return query_block(B, Lq, Lk, H, /*bf16=*/true) * Lk * std::max(dk, dv) >= kMinBf16Macs;
 }
 
 // ---- the two products of a query block -----------------------------------------------------------
@@ -494,10 +480,10 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, i
                 shape_str(v.shape()) + " do not match");
   if (Device d = op_device({&q, &k, &v}); !d.is_cpu()) return backend(d).multi_head_attention(q, k, v, num_heads, opt);
   const int64_t dk = q.size(2) / num_heads, dv = v.size(2) / num_heads;
-  // bfloat16 products where all three are bfloat16 (a bfloat16 layer's forward_to_attention), the
-  // products are large enough to gain and the CPU has kernels for them; otherwise widened.
+  // bfloat16 products where all three are bfloat16 (a bfloat16 layer's forward_to_attention) and the
+  // CPU has kernels for them; otherwise widened.
   const bool bf16 = q.dtype() == DType::BF16 && k.dtype() == DType::BF16 && v.dtype() == DType::BF16;
-  if (bf16 && bf16_pays(B, Lq, Lk, num_heads, dk, dv)) {
+  if (bf16) {
     Tensor out = attention_kernel({q.raw(), Lq * q.size(2), q.size(2), true}, {k.raw(), Lk * k.size(2), k.size(2), true},
                                   {v.raw(), Lk * v.size(2), v.size(2), true}, B, Lq, Lk, num_heads, dk, dv, opt);
     if (out.defined()) return out;
@@ -516,7 +502,7 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
                 " heads * head_dim");
   const int64_t C = W / 3, d = C / num_heads;
   if (!qkv.is_cpu()) return backend(qkv.device()).multi_head_attention_packed(qkv, num_heads, opt);
-  if (qkv.dtype() == DType::BF16 && bf16_pays(B, L, L, num_heads, d, d)) {
+  if (qkv.dtype() == DType::BF16) {
     const uint16_t* p = static_cast<const uint16_t*>(qkv.raw());
     Tensor out = attention_kernel({p, L * W, W, true}, {p + C, L * W, W, true}, {p + 2 * C, L * W, W, true}, B, L, L,
                                   num_heads, d, d, opt);
@@ -525,10 +511,6 @@ Tensor multi_head_attention_packed(const Tensor& qkv, int64_t num_heads, const A
   if (qkv.dtype() != DType::F32) return multi_head_attention_packed(qkv.to(DType::F32), num_heads, opt);
   const float* p = qkv.f32();
   return attention_kernel({p, L * W, W}, {p + C, L * W, W}, {p + 2 * C, L * W, W}, B, L, L, num_heads, d, d, opt);
-}
-
-bool attention_reads_16bit(Device device, int64_t B, int64_t Lq, int64_t Lk, int64_t num_heads, int64_t head_dim) {
-  return !device.is_cpu() || bf16_pays(B, Lq, Lk, num_heads, head_dim, head_dim);
 }
 
 }  // namespace vf

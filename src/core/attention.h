@@ -43,12 +43,6 @@ struct AttentionOptions {
   DType out_dtype = DType::F32;
 };
 
-// Whether attention over these sizes on `device` reads 16-bit Q, K and V as they are (a 16-bit
-// layer then writes them with forward_to_attention) rather than widening them to float32 first: on a
-// GPU always, on the CPU where its bfloat16 products are large enough to be faster than float32 ones
-// (a query block's product of 2^21 multiply-adds or more: CvT-13's first stage, not DeiT-B).
-bool attention_reads_16bit(Device device, int64_t B, int64_t Lq, int64_t Lk, int64_t num_heads, int64_t head_dim);
-
 // q: [B, Lq, heads*dk], k: [B, Lk, heads*dk], v: [B, Lk, heads*dv] -> [B, Lq, heads*dv].
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                             const AttentionOptions& opt);

@@ -250,13 +250,9 @@ struct CvtSelfAttention {
     AttentionOptions opt;
     opt.scale = scale;
     opt.out_dtype = out_dtype;
-    const bool to_attention =
-        attention_reads_16bit(query.device(), B, query.size(1), key.size(1), num_heads, embed_dim / num_heads);
-    auto project = [to_attention](const Linear& linear, const Tensor& t) {
-      return to_attention ? linear.forward_to_attention(t) : linear.forward(t);
-    };
-    return multi_head_attention(project(projection_query, query), project(projection_key, key),
-                                project(projection_value, value), num_heads, opt);
+    // Q, K and V in the projections' compute dtype, which attention reads as it is.
+    return multi_head_attention(projection_query.forward_to_attention(query), projection_key.forward_to_attention(key),
+                                projection_value.forward_to_attention(value), num_heads, opt);
   }
 };
 

@@ -222,10 +222,8 @@ struct DeiTSelfAttention {
     opt.head_mask = head_mask;
     opt.probs = probs;
     opt.out_dtype = out_dtype;
-    // x: [B, L, hidden]. Q|K|V in the layer's compute dtype where attention reads it as it is.
-    const int64_t B = x.size(0), L = x.size(1);
-    const bool to_attention = attention_reads_16bit(x.device(), B, L, L, num_heads, qkv.out_features() / 3 / num_heads);
-    return multi_head_attention_packed(to_attention ? qkv.forward_to_attention(x) : qkv.forward(x), num_heads, opt);
+    // x: [B, L, hidden]. Q|K|V in the layer's compute dtype, which attention reads as it is.
+    return multi_head_attention_packed(qkv.forward_to_attention(x), num_heads, opt);
   }
 };
 
