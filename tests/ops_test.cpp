@@ -68,10 +68,11 @@ TEST(Ops, Conv2dMatchesDefinition) {
   }
 }
 
-// 3x3 stride-1 convolutions with channels in multiples of 16 run as Winograd; one layer meets maps
-// of several sizes (each may want its own Winograd weight layout, made from the direct one).
+// 3x3 stride-1 convolutions with channels in multiples of 16 (on NHWC maps, in * out >= 2048) run as
+// Winograd; one layer meets maps of several sizes (each may want its own Winograd weight layout, made
+// from the direct one).
 TEST(Ops, Conv2dWinogradMatchesDefinition) {
-  const int64_t C = 32, O = 48;
+  const int64_t C = 48, O = 64;
   Tensor w = randn({O, C, 3, 3}, 21);
   Tensor b = randn({O}, 22);
   for (Act a : {Act::None, Act::Relu}) {

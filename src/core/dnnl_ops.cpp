@@ -343,6 +343,15 @@ struct Conv2d::Impl {
            o.dilation_w == 1 && !o.dynamic_same && in % 16 == 0 && out % 16 == 0 && in <= 256 && out <= 256;
   }
 
+  // On NHWC maps Winograd reads and writes oneDNN's channel blocks through a reorder on each side,
+  // whose cost grows with in + out a pixel while the multiplications it saves grow with in * out:
+  // below 2048 the reorders cost more than Winograd saves. DETR's mask head, 32 -> 16 channels at
+  // 200x301, 4 queries a call (the panoptic golden case, 2 pinned threads on the development VM,
+  // 2026-12-04): Winograd 5.9 ms a call and 2.9 ms of reorders, the direct kernel 6.75 ms; the
+  // whole `vf check` 1.85-1.97 s and 661 MB against 1.98-2.47 s and 690 MB. Blocked maps need no
+  // reorder and keep Winograd at every size it applies to.
+  static bool winograd_pays_on_nhwc(int64_t out, int64_t in) { return in * out >= 2048; }
+
   // The Winograd primitive for this input, or false where oneDNN has none for it.
   // nhwc_around: for NHWC maps, with the reorders to and from the blocked layouts.
   bool winograd_prim(Prim& p, int64_t n, int64_t h, int64_t w, const ConvGeometry& g, const dnnl::primitive_attr& attr,
@@ -421,7 +430,7 @@ struct Conv2d::Impl {
     append_act(po, opt.act);
     dnnl::primitive_attr attr;
     attr.set_post_ops(po);
-    if (winograd && !residual) {
+    if (winograd && !residual && (blocked || winograd_pays_on_nhwc(out, in))) {
       Prim p;
       p.oh = oh;
       p.ow = ow;
