@@ -348,8 +348,8 @@ struct Conv2d::Impl {
   // below 2048 the reorders cost more than Winograd saves. DETR's mask head, 32 -> 16 channels at
   // 200x301, 4 queries a call (the panoptic golden case, 2 pinned threads on the development VM,
   // 2026-12-04): Winograd 5.9 ms a call and 2.9 ms of reorders, the direct kernel 6.75 ms; the
-  // whole `vf check` 1.85-1.97 s and 661 MB against 1.98-2.47 s and 690 MB. Blocked maps need no
-  // reorder and keep Winograd at every size it applies to.
+  // whole `vf check` 1.82-1.95 s and 642-647 MiB against 1.98-2.47 s and 672-676 MiB. Blocked maps
+  // need no reorder and keep Winograd at every size it applies to.
   static bool winograd_pays_on_nhwc(int64_t out, int64_t in) { return in * out >= 2048; }
 
   // The Winograd primitive for this input, or false where oneDNN has none for it.
